@@ -1,0 +1,92 @@
+//! The command line: subcommands, runtime start-up and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A media edge for fediverse instances.
+#[derive(Debug, Parser)]
+#[command(name = "fediedge", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve media: local cache, a chain of stores, pull-through copies into the primary.
+    Serve {
+        /// Config file (TOML). Without it: the embedded default, `./var/media` served at
+        /// `http://127.0.0.1:8080/system/`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Copy every object of a fallback store into the primary, under a load budget.
+    Migrate(crate::migrate::MigrateArgs),
+    /// Find configuration errors before users do.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Config helpers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `fediedge config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the fediedge config equivalent to a Mastodon env file.
+    FromMastodon {
+        /// The Mastodon env file (e.g. `.env.production`).
+        file: PathBuf,
+    },
+}
+
+/// Sets up logging to stderr; `RUST_LOG` selects what is shown (default `info`).
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match config {
+                None => crate::config::embedded_default(),
+                Some(path) => match crate::config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let rt = runtime();
+            match rt.block_on(crate::edge::serve_until_signal(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate(args) => runtime().block_on(crate::migrate::run(args)),
+        Command::Doctor(args) => crate::doctor::run(args),
+        Command::Config(ConfigCommand::FromMastodon { file }) => {
+            crate::mastodon::from_mastodon_command(&file)
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}

@@ -1,0 +1,269 @@
+//! Building media responses: conditional requests, Range, and Mastodon's media headers.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::watch;
+
+use crate::flight::{read_range, FlightState};
+
+/// The response body type of every answer.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
+
+/// Mastodon's media headers (`dist/nginx.conf` and the object-storage docs).
+const CACHE_CONTROL: &str = "public, max-age=315576000, immutable";
+const CSP: &str = "default-src 'none'; form-action 'none'";
+
+/// What a response says about its object.
+pub struct Meta {
+    /// Body length.
+    pub size: u64,
+    /// Content-Type (already defaulted from the extension).
+    pub content_type: String,
+    /// Entity tag.
+    pub etag: Option<String>,
+    /// Last modification.
+    pub last_modified: Option<SystemTime>,
+}
+
+/// Where the body comes from.
+pub enum Source {
+    /// Shared bytes in memory.
+    Memory(Bytes),
+    /// A complete file.
+    File(Arc<File>),
+    /// A file still being written by a flight.
+    Flight(Arc<File>, watch::Receiver<FlightState>),
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A plain-text error or status answer; `cache_status` goes into `X-Cache-Status`.
+pub fn status(code: StatusCode, cache_status: &'static str, cache_control: &'static str) -> Response<Body> {
+    let text = format!("{}\n", code.canonical_reason().unwrap_or(""));
+    let mut resp = Response::new(full(Bytes::from(text)));
+    *resp.status_mut() = code;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache_control));
+    h.insert("x-cache-status", HeaderValue::from_static(cache_status));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if code == StatusCode::METHOD_NOT_ALLOWED {
+        h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    resp
+}
+
+/// Builds the answer for an object: 304, 416, 206 or 200, with every media header.
+pub fn object(
+    req: &HeaderMap,
+    head: bool,
+    meta: Meta,
+    source: Source,
+    cache_status: &'static str,
+) -> (Response<Body>, u64) {
+    let mut headers = HeaderMap::new();
+    media_headers(&mut headers, &meta, cache_status);
+    if not_modified(req, &meta) {
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        headers.remove(header::CONTENT_TYPE);
+        *resp.headers_mut() = headers;
+        return (resp, 0);
+    }
+    let range = match requested_range(req, &meta) {
+        Ok(r) => r,
+        Err(()) => {
+            let mut resp = status(StatusCode::RANGE_NOT_SATISFIABLE, cache_status, "no-store");
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{}", meta.size)).expect("ascii"),
+            );
+            return (resp, 0);
+        }
+    };
+    let (code, start, end) = match range {
+        Some((start, end)) => {
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {start}-{}/{}", end - 1, meta.size))
+                    .expect("ascii"),
+            );
+            (StatusCode::PARTIAL_CONTENT, start, end)
+        }
+        None => (StatusCode::OK, 0, meta.size),
+    };
+    let len = end - start;
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let body = if head {
+        empty()
+    } else {
+        match source {
+            Source::Memory(bytes) => full(bytes.slice(start as usize..end as usize)),
+            Source::File(file) => stream(read_range(file, start, end, None)),
+            Source::Flight(file, rx) => stream(read_range(file, start, end, Some(rx))),
+        }
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = code;
+    *resp.headers_mut() = headers;
+    (resp, if head { 0 } else { len })
+}
+
+fn stream(s: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
+    StreamBody::new(s.map_ok(Frame::data)).boxed_unsync()
+}
+
+fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: &'static str) {
+    if let Ok(v) = HeaderValue::from_str(&meta.content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Some(v) = meta.etag.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+        h.insert(header::ETAG, v);
+    }
+    if let Some(t) = meta.last_modified {
+        h.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_str(&httpdate::fmt_http_date(t)).expect("ascii"),
+        );
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_CONTROL));
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert("x-cache-status", HeaderValue::from_static(cache_status));
+}
+
+/// RFC 9110 §13.1.2 / §13.1.3: If-None-Match wins over If-Modified-Since.
+fn not_modified(req: &HeaderMap, meta: &Meta) -> bool {
+    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = meta.etag.as_deref() else {
+            return inm.trim() == "*";
+        };
+        return inm
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || weak_eq(t, etag));
+    }
+    if let (Some(ims), Some(lm)) = (
+        req.get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok()),
+        meta.last_modified,
+    ) {
+        // HTTP dates have whole seconds.
+        let lm_secs = lm.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let ims_secs = ims.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        return lm_secs <= ims_secs;
+    }
+    false
+}
+
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+}
+
+/// The one range to send, as `start..end`; `Ok(None)` for the whole body (no Range, a
+/// malformed one, several ranges, or an If-Range that no longer matches); `Err` for 416.
+fn requested_range(req: &HeaderMap, meta: &Meta) -> Result<Option<(u64, u64)>, ()> {
+    use http_range_header::RangeUnsatisfiableError as E;
+    let Some(range) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    if let Some(if_range) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        // Only a strong ETag match keeps the range (a date If-Range is treated as a mismatch).
+        if if_range.starts_with("W/") || meta.etag.as_deref() != Some(if_range) {
+            return Ok(None);
+        }
+    }
+    let parsed = match http_range_header::parse_range_header(range) {
+        Ok(p) => p,
+        Err(E::ZeroSuffix) => return Err(()),
+        Err(_) => return Ok(None), // Malformed: ignore the header (RFC 9110 §14.2).
+    };
+    if meta.size == 0 {
+        return Err(());
+    }
+    match parsed.validate(meta.size) {
+        Ok(ranges) if ranges.len() == 1 => {
+            let r = &ranges[0];
+            Ok(Some((*r.start(), *r.end() + 1)))
+        }
+        Ok(_) => Ok(None),
+        // A suffix longer than the body means the whole body (RFC 9110 §14.1.2).
+        Err(E::FileSuffixOutOfBounds) => Ok(Some((0, meta.size))),
+        Err(_) => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(size: u64) -> Meta {
+        Meta {
+            size,
+            content_type: "image/png".into(),
+            etag: Some("\"abc\"".into()),
+            last_modified: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)),
+        }
+    }
+
+    fn req(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn ranges() {
+        let m = meta(100);
+        assert_eq!(requested_range(&req(&[]), &m), Ok(None));
+        assert_eq!(requested_range(&req(&[("range", "bytes=0-9")]), &m), Ok(Some((0, 10))));
+        assert_eq!(requested_range(&req(&[("range", "bytes=90-")]), &m), Ok(Some((90, 100))));
+        assert_eq!(requested_range(&req(&[("range", "bytes=-10")]), &m), Ok(Some((90, 100))));
+        assert_eq!(requested_range(&req(&[("range", "bytes=-500")]), &m), Ok(Some((0, 100))));
+        assert_eq!(requested_range(&req(&[("range", "bytes=50-500")]), &m), Ok(Some((50, 100))));
+        assert_eq!(requested_range(&req(&[("range", "bytes=100-")]), &m), Err(()));
+        assert_eq!(requested_range(&req(&[("range", "bytes=-0")]), &m), Err(()));
+        assert_eq!(requested_range(&req(&[("range", "pages=1-2")]), &m), Ok(None));
+        assert_eq!(requested_range(&req(&[("range", "bytes=0-1,5-6")]), &m), Ok(None));
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=0-9"), ("if-range", "\"old\"")]), &m),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn conditionals() {
+        let m = meta(1);
+        assert!(not_modified(&req(&[("if-none-match", "\"abc\"")]), &m));
+        assert!(not_modified(&req(&[("if-none-match", "\"x\", W/\"abc\"")]), &m));
+        assert!(!not_modified(&req(&[("if-none-match", "\"x\"")]), &m));
+        assert!(not_modified(&req(&[("if-modified-since", "Tue, 14 Nov 2023 22:13:20 GMT")]), &m));
+        assert!(!not_modified(&req(&[("if-modified-since", "Tue, 14 Nov 2023 22:13:19 GMT")]), &m));
+        // If-None-Match takes precedence.
+        assert!(!not_modified(
+            &req(&[("if-none-match", "\"x\""), ("if-modified-since", "Tue, 14 Nov 2030 22:13:20 GMT")]),
+            &m
+        ));
+    }
+}

@@ -1,0 +1,369 @@
+//! One fetch per missing key, read by every requester while it is written.
+//!
+//! The first request for a key that the cache does not hold starts a fetch task (the
+//! *leader*); every request for that key while it runs, the first one included, follows it.
+//! The leader walks the chain (primary, then fallbacks), writes the body to a temp file and
+//! publishes its progress on a `watch` channel; followers read the file up to the published
+//! length and sleep on the channel in between: bytes reach every client as they arrive, with
+//! no polling and no copy of the object in memory. The fetch runs to its end even if every
+//! client went away, so the copy into the primary still happens.
+//!
+//! Only once the whole body has arrived, with the announced length and (where the source
+//! gives one) the right MD5, is it put into the cache and queued for the primary. A short,
+//! stalled or damaged body ends the flight with an error: followers' responses are aborted,
+//! and the temp file is deleted.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use md5::{Digest, Md5};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::cache::{Cache, CachedMeta};
+use crate::key::Key;
+use crate::ledger::Queued;
+use crate::metrics::Metrics;
+use crate::store::{ObjectMeta, StoreError, StoreHandle};
+use crate::writeback::WriteBack;
+
+/// Size of the pieces read from a body file for a response.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A fetch that found its object and started writing it.
+pub struct Started {
+    /// The source's metadata (length, type, ETag…).
+    pub meta: ObjectMeta,
+    /// Name of the store the body comes from.
+    pub source: Arc<str>,
+    /// True when that store is a fallback (the body will be copied to the primary).
+    pub from_fallback: bool,
+    /// The body file, shared by every follower (positional reads).
+    pub file: Arc<File>,
+}
+
+/// How a flight ended.
+#[derive(Clone)]
+pub enum End {
+    /// The whole body arrived and was verified.
+    Complete,
+    /// No store has the key.
+    NotFound,
+    /// The fetch failed (before or during the body).
+    Failed(Arc<StoreError>),
+}
+
+/// What followers see of a flight.
+#[derive(Clone, Default)]
+pub struct FlightState {
+    /// Set once a store answered with the object.
+    pub started: Option<Arc<Started>>,
+    /// Bytes of the body written to the file so far.
+    pub written: u64,
+    /// Set when the flight is over.
+    pub end: Option<End>,
+}
+
+/// Remembers keys found nowhere, for a short while, so a 404 storm does not reach the stores.
+pub struct NegativeCache {
+    ttl: Duration,
+    seen: Mutex<lru::LruCache<Key, Instant>>,
+}
+
+impl NegativeCache {
+    /// Remembers up to 100,000 keys for `ttl` each (`ttl` zero: remembers nothing).
+    pub fn new(ttl: Duration) -> Self {
+        NegativeCache {
+            ttl,
+            seen: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(100_000).expect("non-zero"),
+            )),
+        }
+    }
+
+    /// True if `key` was found nowhere less than `ttl` ago.
+    pub fn contains(&self, key: &Key) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        let mut seen = self.seen.lock();
+        match seen.get(key) {
+            Some(at) if at.elapsed() < self.ttl => true,
+            Some(_) => {
+                seen.pop(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&self, key: &Key) {
+        if !self.ttl.is_zero() {
+            self.seen.lock().put(key.clone(), Instant::now());
+        }
+    }
+}
+
+/// The table of fetches under way, and what a fetch needs.
+pub struct Flights {
+    map: Mutex<HashMap<Key, watch::Receiver<FlightState>>>,
+    chain: Vec<StoreHandle>,
+    cache: Option<Arc<Cache>>,
+    writeback: Arc<WriteBack>,
+    tmp_dir: PathBuf,
+    negative: NegativeCache,
+    metrics: Metrics,
+}
+
+impl Flights {
+    /// `chain` is the primary followed by the fallbacks; `tmp_dir` must be on the same
+    /// filesystem as the cache (if any) so a finished body is moved, not copied.
+    pub fn new(
+        chain: Vec<StoreHandle>,
+        cache: Option<Arc<Cache>>,
+        writeback: Arc<WriteBack>,
+        tmp_dir: PathBuf,
+        negative: NegativeCache,
+        metrics: Metrics,
+    ) -> Self {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+            chain,
+            cache,
+            writeback,
+            tmp_dir,
+            negative,
+            metrics,
+        }
+    }
+
+    /// The memory of recent misses.
+    pub fn negative(&self) -> &NegativeCache {
+        &self.negative
+    }
+
+    /// Follows the fetch of `key`, starting it if none is under way.
+    pub fn join(self: &Arc<Self>, key: &Key) -> watch::Receiver<FlightState> {
+        let mut map = self.map.lock();
+        if let Some(rx) = map.get(key) {
+            self.metrics.coalesced();
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(FlightState::default());
+        map.insert(key.clone(), rx.clone());
+        drop(map);
+        let this = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let end = match this.fetch(&key, &tx).await {
+                Ok(end) => end,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "fetch failed");
+                    End::Failed(Arc::new(e))
+                }
+            };
+            tx.send_modify(|s| s.end = Some(end));
+            this.map.lock().remove(&key);
+        });
+        rx
+    }
+
+    async fn fetch(&self, key: &Key, tx: &watch::Sender<FlightState>) -> Result<End, StoreError> {
+        let mut last_error = None;
+        let mut found = None;
+        for (i, store) in self.chain.iter().enumerate() {
+            match store.get(key).await {
+                Ok(Some(object)) => {
+                    found = Some((i, store, object));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(key = %key, store = store.name(), error = %e, "store read failed; trying the next one");
+                    last_error = Some(e);
+                }
+            }
+        }
+        let Some((index, store, object)) = found else {
+            return Ok(match last_error {
+                Some(e) => End::Failed(Arc::new(e)),
+                None => {
+                    self.negative.insert(key);
+                    End::NotFound
+                }
+            });
+        };
+        let local = |e: io::Error| StoreError::backend("local-disk", e);
+        let tmp = tempfile::NamedTempFile::new_in(&self.tmp_dir).map_err(local)?;
+        let file = Arc::new(tmp.as_file().try_clone().map_err(local)?);
+        let meta = object.meta;
+        let size = meta.size;
+        tx.send_modify(|s| {
+            s.started = Some(Arc::new(Started {
+                meta: meta.clone(),
+                source: store.name().into(),
+                from_fallback: index > 0,
+                file: file.clone(),
+            }))
+        });
+        let integrity = |detail: String| StoreError::Integrity {
+            store: store.name().to_owned(),
+            key: key.to_string(),
+            detail,
+        };
+        let mut hasher = Md5::new();
+        let mut written = 0u64;
+        let mut body = object.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            let end = written + chunk.len() as u64;
+            if end > size {
+                return Err(integrity(format!("more than the announced {size} bytes")));
+            }
+            hasher.update(&chunk);
+            let f = file.clone();
+            let at = written;
+            tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
+                .await
+                .map_err(|e| local(io::Error::other(e)))?
+                .map_err(local)?;
+            written = end;
+            tx.send_modify(|s| s.written = written);
+        }
+        if written != size {
+            return Err(integrity(format!(
+                "body ended after {written} of {size} bytes"
+            )));
+        }
+        let md5: [u8; 16] = hasher.finalize().into();
+        if let Some(want) = meta.md5 {
+            if want != md5 {
+                return Err(integrity(format!(
+                    "MD5 {} does not match the source's {}",
+                    hex::encode(md5),
+                    hex::encode(want)
+                )));
+            }
+        }
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(|e| local(io::Error::other(e)))?
+            .map_err(local)?;
+        if index > 0 {
+            if let Err(e) = self.stage(key, &tmp, &meta, md5, store.name()).await {
+                // The client still gets its bytes; the next request will try again.
+                tracing::error!(key = %key, error = %e, "could not queue the copy to the primary");
+            }
+        }
+        if let Some(cache) = &self.cache {
+            let record = CachedMeta::new(key, &meta, md5, store.name());
+            if let Err(e) = cache.insert(key, tmp.into_temp_path(), record) {
+                tracing::error!(key = %key, error = %e, "could not store in the cache");
+            }
+        }
+        Ok(End::Complete)
+    }
+
+    /// Links the verified body into the staging directory and queues its copy.
+    async fn stage(
+        &self,
+        key: &Key,
+        tmp: &tempfile::NamedTempFile,
+        meta: &ObjectMeta,
+        md5: [u8; 16],
+        source: &str,
+    ) -> anyhow::Result<()> {
+        let staged = tempfile::Builder::new()
+            .prefix("wb-")
+            .tempfile_in(self.writeback.staging_dir())?
+            .into_temp_path();
+        let staged_path = staged.to_path_buf();
+        // Replace the placeholder with a link to the body (no second write); across
+        // filesystems, copy.
+        std::fs::remove_file(&staged_path)?;
+        if std::fs::hard_link(tmp.path(), &staged_path).is_err() {
+            std::fs::copy(tmp.path(), &staged_path)?;
+        }
+        staged.keep()?;
+        self.writeback
+            .enqueue(Queued {
+                key: key.as_str().to_owned(),
+                staged: staged_path,
+                size: meta.size,
+                md5: hex::encode(md5),
+                content_type: meta.content_type.clone(),
+                source: source.to_owned(),
+                attempts: 0,
+            })
+            .await
+    }
+}
+
+/// Reads `start..end` of `file` as a stream of chunks. With `progress`, the file is still being
+/// written: the stream waits for each byte to be published and fails if the flight fails.
+pub fn read_range(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+    progress: Option<watch::Receiver<FlightState>>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send {
+    futures_util::stream::unfold(
+        (file, start, progress),
+        move |(file, pos, mut progress)| async move {
+            if pos >= end {
+                return None;
+            }
+            let available = match progress.as_mut() {
+                None => end,
+                Some(rx) => match wait_for_bytes(rx, pos).await {
+                    Ok(available) => available.min(end),
+                    Err(e) => return Some((Err(e), (file, end, None))),
+                },
+            };
+            let n = (available - pos).min(READ_CHUNK as u64) as usize;
+            let f = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = BytesMut::zeroed(n);
+                f.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            match read {
+                Ok(bytes) => Some((Ok(bytes), (file, pos + n as u64, progress))),
+                Err(e) => Some((Err(e), (file, end, None))),
+            }
+        },
+    )
+}
+
+/// Waits until more than `pos` bytes are written; returns how many are.
+async fn wait_for_bytes(rx: &mut watch::Receiver<FlightState>, pos: u64) -> io::Result<u64> {
+    loop {
+        {
+            let state = rx.borrow_and_update();
+            if state.written > pos {
+                return Ok(state.written);
+            }
+            match &state.end {
+                Some(End::Failed(e)) => {
+                    return Err(io::Error::other(format!("source failed mid-body: {e}")))
+                }
+                Some(_) => {
+                    return Err(io::Error::other("source ended before the requested bytes"))
+                }
+                None => {}
+            }
+        }
+        if rx.changed().await.is_err() {
+            return Err(io::Error::other("fetch task ended without a result"));
+        }
+    }
+}

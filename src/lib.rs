@@ -1,0 +1,37 @@
+//! fediedge: a media edge for fediverse instances.
+//!
+//! It answers media URLs, keeps hot media on local disk, reads through a chain of stores
+//! (current first, then older ones) and copies whatever it finds in an older store into the
+//! current one, verified, with one source fetch per key however many clients ask at once.
+//!
+//! # Layout
+//!
+//! - [`cli`]: command line, subcommands, exit codes. Nothing calls it.
+//! - [`config`]: the TOML file, raw → validated; shared by `serve`, `migrate` and `doctor`.
+//! - [`key`]: turning a request path into a safe store key.
+//! - [`store`]: one trait over fs / S3 / HTTP-origin stores, plus the guard that adds
+//!   concurrency limits, timeouts and metrics around each.
+//! - [`cache`]: the local disk cache (size bound, LRU eviction, restart recovery, damage
+//!   detection) with a small in-memory tier for hot objects.
+//! - [`flight`]: one fetch per missing key; every requester reads the bytes as they land.
+//! - [`edge`]: the HTTP server: routing, GET/HEAD, Range, conditional requests, headers.
+//! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.
+//! - [`writeback`]: workers that copy fetched objects into the primary.
+//! - [`migrate`]: the bulk backfill (`fediedge migrate`).
+//! - [`doctor`] and [`mastodon`]: configuration lints and live probes (`fediedge doctor`).
+//! - [`metrics`]: counters and histograms, rendered at `/metrics`.
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod edge;
+pub mod flight;
+pub mod key;
+pub mod ledger;
+pub mod mastodon;
+pub mod metrics;
+pub mod migrate;
+pub mod store;
+pub mod writeback;

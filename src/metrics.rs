@@ -1,0 +1,253 @@
+//! Counters, gauges and histograms, rendered as Prometheus text at `/metrics` on the admin
+//! listener. Every name starts with `fediedge_`. Counters only go up (Prometheus computes rates).
+//!
+//! One cheap-to-clone [`Metrics`] handle is passed to every room that counts something; the
+//! rooms never read metrics back, so nothing here may call any other room.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `fediedge_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// HTTP status code.
+    pub status: u16,
+    /// The `X-Cache-Status` value (HIT, MISS, …).
+    pub cache_status: &'static str,
+}
+
+/// Labels of per-store series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// Store name from the config.
+    pub store: Arc<str>,
+    /// `hit`, `miss` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Labels of the per-store latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOnly {
+    /// Store name from the config.
+    pub store: Arc<str>,
+}
+
+/// Labels of `fediedge_writebacks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `done` or `failed` (a failed attempt is retried later).
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    response_bytes: Counter,
+    store_fetches: Family<StoreLabels, Counter>,
+    store_latency: Family<StoreOnly, Histogram, fn() -> Histogram>,
+    coalesced: Counter,
+    writebacks: Family<OutcomeLabels, Counter>,
+    writeback_pending: Gauge,
+    cache_bytes: Gauge,
+    cache_objects: Gauge,
+    memory_bytes: Gauge,
+    migration_objects_total: Gauge,
+    migration_objects_done: Gauge,
+    migration_bytes_total: Gauge,
+    migration_bytes_done: Gauge,
+}
+
+/// Handle to every metric of the process.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fediedge");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Media requests answered, by status and cache status",
+            requests.clone(),
+        );
+        let response_bytes = Counter::default();
+        registry.register(
+            "response_body_bytes",
+            "Body bytes sent to clients",
+            response_bytes.clone(),
+        );
+        let store_fetches = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "store_fetches",
+            "Reads from a store, by outcome (hit, miss, error)",
+            store_fetches.clone(),
+        );
+        let store_latency: Family<StoreOnly, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "store_first_byte_seconds",
+            "Time from asking a store to having its answer's headers",
+            store_latency.clone(),
+        );
+        let coalesced = Counter::default();
+        registry.register(
+            "coalesced_requests",
+            "Requests that joined a fetch already under way instead of starting one",
+            coalesced.clone(),
+        );
+        let writebacks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "writebacks",
+            "Copies into the primary, by outcome (done, failed attempt)",
+            writebacks.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let writeback_pending = gauge(
+            &mut registry,
+            "writeback_pending",
+            "Copies into the primary waiting in the durable queue",
+        );
+        let cache_bytes = gauge(&mut registry, "cache_bytes", "Bytes in the disk cache");
+        let cache_objects = gauge(&mut registry, "cache_objects", "Objects in the disk cache");
+        let memory_bytes = gauge(
+            &mut registry,
+            "cache_memory_bytes",
+            "Bytes of hot objects held in memory",
+        );
+        let migration_objects_total = gauge(
+            &mut registry,
+            "migration_objects_total",
+            "Objects listed by `fediedge migrate`, from the ledger",
+        );
+        let migration_objects_done = gauge(
+            &mut registry,
+            "migration_objects_done",
+            "Objects copied or found present by `fediedge migrate`, from the ledger",
+        );
+        let migration_bytes_total = gauge(
+            &mut registry,
+            "migration_bytes_total",
+            "Bytes listed by `fediedge migrate`, from the ledger",
+        );
+        let migration_bytes_done = gauge(
+            &mut registry,
+            "migration_bytes_done",
+            "Bytes copied or found present by `fediedge migrate`, from the ledger",
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            requests,
+            response_bytes,
+            store_fetches,
+            store_latency,
+            coalesced,
+            writebacks,
+            writeback_pending,
+            cache_bytes,
+            cache_objects,
+            memory_bytes,
+            migration_objects_total,
+            migration_objects_done,
+            migration_bytes_total,
+            migration_bytes_done,
+        }))
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, status: u16, cache_status: &'static str) {
+        self.0
+            .requests
+            .get_or_create(&RequestLabels {
+                status,
+                cache_status,
+            })
+            .inc();
+    }
+
+    /// Counts body bytes sent.
+    pub fn response_bytes(&self, n: u64) {
+        self.0.response_bytes.inc_by(n);
+    }
+
+    /// Counts one store read and its time to headers.
+    pub fn store_fetch(&self, store: &Arc<str>, outcome: &'static str, took: Duration) {
+        self.0
+            .store_fetches
+            .get_or_create(&StoreLabels {
+                store: store.clone(),
+                outcome,
+            })
+            .inc();
+        self.0
+            .store_latency
+            .get_or_create(&StoreOnly {
+                store: store.clone(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a request that followed a fetch already under way.
+    pub fn coalesced(&self) {
+        self.0.coalesced.inc();
+    }
+
+    /// Counts a write-back attempt.
+    pub fn writeback(&self, ok: bool) {
+        let outcome = if ok { "done" } else { "failed" };
+        self.0
+            .writebacks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Sets the number of queued write-backs.
+    pub fn set_writeback_pending(&self, n: u64) {
+        self.0.writeback_pending.set(n as i64);
+    }
+
+    /// Sets the disk cache figures.
+    pub fn set_cache(&self, bytes: u64, objects: u64, memory_bytes: u64) {
+        self.0.cache_bytes.set(bytes as i64);
+        self.0.cache_objects.set(objects as i64);
+        self.0.memory_bytes.set(memory_bytes as i64);
+    }
+
+    /// Sets the migration progress figures (read from the ledger).
+    pub fn set_migration(&self, objects_total: u64, objects_done: u64, bytes_total: u64, bytes_done: u64) {
+        self.0.migration_objects_total.set(objects_total as i64);
+        self.0.migration_objects_done.set(objects_done as i64);
+        self.0.migration_bytes_total.set(bytes_total as i64);
+        self.0.migration_bytes_done.set(bytes_done as i64);
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,334 @@
+//! One interface over every place media can live: a directory (also an NFS mount), an S3
+//! bucket, an old HTTP origin (read-only).
+//!
+//! `serve` (read path, write-backs), `migrate` and `doctor --probe` all use [`Store`] through a
+//! [`StoreHandle`], which adds what every store needs and no backend should write twice: the
+//! concurrency limit, the connect/first-byte/stall timeouts and the per-store metrics.
+
+mod fs;
+mod http;
+mod s3;
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{StoreConfig, StoreKind};
+use crate::key::Key;
+use crate::metrics::Metrics;
+
+pub use fs::FsStore;
+pub use http::HttpStore;
+pub use s3::S3Store;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer within the configured time.
+    #[error("{store}: timed out after {after:?} ({what})")]
+    Timeout {
+        /// Store name.
+        store: String,
+        /// Which wait ran out.
+        what: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The body ended before the announced length, or the checksum did not match.
+    #[error("{store}: {key}: incomplete or damaged body: {detail}")]
+    Integrity {
+        /// Store name.
+        store: String,
+        /// The key.
+        key: String,
+        /// What did not match.
+        detail: String,
+    },
+    /// The store cannot take writes (an HTTP origin).
+    #[error("{store}: read-only store")]
+    ReadOnly {
+        /// Store name.
+        store: String,
+    },
+    /// Listing is not possible on this store (an HTTP origin): use a key file.
+    #[error("{store}: this store cannot be listed; give the keys with --keys FILE")]
+    NotListable {
+        /// Store name.
+        store: String,
+    },
+    /// Any other failure talking to the store (network, permissions, server errors).
+    #[error("{store}: {detail}")]
+    Backend {
+        /// Store name.
+        store: String,
+        /// The underlying error, already formatted without secrets.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Builds a [`StoreError::Backend`].
+    pub fn backend(store: &str, detail: impl std::fmt::Display) -> Self {
+        StoreError::Backend {
+            store: store.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// True if this was a timeout (maps to 504 rather than 502).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Timeout { .. })
+    }
+}
+
+/// What a store knows about one object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Length in bytes. Every store must know it before the body starts: it is what a
+    /// truncated body is detected by.
+    pub size: u64,
+    /// Content-Type as the store gives it.
+    pub content_type: Option<String>,
+    /// Entity tag as the store gives it (quoted).
+    pub etag: Option<String>,
+    /// Last modification time.
+    pub last_modified: Option<SystemTime>,
+    /// MD5 of the body when the store vouches for it (S3 single-part ETag, `Content-MD5`).
+    pub md5: Option<[u8; 16]>,
+}
+
+/// A body as a stream of chunks.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
+
+/// An object being read: its metadata and its body.
+pub struct Object {
+    /// Metadata, known before the first body byte.
+    pub meta: ObjectMeta,
+    /// The body. The stream does not check the length: [`crate::flight`] does.
+    pub body: ByteStream,
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The key.
+    pub key: Key,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// One store backend. Keys are validated before they get here ([`Key`]).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Opens `key` for reading; `Ok(None)` when the store does not have it.
+    async fn get(&self, key: &Key) -> Result<Option<Object>, StoreError>;
+    /// Metadata of `key`; `Ok(None)` when the store does not have it.
+    async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>, StoreError>;
+    /// Stores the complete, already verified file `src` under `key`, atomically: readers see
+    /// the old object or the new one, never a part.
+    async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError>;
+    /// Deletes `key` (no error if absent).
+    async fn delete(&self, key: &Key) -> Result<(), StoreError>;
+    /// Opens `key` as a local file, for stores that are local directories (served without a
+    /// copy). Other stores answer `Ok(None)`.
+    async fn open_file(&self, _key: &Key) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
+        Ok(None)
+    }
+    /// Lists every object, in the store's order, starting after `start_after` if given.
+    fn list(&self, start_after: Option<&Key>) -> Result<ListStream, StoreError>;
+}
+
+/// A listing in progress.
+pub type ListStream = Pin<Box<dyn Stream<Item = Result<Listed, StoreError>> + Send>>;
+
+/// A store with its name, kind, limits, timeouts and metrics: what the rest of the program uses.
+#[derive(Clone)]
+pub struct StoreHandle {
+    inner: Arc<dyn Store>,
+    name: Arc<str>,
+    kind: &'static str,
+    limit: Arc<Semaphore>,
+    first_byte_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({})", self.kind, self.name)
+    }
+}
+
+/// Builds the backend for a validated store config.
+pub fn open(config: &StoreConfig, metrics: Metrics) -> Result<StoreHandle, StoreError> {
+    let inner: Arc<dyn Store> = match &config.kind {
+        StoreKind::Fs { root } => Arc::new(FsStore::new(&config.name, root)?),
+        StoreKind::S3(s3) => Arc::new(S3Store::new(&config.name, s3, config)?),
+        StoreKind::Http { url } => Arc::new(HttpStore::new(&config.name, url, config)?),
+    };
+    Ok(StoreHandle {
+        inner,
+        name: config.name.as_str().into(),
+        kind: config.kind.type_name(),
+        limit: Arc::new(Semaphore::new(config.max_concurrency)),
+        first_byte_timeout: config.first_byte_timeout,
+        metrics,
+    })
+}
+
+impl StoreHandle {
+    /// The store's name from the config.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `fs`, `s3` or `http`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The first-byte timeout, also used as the longest silence allowed inside a body.
+    pub fn first_byte_timeout(&self) -> Duration {
+        self.first_byte_timeout
+    }
+
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        self.limit
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("store semaphores are never closed")
+    }
+
+    /// Opens `key`; the concurrency permit is held until the body is dropped, and each chunk
+    /// must arrive within the first-byte timeout (a stalled source is an error, not a hang).
+    pub async fn get(&self, key: &Key) -> Result<Option<Object>, StoreError> {
+        let started = Instant::now();
+        let permit = self.permit().await;
+        let wait = self.first_byte_timeout;
+        let result = match tokio::time::timeout(wait, self.inner.get(key)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.timeout("first byte")),
+        };
+        let outcome = match &result {
+            Ok(Some(_)) => "hit",
+            Ok(None) => "miss",
+            Err(_) => "error",
+        };
+        self.metrics
+            .store_fetch(&self.name, outcome, started.elapsed());
+        let Some(object) = result? else {
+            return Ok(None);
+        };
+        let name = self.name.clone();
+        let body = stall_guard(object.body, wait, name, permit);
+        Ok(Some(Object {
+            meta: object.meta,
+            body,
+        }))
+    }
+
+    /// Metadata of `key`, under the same limit and timeout as [`StoreHandle::get`].
+    pub async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>, StoreError> {
+        let _permit = self.permit().await;
+        match tokio::time::timeout(self.first_byte_timeout, self.inner.head(key)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.timeout("head")),
+        }
+    }
+
+    /// Stores a verified local file under `key`.
+    pub async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError> {
+        let _permit = self.permit().await;
+        self.inner.put(key, src, meta).await
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        let _permit = self.permit().await;
+        self.inner.delete(key).await
+    }
+
+    /// Opens `key` as a local file if the store is a local directory.
+    pub async fn open_file(&self, key: &Key) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
+        self.inner.open_file(key).await
+    }
+
+    /// Lists every object after `start_after`.
+    pub fn list(&self, start_after: Option<&Key>) -> Result<ListStream, StoreError> {
+        self.inner.list(start_after)
+    }
+
+    fn timeout(&self, what: &'static str) -> StoreError {
+        StoreError::Timeout {
+            store: self.name.to_string(),
+            what,
+            after: self.first_byte_timeout,
+        }
+    }
+}
+
+/// Wraps a body so that a silence longer than `wait` ends it with a timeout error, and so that
+/// the store's concurrency permit lives exactly as long as the body.
+fn stall_guard(
+    body: ByteStream,
+    wait: Duration,
+    store: Arc<str>,
+    permit: OwnedSemaphorePermit,
+) -> ByteStream {
+    let state = (body, permit, false);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        move |(mut body, permit, done)| {
+            let store = store.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                match tokio::time::timeout(wait, body.next()).await {
+                    Ok(Some(item)) => Some((item, (body, permit, false))),
+                    Ok(None) => None,
+                    Err(_) => Some((
+                        Err(StoreError::Timeout {
+                            store: store.to_string(),
+                            what: "body stalled",
+                            after: wait,
+                        }),
+                        (body, permit, true),
+                    )),
+                }
+            }
+        },
+    ))
+}
+
+/// Parses an S3-style ETag into an MD5 when it is one (32 hex digits, no multipart `-n`).
+pub fn md5_from_etag(etag: &str) -> Option<[u8; 16]> {
+    let t = etag.trim_start_matches("W/").trim_matches('"');
+    if t.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(t, &mut out).ok()?;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etag_md5() {
+        assert_eq!(
+            md5_from_etag("\"d41d8cd98f00b204e9800998ecf8427e\"").map(hex::encode),
+            Some("d41d8cd98f00b204e9800998ecf8427e".into())
+        );
+        assert_eq!(md5_from_etag("\"d41d8cd98f00b204e9800998ecf8427e-2\""), None);
+        assert_eq!(md5_from_etag("\"5f1a-3e8\""), None);
+    }
+}

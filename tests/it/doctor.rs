@@ -1,0 +1,1 @@
+//! `fediedge doctor` tests (issue 4).
