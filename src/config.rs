@@ -154,7 +154,10 @@ impl fmt::Debug for RawStore {
             .field("url", &self.url)
             .field("endpoint", &self.endpoint)
             .field("bucket", &self.bucket)
-            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<set>"))
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
             .field(
                 "secret_access_key",
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
@@ -342,7 +345,7 @@ impl RawConfig {
         let listen = parse_addr(&self.listen).map_err(|m| invalid("listen", m))?;
         let admin_listen =
             parse_addr(&self.admin_listen).map_err(|m| invalid("admin_listen", m))?;
-        if listen == admin_listen {
+        if listen == admin_listen && listen.port() != 0 {
             return Err(invalid(
                 "admin_listen",
                 format!("must differ from `listen` ({listen})"),
@@ -352,11 +355,16 @@ impl RawConfig {
         if !url_prefix.starts_with('/') || !url_prefix.ends_with('/') {
             return Err(invalid(
                 "url_prefix",
-                format!("must start and end with `/` (got {url_prefix:?}); e.g. \"/system/\" or \"/\""),
+                format!(
+                    "must start and end with `/` (got {url_prefix:?}); e.g. \"/system/\" or \"/\""
+                ),
             ));
         }
         if self.writeback_concurrency == 0 {
-            return Err(invalid("writeback_concurrency", "must be at least 1".into()));
+            return Err(invalid(
+                "writeback_concurrency",
+                "must be at least 1".into(),
+            ));
         }
         let cache = match self.cache {
             None => None,
@@ -448,7 +456,10 @@ impl RawStore {
             ("access_key_id", self.access_key_id.is_some()),
             ("secret_access_key", self.secret_access_key.is_some()),
             ("access_key_id_file", self.access_key_id_file.is_some()),
-            ("secret_access_key_file", self.secret_access_key_file.is_some()),
+            (
+                "secret_access_key_file",
+                self.secret_access_key_file.is_some(),
+            ),
             ("virtual_host_style", self.virtual_host_style.is_some()),
         ];
         let allowed: &[&str] = match kind_name.as_str() {
@@ -482,7 +493,11 @@ impl RawStore {
             ));
         }
         let name = self.name.clone().unwrap_or_else(|| default_name.to_owned());
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(invalid(
                 "name",
                 format!("{name:?} must be non-empty letters, digits, '-', '_' or '.'"),
@@ -497,12 +512,22 @@ impl RawStore {
             },
             "http" => {
                 let url = self.url.clone().ok_or_else(|| {
-                    invalid("url", "missing: the base URL, e.g. \"http://old-host/system/\"".into())
+                    invalid(
+                        "url",
+                        "missing: the base URL, e.g. \"http://old-host/system/\"".into(),
+                    )
                 })?;
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(invalid("url", format!("{url:?} must start with http:// or https://")));
+                    return Err(invalid(
+                        "url",
+                        format!("{url:?} must start with http:// or https://"),
+                    ));
                 }
-                let url = if url.ends_with('/') { url } else { format!("{url}/") };
+                let url = if url.ends_with('/') {
+                    url
+                } else {
+                    format!("{url}/")
+                };
                 StoreKind::Http { url }
             }
             _ => StoreKind::S3(self.s3(&invalid)?),
@@ -532,7 +557,10 @@ impl RawStore {
 
     fn s3(&self, invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<S3Config, ConfigError> {
         let endpoint = self.endpoint.clone().ok_or_else(|| {
-            invalid("endpoint", "missing: the S3 API URL, e.g. \"http://127.0.0.1:3900\"".into())
+            invalid(
+                "endpoint",
+                "missing: the S3 API URL, e.g. \"http://127.0.0.1:3900\"".into(),
+            )
         })?;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(invalid(
@@ -545,7 +573,10 @@ impl RawStore {
             .clone()
             .ok_or_else(|| invalid("bucket", "missing".into()))?;
         if bucket.is_empty() || bucket.contains('/') {
-            return Err(invalid("bucket", format!("{bucket:?} is not a bucket name")));
+            return Err(invalid(
+                "bucket",
+                format!("{bucket:?} is not a bucket name"),
+            ));
         }
         let access_key_id = secret(
             self.access_key_id.as_deref(),
@@ -563,7 +594,12 @@ impl RawStore {
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             bucket,
             region: self.region.clone().unwrap_or_else(|| "us-east-1".into()),
-            prefix: self.prefix.clone().unwrap_or_default().trim_matches('/').to_owned(),
+            prefix: self
+                .prefix
+                .clone()
+                .unwrap_or_default()
+                .trim_matches('/')
+                .to_owned(),
             access_key_id,
             secret_access_key,
             virtual_host_style: self.virtual_host_style.unwrap_or(false),
@@ -579,8 +615,8 @@ fn secret(value: Option<&str>, file: Option<&Path>, env: &str) -> Result<String,
     }
     if let Some(file) = file {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let meta =
+            std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(format!(
                 "{} may be read by group or others; run `chmod 600 {}`",
@@ -610,12 +646,16 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.url_prefix, "/system/");
         assert!(c.cache.is_none());
-        assert!(matches!(&c.primary.kind, StoreKind::Fs { root } if root == Path::new("var/media")));
+        assert!(
+            matches!(&c.primary.kind, StoreKind::Fs { root } if root == Path::new("var/media"))
+        );
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse("listen = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err().to_string();
+        let err = parse("listen = \"127.0.0.1:1\"\nlistne = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listne"), "{err}");
         let err = parse("[primary]\ntype = \"fs\"\nroot = \"x\"\nbukket = \"b\"\n")
             .unwrap_err()
@@ -629,10 +669,19 @@ mod tests {
             ("listen = \"nope\"", "listen"),
             ("url_prefix = \"system\"", "url_prefix"),
             ("[cache]\nmax_size = \"10 XB\"", "max_size"),
-            ("[[fallback]]\ntype = \"http\"\nurl = \"ftp://x\"", "fallback[0].url"),
-            ("[[fallback]]\ntype = \"fs\"\nurl = \"http://x/\"", "fallback[0].url"),
+            (
+                "[[fallback]]\ntype = \"http\"\nurl = \"ftp://x\"",
+                "fallback[0].url",
+            ),
+            (
+                "[[fallback]]\ntype = \"fs\"\nurl = \"http://x/\"",
+                "fallback[0].url",
+            ),
             ("[[fallback]]\ntype = \"nfs\"", "fallback[0].type"),
-            ("[primary]\ntype = \"http\"\nurl = \"http://x/\"", "primary.type"),
+            (
+                "[primary]\ntype = \"http\"\nurl = \"http://x/\"",
+                "primary.type",
+            ),
             (
                 "[[fallback]]\ntype = \"http\"\nurl = \"http://x/\"\nfirst_byte_timeout = \"soon\"",
                 "first_byte_timeout",
@@ -673,9 +722,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.cache.as_ref().unwrap().max_size, 10 << 30);
         assert_eq!(c.fallbacks[0].name, "old-origin");
-        assert!(matches!(&c.fallbacks[0].kind, StoreKind::Http { url } if url == "http://old-host/system/"));
+        assert!(
+            matches!(&c.fallbacks[0].kind, StoreKind::Http { url } if url == "http://old-host/system/")
+        );
         let debug = format!("{c:?}");
-        assert!(!debug.contains("s3cr3t"), "secret leaked into Debug: {debug}");
+        assert!(
+            !debug.contains("s3cr3t"),
+            "secret leaked into Debug: {debug}"
+        );
     }
 
     #[test]
@@ -693,7 +747,9 @@ mod tests {
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = parse(&text).unwrap();
-        let StoreKind::S3(s3) = &c.primary.kind else { panic!() };
+        let StoreKind::S3(s3) = &c.primary.kind else {
+            panic!()
+        };
         assert_eq!(s3.secret_access_key, "s3cr3t");
     }
 }

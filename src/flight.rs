@@ -344,21 +344,28 @@ pub fn read_range(
     )
 }
 
-/// Waits until more than `pos` bytes are written; returns how many are.
+/// Waits until more than `pos` bytes may be read; returns how many may.
+///
+/// The last byte of the body is held back until the flight is complete (length and checksum
+/// verified): a follower's response can then still be aborted if the body turns out damaged,
+/// instead of ending as if whole.
 async fn wait_for_bytes(rx: &mut watch::Receiver<FlightState>, pos: u64) -> io::Result<u64> {
     loop {
         {
             let state = rx.borrow_and_update();
-            if state.written > pos {
-                return Ok(state.written);
+            let readable = match (&state.end, &state.started) {
+                (Some(End::Complete), _) => state.written,
+                (_, Some(started)) => state.written.min(started.meta.size.saturating_sub(1)),
+                (_, None) => 0,
+            };
+            if readable > pos {
+                return Ok(readable);
             }
             match &state.end {
                 Some(End::Failed(e)) => {
                     return Err(io::Error::other(format!("source failed mid-body: {e}")))
                 }
-                Some(_) => {
-                    return Err(io::Error::other("source ended before the requested bytes"))
-                }
+                Some(_) => return Err(io::Error::other("source ended before the requested bytes")),
                 None => {}
             }
         }

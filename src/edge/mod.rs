@@ -95,10 +95,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         chain.push(store::open(f, metrics.clone())?);
     }
     let cache = match &config.cache {
-        Some(c) => Some(Arc::new(
-            Cache::open(c, metrics.clone())
-                .with_context(|| format!("cannot open the cache at {}", c.dir.display()))?,
-        )),
+        Some(c) => Some(Arc::new(Cache::open(c, metrics.clone()).with_context(
+            || format!("cannot open the cache at {}", c.dir.display()),
+        )?)),
         None => None,
     };
     let tmp_dir = match &cache {
@@ -111,8 +110,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
     let stop = CancellationToken::new();
-    let writeback =
-        WriteBack::open(ledger.clone(), primary.clone(), &config.data_dir, metrics.clone()).await?;
+    let writeback = WriteBack::open(
+        ledger.clone(),
+        primary.clone(),
+        &config.data_dir,
+        metrics.clone(),
+    )
+    .await?;
     let mut tasks = writeback.spawn_workers(config.writeback_concurrency, stop.clone());
     let flights = Arc::new(Flights::new(
         chain.clone(),
@@ -143,10 +147,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(%addr, %admin_addr, primary = ?config.primary.kind, fallbacks = config.fallbacks.len(), cache = cache.is_some(), "serving media");
 
     let e = edge.clone();
-    tasks.push(tokio::spawn(accept_loop(listener, stop.clone(), move |req| {
-        let e = e.clone();
-        async move { Ok::<_, Infallible>(e.handle(req).await) }
-    })));
+    tasks.push(tokio::spawn(accept_loop(
+        listener,
+        stop.clone(),
+        move |req| {
+            let e = e.clone();
+            async move { Ok::<_, Infallible>(e.handle(req).await) }
+        },
+    )));
     let m = metrics.clone();
     tasks.push(tokio::spawn(accept_loop(admin, stop.clone(), move |req| {
         let m = m.clone();
@@ -210,7 +218,11 @@ fn admin_handle(metrics: &Metrics, req: Request<Incoming>) -> Response<Body> {
             metrics.render(),
         ),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     };
     let mut resp = Response::new(
         Full::new(Bytes::from(text))
@@ -325,19 +337,38 @@ impl Edge {
             .await
         {
             Ok(s) => s.clone(),
-            Err(_) => return (store_error(&StoreError::backend("edge", "fetch task lost")), 0, "ERROR"),
+            Err(_) => {
+                return (
+                    store_error(&StoreError::backend("edge", "fetch task lost")),
+                    0,
+                    "ERROR",
+                )
+            }
         };
         if let Some(started) = state.started {
-            let cache_status = if started.from_fallback { "FALLBACK" } else { "MISS" };
+            let cache_status = if started.from_fallback {
+                "FALLBACK"
+            } else {
+                "MISS"
+            };
             let source = Source::Flight(started.file.clone(), rx);
-            let (resp, n) =
-                respond::object(headers, false, meta_for(&key, &started.meta), source, cache_status);
+            let (resp, n) = respond::object(
+                headers,
+                false,
+                meta_for(&key, &started.meta),
+                source,
+                cache_status,
+            );
             return (resp, n, cache_status);
         }
         match state.end {
             Some(End::NotFound) => (not_found("MISS"), 0, "MISS"),
             Some(End::Failed(e)) => (store_error(&e), 0, "ERROR"),
-            _ => (store_error(&StoreError::backend("edge", "fetch ended early")), 0, "ERROR"),
+            _ => (
+                store_error(&StoreError::backend("edge", "fetch ended early")),
+                0,
+                "ERROR",
+            ),
         }
     }
 

@@ -50,19 +50,34 @@ pub fn empty() -> Body {
 }
 
 fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A plain-text error or status answer; `cache_status` goes into `X-Cache-Status`.
-pub fn status(code: StatusCode, cache_status: &'static str, cache_control: &'static str) -> Response<Body> {
+pub fn status(
+    code: StatusCode,
+    cache_status: &'static str,
+    cache_control: &'static str,
+) -> Response<Body> {
     let text = format!("{}\n", code.canonical_reason().unwrap_or(""));
     let mut resp = Response::new(full(Bytes::from(text)));
     *resp.status_mut() = code;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache_control));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     h.insert("x-cache-status", HeaderValue::from_static(cache_status));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if code == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
@@ -133,7 +148,11 @@ fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: &'static str) {
     if let Ok(v) = HeaderValue::from_str(&meta.content_type) {
         h.insert(header::CONTENT_TYPE, v);
     }
-    if let Some(v) = meta.etag.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+    if let Some(v) = meta
+        .etag
+        .as_deref()
+        .and_then(|e| HeaderValue::from_str(e).ok())
+    {
         h.insert(header::ETAG, v);
     }
     if let Some(t) = meta.last_modified {
@@ -143,10 +162,22 @@ fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: &'static str) {
         );
     }
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_CONTROL));
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_CONTROL),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
     h.insert("x-cache-status", HeaderValue::from_static(cache_status));
 }
 
@@ -168,8 +199,14 @@ fn not_modified(req: &HeaderMap, meta: &Meta) -> bool {
         meta.last_modified,
     ) {
         // HTTP dates have whole seconds.
-        let lm_secs = lm.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let ims_secs = ims.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let lm_secs = lm
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ims_secs = ims
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         return lm_secs <= ims_secs;
     }
     false
@@ -221,7 +258,9 @@ mod tests {
             size,
             content_type: "image/png".into(),
             etag: Some("\"abc\"".into()),
-            last_modified: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)),
+            last_modified: Some(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            ),
         }
     }
 
@@ -237,15 +276,39 @@ mod tests {
     fn ranges() {
         let m = meta(100);
         assert_eq!(requested_range(&req(&[]), &m), Ok(None));
-        assert_eq!(requested_range(&req(&[("range", "bytes=0-9")]), &m), Ok(Some((0, 10))));
-        assert_eq!(requested_range(&req(&[("range", "bytes=90-")]), &m), Ok(Some((90, 100))));
-        assert_eq!(requested_range(&req(&[("range", "bytes=-10")]), &m), Ok(Some((90, 100))));
-        assert_eq!(requested_range(&req(&[("range", "bytes=-500")]), &m), Ok(Some((0, 100))));
-        assert_eq!(requested_range(&req(&[("range", "bytes=50-500")]), &m), Ok(Some((50, 100))));
-        assert_eq!(requested_range(&req(&[("range", "bytes=100-")]), &m), Err(()));
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=0-9")]), &m),
+            Ok(Some((0, 10)))
+        );
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=90-")]), &m),
+            Ok(Some((90, 100)))
+        );
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=-10")]), &m),
+            Ok(Some((90, 100)))
+        );
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=-500")]), &m),
+            Ok(Some((0, 100)))
+        );
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=50-500")]), &m),
+            Ok(Some((50, 100)))
+        );
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=100-")]), &m),
+            Err(())
+        );
         assert_eq!(requested_range(&req(&[("range", "bytes=-0")]), &m), Err(()));
-        assert_eq!(requested_range(&req(&[("range", "pages=1-2")]), &m), Ok(None));
-        assert_eq!(requested_range(&req(&[("range", "bytes=0-1,5-6")]), &m), Ok(None));
+        assert_eq!(
+            requested_range(&req(&[("range", "pages=1-2")]), &m),
+            Ok(None)
+        );
+        assert_eq!(
+            requested_range(&req(&[("range", "bytes=0-1,5-6")]), &m),
+            Ok(None)
+        );
         assert_eq!(
             requested_range(&req(&[("range", "bytes=0-9"), ("if-range", "\"old\"")]), &m),
             Ok(None)
@@ -256,13 +319,25 @@ mod tests {
     fn conditionals() {
         let m = meta(1);
         assert!(not_modified(&req(&[("if-none-match", "\"abc\"")]), &m));
-        assert!(not_modified(&req(&[("if-none-match", "\"x\", W/\"abc\"")]), &m));
+        assert!(not_modified(
+            &req(&[("if-none-match", "\"x\", W/\"abc\"")]),
+            &m
+        ));
         assert!(!not_modified(&req(&[("if-none-match", "\"x\"")]), &m));
-        assert!(not_modified(&req(&[("if-modified-since", "Tue, 14 Nov 2023 22:13:20 GMT")]), &m));
-        assert!(!not_modified(&req(&[("if-modified-since", "Tue, 14 Nov 2023 22:13:19 GMT")]), &m));
+        assert!(not_modified(
+            &req(&[("if-modified-since", "Tue, 14 Nov 2023 22:13:20 GMT")]),
+            &m
+        ));
+        assert!(!not_modified(
+            &req(&[("if-modified-since", "Tue, 14 Nov 2023 22:13:19 GMT")]),
+            &m
+        ));
         // If-None-Match takes precedence.
         assert!(!not_modified(
-            &req(&[("if-none-match", "\"x\""), ("if-modified-since", "Tue, 14 Nov 2030 22:13:20 GMT")]),
+            &req(&[
+                ("if-none-match", "\"x\""),
+                ("if-modified-since", "Tue, 14 Nov 2030 22:13:20 GMT")
+            ]),
             &m
         ));
     }

@@ -59,7 +59,10 @@ impl FsStore {
 
 fn is_not_found(e: &io::Error) -> bool {
     // ENOTDIR: a path component is a file, so the key cannot exist.
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 fn meta_of(m: &std::fs::Metadata) -> ObjectMeta {
@@ -136,7 +139,10 @@ impl Store for FsStore {
         }
     }
 
-    async fn open_file(&self, key: &Key) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
+    async fn open_file(
+        &self,
+        key: &Key,
+    ) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
         let Some(path) = self.resolve(key)? else {
             return Ok(None);
         };
@@ -168,7 +174,9 @@ impl Store for FsStore {
             for entry in walk {
                 let item = match entry {
                     Ok(e) if e.file_type().is_file() => {
-                        let Ok(rel) = e.path().strip_prefix(&root) else { continue };
+                        let Ok(rel) = e.path().strip_prefix(&root) else {
+                            continue;
+                        };
                         let Some(rel) = rel.to_str() else { continue };
                         let Ok(key) = Key::parse(rel) else { continue };
                         if start_after.as_ref().is_some_and(|s| &key <= s) {
@@ -198,7 +206,9 @@ fn tokio_stream_from<T: Send + 'static>(
 fn put_blocking(root: &Path, key: &Key, src: &Path) -> io::Result<()> {
     use std::io::Write;
     let dest = root.join(key.as_str());
-    let parent = dest.parent().expect("a key always has a parent under the root");
+    let parent = dest
+        .parent()
+        .expect("a key always has a parent under the root");
     std::fs::create_dir_all(parent)?;
     let real_parent = parent.canonicalize()?;
     if !real_parent.starts_with(root) {

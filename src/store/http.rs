@@ -49,14 +49,17 @@ impl HttpStore {
     }
 
     fn meta(&self, key: &Key, headers: &HeaderMap) -> Result<ObjectMeta, StoreError> {
-        let text = |h| headers.get(h).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok());
+        let text = |h| {
+            headers
+                .get(h)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+        };
         let size = text(CONTENT_LENGTH)
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| StoreError::Integrity {
                 store: self.name.clone(),
                 key: key.to_string(),
-                detail: "origin announced no Content-Length; the body could not be verified"
-                    .into(),
+                detail: "origin announced no Content-Length; the body could not be verified".into(),
             })?;
         let md5 = text(reqwest::header::HeaderName::from_static("content-md5")).and_then(|v| {
             use base64_decode::decode16;
@@ -66,8 +69,7 @@ impl HttpStore {
             size,
             content_type: text(CONTENT_TYPE).map(str::to_owned),
             etag: text(ETAG).map(str::to_owned),
-            last_modified: text(LAST_MODIFIED)
-                .and_then(|v| httpdate::parse_http_date(v).ok()),
+            last_modified: text(LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v).ok()),
             md5,
         })
     }

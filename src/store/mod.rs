@@ -137,7 +137,10 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, key: &Key) -> Result<(), StoreError>;
     /// Opens `key` as a local file, for stores that are local directories (served without a
     /// copy). Other stores answer `Ok(None)`.
-    async fn open_file(&self, _key: &Key) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
+    async fn open_file(
+        &self,
+        _key: &Key,
+    ) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
         Ok(None)
     }
     /// Lists every object, in the store's order, starting after `start_after` if given.
@@ -255,7 +258,10 @@ impl StoreHandle {
     }
 
     /// Opens `key` as a local file if the store is a local directory.
-    pub async fn open_file(&self, key: &Key) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
+    pub async fn open_file(
+        &self,
+        key: &Key,
+    ) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
         self.inner.open_file(key).await
     }
 
@@ -328,7 +334,10 @@ mod tests {
             md5_from_etag("\"d41d8cd98f00b204e9800998ecf8427e\"").map(hex::encode),
             Some("d41d8cd98f00b204e9800998ecf8427e".into())
         );
-        assert_eq!(md5_from_etag("\"d41d8cd98f00b204e9800998ecf8427e-2\""), None);
+        assert_eq!(
+            md5_from_etag("\"d41d8cd98f00b204e9800998ecf8427e-2\""),
+            None
+        );
         assert_eq!(md5_from_etag("\"5f1a-3e8\""), None);
     }
 }

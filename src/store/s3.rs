@@ -163,10 +163,9 @@ impl Store for S3Store {
         // (depends on the service); then ask.
         let stored = match written.etag() {
             Some(_) => meta_of(&written),
-            None => self
-                .head(key)
-                .await?
-                .ok_or_else(|| StoreError::backend(&self.name, format!("{key}: vanished after put")))?,
+            None => self.head(key).await?.ok_or_else(|| {
+                StoreError::backend(&self.name, format!("{key}: vanished after put"))
+            })?,
         };
         let size_ok = written.content_length() == 0 || stored.size == meta.size;
         let md5_ok = match (meta.md5, stored.md5) {

@@ -1,3 +1,6 @@
 //! The one integration test binary (see ARCHITECTURE.md, "Tests").
 
+mod common;
 mod doctor;
+mod serve;
+mod serve_s3;

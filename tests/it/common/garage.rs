@@ -1,0 +1,168 @@
+//! A real single-node Garage started for one test, in a temp dir, on free loopback ports.
+//! It is killed when the [`Garage`] is dropped.
+//!
+//! The binary is `$GARAGE_BIN`, else `garage` from the cargo home (installed by
+//! `scripts/install-garage.sh`, which the test command runs). A missing binary fails the test:
+//! an S3 test that silently skips would count as passing.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running Garage node with one bucket and one key allowed on it.
+pub struct Garage {
+    child: Child,
+    _dir: tempfile::TempDir,
+    /// S3 API endpoint, e.g. `http://127.0.0.1:39012`.
+    pub endpoint: String,
+    /// The bucket created for the test.
+    pub bucket: String,
+    /// Access key id.
+    pub key_id: String,
+    /// Secret key.
+    pub secret: String,
+    config: PathBuf,
+    bin: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn garage_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("GARAGE_BIN") {
+        return p.into();
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let bin = home.join("bin/garage");
+    assert!(
+        bin.exists(),
+        "garage not found at {}: run `bash scripts/install-garage.sh` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+impl Garage {
+    /// Starts a node and creates bucket `media` with a read/write key.
+    pub fn start() -> Garage {
+        let bin = garage_bin();
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let config = dir.path().join("garage.toml");
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + rpc as usize) % 256))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start garage");
+        let mut g = Garage {
+            child,
+            _dir: dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            bucket: "media".into(),
+            key_id: String::new(),
+            secret: String::new(),
+            config,
+            bin,
+        };
+        let started = Instant::now();
+        let node = loop {
+            match g.cli(&["node", "id", "-q"]) {
+                Ok(out) => break out.trim().split('@').next().unwrap().to_owned(),
+                Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                    panic!("garage did not start: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
+            .unwrap();
+        g.cli(&["layout", "apply", "--version", "1"]).unwrap();
+        let out = g.cli(&["key", "create", "fediedge-test"]).unwrap();
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| panic!("no {name} in: {out}"))
+        };
+        g.key_id = field("Key ID:");
+        g.secret = field("Secret key:");
+        g.cli(&["bucket", "create", "media"]).unwrap();
+        g.cli(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            "media",
+            "--key",
+            "fediedge-test",
+        ])
+        .unwrap();
+        g
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// The `[primary]` (or fallback) TOML table body for this bucket.
+    pub fn store_toml(&self) -> String {
+        format!(
+            "type = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            self.endpoint, self.bucket, self.key_id, self.secret
+        )
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,197 @@
+//! A real HTTP origin, in-process, that can count, delay, truncate, stall and hang.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use parking_lot::Mutex;
+
+/// How the origin answers for one key.
+#[derive(Clone, Debug, Default)]
+pub struct Behaviour {
+    /// Wait this long before sending headers.
+    pub delay: Duration,
+    /// Send this many bytes, then `stall_for`, then the rest.
+    pub pause_after: Option<usize>,
+    /// How long to pause at `pause_after`; with `truncate`, the connection closes instead.
+    pub stall_for: Duration,
+    /// Close the connection after `pause_after` bytes (fewer than announced).
+    pub truncate: bool,
+    /// Never answer.
+    pub hang: bool,
+    /// Send this Content-MD5 (base64) instead of none.
+    pub content_md5: Option<String>,
+}
+
+struct Object {
+    body: Bytes,
+    behaviour: Behaviour,
+}
+
+/// The origin; serves `GET /system/<key>`.
+pub struct Origin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    objects: Arc<Mutex<HashMap<String, Object>>>,
+    gets: Arc<Mutex<HashMap<String, usize>>>,
+    total: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+impl Origin {
+    /// Starts an empty origin on a free port.
+    pub async fn start() -> Origin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let objects: Arc<Mutex<HashMap<String, Object>>> = Arc::default();
+        let gets: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let total = Arc::new(AtomicUsize::new(0));
+        let (o, g, t) = (objects.clone(), gets.clone(), total.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (o, g, t) = (o.clone(), g.clone(), t.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (o, g, t) = (o.clone(), g.clone(), t.clone());
+                        async move { Ok::<_, Infallible>(answer(req, &o, &g, &t).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            objects,
+            gets,
+            total,
+            _task: task,
+        }
+    }
+
+    /// Base URL for a `[[fallback]]` of type http.
+    pub fn url(&self) -> String {
+        format!("http://{}/system/", self.addr)
+    }
+
+    /// Adds an object that is served plainly.
+    pub fn put(&self, key: &str, body: impl Into<Bytes>) {
+        self.put_with(key, body, Behaviour::default());
+    }
+
+    /// Adds an object with a behaviour.
+    pub fn put_with(&self, key: &str, body: impl Into<Bytes>, behaviour: Behaviour) {
+        self.objects.lock().insert(
+            key.to_owned(),
+            Object {
+                body: body.into(),
+                behaviour,
+            },
+        );
+    }
+
+    /// GET requests received for `key`.
+    pub fn gets(&self, key: &str) -> usize {
+        self.gets.lock().get(key).copied().unwrap_or(0)
+    }
+
+    /// All requests received.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    objects: &Mutex<HashMap<String, Object>>,
+    gets: &Mutex<HashMap<String, usize>>,
+    total: &AtomicUsize,
+) -> hyper::Response<Body> {
+    total.fetch_add(1, Ordering::SeqCst);
+    let key = req
+        .uri()
+        .path()
+        .strip_prefix("/system/")
+        .map(|k| {
+            percent_encoding::percent_decode_str(k)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    if req.method() == hyper::Method::GET {
+        *gets.lock().entry(key.clone()).or_default() += 1;
+    }
+    let found = objects
+        .lock()
+        .get(&key)
+        .map(|o| (o.body.clone(), o.behaviour.clone()));
+    let Some((body, b)) = found else {
+        let mut r = hyper::Response::new(full(Bytes::from_static(b"not found")));
+        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return r;
+    };
+    if b.hang {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(b.delay).await;
+    let len = body.len();
+    let resp_body = if req.method() == hyper::Method::HEAD {
+        full(Bytes::new())
+    } else if let Some(at) = b.pause_after {
+        let first = body.slice(..at);
+        let rest = body.slice(at..);
+        let stall = b.stall_for;
+        let truncate = b.truncate;
+        let s = futures_util::stream::unfold(0u8, move |step| {
+            let (first, rest) = (first.clone(), rest.clone());
+            async move {
+                match step {
+                    0 => Some((Ok(Frame::data(first)), 1)),
+                    1 => {
+                        tokio::time::sleep(stall).await;
+                        if truncate {
+                            Some((Err(std::io::Error::other("truncated on purpose")), 2))
+                        } else {
+                            Some((Ok(Frame::data(rest)), 2))
+                        }
+                    }
+                    _ => None,
+                }
+            }
+        });
+        StreamBody::new(s).boxed_unsync()
+    } else {
+        full(body)
+    };
+    let mut r = hyper::Response::new(resp_body);
+    let h = r.headers_mut();
+    h.insert("content-length", len.into());
+    h.insert("etag", format!("\"origin-{len:x}\"").parse().unwrap());
+    h.insert(
+        "last-modified",
+        "Tue, 14 Nov 2023 22:13:20 GMT".parse().unwrap(),
+    );
+    if key.ends_with(".png") {
+        h.insert("content-type", "image/png".parse().unwrap());
+    }
+    if let Some(md5) = b.content_md5 {
+        h.insert("content-md5", md5.parse().unwrap());
+    }
+    r
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}

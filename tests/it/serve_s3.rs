@@ -1,0 +1,151 @@
+//! `fediedge serve` with an S3 primary on a real Garage node.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::garage::Garage;
+use crate::common::origin::Origin;
+use crate::common::{bytes, client, eventually, start_edge};
+
+const KEY: &str = "cache/media_attachments/files/109/348/502/375/432/917/original/0123abcd.png";
+
+fn s3_store(g: &Garage) -> fediedge::store::StoreHandle {
+    let text = format!("[primary]\n{}", g.store_toml());
+    let config = fediedge::config::from_str(&text, Path::new("t.toml")).unwrap();
+    fediedge::store::open(&config.primary, fediedge::metrics::Metrics::new()).unwrap()
+}
+
+async fn object_in(g: &Garage, key: &str) -> Option<Vec<u8>> {
+    use futures_util::StreamExt;
+    let store = s3_store(g);
+    let key = fediedge::key::Key::parse(key).unwrap();
+    let mut obj = store.get(&key).await.unwrap()?;
+    let mut out = Vec::new();
+    while let Some(chunk) = obj.body.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    Some(out)
+}
+
+#[tokio::test]
+async fn pull_through_copies_into_garage_and_the_primary_serves_it_afterwards() {
+    let garage = Garage::start();
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(123_457, 7);
+    origin.put(KEY, body.clone());
+    let config = format!(
+        "url_prefix = \"/\"\n[primary]\n{}[[fallback]]\nname = \"old-nfs-nginx\"\ntype = \"http\"\nurl = \"{}\"\n",
+        garage.store_toml(),
+        origin.url()
+    );
+    let edge = start_edge(dir.path(), &config).await;
+    let base = format!("http://{}/", edge.running.addr);
+    let r = client().get(format!("{base}{KEY}")).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "FALLBACK");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    let mut stored = None;
+    for _ in 0..200 {
+        stored = object_in(&garage, KEY).await;
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stored.as_deref(),
+        Some(&body[..]),
+        "copied whole into the bucket"
+    );
+    let meta = s3_store(&garage)
+        .head(&fediedge::key::Key::parse(KEY).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta.content_type.as_deref(), Some("image/png"));
+    assert_eq!(
+        meta.md5.map(hex::encode),
+        Some(hex::encode(<md5::Md5 as md5::Digest>::digest(&body)))
+    );
+
+    // No cache: the next request is answered by the primary, not the old origin.
+    let r = client().get(format!("{base}{KEY}")).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    assert_eq!(origin.gets(KEY), 1);
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn copies_wait_out_a_primary_outage_and_a_restart() {
+    let garage = Garage::start();
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(50_000, 8);
+    origin.put(KEY, body.clone());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = garage
+        .store_toml()
+        .replace(&garage.endpoint, &format!("http://{closed}"));
+    let fallback = format!(
+        "[[fallback]]\ntype = \"http\"\nurl = \"{}\"\n",
+        origin.url()
+    );
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "[primary]\n{down}connect_timeout = \"300ms\"\nfirst_byte_timeout = \"1s\"\n{fallback}"
+        ),
+    )
+    .await;
+    let r = client()
+        .get(format!("{}{KEY}", edge.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "served from the fallback while the primary is down"
+    );
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    let ledger = edge.running.ledger.clone();
+    eventually(Duration::from_secs(10), "a failed attempt", || {
+        edge.running
+            .metrics
+            .render()
+            .contains("fediedge_writebacks_total{outcome=\"failed\"}")
+    })
+    .await;
+    assert_eq!(ledger.with(fediedge::ledger::ops::pending).unwrap(), 1);
+    edge.running.shutdown().await;
+    drop(ledger);
+
+    // Restart with the primary back: the queued copy happens, from the staged body (the
+    // origin is not asked again).
+    let edge = start_edge(
+        dir.path(),
+        &format!("[primary]\n{}{fallback}", garage.store_toml()),
+    )
+    .await;
+    let ledger = edge.running.ledger.clone();
+    eventually(Duration::from_secs(20), "the queued copy", || {
+        ledger.with(fediedge::ledger::ops::pending).unwrap() == 0
+    })
+    .await;
+    assert_eq!(object_in(&garage, KEY).await.as_deref(), Some(&body[..]));
+    let record = ledger
+        .with(|c| fediedge::ledger::ops::copied(c, KEY))
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.size, 50_000);
+    assert_eq!(origin.gets(KEY), 1);
+    let staged: Vec<_> = std::fs::read_dir(dir.path().join("var/staging"))
+        .unwrap()
+        .collect();
+    assert!(staged.is_empty(), "staged bodies are removed once copied");
+    edge.running.shutdown().await;
+}
