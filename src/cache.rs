@@ -154,7 +154,10 @@ impl Cache {
 
     fn recover(&self) -> io::Result<()> {
         let mut found = Vec::new();
-        for entry in walkdir::WalkDir::new(self.dir.join("objects")).min_depth(2).max_depth(2) {
+        for entry in walkdir::WalkDir::new(self.dir.join("objects"))
+            .min_depth(2)
+            .max_depth(2)
+        {
             let entry = entry.map_err(io::Error::other)?;
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "meta") {
@@ -167,9 +170,7 @@ impl Cache {
                 .and_then(|m| Key::parse(&m.key).ok().map(|k| (k, m)));
             let len = entry.metadata().map(|m| m.len()).ok();
             match loaded {
-                Some((key, meta))
-                    if Some(meta.size) == len && self.paths(&key).0 == path =>
-                {
+                Some((key, meta)) if Some(meta.size) == len && self.paths(&key).0 == path => {
                     let used = entry
                         .metadata()
                         .ok()
@@ -185,7 +186,10 @@ impl Cache {
             }
         }
         // Metas whose body is gone.
-        for entry in walkdir::WalkDir::new(self.dir.join("objects")).min_depth(2).max_depth(2) {
+        for entry in walkdir::WalkDir::new(self.dir.join("objects"))
+            .min_depth(2)
+            .max_depth(2)
+        {
             let entry = entry.map_err(io::Error::other)?;
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "meta") && !path.with_extension("").exists() {
@@ -253,7 +257,8 @@ impl Cache {
                 meta.size
             )));
         }
-        let to_memory = self.config.memory_max_size > 0 && meta.size <= self.config.memory_max_object;
+        let to_memory =
+            self.config.memory_max_size > 0 && meta.size <= self.config.memory_max_object;
         if verified && !to_memory {
             return Ok(HitBody::File(Arc::new(file)));
         }
@@ -358,7 +363,9 @@ impl Cache {
         {
             let mut state = self.state.lock();
             while state.bytes > self.config.max_size {
-                let Some((key, e)) = state.index.pop_lru() else { break };
+                let Some((key, e)) = state.index.pop_lru() else {
+                    break;
+                };
                 state.bytes -= e.meta.size;
                 if let Some(b) = state.memory.pop(&key) {
                     state.memory_bytes -= b.len() as u64;
@@ -395,7 +402,9 @@ impl Cache {
 
 /// Writes `bytes` to `path` through a temp file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().expect("paths written atomically have a parent");
+    let dir = path
+        .parent()
+        .expect("paths written atomically have a parent");
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.persist(path).map_err(|e| e.error)?;

@@ -93,9 +93,8 @@ CREATE TABLE IF NOT EXISTS copies (
 impl Ledger {
     /// Opens (or creates) `data_dir/ledger.sqlite`.
     pub fn open(data_dir: &Path) -> Result<Ledger> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            rusqlite::Error::ToSqlConversionFailure(Box::new(e))
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let path = data_dir.join("ledger.sqlite");
         let conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;

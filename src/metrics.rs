@@ -236,7 +236,13 @@ impl Metrics {
     }
 
     /// Sets the migration progress figures (read from the ledger).
-    pub fn set_migration(&self, objects_total: u64, objects_done: u64, bytes_total: u64, bytes_done: u64) {
+    pub fn set_migration(
+        &self,
+        objects_total: u64,
+        objects_done: u64,
+        bytes_total: u64,
+        bytes_done: u64,
+    ) {
         self.0.migration_objects_total.set(objects_total as i64);
         self.0.migration_objects_done.set(objects_done as i64);
         self.0.migration_bytes_total.set(bytes_total as i64);

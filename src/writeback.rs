@@ -73,7 +73,11 @@ impl WriteBack {
     }
 
     /// Runs `n` workers until `stop` is cancelled.
-    pub fn spawn_workers(self: &Arc<Self>, n: usize, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        n: usize,
+        stop: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..n)
             .map(|_| {
                 let wb = self.clone();
@@ -97,7 +101,9 @@ impl WriteBack {
                 Ok(Some(q)) => self.copy_one(q).await,
                 Ok(None) => {
                     let due = self.ledger.run(ops::next_due_in).await.ok().flatten();
-                    let wait = due.map_or(Duration::from_secs(60), |s| Duration::from_secs(s as u64).max(Duration::from_millis(200)));
+                    let wait = due.map_or(Duration::from_secs(60), |s| {
+                        Duration::from_secs(s as u64).max(Duration::from_millis(200))
+                    });
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = woken => {}
