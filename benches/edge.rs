@@ -1,0 +1,1 @@
+fn main() { eprintln!("edge benchmark: being written (issue 2 §13)"); }

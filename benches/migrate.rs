@@ -1,0 +1,1 @@
+fn main() { eprintln!("migrate benchmark: being written (issue 3 §8)"); }
