@@ -1,0 +1,401 @@
+//! The environment variables Mastodon reads, what kind of value each takes, and which are
+//! secret.
+//!
+//! The table drives three lints: exact booleans, "unknown key close to a known one", and
+//! drift between nodes. It lists the keys of `.env.production.sample`, the admin docs
+//! (`content/en/admin/config.md`, `optional/object-storage.md`) and the media/storage keys read
+//! by `config/initializers/paperclip.rb` (see `shared/MASTODON.md`). Families with many
+//! provider-specific keys (`OIDC_*`, `SAML_*`, `CAS_*`, `LDAP_*`, `PAM_*`, `OTEL_*`, …) are
+//! accepted by prefix, so that a real key missing from the table is never reported as a typo.
+
+/// How Mastodon reads a key's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Compared with the exact string `true` (`ENV['X'] == 'true'`): anything else is false.
+    Bool,
+    /// Free text, a number, a host or a URL: checked by specific rules, if any.
+    Text,
+    /// A secret: its value is never printed.
+    Secret,
+}
+
+/// Every key Mastodon (4.x) is known to read, with its kind.
+pub const KNOWN: &[(&str, Kind)] = &[
+    // Federation and domains.
+    ("LOCAL_DOMAIN", Kind::Text),
+    ("WEB_DOMAIN", Kind::Text),
+    ("ALTERNATE_DOMAINS", Kind::Text),
+    ("AUTHORIZED_FETCH", Kind::Bool),
+    ("LIMITED_FEDERATION_MODE", Kind::Bool),
+    ("DISALLOW_UNAUTHENTICATED_API_ACCESS", Kind::Bool),
+    ("SINGLE_USER_MODE", Kind::Bool),
+    ("EMAIL_DOMAIN_ALLOWLIST", Kind::Text),
+    ("EMAIL_DOMAIN_DENYLIST", Kind::Text),
+    ("EMAIL_DOMAIN_WHITELIST", Kind::Text),
+    ("EMAIL_DOMAIN_BLACKLIST", Kind::Text),
+    ("DEFAULT_LOCALE", Kind::Text),
+    ("ALLOWED_PRIVATE_ADDRESSES", Kind::Text),
+    ("ALLOW_ACCESS_TO_HIDDEN_SERVICE", Kind::Text),
+    ("HTTP_PROXY", Kind::Text),
+    ("HTTP_PROXY_CONNECT_TIMEOUT", Kind::Text),
+    ("TRUSTED_PROXY_IP", Kind::Text),
+    ("SOURCE_BASE_URL", Kind::Text),
+    ("GITHUB_REPOSITORY", Kind::Text),
+    ("STREAMING_API_BASE_URL", Kind::Text),
+    ("STREAMING_CLUSTER_NUM", Kind::Text),
+    ("IP_RETENTION_PERIOD", Kind::Text),
+    ("SESSION_RETENTION_PERIOD", Kind::Text),
+    ("MAX_REQUEST_POOL_SIZE", Kind::Text),
+    ("MAX_POLL_OPTIONS", Kind::Text),
+    ("MAX_TOOT_CHARS", Kind::Text),
+    // Rails, Puma and processes.
+    ("RAILS_ENV", Kind::Text),
+    ("NODE_ENV", Kind::Text),
+    ("PORT", Kind::Text),
+    ("BIND", Kind::Text),
+    ("SOCKET", Kind::Text),
+    ("RAILS_SERVE_STATIC_FILES", Kind::Text),
+    ("RAILS_LOG_LEVEL", Kind::Text),
+    ("RAILS_LOG_TO_STDOUT", Kind::Text),
+    ("WEB_CONCURRENCY", Kind::Text),
+    ("MAX_THREADS", Kind::Text),
+    ("MIN_THREADS", Kind::Text),
+    ("PERSISTENT_TIMEOUT", Kind::Text),
+    ("SIDEKIQ_CONCURRENCY", Kind::Text),
+    ("MALLOC_ARENA_MAX", Kind::Text),
+    ("LD_PRELOAD", Kind::Text),
+    ("FFMPEG_BINARY", Kind::Text),
+    ("MASTODON_USE_LIBVIPS", Kind::Text),
+    ("BUNDLE_GEMFILE", Kind::Text),
+    // Secrets.
+    ("SECRET_KEY_BASE", Kind::Secret),
+    ("OTP_SECRET", Kind::Secret),
+    ("VAPID_PRIVATE_KEY", Kind::Secret),
+    ("VAPID_PUBLIC_KEY", Kind::Text),
+    ("ACTIVE_RECORD_ENCRYPTION_DETERMINISTIC_KEY", Kind::Secret),
+    ("ACTIVE_RECORD_ENCRYPTION_KEY_DERIVATION_SALT", Kind::Secret),
+    ("ACTIVE_RECORD_ENCRYPTION_PRIMARY_KEY", Kind::Secret),
+    // PostgreSQL.
+    ("DB_HOST", Kind::Text),
+    ("DB_PORT", Kind::Text),
+    ("DB_NAME", Kind::Text),
+    ("DB_USER", Kind::Text),
+    ("DB_PASS", Kind::Secret),
+    ("DB_POOL", Kind::Text),
+    ("DB_SSLMODE", Kind::Text),
+    ("DATABASE_URL", Kind::Secret),
+    ("PREPARED_STATEMENTS", Kind::Text),
+    ("REPLICA_DB_HOST", Kind::Text),
+    ("REPLICA_DB_PORT", Kind::Text),
+    ("REPLICA_DB_NAME", Kind::Text),
+    ("REPLICA_DB_USER", Kind::Text),
+    ("REPLICA_DB_PASS", Kind::Secret),
+    ("REPLICA_PREPARED_STATEMENTS", Kind::Text),
+    ("REPLICA_DATABASE_URL", Kind::Secret),
+    // Redis.
+    ("REDIS_HOST", Kind::Text),
+    ("REDIS_PORT", Kind::Text),
+    ("REDIS_DB", Kind::Text),
+    ("REDIS_USER", Kind::Text),
+    ("REDIS_PASSWORD", Kind::Secret),
+    ("REDIS_URL", Kind::Secret),
+    ("REDIS_NAMESPACE", Kind::Text),
+    ("REDIS_SENTINELS", Kind::Text),
+    ("REDIS_SENTINEL_MASTER", Kind::Text),
+    ("REDIS_SENTINEL_PORT", Kind::Text),
+    ("REDIS_SENTINEL_USERNAME", Kind::Text),
+    ("REDIS_SENTINEL_PASSWORD", Kind::Secret),
+    ("SIDEKIQ_REDIS_HOST", Kind::Text),
+    ("SIDEKIQ_REDIS_PORT", Kind::Text),
+    ("SIDEKIQ_REDIS_DB", Kind::Text),
+    ("SIDEKIQ_REDIS_USER", Kind::Text),
+    ("SIDEKIQ_REDIS_PASSWORD", Kind::Secret),
+    ("SIDEKIQ_REDIS_URL", Kind::Secret),
+    ("SIDEKIQ_REDIS_NAMESPACE", Kind::Text),
+    ("SIDEKIQ_REDIS_SENTINELS", Kind::Text),
+    ("SIDEKIQ_REDIS_SENTINEL_MASTER", Kind::Text),
+    ("CACHE_REDIS_HOST", Kind::Text),
+    ("CACHE_REDIS_PORT", Kind::Text),
+    ("CACHE_REDIS_DB", Kind::Text),
+    ("CACHE_REDIS_USER", Kind::Text),
+    ("CACHE_REDIS_PASSWORD", Kind::Secret),
+    ("CACHE_REDIS_URL", Kind::Secret),
+    ("CACHE_REDIS_NAMESPACE", Kind::Text),
+    ("CACHE_REDIS_SENTINELS", Kind::Text),
+    ("CACHE_REDIS_SENTINEL_MASTER", Kind::Text),
+    // Elasticsearch.
+    ("ES_ENABLED", Kind::Bool),
+    ("ES_HOST", Kind::Text),
+    ("ES_PORT", Kind::Text),
+    ("ES_USER", Kind::Text),
+    ("ES_PASS", Kind::Secret),
+    ("ES_PREFIX", Kind::Text),
+    ("ES_PRESET", Kind::Text),
+    ("ES_CA_FILE", Kind::Text),
+    // Email.
+    ("SMTP_SERVER", Kind::Text),
+    ("SMTP_PORT", Kind::Text),
+    ("SMTP_LOGIN", Kind::Text),
+    ("SMTP_PASSWORD", Kind::Secret),
+    ("SMTP_FROM_ADDRESS", Kind::Text),
+    ("SMTP_REPLY_TO", Kind::Text),
+    ("SMTP_RETURN_PATH", Kind::Text),
+    ("SMTP_DOMAIN", Kind::Text),
+    ("SMTP_DELIVERY_METHOD", Kind::Text),
+    ("SMTP_AUTH_METHOD", Kind::Text),
+    ("SMTP_CA_FILE", Kind::Text),
+    ("SMTP_OPENSSL_VERIFY_MODE", Kind::Text),
+    ("SMTP_ENABLE_STARTTLS", Kind::Text),
+    ("SMTP_ENABLE_STARTTLS_AUTO", Kind::Text),
+    ("SMTP_TLS", Kind::Text),
+    ("SMTP_SSL", Kind::Text),
+    ("SMTP_READ_TIMEOUT", Kind::Text),
+    ("SMTP_OPEN_TIMEOUT", Kind::Text),
+    // Media: S3.
+    ("S3_ENABLED", Kind::Bool),
+    ("S3_BUCKET", Kind::Text),
+    ("AWS_ACCESS_KEY_ID", Kind::Secret),
+    ("AWS_SECRET_ACCESS_KEY", Kind::Secret),
+    ("S3_REGION", Kind::Text),
+    ("S3_PROTOCOL", Kind::Text),
+    ("S3_HOSTNAME", Kind::Text),
+    ("S3_ENDPOINT", Kind::Text),
+    ("S3_OVERRIDE_PATH_STYLE", Kind::Bool),
+    ("S3_ALIAS_HOST", Kind::Text),
+    ("S3_CLOUDFRONT_HOST", Kind::Text),
+    ("S3_KEY_PREFIX", Kind::Text),
+    ("S3_PERMISSION", Kind::Text),
+    ("S3_SIGNATURE_VERSION", Kind::Text),
+    ("S3_OPEN_TIMEOUT", Kind::Text),
+    ("S3_READ_TIMEOUT", Kind::Text),
+    ("S3_RETRY_LIMIT", Kind::Text),
+    ("S3_MULTIPART_THRESHOLD", Kind::Text),
+    ("S3_STORAGE_CLASS", Kind::Text),
+    ("S3_FORCE_SINGLE_REQUEST", Kind::Bool),
+    ("S3_ENABLE_CHECKSUM_MODE", Kind::Bool),
+    ("S3_BATCH_DELETE_LIMIT", Kind::Text),
+    ("S3_BATCH_DELETE_RETRY", Kind::Text),
+    // Media: Swift, Azure, filesystem.
+    ("SWIFT_ENABLED", Kind::Bool),
+    ("SWIFT_USERNAME", Kind::Text),
+    ("SWIFT_TENANT", Kind::Text),
+    ("SWIFT_PASSWORD", Kind::Secret),
+    ("SWIFT_PROJECT_ID", Kind::Text),
+    ("SWIFT_AUTH_URL", Kind::Text),
+    ("SWIFT_REGION", Kind::Text),
+    ("SWIFT_CONTAINER", Kind::Text),
+    ("SWIFT_DOMAIN_NAME", Kind::Text),
+    ("SWIFT_CACHE_TTL", Kind::Text),
+    ("SWIFT_OBJECT_URL", Kind::Text),
+    ("SWIFT_TEMP_URL_KEY", Kind::Secret),
+    ("AZURE_ENABLED", Kind::Bool),
+    ("AZURE_STORAGE_ACCOUNT", Kind::Text),
+    ("AZURE_STORAGE_ACCESS_KEY", Kind::Secret),
+    ("AZURE_CONTAINER_NAME", Kind::Text),
+    ("AZURE_ALIAS_HOST", Kind::Text),
+    ("PAPERCLIP_ROOT_PATH", Kind::Text),
+    ("PAPERCLIP_ROOT_URL", Kind::Text),
+    ("CDN_HOST", Kind::Text),
+    ("EXTRA_MEDIA_HOSTS", Kind::Text),
+    ("EXTRA_DATA_HOSTS", Kind::Text),
+    ("CACHE_BUSTER_ENABLED", Kind::Bool),
+    ("CACHE_BUSTER_HTTP_METHOD", Kind::Text),
+    ("CACHE_BUSTER_SECRET_HEADER", Kind::Text),
+    ("CACHE_BUSTER_SECRET", Kind::Secret),
+    // Translation, captcha, misc.
+    ("DEEPL_API_KEY", Kind::Secret),
+    ("DEEPL_PLAN", Kind::Text),
+    ("LIBRE_TRANSLATE_ENDPOINT", Kind::Text),
+    ("LIBRE_TRANSLATE_API_KEY", Kind::Secret),
+    ("HCAPTCHA_SITE_KEY", Kind::Text),
+    ("HCAPTCHA_SECRET_KEY", Kind::Secret),
+    ("STATSD_ADDR", Kind::Text),
+    ("STATSD_NAMESPACE", Kind::Text),
+    ("STATSD_SIDEKIQ", Kind::Text),
+    ("OMNIAUTH_ONLY", Kind::Text),
+];
+
+/// Prefixes of provider families whose keys are accepted without being listed one by one.
+pub const KNOWN_PREFIXES: &[&str] = &[
+    "OIDC_",
+    "SAML_",
+    "CAS_",
+    "LDAP_",
+    "PAM_",
+    "OTEL_",
+    "OMNIAUTH_",
+    "MASTODON_PROMETHEUS_EXPORTER_",
+    "FETCH_REPLIES_",
+    "BUNDLE_",
+    "RUBY_",
+    "GEM_",
+];
+
+/// Keys whose value matters only for the node itself (pools, listeners, threads); they may
+/// legitimately differ between nodes.
+pub const NODE_LOCAL: &[&str] = &[
+    "DB_POOL",
+    "BIND",
+    "PORT",
+    "SOCKET",
+    "WEB_CONCURRENCY",
+    "MAX_THREADS",
+    "MIN_THREADS",
+    "SIDEKIQ_CONCURRENCY",
+    "STREAMING_CLUSTER_NUM",
+    "MALLOC_ARENA_MAX",
+    "LD_PRELOAD",
+    "PAPERCLIP_ROOT_PATH",
+    "DB_HOST",
+    "DB_PORT",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "TRUSTED_PROXY_IP",
+];
+
+/// Keys that must have the same effective value on every node of one instance, with the
+/// value Mastodon uses when the key is unset (`None`: no default).
+pub const MUST_AGREE: &[(&str, Option<&str>)] = &[
+    ("LOCAL_DOMAIN", None),
+    ("WEB_DOMAIN", None),
+    ("ALTERNATE_DOMAINS", None),
+    ("CDN_HOST", None),
+    ("SECRET_KEY_BASE", None),
+    ("OTP_SECRET", None),
+    ("VAPID_PRIVATE_KEY", None),
+    ("VAPID_PUBLIC_KEY", None),
+    ("ACTIVE_RECORD_ENCRYPTION_DETERMINISTIC_KEY", None),
+    ("ACTIVE_RECORD_ENCRYPTION_KEY_DERIVATION_SALT", None),
+    ("ACTIVE_RECORD_ENCRYPTION_PRIMARY_KEY", None),
+    ("AUTHORIZED_FETCH", Some("false")),
+    ("LIMITED_FEDERATION_MODE", Some("false")),
+    ("SINGLE_USER_MODE", Some("false")),
+    ("DB_NAME", None),
+    ("REDIS_NAMESPACE", None),
+    ("ES_PREFIX", None),
+    ("S3_ENABLED", Some("false")),
+    ("S3_BUCKET", None),
+    ("S3_ALIAS_HOST", None),
+    ("S3_CLOUDFRONT_HOST", None),
+    ("S3_ENDPOINT", None),
+    ("S3_HOSTNAME", None),
+    ("S3_REGION", Some("us-east-1")),
+    ("S3_PROTOCOL", Some("https")),
+    ("S3_KEY_PREFIX", None),
+    ("S3_PERMISSION", Some("public-read")),
+    ("S3_OVERRIDE_PATH_STYLE", Some("false")),
+    ("SWIFT_ENABLED", Some("false")),
+    ("SWIFT_CONTAINER", None),
+    ("SWIFT_OBJECT_URL", None),
+    ("AZURE_ENABLED", Some("false")),
+    ("AZURE_CONTAINER_NAME", None),
+    ("AZURE_ALIAS_HOST", None),
+    ("PAPERCLIP_ROOT_URL", Some("/system")),
+    ("EXTRA_MEDIA_HOSTS", None),
+    ("STREAMING_API_BASE_URL", None),
+];
+
+/// The kind of a known key, `None` for an unknown key.
+pub fn kind(key: &str) -> Option<Kind> {
+    KNOWN.iter().find(|(k, _)| *k == key).map(|(_, kind)| *kind)
+}
+
+/// True if Mastodon reads `key` (listed, or in a known provider family).
+pub fn is_known(key: &str) -> bool {
+    kind(key).is_some() || KNOWN_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
+/// True if the value of `key` must never be printed: listed secrets, and by name anything
+/// that looks like a password, secret, private key, token or credentials URL.
+pub fn is_secret(key: &str) -> bool {
+    if let Some(kind) = kind(key) {
+        return kind == Kind::Secret;
+    }
+    let k = key.to_ascii_uppercase();
+    [
+        "PASS",
+        "SECRET",
+        "TOKEN",
+        "PRIVATE",
+        "CREDENTIAL",
+        "_KEY",
+        "KEY_",
+        "SALT",
+        "_URL",
+    ]
+    .iter()
+    .any(|w| k.contains(w) && !(k.contains("KEY_PREFIX") && *w == "KEY_"))
+        || k.ends_with("KEY")
+}
+
+/// The value as it may appear in a message: quoted, or `<hidden>` for secrets.
+pub fn shown(key: &str, value: &str) -> String {
+    if is_secret(key) {
+        "<hidden>".into()
+    } else {
+        format!("{value:?}")
+    }
+}
+
+/// The known key an unknown `key` was most likely meant to be, if one is close enough:
+/// the same key in another case, or an edit distance of at most 2 (1 for short keys).
+pub fn closest_known(key: &str) -> Option<&'static str> {
+    let upper = key.to_ascii_uppercase();
+    if let Some((k, _)) = KNOWN.iter().find(|(k, _)| *k == upper) {
+        return Some(k);
+    }
+    let limit = if key.len() <= 6 { 1 } else { 2 };
+    KNOWN
+        .iter()
+        .map(|(k, _)| (strsim::damerau_levenshtein(&upper, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typos_find_their_key() {
+        assert_eq!(closest_known("3_BUCKET"), Some("S3_BUCKET"));
+        assert_eq!(closest_known("S3_ENABLE"), Some("S3_ENABLED"));
+        assert_eq!(closest_known("s3_enabled"), Some("S3_ENABLED"));
+        assert_eq!(closest_known("S3_ALIAS_HOTS"), Some("S3_ALIAS_HOST"));
+        assert_eq!(closest_known("MY_OWN_THING"), None);
+    }
+
+    #[test]
+    fn secrets_are_recognised() {
+        for k in [
+            "SECRET_KEY_BASE",
+            "OTP_SECRET",
+            "AWS_SECRET_ACCESS_KEY",
+            "DB_PASS",
+            "SMTP_PASSWORD",
+            "VAPID_PRIVATE_KEY",
+            "MY_API_TOKEN",
+            "SOME_KEY",
+            "REDIS_URL",
+        ] {
+            assert!(is_secret(k), "{k}");
+            assert_eq!(shown(k, "x"), "<hidden>");
+        }
+        for k in ["S3_BUCKET", "S3_KEY_PREFIX", "S3_ENABLED", "LOCAL_DOMAIN"] {
+            assert!(!is_secret(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn the_table_has_no_duplicates() {
+        let mut keys: Vec<_> = KNOWN.iter().map(|(k, _)| *k).collect();
+        keys.sort();
+        let n = keys.len();
+        keys.dedup();
+        assert_eq!(n, keys.len());
+        for (k, _) in MUST_AGREE {
+            assert!(is_known(k), "{k}");
+        }
+    }
+}
