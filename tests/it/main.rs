@@ -1,5 +1,6 @@
 //! The one integration test binary (see ARCHITECTURE.md, "Tests").
 
+mod cli;
 mod common;
 mod doctor;
 mod serve;
