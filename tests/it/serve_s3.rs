@@ -149,3 +149,56 @@ async fn copies_wait_out_a_primary_outage_and_a_restart() {
     assert!(staged.is_empty(), "staged bodies are removed once copied");
     edge.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_old_bucket_as_fallback_is_copied_into_a_new_one_with_its_content_type() {
+    let garage = Garage::start();
+    let old = garage.add_bucket("old-media");
+    let dir = tempfile::tempdir().unwrap();
+    // Put an object into the old bucket through the store layer (as Mastodon would have).
+    let src = dir.path().join("src.webp");
+    let body = bytes(70_000, 9);
+    std::fs::write(&src, &body).unwrap();
+    let old_config =
+        fediedge::config::from_str(&format!("[primary]\n{old}"), Path::new("t.toml")).unwrap();
+    let old_store =
+        fediedge::store::open(&old_config.primary, fediedge::metrics::Metrics::new()).unwrap();
+    let key = fediedge::key::Key::parse("accounts/avatars/000/000/002/original/x.webp").unwrap();
+    let meta = fediedge::store::ObjectMeta {
+        size: body.len() as u64,
+        content_type: Some("image/webp".into()),
+        ..Default::default()
+    };
+    old_store.put(&key, &src, &meta).await.unwrap();
+
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "url_prefix = \"/\"\n[cache]\nmax_size = \"10MiB\"\n[primary]\n{}[[fallback]]\nname = \"old-bucket\"\n{old}",
+            garage.store_toml()
+        ),
+    )
+    .await;
+    let url = format!("http://{}/{}", edge.running.addr, key);
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "FALLBACK");
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    let ledger = edge.running.ledger.clone();
+    eventually(Duration::from_secs(10), "copied", || {
+        ledger
+            .with(|c| fediedge::ledger::ops::copied(c, key.as_str()))
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let new_meta = s3_store(&garage).head(&key).await.unwrap().unwrap();
+    assert_eq!(new_meta.content_type.as_deref(), Some("image/webp"));
+    assert_eq!(
+        object_in(&garage, key.as_str()).await.as_deref(),
+        Some(&body[..])
+    );
+    edge.running.shutdown().await;
+}

@@ -136,6 +136,24 @@ api_bind_addr = "127.0.0.1:{admin}"
         g
     }
 
+    /// Creates another bucket that the test key may read and write; returns its store TOML.
+    pub fn add_bucket(&self, name: &str) -> String {
+        self.cli(&["bucket", "create", name]).unwrap();
+        self.cli(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            name,
+            "--key",
+            "fediedge-test",
+        ])
+        .unwrap();
+        self.store_toml()
+            .replace("bucket = \"media\"", &format!("bucket = \"{name}\""))
+    }
+
     fn cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(&self.bin)
             .arg("-c")
