@@ -3,6 +3,7 @@
 //!
 //! - [`finding`]: findings, severities, human and JSON output, the exit code.
 //! - [`env_rules`]: one Mastodon env file, as dotenv and Mastodon read it.
+//! - [`storage_rules`]: the media storage keys of one env file (S3, Swift, Azure, local).
 //! - [`sidekiq`]: the Sidekiq units together (queues, scheduler, DB_POOL, writable paths).
 //! - [`drift`]: several nodes' env files against each other.
 //! - [`probe`]: live checks of the stores of a fediedge config.
@@ -14,6 +15,7 @@ pub mod env_rules;
 pub mod finding;
 pub mod probe;
 pub mod sidekiq;
+pub mod storage_rules;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -64,7 +66,9 @@ pub struct DoctorArgs {
 
 /// Runs the doctor; the exit code is 2 on any error, 1 on warnings only, 0 when clean.
 pub fn run(args: DoctorArgs) -> ExitCode {
-    let findings = check(&args);
+    let mut findings = check(&args);
+    // Errors first, then warnings, then info; the order of discovery within each.
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     match args.format {
         Format::Json => println!("{}", finding::to_json(&findings)),
         Format::Human => print!("{}", finding::to_human(&findings)),

@@ -225,7 +225,7 @@ fn parse_assignment(chars: &[char], start: usize, line_end: usize) -> Option<Par
     };
     if !has_sep {
         // No separator: only trailing whitespace and a comment may follow.
-        return tail_ok(chars, i, line_end).then(|| Parsed {
+        return tail_ok(chars, i, line_end).then_some(Parsed {
             key,
             raw_value: None,
             exported,
