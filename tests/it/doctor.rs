@@ -1139,3 +1139,109 @@ fn probe_without_config_is_refused() {
     let f = doctor::check(&a);
     find(&f, "probe-no-config", Severity::Error, "--probe");
 }
+
+// ---- More rules ----
+
+#[test]
+fn azure_alias_host_and_command_substitution() {
+    let f = local_env(&[
+        ("AZURE_ENABLED", Some("true")),
+        ("AZURE_ALIAS_HOST", Some("https://media.example.social/")),
+    ]);
+    let x = find(
+        &f,
+        "env-azure-alias-host",
+        Severity::Error,
+        "AZURE_ALIAS_HOST",
+    );
+    assert!(
+        x.fix.contains("AZURE_ALIAS_HOST=media.example.social"),
+        "{}",
+        x.fix
+    );
+    let f = local_env(&[("SMTP_LOGIN", Some("$(cat /run/secrets/smtp_login)"))]);
+    find(&f, "env-value-command", Severity::Info, "SMTP_LOGIN");
+}
+
+#[test]
+fn invalid_concurrency_and_environment_files() {
+    let unit = fixture("mastodon-sidekiq.service").replace("-c 25", "-c lots");
+    let f = lint(&fixture("s3.env.production"), &[&unit]);
+    find(&f, "sidekiq-concurrency", Severity::Error, "-c");
+    // DB_POOL from a readable EnvironmentFile= counts as the unit's own.
+    let d = Dir::new();
+    let extra = d.write("sidekiq.env", "DB_POOL=5\n");
+    let unit = fixture("mastodon-sidekiq.service").replace(
+        "Environment=\"DB_POOL=25\"\n",
+        &format!("EnvironmentFile={}\n", extra.display()),
+    );
+    let f = lint(&fixture("s3.env.production"), &[&unit]);
+    let x = find(&f, "sidekiq-db-pool", Severity::Error, "DB_POOL");
+    assert!(x.message.contains("DB_POOL=5"), "{}", x.message);
+    // A missing one is noted; with `-` it is optional and not noted.
+    let unit = fixture("mastodon-sidekiq.service").replace(
+        "Environment=\"DB_POOL=25\"\n",
+        "Environment=\"DB_POOL=25\"\nEnvironmentFile=/nonexistent/sidekiq.env\nEnvironmentFile=-/nonexistent/optional.env\n",
+    );
+    let f = lint(&fixture("s3.env.production"), &[&unit]);
+    let notes: Vec<_> = f
+        .iter()
+        .filter(|x| x.rule == "unit-env-file-unread")
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", show(&f));
+    assert_eq!(notes[0].severity, Severity::Info);
+    assert_clean(&f);
+}
+
+#[test]
+fn unreadable_env_and_bad_probe_key() {
+    let mut a = args();
+    a.mastodon_env = vec!["/nonexistent/.env.production".into()];
+    let f = doctor::check(&a);
+    assert!(f
+        .iter()
+        .any(|x| x.rule == "env-unreadable" && x.severity == Severity::Error));
+    let d = Dir::new();
+    let cfg = d.write(
+        "f.toml",
+        &format!(
+            "[primary]\ntype = \"fs\"\nroot = {:?}\n",
+            d.0.path().display().to_string()
+        ),
+    );
+    let f = doctor::check(&probe_args(&cfg, false, Some("../etc/passwd")));
+    find(&f, "probe-key", Severity::Error, "store primary");
+}
+
+/// The operator doc lists every rule the code can emit (the closing note relies on it).
+#[test]
+fn every_rule_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/doctor.md")).unwrap();
+    let mut rules = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(root.join("src/doctor")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for part in text.split('"').skip(1).step_by(2) {
+            let prefixes = [
+                "env-", "sidekiq-", "unit-", "drift-", "config-", "probe-", "doctor-",
+            ];
+            if prefixes.iter().any(|p| part.starts_with(p))
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && part != "sidekiq-unit"
+            {
+                rules.insert(part.to_owned());
+            }
+        }
+    }
+    assert!(rules.len() > 50, "{rules:?}");
+    let missing: Vec<_> = rules
+        .iter()
+        .filter(|r| !doc.contains(&format!("| `{r}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "rules missing from docs/doctor.md: {missing:?}"
+    );
+}
