@@ -1245,3 +1245,20 @@ fn every_rule_is_documented() {
         "rules missing from docs/doctor.md: {missing:?}"
     );
 }
+
+/// The seed's incident as drift: a good S3 node next to the two broken ones.
+#[test]
+fn seed_nodes_drift_from_the_good_node() {
+    let mut a = args();
+    a.mastodon_env = vec![
+        format!("good={}", data("s3.env.production").display()),
+        format!("edge1={}", data("seed.env.production").display()),
+    ];
+    let f = doctor::check(&a);
+    let x = find(&f, "drift-value", Severity::Error, "S3_ENABLED");
+    assert!(x.message.contains("\"true\" on good"), "{}", x.message);
+    assert!(x.message.contains("\"false\" on edge1"), "{}", x.message);
+    let x = find(&f, "drift-value", Severity::Error, "S3_BUCKET");
+    assert!(x.message.contains("unset on edge1"), "{}", x.message);
+    find(&f, "drift-key-missing", Severity::Warning, "3_BUCKET");
+}
