@@ -5,9 +5,18 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use crate::common::origin::{Behaviour, Origin};
-use crate::common::{bytes, client, eventually, raw_status, start_edge};
+use crate::common::{bytes, client, eventually, raw_status, start_edge, TestEdge};
 
 const KEY: &str = "media_attachments/files/000/000/001/original/a1b2c3.png";
+
+/// An edge with an fs primary, a 64 MiB cache and `origin` as its one fallback.
+async fn cached_edge(dir: &std::path::Path, origin: &Origin, first_byte: &str) -> TestEdge {
+    start_edge(
+        dir,
+        &(fs_primary_with_cache(dir) + &http_fallback(origin, first_byte)),
+    )
+    .await
+}
 
 fn fs_primary_with_cache(dir: &std::path::Path) -> String {
     format!(
@@ -70,11 +79,7 @@ async fn other_methods_get_405_and_touch_no_store() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
     origin.put(KEY, "x");
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
     for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
         let r = client()
             .request(method.parse().unwrap(), format!("{}{KEY}", edge.base))
@@ -136,11 +141,7 @@ async fn fallback_hit_is_streamed_cached_and_copied_to_the_primary() {
     let origin = Origin::start().await;
     let body = bytes(300_000, 1);
     origin.put(KEY, body.clone());
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
 
     let r = client()
         .get(format!("{}{KEY}", edge.base))
@@ -216,7 +217,8 @@ async fn a_herd_shares_one_source_fetch_and_gets_bytes_as_they_arrive() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
     let body = bytes(200_000, 2);
-    let pause = Duration::from_millis(1500);
+    // Long enough that scheduling noise on a loaded machine cannot blur "before the pause".
+    let pause = Duration::from_secs(4);
     origin.put_with(
         KEY,
         body.clone(),
@@ -227,11 +229,7 @@ async fn a_herd_shares_one_source_fetch_and_gets_bytes_as_they_arrive() {
             ..Behaviour::default()
         },
     );
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
     let url = format!("{}{KEY}", edge.base);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -278,11 +276,7 @@ async fn a_truncated_body_is_aborted_and_nothing_is_kept() {
             ..Behaviour::default()
         },
     );
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
     let r = client()
         .get(format!("{}{KEY}", edge.base))
         .send()
@@ -330,11 +324,7 @@ async fn a_wrong_checksum_is_aborted_and_nothing_is_kept() {
             ..Behaviour::default()
         },
     );
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
     let r = client()
         .get(format!("{}{KEY}", edge.base))
         .send()
@@ -360,11 +350,7 @@ async fn a_hung_source_gives_504_in_time_and_blocks_no_other_key() {
         },
     );
     origin.put("other.png", "fine");
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "700ms")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "700ms").await;
     let hung = tokio::spawn({
         let url = format!("{}{KEY}", edge.base);
         async move {
@@ -404,11 +390,7 @@ async fn a_stalled_body_is_aborted() {
             ..Behaviour::default()
         },
     );
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "500ms")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "500ms").await;
     let started = Instant::now();
     let r = client()
         .get(format!("{}{KEY}", edge.base))
@@ -428,11 +410,7 @@ async fn ranges_and_conditionals_on_cold_and_warm_keys() {
     let body = bytes(100_000, 6);
     origin.put(KEY, body.clone());
     origin.put("b.png", body.clone());
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
     let url = format!("{}{KEY}", edge.base);
     // Cold key, suffix range.
     let r = client()
@@ -522,11 +500,7 @@ async fn ranges_and_conditionals_on_cold_and_warm_keys() {
 async fn misses_are_remembered_briefly() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
-    let edge = start_edge(
-        dir.path(),
-        &(fs_primary_with_cache(dir.path()) + &http_fallback(&origin, "5s")),
-    )
-    .await;
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
     let url = format!("{}missing.png", edge.base);
     for _ in 0..20 {
         let r = client().get(&url).send().await.unwrap();
