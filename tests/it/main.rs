@@ -3,5 +3,6 @@
 mod cli;
 mod common;
 mod doctor;
+mod migrate;
 mod serve;
 mod serve_s3;

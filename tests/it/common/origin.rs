@@ -41,7 +41,32 @@ pub struct Origin {
     objects: Arc<Mutex<HashMap<String, Object>>>,
     gets: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+/// Requests being answered now, and the most seen at once (headers sent or not).
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(g: &Arc<InFlight>) -> Self {
+        let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+        g.max.fetch_max(n, Ordering::SeqCst);
+        InFlightGuard(g.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -54,17 +79,22 @@ impl Origin {
         let objects: Arc<Mutex<HashMap<String, Object>>> = Arc::default();
         let gets: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let total = Arc::new(AtomicUsize::new(0));
+        let in_flight: Arc<InFlight> = Arc::default();
         let (o, g, t) = (objects.clone(), gets.clone(), total.clone());
+        let f = in_flight.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (o, g, t) = (o.clone(), g.clone(), t.clone());
+                let (o, g, t, f) = (o.clone(), g.clone(), t.clone(), f.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (o, g, t) = (o.clone(), g.clone(), t.clone());
-                        async move { Ok::<_, Infallible>(answer(req, &o, &g, &t).await) }
+                        let (o, g, t, f) = (o.clone(), g.clone(), t.clone(), f.clone());
+                        async move {
+                            let _in_flight = InFlightGuard::new(&f);
+                            Ok::<_, Infallible>(answer(req, &o, &g, &t).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -77,6 +107,7 @@ impl Origin {
             objects,
             gets,
             total,
+            in_flight,
             _task: task,
         }
     }
@@ -110,6 +141,12 @@ impl Origin {
     /// All requests received.
     pub fn total(&self) -> usize {
         self.total.load(Ordering::SeqCst)
+    }
+
+    /// The most requests the origin was answering at once (counted until the headers are
+    /// ready, so a `delay` makes requests overlap).
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.max.load(Ordering::SeqCst)
     }
 }
 
