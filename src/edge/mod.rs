@@ -126,6 +126,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         NegativeCache::new(config.negative_ttl),
         metrics.clone(),
     ));
+    tasks.push(tokio::spawn(publish_migration_progress(
+        ledger.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )));
     let direct = (cache.is_none() && primary.kind() == "fs").then(|| primary.clone());
     let edge = Arc::new(Edge {
         prefix: config.url_prefix.clone(),
@@ -169,6 +174,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop,
         tasks,
     })
+}
+
+/// Copies `fediedge migrate`'s progress from the ledger into the metrics every few seconds, so
+/// a migration run from another process shows on this edge's `/metrics`.
+async fn publish_migration_progress(ledger: Ledger, metrics: Metrics, stop: CancellationToken) {
+    loop {
+        match ledger.run(crate::migrate::progress).await {
+            Ok(Some(p)) => {
+                metrics.set_migration(p.objects_total, p.objects_done, p.bytes_total, p.bytes_done)
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read migration progress"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, handler: F)

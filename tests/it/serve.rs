@@ -585,3 +585,66 @@ async fn the_cache_is_bounded_survives_restart_and_refetches_damaged_files() {
     assert_eq!(origin.gets("f5.bin"), 1);
     edge.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_running_edge_shows_migration_progress_from_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old");
+    for i in 0..3 {
+        std::fs::create_dir_all(old.join("a")).unwrap();
+        std::fs::write(old.join(format!("a/{i}.png")), bytes(1000, i)).unwrap();
+    }
+    let stores = format!(
+        "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[[fallback]]\nname = \"old\"\ntype = \"fs\"\nroot = \"{}\"\n",
+        dir.path().join("primary").display(),
+        old.display()
+    );
+    let config = dir.path().join("fediedge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n{stores}",
+            dir.path().join("var").display()
+        ),
+    )
+    .unwrap();
+    // A migration run by another process, on the same ledger.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fediedge"))
+        .args(["migrate", "--from", "old", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let edge = start_edge(dir.path(), &stores).await;
+    let metrics_url = format!("{}/metrics", edge.admin);
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = client()
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("fediedge_migration_objects_done 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        text.contains("fediedge_migration_objects_total 3"),
+        "{text}"
+    );
+    assert!(text.contains("fediedge_migration_objects_done 3"), "{text}");
+    assert!(
+        text.contains("fediedge_migration_bytes_done 3000"),
+        "{text}"
+    );
+    edge.running.shutdown().await;
+}
