@@ -1262,3 +1262,40 @@ fn seed_nodes_drift_from_the_good_node() {
     assert!(x.message.contains("unset on edge1"), "{}", x.message);
     find(&f, "drift-key-missing", Severity::Warning, "3_BUCKET");
 }
+
+#[test]
+fn probe_garage_bucket_credentials_and_write() {
+    let garage = crate::common::garage::Garage::start();
+    let d = Dir::new();
+    let good = d.write(
+        "good.toml",
+        &format!(
+            "data_dir = {:?}\n[primary]\n{}",
+            d.0.path().join("var").display().to_string(),
+            garage.store_toml()
+        ),
+    );
+    let f = doctor::check(&probe_args(&good, true, None));
+    assert_clean(&f);
+    find(&f, "probe-ok", Severity::Info, "store primary");
+    find(&f, "probe-write-ok", Severity::Info, "store primary");
+    // A wrong secret is refused by the bucket: an error finding, never the secret itself.
+    let bad = d.write(
+        "bad.toml",
+        &format!(
+            "data_dir = {:?}\n[primary]\n{}",
+            d.0.path().join("var").display().to_string(),
+            garage.store_toml().replace(
+                &garage.secret,
+                "0000000000000000000000000000000000000000000000000000000000000000"
+            )
+        ),
+    );
+    let f = doctor::check(&probe_args(&bad, false, None));
+    assert!(
+        f.iter()
+            .any(|x| x.severity == Severity::Error && x.key.as_deref() == Some("store primary")),
+        "{f:?}"
+    );
+    assert!(!format!("{f:?}").contains(&garage.secret));
+}
