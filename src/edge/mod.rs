@@ -29,7 +29,7 @@ use crate::store::{self, ObjectMeta, StoreError, StoreHandle};
 use crate::writeback::WriteBack;
 
 pub use respond::Body;
-use respond::{Meta, Source};
+use respond::{Answer, Meta, Source};
 
 /// Everything a media request needs.
 struct Edge {
@@ -272,7 +272,7 @@ fn meta_for(key: &Key, m: &ObjectMeta) -> Meta {
     }
 }
 
-fn store_error(e: &StoreError) -> Response<Body> {
+fn store_error(e: &StoreError) -> Answer {
     if e.is_timeout() {
         respond::status(StatusCode::GATEWAY_TIMEOUT, "ERROR", "no-store")
     } else {
@@ -282,40 +282,25 @@ fn store_error(e: &StoreError) -> Response<Body> {
 
 impl Edge {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let (resp, bytes, cache_status) = self.route(req).await;
-        self.metrics.request(resp.status().as_u16(), cache_status);
-        self.metrics.response_bytes(bytes);
-        resp
+        let answer = self.route(req).await;
+        self.metrics
+            .request(answer.resp.status().as_u16(), answer.cache_status);
+        self.metrics.response_bytes(answer.body_bytes);
+        answer.resp
     }
 
-    async fn route(&self, req: Request<Incoming>) -> (Response<Body>, u64, &'static str) {
+    async fn route(&self, req: Request<Incoming>) -> Answer {
         let head = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
-            _ => {
-                return (
-                    respond::status(StatusCode::METHOD_NOT_ALLOWED, "BYPASS", "no-store"),
-                    0,
-                    "BYPASS",
-                )
-            }
+            _ => return respond::status(StatusCode::METHOD_NOT_ALLOWED, "BYPASS", "no-store"),
         };
         let key = match Key::from_request_path(req.uri().path(), &self.prefix) {
             Ok(Some(key)) => key,
-            Ok(None) => {
-                return (
-                    respond::status(StatusCode::NOT_FOUND, "BYPASS", "no-store"),
-                    0,
-                    "BYPASS",
-                )
-            }
+            Ok(None) => return respond::status(StatusCode::NOT_FOUND, "BYPASS", "no-store"),
             Err(e) => {
                 tracing::debug!(path = req.uri().path(), error = %e, "refused key");
-                return (
-                    respond::status(StatusCode::BAD_REQUEST, "BYPASS", "no-store"),
-                    0,
-                    "BYPASS",
-                );
+                return respond::status(StatusCode::BAD_REQUEST, "BYPASS", "no-store");
             }
         };
         let headers = req.headers();
@@ -327,24 +312,17 @@ impl Edge {
                     HitBody::Memory(b) => Source::Memory(b),
                     HitBody::File(f) => Source::File(f),
                 };
-                let (resp, n) = respond::object(headers, head, meta, source, "HIT");
-                return (resp, n, "HIT");
+                return respond::object(headers, head, meta, source, "HIT");
             }
         }
         if self.flights.negative().contains(&key) {
-            return (not_found("HIT"), 0, "HIT");
+            return not_found("HIT");
         }
         if let Some(direct) = &self.direct {
             match direct.open_file(&key).await {
                 Ok(Some((file, m))) => {
-                    let (resp, n) = respond::object(
-                        headers,
-                        head,
-                        meta_for(&key, &m),
-                        Source::File(Arc::new(file)),
-                        "BYPASS",
-                    );
-                    return (resp, n, "BYPASS");
+                    let source = Source::File(Arc::new(file));
+                    return respond::object(headers, head, meta_for(&key, &m), source, "BYPASS");
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(key = %key, error = %e, "primary read failed"),
@@ -360,72 +338,46 @@ impl Edge {
             .await
         {
             Ok(s) => s.clone(),
-            Err(_) => {
-                return (
-                    store_error(&StoreError::backend("edge", "fetch task lost")),
-                    0,
-                    "ERROR",
-                )
-            }
+            Err(_) => return store_error(&StoreError::backend("edge", "fetch task lost")),
         };
-        if let Some(started) = state.started {
-            let cache_status = if started.from_fallback {
-                "FALLBACK"
-            } else {
-                "MISS"
-            };
-            let source = Source::Flight(started.file.clone(), rx);
-            let (resp, n) = respond::object(
-                headers,
-                false,
-                meta_for(&key, &started.meta),
-                source,
-                cache_status,
-            );
-            return (resp, n, cache_status);
-        }
-        match state.end {
-            Some(End::NotFound) => (not_found("MISS"), 0, "MISS"),
-            Some(End::Failed(e)) => (store_error(&e), 0, "ERROR"),
-            _ => (
-                store_error(&StoreError::backend("edge", "fetch ended early")),
-                0,
-                "ERROR",
-            ),
+        match (state.started, state.end) {
+            (Some(started), _) => {
+                let cache_status = if started.from_fallback {
+                    "FALLBACK"
+                } else {
+                    "MISS"
+                };
+                let meta = meta_for(&key, &started.meta);
+                let source = Source::Flight(started.file.clone(), rx);
+                respond::object(headers, false, meta, source, cache_status)
+            }
+            (None, Some(End::NotFound)) => not_found("MISS"),
+            (None, Some(End::Failed(e))) => store_error(&e),
+            (None, _) => store_error(&StoreError::backend("edge", "fetch ended early")),
         }
     }
 
     /// HEAD of a key not in the cache: ask the stores for metadata only (no fetch, no copy).
-    async fn head_miss(
-        &self,
-        headers: &http::HeaderMap,
-        key: &Key,
-    ) -> (Response<Body>, u64, &'static str) {
+    async fn head_miss(&self, headers: &http::HeaderMap, key: &Key) -> Answer {
         let mut last_error = None;
         for store in &self.chain {
             match store.head(key).await {
                 Ok(Some(m)) => {
-                    let (resp, _) = respond::object(
-                        headers,
-                        true,
-                        meta_for(key, &m),
-                        Source::Memory(Bytes::new()),
-                        "MISS",
-                    );
-                    return (resp, 0, "MISS");
+                    let source = Source::Memory(Bytes::new());
+                    return respond::object(headers, true, meta_for(key, &m), source, "MISS");
                 }
                 Ok(None) => {}
                 Err(e) => last_error = Some(e),
             }
         }
         match last_error {
-            Some(e) => (store_error(&e), 0, "ERROR"),
-            None => (not_found("MISS"), 0, "MISS"),
+            Some(e) => store_error(&e),
+            None => not_found("MISS"),
         }
     }
 }
 
-fn not_found(cache_status: &'static str) -> Response<Body> {
+fn not_found(cache_status: &'static str) -> Answer {
     // Browsers and CDNs may remember a miss briefly, never for the media's year.
     respond::status(StatusCode::NOT_FOUND, cache_status, "public, max-age=10")
 }

@@ -44,6 +44,16 @@ pub enum Source {
     Flight(Arc<File>, watch::Receiver<FlightState>),
 }
 
+/// A response with what the metrics need to know of it.
+pub struct Answer {
+    /// The response.
+    pub resp: Response<Body>,
+    /// Body bytes it will send.
+    pub body_bytes: u64,
+    /// Its `X-Cache-Status`.
+    pub cache_status: &'static str,
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -56,11 +66,7 @@ fn full(bytes: Bytes) -> Body {
 }
 
 /// A plain-text error or status answer; `cache_status` goes into `X-Cache-Status`.
-pub fn status(
-    code: StatusCode,
-    cache_status: &'static str,
-    cache_control: &'static str,
-) -> Response<Body> {
+pub fn status(code: StatusCode, cache_status: &'static str, cache_control: &'static str) -> Answer {
     let text = format!("{}\n", code.canonical_reason().unwrap_or(""));
     let mut resp = Response::new(full(Bytes::from(text)));
     *resp.status_mut() = code;
@@ -81,7 +87,11 @@ pub fn status(
     if code == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
-    resp
+    Answer {
+        resp,
+        body_bytes: 0,
+        cache_status,
+    }
 }
 
 /// Builds the answer for an object: 304, 416, 206 or 200, with every media header.
@@ -91,7 +101,7 @@ pub fn object(
     meta: Meta,
     source: Source,
     cache_status: &'static str,
-) -> (Response<Body>, u64) {
+) -> Answer {
     let mut headers = HeaderMap::new();
     media_headers(&mut headers, &meta, cache_status);
     if not_modified(req, &meta) {
@@ -99,17 +109,21 @@ pub fn object(
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         headers.remove(header::CONTENT_TYPE);
         *resp.headers_mut() = headers;
-        return (resp, 0);
+        return Answer {
+            resp,
+            body_bytes: 0,
+            cache_status,
+        };
     }
     let range = match requested_range(req, &meta) {
         Ok(r) => r,
         Err(()) => {
-            let mut resp = status(StatusCode::RANGE_NOT_SATISFIABLE, cache_status, "no-store");
-            resp.headers_mut().insert(
+            let mut answer = status(StatusCode::RANGE_NOT_SATISFIABLE, cache_status, "no-store");
+            answer.resp.headers_mut().insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes */{}", meta.size)).expect("ascii"),
             );
-            return (resp, 0);
+            return answer;
         }
     };
     let (code, start, end) = match range {
@@ -137,7 +151,11 @@ pub fn object(
     let mut resp = Response::new(body);
     *resp.status_mut() = code;
     *resp.headers_mut() = headers;
-    (resp, if head { 0 } else { len })
+    Answer {
+        resp,
+        body_bytes: if head { 0 } else { len },
+        cache_status,
+    }
 }
 
 fn stream(s: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
