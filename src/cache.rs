@@ -90,16 +90,28 @@ pub enum HitBody {
 
 /// A cache hit.
 pub struct Hit {
-    /// The object's record.
-    pub meta: Arc<CachedMeta>,
+    /// The object's metadata, as the source gave it.
+    pub meta: Arc<ObjectMeta>,
     /// Its body.
     pub body: HitBody,
 }
 
 struct Entry {
     meta: Arc<CachedMeta>,
+    /// `meta` as store metadata, converted once rather than on every hit.
+    object: Arc<ObjectMeta>,
     /// MD5 checked since this process loaded the entry.
     verified: bool,
+}
+
+impl Entry {
+    fn new(meta: CachedMeta, verified: bool) -> Entry {
+        Entry {
+            object: Arc::new(meta.to_object_meta()),
+            meta: Arc::new(meta),
+            verified,
+        }
+    }
 }
 
 struct State {
@@ -202,13 +214,7 @@ impl Cache {
             let mut state = self.state.lock();
             for (_, key, meta) in found {
                 state.bytes += meta.size;
-                state.index.put(
-                    key,
-                    Entry {
-                        meta: Arc::new(meta),
-                        verified: false,
-                    },
-                );
+                state.index.put(key, Entry::new(meta, false));
             }
         }
         self.evict();
@@ -219,22 +225,21 @@ impl Cache {
     /// Looks `key` up. A body not yet checked since start is checked now (MD5 over the file);
     /// a damaged or truncated one is removed and `None` returned, so the caller refetches.
     pub async fn lookup(self: &Arc<Self>, key: &Key) -> Option<Hit> {
-        let (meta, verified) = {
+        let (record, meta, verified) = {
             let mut state = self.state.lock();
             if let Some(bytes) = state.memory.get(key).cloned() {
-                let meta = state.index.get(key).map(|e| e.meta.clone())?;
+                let meta = state.index.get(key).map(|e| e.object.clone())?;
                 return Some(Hit {
                     meta,
                     body: HitBody::Memory(bytes),
                 });
             }
             let entry = state.index.get(key)?;
-            (entry.meta.clone(), entry.verified)
+            (entry.meta.clone(), entry.object.clone(), entry.verified)
         };
         let this = self.clone();
         let key2 = key.clone();
-        let meta2 = meta.clone();
-        let opened = tokio::task::spawn_blocking(move || this.open_body(&key2, &meta2, verified))
+        let opened = tokio::task::spawn_blocking(move || this.open_body(&key2, &record, verified))
             .await
             .ok()?;
         match opened {
@@ -323,13 +328,7 @@ impl Cache {
         {
             let mut state = self.state.lock();
             state.bytes += meta.size;
-            let old = state.index.put(
-                key.clone(),
-                Entry {
-                    meta: Arc::new(meta),
-                    verified: true,
-                },
-            );
+            let old = state.index.put(key.clone(), Entry::new(meta, true));
             if let Some(old) = old {
                 state.bytes -= old.meta.size;
             }

@@ -307,7 +307,7 @@ impl Edge {
 
         if let Some(cache) = &self.cache {
             if let Some(hit) = cache.lookup(&key).await {
-                let meta = meta_for(&key, &hit.meta.to_object_meta());
+                let meta = meta_for(&key, &hit.meta);
                 let source = match hit.body {
                     HitBody::Memory(b) => Source::Memory(b),
                     HitBody::File(f) => Source::File(f),
