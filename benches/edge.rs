@@ -22,9 +22,15 @@
 //! out, status line and headers parsed, body counted and dropped), so that it costs as little
 //! CPU as possible: it shares the machine's cores with the server under test.
 //!
-//! Knobs (environment): `EDGE_BENCH_SECS` (seconds per throughput measurement, default 8),
-//! `EDGE_BENCH_SERVERS` (default `fediedge,nginx,varnish`), `EDGE_BENCH_RSS_CLIENTS` (default
-//! 1000), `FEDIEDGE_BIN` (default: the binary cargo built with this bench), `NGINX_BIN`,
+//! Warm throughput is measured in rounds (every round measures every server once, starting
+//! with a different one), and the median round is reported: the machine is shared, and load
+//! from outside the benchmark (also reported, as "CPU used by other processes") should not land
+//! on one server only.
+//!
+//! Knobs (environment): `EDGE_BENCH_SECS` (seconds per measurement, default 5),
+//! `EDGE_BENCH_ROUNDS` (default 3), `EDGE_BENCH_SERVERS` (default `fediedge,nginx,varnish`),
+//! `EDGE_BENCH_RSS_CLIENTS` (default 1000), `EDGE_BENCH_STRICT=1` (exit 1 when a target is
+//! missed), `FEDIEDGE_BIN` (default: the binary cargo built with this bench), `NGINX_BIN`,
 //! `VARNISHD_BIN`.
 
 use std::collections::HashMap;
@@ -99,6 +105,8 @@ fn main() {
 
 struct Settings {
     secs: u64,
+    rounds: usize,
+    strict: bool,
     servers: Vec<String>,
     rss_clients: usize,
 }
@@ -112,7 +120,9 @@ impl Settings {
                 .unwrap_or(d)
         };
         Settings {
-            secs: num("EDGE_BENCH_SECS", 8).max(1),
+            secs: num("EDGE_BENCH_SECS", 5).max(1),
+            rounds: num("EDGE_BENCH_ROUNDS", 3).max(1) as usize,
+            strict: std::env::var("EDGE_BENCH_STRICT").is_ok_and(|v| v == "1"),
             servers: std::env::var("EDGE_BENCH_SERVERS")
                 .unwrap_or_else(|_| "fediedge,nginx,varnish".into())
                 .split(',')
@@ -151,6 +161,7 @@ async fn run() -> anyhow::Result<bool> {
         settings.secs, settings.rss_clients
     );
     println!("work dir: {}", tmp.path().display());
+    println!("load average at the start: {}", loadavg());
 
     // Declared after `tmp`: dropped (stopped) before the directory is removed.
     let mut servers: Vec<Server> = Vec::new();
@@ -176,14 +187,89 @@ async fn run() -> anyhow::Result<bool> {
         servers.push(server);
     }
 
+    let small: Arc<Vec<String>> = Arc::new((0..SMALL_COUNT).map(|i| url(&small_key(i))).collect());
+    let large: Arc<Vec<String>> = Arc::new((0..LARGE_COUNT).map(|i| url(&large_key(i))).collect());
+    let all: Vec<String> = small.iter().chain(large.iter()).cloned().collect();
     let mut figures = Vec::new();
-    for server in &mut servers {
-        figures.push(bench_server(server, &origin, &settings).await?);
+    for server in &servers {
+        figures.push(prepare(server, &origin, &all).await?);
     }
-    let ok = report(&figures, &settings, cores);
+    warm_rounds(&servers, &mut figures, &origin, &settings, &small, &large).await;
+    rss_runs(&mut servers, &mut figures, &settings, &large).await?;
+    println!("load average at the end: {}", loadavg());
+    let met = report(&figures, &settings, cores);
     drop(servers);
     drop(tmp);
-    Ok(ok)
+    Ok(met || !settings.strict)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// CPU used on the machine by processes other than this program and the servers it started,
+/// as a share of all cores, over an interval: the load from outside the benchmark.
+struct CpuMeter {
+    at: Instant,
+    busy: u64,
+    ours: u64,
+}
+
+impl CpuMeter {
+    fn start() -> CpuMeter {
+        CpuMeter {
+            at: Instant::now(),
+            busy: machine_busy_ticks(),
+            ours: our_ticks(),
+        }
+    }
+
+    fn other_share(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busy = machine_busy_ticks().saturating_sub(self.busy);
+        let ours = our_ticks().saturating_sub(self.ours);
+        // USER_HZ is 100 on Linux.
+        let capacity = self.at.elapsed().as_secs_f64() * 100.0 * cores;
+        (busy.saturating_sub(ours) as f64 / capacity).clamp(0.0, 1.0)
+    }
+}
+
+fn machine_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().next()?.to_owned();
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            Some(v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?)
+        })
+        .unwrap_or(0)
+}
+
+fn proc_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest: Vec<u64> = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            Some(rest.iter().sum())
+        })
+        .unwrap_or(0)
+}
+
+fn our_ticks() -> u64 {
+    let me = std::process::id();
+    proc_ticks(me) + descendants(me).into_iter().map(proc_ticks).sum::<u64>()
 }
 
 fn machine() -> String {
@@ -1090,6 +1176,8 @@ struct Load {
     not_hit: u64,
     connected: usize,
     secs: f64,
+    /// Share of the machine's CPU used by processes outside the benchmark meanwhile.
+    other_cpu: f64,
     first_error: Option<String>,
 }
 
@@ -1185,6 +1273,7 @@ async fn load(
     // Everyone has connected (or given up) before the clock starts.
     *start.lock().unwrap() = Some(Instant::now() + Duration::from_millis(5));
     barrier.wait().await;
+    let meter = CpuMeter::start();
     let mut total = Load::default();
     for t in tasks {
         let r = t.await.expect("load task panicked");
@@ -1197,6 +1286,7 @@ async fn load(
         }
     }
     total.secs = dur.as_secs_f64();
+    total.other_cpu = meter.other_share();
     total.bytes = bytes.load(Ordering::Relaxed);
     total
 }
@@ -1435,23 +1525,40 @@ async fn rss(server: &Server, large: Arc<Vec<String>>, clients: usize, dur: Dura
     }
 }
 
+/// A server's figures over the whole run.
 struct Figures {
     name: String,
     herd: Herd,
     warm_objects: usize,
     warm_hits: usize,
-    small: Load,
-    large: Load,
+    /// One entry per round.
+    small: Vec<Load>,
+    large: Vec<Load>,
     warm_origin_gets: u64,
     rss: Rss,
 }
 
-async fn bench_server(
-    server: &mut Server,
-    origin: &Origin,
-    settings: &Settings,
-) -> anyhow::Result<Figures> {
-    let dur = Duration::from_secs(settings.secs);
+impl Figures {
+    fn small_med(&self) -> Load {
+        median(&self.small, Load::rps)
+    }
+    fn large_med(&self) -> Load {
+        median(&self.large, Load::mib_s)
+    }
+}
+
+/// The round with the median value of `key`.
+fn median(runs: &[Load], key: fn(&Load) -> f64) -> Load {
+    let mut sorted: Vec<&Load> = runs.iter().collect();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted
+        .get(sorted.len() / 2)
+        .map(|l| (*l).clone())
+        .unwrap_or_default()
+}
+
+/// Cold herd and warm-up of one server.
+async fn prepare(server: &Server, origin: &Origin, all: &[String]) -> anyhow::Result<Figures> {
     println!("\n## {}", server.name);
     let herd = herd(server, origin).await;
     println!(
@@ -1464,59 +1571,91 @@ async fn bench_server(
         herd.errors,
         herd.first_error.as_deref().map(|e| format!(" (first: {e})")).unwrap_or_default()
     );
-    let small: Arc<Vec<String>> = Arc::new((0..SMALL_COUNT).map(|i| url(&small_key(i))).collect());
-    let large: Arc<Vec<String>> = Arc::new((0..LARGE_COUNT).map(|i| url(&large_key(i))).collect());
-    let all: Vec<String> = small.iter().chain(large.iter()).cloned().collect();
-    let (warm_objects, warm_hits) = warm(server, &all).await?;
+    let (warm_objects, warm_hits) = warm(server, all).await?;
     println!("warm: {warm_hits}/{warm_objects} objects answered HIT after warm-up");
-    let gets_before = origin.total_gets();
-    let small_load = load(
-        server.addr,
-        small.clone(),
-        SMALL_CONNS,
-        dur,
-        SMALL_SIZE as u64,
-    )
-    .await;
-    print_load("warm 4 KiB", &small_load);
-    let large_load = load(
-        server.addr,
-        large.clone(),
-        LARGE_CONNS,
-        dur,
-        LARGE_SIZE as u64,
-    )
-    .await;
-    print_load("warm 1 MiB", &large_load);
-    let warm_origin_gets = origin.total_gets() - gets_before;
-    let rss = rss(server, large, settings.rss_clients, dur).await;
-    println!(
-        "RSS: baseline {:.1} MiB, peak {:.1} MiB, growth {:.1} MiB (VmHWM {:.1} MiB) under {} clients ({} connected)",
-        rss.baseline_kib as f64 / 1024.0,
-        rss.peak_kib as f64 / 1024.0,
-        rss.growth_mib(),
-        rss.hwm_kib as f64 / 1024.0,
-        settings.rss_clients,
-        rss.load.connected
-    );
-    print_load("1 MiB, RSS run", &rss.load);
-    if let Some(status) = server.proc.child.try_wait()? {
-        bail!(
-            "{} exited during the run ({status}); log:\n{}",
-            server.name,
-            tail(&server.proc.log)
-        );
-    }
     Ok(Figures {
         name: server.name.clone(),
         herd,
         warm_objects,
         warm_hits,
-        small: small_load,
-        large: large_load,
-        warm_origin_gets,
-        rss,
+        small: Vec::new(),
+        large: Vec::new(),
+        warm_origin_gets: 0,
+        rss: Rss::default(),
     })
+}
+
+/// Warm throughput, in rounds: every round measures every server once, starting with a
+/// different one each round, so that load from outside the benchmark (the machine is shared)
+/// is spread over the servers instead of landing on one.
+async fn warm_rounds(
+    servers: &[Server],
+    figures: &mut [Figures],
+    origin: &Origin,
+    settings: &Settings,
+    small: &Arc<Vec<String>>,
+    large: &Arc<Vec<String>>,
+) {
+    let dur = Duration::from_secs(settings.secs);
+    for is_small in [true, false] {
+        let (what, paths, conns, size) = if is_small {
+            ("warm 4 KiB", small, SMALL_CONNS, SMALL_SIZE)
+        } else {
+            ("warm 1 MiB", large, LARGE_CONNS, LARGE_SIZE)
+        };
+        println!();
+        for round in 0..settings.rounds {
+            for k in 0..servers.len() {
+                let i = (k + round) % servers.len();
+                let before = origin.total_gets();
+                let l = load(servers[i].addr, paths.clone(), conns, dur, size as u64).await;
+                figures[i].warm_origin_gets += origin.total_gets() - before;
+                print_load(
+                    &format!("{what}, round {}, {}", round + 1, servers[i].name),
+                    &l,
+                );
+                if is_small {
+                    figures[i].small.push(l);
+                } else {
+                    figures[i].large.push(l);
+                }
+            }
+        }
+    }
+}
+
+/// RSS under many clients, one server at a time.
+async fn rss_runs(
+    servers: &mut [Server],
+    figures: &mut [Figures],
+    settings: &Settings,
+    large: &Arc<Vec<String>>,
+) -> anyhow::Result<()> {
+    let dur = Duration::from_secs(settings.secs);
+    println!();
+    for (server, f) in servers.iter_mut().zip(figures.iter_mut()) {
+        let rss = rss(server, large.clone(), settings.rss_clients, dur).await;
+        println!(
+            "RSS, {}: baseline {:.1} MiB, peak {:.1} MiB, growth {:.1} MiB (VmHWM {:.1} MiB) under {} clients ({} connected)",
+            server.name,
+            rss.baseline_kib as f64 / 1024.0,
+            rss.peak_kib as f64 / 1024.0,
+            rss.growth_mib(),
+            rss.hwm_kib as f64 / 1024.0,
+            settings.rss_clients,
+            rss.load.connected
+        );
+        print_load(&format!("1 MiB, RSS run, {}", server.name), &rss.load);
+        f.rss = rss;
+        if let Some(status) = server.proc.child.try_wait()? {
+            bail!(
+                "{} exited during the run ({status}); log:\n{}",
+                server.name,
+                tail(&server.proc.log)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -1525,12 +1664,13 @@ fn ms(d: Duration) -> f64 {
 
 fn print_load(what: &str, l: &Load) {
     println!(
-        "{what}: {:.0} req/s, {:.1} MiB/s, {} requests, {} not HIT, {} errors{}",
+        "{what}: {:.0} req/s, {:.1} MiB/s, {} requests, {} not HIT, {} errors, other processes used {:.0}% of the CPU{}",
         l.rps(),
         l.mib_s(),
         l.requests,
         l.not_hit,
         l.errors,
+        l.other_cpu * 100.0,
         l.first_error
             .as_deref()
             .filter(|_| l.errors > 0)
@@ -1545,22 +1685,32 @@ fn report(figures: &[Figures], settings: &Settings, cores: usize) -> bool {
     let peers: Vec<&Figures> = figures.iter().filter(|f| f.name != "fediedge").collect();
     println!("\n# Summary\n");
     println!(
-        "Warm: {SMALL_CONNS} connections (4 KiB) / {LARGE_CONNS} connections (1 MiB), {} s each, after one warm-up pass; client and servers share {cores} cores.\n",
-        settings.secs
+        "Warm: {SMALL_CONNS} connections (4 KiB) / {LARGE_CONNS} connections (1 MiB), {} rounds of {} s per server (servers interleaved), after a warm-up pass; client and servers share {cores} cores.\n",
+        settings.rounds, settings.secs
     );
-    println!("| server | 4 KiB req/s | 1 MiB MiB/s | not-HIT / errors | warm HIT check | origin GETs while warm |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| server | 4 KiB req/s (median) | rounds | 1 MiB MiB/s (median) | rounds | not-HIT / errors | warm-up HIT check | origin GETs while warm | CPU used by other processes |");
+    println!("|---|---:|---|---:|---|---:|---:|---:|---:|");
+    let rounds = |runs: &[Load], v: fn(&Load) -> f64| {
+        runs.iter()
+            .map(|l| format!("{:.0}", v(l)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     for f in figures {
+        let runs: Vec<&Load> = f.small.iter().chain(&f.large).collect();
         println!(
-            "| {} | {:.0} | {:.1} | {} / {} | {}/{} | {} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {} / {} | {}/{} | {} | {:.0}% |",
             f.name,
-            f.small.rps(),
-            f.large.mib_s(),
-            f.small.not_hit + f.large.not_hit,
-            f.small.errors + f.large.errors,
+            f.small_med().rps(),
+            rounds(&f.small, Load::rps),
+            f.large_med().mib_s(),
+            rounds(&f.large, Load::mib_s),
+            runs.iter().map(|l| l.not_hit).sum::<u64>(),
+            runs.iter().map(|l| l.errors).sum::<u64>(),
             f.warm_hits,
             f.warm_objects,
-            f.warm_origin_gets
+            f.warm_origin_gets,
+            100.0 * runs.iter().map(|l| l.other_cpu).sum::<f64>() / runs.len().max(1) as f64
         );
     }
     println!(
@@ -1631,13 +1781,13 @@ fn report(figures: &[Figures], settings: &Settings, cores: usize) -> bool {
                 if met { "yes" } else { "**no**" }
             );
         };
-    let clean_warm = fe.small.errors == 0 && fe.large.errors == 0;
-    match best(|f| f.small.rps()) {
+    let clean_warm = fe.small.iter().chain(&fe.large).all(|l| l.errors == 0);
+    match best(|f| f.small_med().rps()) {
         Some((peer, who)) => {
-            let r = fe.small.rps() / peer;
+            let r = fe.small_med().rps() / peer;
             line(
                 "warm 4 KiB req/s",
-                format!("{:.0}", fe.small.rps()),
+                format!("{:.0}", fe.small_med().rps()),
                 format!("{peer:.0} ({who})"),
                 format!("{r:.2}×"),
                 format!("≥ {TARGET_SMALL}×"),
@@ -1646,19 +1796,19 @@ fn report(figures: &[Figures], settings: &Settings, cores: usize) -> bool {
         }
         None => line(
             "warm 4 KiB req/s",
-            format!("{:.0}", fe.small.rps()),
+            format!("{:.0}", fe.small_med().rps()),
             "n/a".into(),
             "n/a".into(),
             format!("≥ {TARGET_SMALL}×"),
             false,
         ),
     }
-    match best(|f| f.large.mib_s()) {
+    match best(|f| f.large_med().mib_s()) {
         Some((peer, who)) => {
-            let r = fe.large.mib_s() / peer;
+            let r = fe.large_med().mib_s() / peer;
             line(
                 "warm 1 MiB bytes/s",
-                format!("{:.1} MiB/s", fe.large.mib_s()),
+                format!("{:.1} MiB/s", fe.large_med().mib_s()),
                 format!("{peer:.1} MiB/s ({who})"),
                 format!("{r:.2}×"),
                 format!("≥ {TARGET_LARGE}×"),
@@ -1667,7 +1817,7 @@ fn report(figures: &[Figures], settings: &Settings, cores: usize) -> bool {
         }
         None => line(
             "warm 1 MiB bytes/s",
-            format!("{:.1} MiB/s", fe.large.mib_s()),
+            format!("{:.1} MiB/s", fe.large_med().mib_s()),
             "n/a".into(),
             "n/a".into(),
             format!("≥ {TARGET_LARGE}×"),
@@ -1701,7 +1851,7 @@ fn report(figures: &[Figures], settings: &Settings, cores: usize) -> bool {
     );
     let g = fe.rss.growth_mib();
     line(
-        "RSS growth, 1,000 clients × 1 MiB",
+        &format!("RSS growth, {} clients × 1 MiB", settings.rss_clients),
         format!("{g:.1} MiB"),
         peers
             .iter()
