@@ -4,7 +4,8 @@
 //! Run it with `bash scripts/bench-migrate.sh` (installs rclone and Garage when missing, builds
 //! in release). Settings from the environment: `BENCH_FILES` (default 2000), `BENCH_CONCURRENCY`
 //! (default 8), `RCLONE` (default `rclone`), `GARAGE_BIN` (default `~/.cargo/bin/garage`),
-//! `BENCH_DIR` (where the data set and Garage live; default a temp dir).
+//! `BENCH_DIR` (where the data set and Garage live; default a temp dir), `BENCH_FEDIEDGE_FIRST=1`
+//! (run fediedge before rclone), `BENCH_TIME=1` (CPU time of each tool, by `/usr/bin/time`).
 //!
 //! The data set looks like a Mastodon `public/system`: attachments in `original/` and
 //! `small/`, avatars and headers, preview cards; 98 % of files 10–100 KB, 2 % 1–5 MB.
@@ -240,6 +241,18 @@ impl Drop for Garage {
 
 // ---- The two runs.
 
+/// A command for `program`; with `BENCH_TIME=1`, under `/usr/bin/time` to show its CPU time.
+fn tool(program: &str) -> Command {
+    if env_or("BENCH_TIME", 0) == 1 {
+        let mut c = Command::new("/usr/bin/time");
+        c.args(["-f", "cpu: %U s user, %S s sys, %M KB max RSS"])
+            .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 /// Runs `cmd`, panics on failure, returns the wall time.
 fn timed(what: &str, cmd: &mut Command) -> Duration {
     let started = Instant::now();
@@ -257,6 +270,10 @@ fn timed(what: &str, cmd: &mut Command) -> Duration {
         );
     }
     eprintln!("{what}: {}", String::from_utf8_lossy(&out.stdout).trim());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(cpu) = stderr.lines().rev().find(|l| l.starts_with("cpu: ")) {
+        eprintln!("{what}: {cpu}");
+    }
     took
 }
 
@@ -309,23 +326,6 @@ fn main() {
     let g = Garage::start(&garage_dir, &["rclone", "fediedge"]);
 
     let n = concurrency.to_string();
-    let rclone_took = timed(
-        "rclone copy",
-        Command::new(&rclone)
-            .args(["copy", &src.to_string_lossy(), "garage:rclone"])
-            .args(["--transfers", &n, "--checkers", &n, "--stats", "0"])
-            .env("RCLONE_CONFIG_GARAGE_TYPE", "s3")
-            .env("RCLONE_CONFIG_GARAGE_PROVIDER", "Other")
-            .env("RCLONE_CONFIG_GARAGE_ENDPOINT", &g.endpoint)
-            .env("RCLONE_CONFIG_GARAGE_REGION", "garage")
-            .env("RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID", &g.key_id)
-            .env("RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY", &g.secret)
-            .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true")
-            // rclone's S3 backend fails to start when AWS_CA_BUNDLE is set and its HTTP
-            // transport is its own ("LoadCustomCABundleError"); Garage is plain HTTP here.
-            .env_remove("AWS_CA_BUNDLE"),
-    );
-
     let data_dir = dir.join("fediedge-data");
     let _ = std::fs::remove_dir_all(&data_dir);
     let config = dir.join("fediedge.toml");
@@ -341,19 +341,49 @@ fn main() {
         ),
     )
     .expect("write config");
-    let fediedge_took = timed(
-        "fediedge migrate",
-        Command::new(env!("CARGO_BIN_EXE_fediedge"))
-            .args([
-                "migrate",
-                "--config",
-                &config.to_string_lossy(),
-                "--from",
-                "old",
-            ])
-            .args(["--concurrency", &n])
-            .env("RUST_LOG", "warn"),
-    );
+    let run_rclone = || {
+        timed(
+            "rclone copy",
+            tool(&rclone)
+                .args(["copy", &src.to_string_lossy(), "garage:rclone"])
+                .args(["--transfers", &n, "--checkers", &n, "--stats", "0"])
+                .env("RCLONE_CONFIG_GARAGE_TYPE", "s3")
+                .env("RCLONE_CONFIG_GARAGE_PROVIDER", "Other")
+                .env("RCLONE_CONFIG_GARAGE_ENDPOINT", &g.endpoint)
+                .env("RCLONE_CONFIG_GARAGE_REGION", "garage")
+                .env("RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID", &g.key_id)
+                .env("RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY", &g.secret)
+                .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true")
+                // rclone's S3 backend fails to start when AWS_CA_BUNDLE is set and its HTTP
+                // transport is its own ("LoadCustomCABundleError"); Garage is plain HTTP here.
+                .env_remove("AWS_CA_BUNDLE"),
+        )
+    };
+
+    let run_fediedge = || {
+        timed(
+            "fediedge migrate",
+            tool(env!("CARGO_BIN_EXE_fediedge"))
+                .args([
+                    "migrate",
+                    "--config",
+                    &config.to_string_lossy(),
+                    "--from",
+                    "old",
+                ])
+                .args(["--concurrency", &n])
+                .env("RUST_LOG", "warn"),
+        )
+    };
+    // The second run writes into a node that already holds the first run's objects; run
+    // with BENCH_FEDIEDGE_FIRST=1 to see that the order does not decide the result.
+    let (rclone_took, fediedge_took) = if env_or("BENCH_FEDIEDGE_FIRST", 0) == 1 {
+        let f = run_fediedge();
+        (run_rclone(), f)
+    } else {
+        let r = run_rclone();
+        (r, run_fediedge())
+    };
 
     for bucket in ["rclone", "fediedge"] {
         let (count, bytes) = bucket_count(&g, bucket);

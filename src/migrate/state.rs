@@ -234,6 +234,9 @@ pub struct Planned {
     pub size: Option<u64>,
     /// Failed attempts in earlier runs.
     pub attempts: u32,
+    /// Size and `via` of the ledger's record of a copy of this key, if there is one (read with
+    /// the batch, to spare a ledger call per key).
+    pub recorded: Option<(u64, String)>,
 }
 
 /// The next keys of `source` still to do (pending, or failed in an earlier run), after row
@@ -245,16 +248,22 @@ pub fn next_batch(
     limit: usize,
 ) -> rusqlite::Result<Vec<Planned>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, key, size, attempts FROM migration_objects
-         WHERE source = ?1 AND status IN ('pending', 'failed') AND id > ?2
-         ORDER BY id LIMIT ?3",
+        "SELECT m.id, m.key, m.size, m.attempts, c.size, c.via
+         FROM migration_objects m LEFT JOIN copies c ON c.key = m.key
+         WHERE m.source = ?1 AND m.status IN ('pending', 'failed') AND m.id > ?2
+         ORDER BY m.id LIMIT ?3",
     )?;
     let rows = stmt.query_map(params![source, after_id, limit as i64], |r| {
+        let recorded = match (r.get::<_, Option<i64>>(4)?, r.get::<_, Option<String>>(5)?) {
+            (Some(size), Some(via)) => Some((size as u64, via)),
+            _ => None,
+        };
         Ok(Planned {
             id: r.get(0)?,
             key: r.get(1)?,
             size: r.get::<_, Option<i64>>(2)?.map(|s| s as u64),
             attempts: r.get::<_, i64>(3)? as u32,
+            recorded,
         })
     })?;
     rows.collect()

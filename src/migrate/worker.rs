@@ -137,7 +137,7 @@ impl Ctx {
         item: &Planned,
         stop: &CancellationToken,
     ) -> Result<Done, AttemptError> {
-        if let Some(skip) = self.needs_no_copy(key, item.size).await? {
+        if let Some(skip) = self.needs_no_copy(key, item).await? {
             return Ok(skip);
         }
         self.copy(key, stop).await
@@ -146,21 +146,13 @@ impl Ctx {
     /// `Some` when the ledger records a copy of `key`, or the primary holds an object of the
     /// same size (and MD5 where both are known). Never reads the source body; asks the source
     /// for metadata only when the listing gave no size (keys from a file).
-    async fn needs_no_copy(
-        &self,
-        key: &Key,
-        listed: Option<u64>,
-    ) -> Result<Option<Done>, AttemptError> {
-        let k = key.as_str().to_owned();
-        let recorded = self
-            .ledger
-            .run(move |c| ledger::ops::copied(c, &k))
-            .await
-            .map_err(|e| AttemptError::Retry(format!("ledger: {e}")))?;
-        if let Some(copy) = recorded {
+    async fn needs_no_copy(&self, key: &Key, item: &Planned) -> Result<Option<Done>, AttemptError> {
+        let listed = item.size;
+        // Read with the batch; a copy the edge records after that is caught by the HEAD below.
+        if let Some((size, via)) = &item.recorded {
             return Ok(Some(Done::Skipped {
-                size: copy.size,
-                reason: format!("already copied ({})", copy.via),
+                size: *size,
+                reason: format!("already copied ({via})"),
             }));
         }
         let in_primary = self
