@@ -206,15 +206,7 @@ impl Ctx {
         };
         let meta = object.meta;
         let size = meta.size;
-        let tmp = tempfile::Builder::new()
-            .prefix("m-")
-            .tempfile_in(&self.tmp_dir)
-            .map_err(|e| retry(&format!("temp file: {e}")))?;
-        let file = tmp
-            .reopen()
-            .map_err(|e| retry(&format!("temp file: {e}")))?;
-        let mut out =
-            tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
+        let mut spool = Spool::new(size, &self.tmp_dir).map_err(|e| retry(&e))?;
         let mut hasher = Md5::new();
         let mut written = 0u64;
         let mut body = object.body;
@@ -236,9 +228,7 @@ impl Ctx {
                 _ = stop.cancelled() => return Err(AttemptError::Cancelled),
             }
             hasher.update(&chunk);
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| retry(&format!("temp file: {e}")))?;
+            spool.write(&chunk).await.map_err(|e| retry(&e))?;
         }
         drop(body);
         if written != size {
@@ -256,10 +246,7 @@ impl Ctx {
                 )));
             }
         }
-        out.flush()
-            .await
-            .map_err(|e| retry(&format!("temp file: {e}")))?;
-        drop(out);
+        let tmp = spool.finish(&self.tmp_dir).await.map_err(|e| retry(&e))?;
         // The body is whole and verified: the put runs to its end even if the run is stopping
         // (a put is atomic in every store, so stopping it would gain nothing).
         let put_meta = ObjectMeta {
@@ -339,4 +326,71 @@ impl Ctx {
             tracing::error!(key, error = %e, "could not record the failure in the ledger");
         }
     }
+}
+
+/// Largest body held in memory until it is whole; larger ones are written to the temp file as
+/// they arrive.
+const MEMORY_SPOOL: u64 = 4 * 1024 * 1024;
+
+/// Where a body goes while it is read. Small bodies (most media) are written to their temp
+/// file in one blocking call once whole and verified, which spares a thread hop per chunk.
+enum Spool {
+    Memory(Vec<u8>),
+    File(
+        tokio::io::BufWriter<tokio::fs::File>,
+        tempfile::NamedTempFile,
+    ),
+}
+
+impl Spool {
+    fn new(size: u64, dir: &std::path::Path) -> Result<Spool, String> {
+        if size <= MEMORY_SPOOL {
+            return Ok(Spool::Memory(Vec::with_capacity(size as usize)));
+        }
+        let tmp = temp_file(dir)?;
+        let file = tmp.reopen().map_err(|e| format!("temp file: {e}"))?;
+        let out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
+        Ok(Spool::File(out, tmp))
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), String> {
+        match self {
+            Spool::Memory(buf) => {
+                buf.extend_from_slice(chunk);
+                Ok(())
+            }
+            Spool::File(out, _) => out
+                .write_all(chunk)
+                .await
+                .map_err(|e| format!("temp file: {e}")),
+        }
+    }
+
+    /// The complete temp file (deleted when dropped).
+    async fn finish(self, dir: &std::path::Path) -> Result<tempfile::NamedTempFile, String> {
+        match self {
+            Spool::Memory(buf) => {
+                let dir = dir.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    use std::io::Write;
+                    let mut tmp = temp_file(&dir)?;
+                    tmp.write_all(&buf).map_err(|e| format!("temp file: {e}"))?;
+                    Ok(tmp)
+                })
+                .await
+                .map_err(|e| format!("temp file: {e}"))?
+            }
+            Spool::File(mut out, tmp) => {
+                out.flush().await.map_err(|e| format!("temp file: {e}"))?;
+                Ok(tmp)
+            }
+        }
+    }
+}
+
+fn temp_file(dir: &std::path::Path) -> Result<tempfile::NamedTempFile, String> {
+    tempfile::Builder::new()
+        .prefix("m-")
+        .tempfile_in(dir)
+        .map_err(|e| format!("temp file: {e}"))
 }
