@@ -1,11 +1,11 @@
 //! One object: decide whether it needs a copy, and copy it verified.
 //!
-//! A copy reads the source body into a temp file in `data_dir/tmp-migrate`, counting its
-//! length and MD5 as it goes (under the byte budget). Only a body with the announced length
-//! and, where the source gives one, the right MD5 is handed to the primary's `put`, with that
-//! MD5 (an S3 primary checks it against the ETag it answers). Only then is the copy recorded
-//! in the ledger. Anything else leaves the primary untouched; the temp file is deleted when
-//! dropped.
+//! A copy reads the source body into memory (up to 4 MiB) or a temp file in
+//! `data_dir/tmp-migrate`, counting its length and MD5 as it goes (under the byte budget).
+//! Only a body with the announced length and, where the source gives one, the right MD5 is
+//! handed to the primary's `put`/`put_bytes`, with that MD5 (an S3 primary checks it against
+//! the ETag it answers). Only then is the copy recorded in the ledger. Anything else leaves
+//! the primary untouched; the temp file is deleted when dropped.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -246,7 +246,7 @@ impl Ctx {
                 )));
             }
         }
-        let tmp = spool.finish(&self.tmp_dir).await.map_err(|e| retry(&e))?;
+        let spooled = spool.finish().await.map_err(|e| retry(&e))?;
         // The body is whole and verified: the put runs to its end even if the run is stopping
         // (a put is atomic in every store, so stopping it would gain nothing).
         let put_meta = ObjectMeta {
@@ -256,10 +256,11 @@ impl Ctx {
             last_modified: meta.last_modified,
             md5: Some(md5),
         };
-        self.primary
-            .put(key, tmp.path(), &put_meta)
-            .await
-            .map_err(|e| AttemptError::Retry(format!("primary: {e}")))?;
+        let put = match spooled {
+            Spooled::Memory(body) => self.primary.put_bytes(key, body, &put_meta).await,
+            Spooled::File(tmp) => self.primary.put(key, tmp.path(), &put_meta).await,
+        };
+        put.map_err(|e| AttemptError::Retry(format!("primary: {e}")))?;
         Ok(Done::Copied { size, md5 })
     }
 
@@ -332,8 +333,8 @@ impl Ctx {
 /// they arrive.
 const MEMORY_SPOOL: u64 = 4 * 1024 * 1024;
 
-/// Where a body goes while it is read. Small bodies (most media) are written to their temp
-/// file in one blocking call once whole and verified, which spares a thread hop per chunk.
+/// Where a body goes while it is read. Small bodies (most media) stay in memory and are put
+/// from there: no temp file, no thread hop per chunk.
 enum Spool {
     Memory(Vec<u8>),
     File(
@@ -366,26 +367,23 @@ impl Spool {
         }
     }
 
-    /// The complete temp file (deleted when dropped).
-    async fn finish(self, dir: &std::path::Path) -> Result<tempfile::NamedTempFile, String> {
+    /// The complete body.
+    async fn finish(self) -> Result<Spooled, String> {
         match self {
-            Spool::Memory(buf) => {
-                let dir = dir.to_owned();
-                tokio::task::spawn_blocking(move || {
-                    use std::io::Write;
-                    let mut tmp = temp_file(&dir)?;
-                    tmp.write_all(&buf).map_err(|e| format!("temp file: {e}"))?;
-                    Ok(tmp)
-                })
-                .await
-                .map_err(|e| format!("temp file: {e}"))?
-            }
+            Spool::Memory(buf) => Ok(Spooled::Memory(buf.into())),
             Spool::File(mut out, tmp) => {
                 out.flush().await.map_err(|e| format!("temp file: {e}"))?;
-                Ok(tmp)
+                Ok(Spooled::File(tmp))
             }
         }
     }
+}
+
+/// A whole, verified body.
+enum Spooled {
+    Memory(bytes::Bytes),
+    /// A temp file, deleted when dropped.
+    File(tempfile::NamedTempFile),
 }
 
 fn temp_file(dir: &std::path::Path) -> Result<tempfile::NamedTempFile, String> {

@@ -7,7 +7,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::io::Write;
+
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::io::ReaderStream;
 
@@ -118,14 +121,21 @@ impl Store for FsStore {
     }
 
     async fn put(&self, key: &Key, src: &Path, _meta: &ObjectMeta) -> Result<(), StoreError> {
-        let root = self.root.clone();
-        let key = key.clone();
         let src = src.to_owned();
-        let name = self.name.clone();
-        tokio::task::spawn_blocking(move || put_blocking(&root, &key, &src))
-            .await
-            .map_err(|e| StoreError::backend(&name, e))?
-            .map_err(|e| StoreError::backend(&name, e))
+        self.install(key, move |tmp| {
+            io::copy(&mut std::fs::File::open(&src)?, tmp)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &Key,
+        body: Bytes,
+        _meta: &ObjectMeta,
+    ) -> Result<(), StoreError> {
+        self.install(key, move |tmp| tmp.write_all(&body)).await
     }
 
     async fn delete(&self, key: &Key) -> Result<(), StoreError> {
@@ -203,8 +213,29 @@ fn tokio_stream_from<T: Send + 'static>(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-fn put_blocking(root: &Path, key: &Key, src: &Path) -> io::Result<()> {
-    use std::io::Write;
+impl FsStore {
+    /// Writes a body with `fill` into a temp file inside the root, fsyncs it and renames it
+    /// to `key`'s path.
+    async fn install(
+        &self,
+        key: &Key,
+        fill: impl FnOnce(&mut std::fs::File) -> io::Result<()> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let root = self.root.clone();
+        let key = key.clone();
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || install_blocking(&root, &key, fill))
+            .await
+            .map_err(|e| StoreError::backend(&name, e))?
+            .map_err(|e| StoreError::backend(&name, e))
+    }
+}
+
+fn install_blocking(
+    root: &Path,
+    key: &Key,
+    fill: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+) -> io::Result<()> {
     let dest = root.join(key.as_str());
     let parent = dest
         .parent()
@@ -220,9 +251,7 @@ fn put_blocking(root: &Path, key: &Key, src: &Path) -> io::Result<()> {
     let tmp_dir = root.join(TMP_DIR);
     std::fs::create_dir_all(&tmp_dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
-    let mut input = std::fs::File::open(src)?;
-    io::copy(&mut input, &mut tmp)?;
-    tmp.flush()?;
+    fill(tmp.as_file_mut())?;
     tmp.as_file().sync_data()?;
     tmp.persist(real_parent.join(dest.file_name().expect("keys end in a file name")))
         .map_err(|e| e.error)?;

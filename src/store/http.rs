@@ -153,6 +153,17 @@ impl Store for HttpStore {
         })
     }
 
+    async fn put_bytes(
+        &self,
+        _key: &Key,
+        _body: bytes::Bytes,
+        _meta: &ObjectMeta,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly {
+            store: self.name.clone(),
+        })
+    }
+
     async fn delete(&self, _key: &Key) -> Result<(), StoreError> {
         Err(StoreError::ReadOnly {
             store: self.name.clone(),

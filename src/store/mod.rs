@@ -133,6 +133,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores the complete, already verified file `src` under `key`, atomically: readers see
     /// the old object or the new one, never a part.
     async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError>;
+    /// Stores the complete, already verified `body` under `key`, atomically (as
+    /// [`Store::put`], for bodies small enough to be held in memory: no temp file).
+    async fn put_bytes(&self, key: &Key, body: Bytes, meta: &ObjectMeta) -> Result<(), StoreError>;
     /// Deletes `key` (no error if absent).
     async fn delete(&self, key: &Key) -> Result<(), StoreError>;
     /// Opens `key` as a local file, for stores that are local directories (served without a
@@ -249,6 +252,17 @@ impl StoreHandle {
     pub async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError> {
         let _permit = self.permit().await;
         self.inner.put(key, src, meta).await
+    }
+
+    /// Stores a verified body held in memory under `key`.
+    pub async fn put_bytes(
+        &self,
+        key: &Key,
+        body: Bytes,
+        meta: &ObjectMeta,
+    ) -> Result<(), StoreError> {
+        let _permit = self.permit().await;
+        self.inner.put_bytes(key, body, meta).await
     }
 
     /// Deletes `key`.

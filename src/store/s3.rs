@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::TryStreamExt;
 use opendal::{ErrorKind, Operator};
 use tokio::io::AsyncReadExt;
@@ -26,6 +27,12 @@ const MEDIA_CACHE_CONTROL: &str = "public, max-age=315576000, immutable";
 pub struct S3Store {
     name: String,
     op: Operator,
+}
+
+fn content_type(key: &Key, meta: &ObjectMeta) -> String {
+    meta.content_type
+        .clone()
+        .unwrap_or_else(|| key.guess_content_type().to_owned())
 }
 
 impl S3Store {
@@ -59,6 +66,42 @@ impl S3Store {
             name: name.to_owned(),
             op: op.with_context(ctx),
         })
+    }
+
+    /// Checks what the bucket says it stored against what we sent: the ETag of a single-part
+    /// PUT is the MD5 of the body; otherwise (multipart, or no MD5 known) the stored length.
+    async fn check_stored(
+        &self,
+        key: &Key,
+        written: &opendal::Metadata,
+        meta: &ObjectMeta,
+    ) -> Result<(), StoreError> {
+        let ok = match (meta.md5, written.etag().and_then(md5_from_etag)) {
+            (Some(want), Some(got)) => want == got,
+            _ => {
+                let stored = self.head(key).await?.ok_or_else(|| {
+                    StoreError::backend(&self.name, format!("{key}: vanished after put"))
+                })?;
+                stored.size == meta.size
+                    && match (meta.md5, stored.md5) {
+                        (Some(want), Some(got)) => want == got,
+                        _ => true,
+                    }
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::Integrity {
+                store: self.name.clone(),
+                key: key.to_string(),
+                detail: format!(
+                    "the bucket did not store the {} bytes sent (etag {:?})",
+                    meta.size,
+                    written.etag()
+                ),
+            })
+        }
     }
 
     fn error(&self, key: &Key, e: opendal::Error) -> StoreError {
@@ -116,73 +159,52 @@ impl Store for S3Store {
     }
 
     async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError> {
-        let content_type = meta
-            .content_type
-            .clone()
-            .unwrap_or_else(|| key.guess_content_type().to_owned());
-        let mut file = tokio::fs::File::open(src)
+        let read_error =
+            |e: std::io::Error| StoreError::backend(&self.name, format!("{}: {e}", src.display()));
+        if meta.size as usize <= PART_SIZE {
+            let body = tokio::fs::read(src).await.map_err(read_error)?;
+            return self.put_bytes(key, body.into(), meta).await;
+        }
+        let mut file = tokio::fs::File::open(src).await.map_err(read_error)?;
+        let mut writer = self
+            .op
+            .writer_with(key.as_str())
+            .content_type(&content_type(key, meta))
+            .cache_control(MEDIA_CACHE_CONTROL)
+            .chunk(PART_SIZE)
             .await
-            .map_err(|e| StoreError::backend(&self.name, format!("{}: {e}", src.display())))?;
-        let written = if meta.size as usize <= PART_SIZE {
-            let mut buf = Vec::with_capacity(meta.size as usize);
-            file.read_to_end(&mut buf)
-                .await
-                .map_err(|e| StoreError::backend(&self.name, e))?;
-            self.op
-                .write_with(key.as_str(), buf)
-                .content_type(&content_type)
-                .cache_control(MEDIA_CACHE_CONTROL)
-                .await
-                .map_err(|e| self.error(key, e))?
-        } else {
-            let mut writer = self
-                .op
-                .writer_with(key.as_str())
-                .content_type(&content_type)
-                .cache_control(MEDIA_CACHE_CONTROL)
-                .chunk(PART_SIZE)
-                .await
-                .map_err(|e| self.error(key, e))?;
-            let mut buf = vec![0u8; 1024 * 1024];
-            loop {
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| StoreError::backend(&self.name, e))?;
-                if n == 0 {
-                    break;
-                }
-                if let Err(e) = writer.write(buf[..n].to_vec()).await {
-                    let _ = writer.abort().await;
-                    return Err(self.error(key, e));
-                }
+            .map_err(|e| self.error(key, e))?;
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            let n = file.read(&mut buf).await.map_err(read_error)?;
+            if n == 0 {
+                break;
             }
-            writer.close().await.map_err(|e| self.error(key, e))?
-        };
-        // Verify what the bucket says it stored. The write result may lack the ETag
-        // (depends on the service); then ask.
-        let stored = match written.etag() {
-            Some(_) => meta_of(&written),
-            None => self.head(key).await?.ok_or_else(|| {
-                StoreError::backend(&self.name, format!("{key}: vanished after put"))
-            })?,
-        };
-        let size_ok = written.content_length() == 0 || stored.size == meta.size;
-        let md5_ok = match (meta.md5, stored.md5) {
-            (Some(want), Some(got)) => want == got,
-            _ => true,
-        };
-        if !size_ok || !md5_ok {
+            if let Err(e) = writer.write(buf[..n].to_vec()).await {
+                let _ = writer.abort().await;
+                return Err(self.error(key, e));
+            }
+        }
+        let written = writer.close().await.map_err(|e| self.error(key, e))?;
+        self.check_stored(key, &written, meta).await
+    }
+
+    async fn put_bytes(&self, key: &Key, body: Bytes, meta: &ObjectMeta) -> Result<(), StoreError> {
+        if body.len() as u64 != meta.size {
             return Err(StoreError::Integrity {
                 store: self.name.clone(),
                 key: key.to_string(),
-                detail: format!(
-                    "bucket reports size {} etag {:?} after put of {} bytes",
-                    stored.size, stored.etag, meta.size
-                ),
+                detail: format!("{} bytes given, {} announced", body.len(), meta.size),
             });
         }
-        Ok(())
+        let written = self
+            .op
+            .write_with(key.as_str(), body)
+            .content_type(&content_type(key, meta))
+            .cache_control(MEDIA_CACHE_CONTROL)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        self.check_stored(key, &written, meta).await
     }
 
     async fn delete(&self, key: &Key) -> Result<(), StoreError> {
