@@ -5,7 +5,7 @@
 #   scripts/bench-edge.sh            # install nginx/varnish if missing, build, run, print report
 #
 # Environment knobs (passed through to the program): EDGE_BENCH_SECS (default 5),
-# EDGE_BENCH_ROUNDS (default 3), EDGE_BENCH_SERVERS (default fediedge,nginx,varnish),
+# EDGE_BENCH_ROUNDS (default 5), EDGE_BENCH_SERVERS (default fediedge,nginx,varnish),
 # EDGE_BENCH_RSS_CLIENTS (default 1000), EDGE_BENCH_STRICT=1 (exit 1 if a target is missed).
 # Results and method: docs/benchmarks.md.
 set -euo pipefail
