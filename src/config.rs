@@ -78,6 +78,38 @@ pub struct RawConfig {
     /// Older stores, tried in order after the primary; hits are copied to the primary.
     #[serde(default)]
     pub fallback: Vec<RawStore>,
+    /// Optional: copy a fallback's cold tail into the primary in the background of `serve`.
+    pub backfill: Option<RawBackfill>,
+}
+
+/// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever
+/// live misses or write-backs are under way.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackfill {
+    /// Name of the `[[fallback]]` to copy from.
+    pub from: String,
+    /// Key file (one key per line); required for an http store, which cannot be listed.
+    pub keys: Option<PathBuf>,
+    /// Objects copied at once. Default 2.
+    #[serde(default = "default_backfill_concurrency")]
+    pub concurrency: u32,
+    /// Most source requests per second. Default 10.
+    #[serde(default = "default_backfill_ops")]
+    pub max_ops_per_sec: u32,
+    /// Most source bytes per second. Default `10MiB`.
+    #[serde(default = "default_backfill_bytes")]
+    pub max_bytes_per_sec: bytesize::ByteSize,
+}
+
+fn default_backfill_concurrency() -> u32 {
+    2
+}
+fn default_backfill_ops() -> u32 {
+    10
+}
+fn default_backfill_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(10)
 }
 
 /// `[cache]`: the local disk cache.
@@ -224,6 +256,23 @@ pub struct Config {
     pub primary: StoreConfig,
     /// Fallback stores, in the order they are tried.
     pub fallbacks: Vec<StoreConfig>,
+    /// The background backfill, if any.
+    pub backfill: Option<BackfillConfig>,
+}
+
+/// Validated `[backfill]`.
+#[derive(Debug, Clone)]
+pub struct BackfillConfig {
+    /// The fallback copied from.
+    pub from: String,
+    /// Key file, if any.
+    pub keys: Option<PathBuf>,
+    /// Objects at once.
+    pub concurrency: u32,
+    /// Source requests per second.
+    pub max_ops_per_sec: u32,
+    /// Source bytes per second.
+    pub max_bytes_per_sec: u64,
 }
 
 /// Validated `[cache]`.
@@ -408,6 +457,46 @@ impl RawConfig {
             }
             fallbacks.push(store);
         }
+        let backfill = match self.backfill {
+            None => None,
+            Some(b) => {
+                let Some(from) = fallbacks.iter().find(|f| f.name == b.from) else {
+                    let names: Vec<&str> = fallbacks.iter().map(|f| f.name.as_str()).collect();
+                    return Err(invalid(
+                        "backfill.from",
+                        format!("no [[fallback]] named {:?}; fallbacks: {names:?}", b.from),
+                    ));
+                };
+                if from.kind.type_name() == "http" && b.keys.is_none() {
+                    return Err(invalid(
+                        "backfill.keys",
+                        format!(
+                            "{:?} is an http store, which cannot be listed: give a key file",
+                            b.from
+                        ),
+                    ));
+                }
+                for (key, zero) in [
+                    ("backfill.concurrency", b.concurrency == 0),
+                    ("backfill.max_ops_per_sec", b.max_ops_per_sec == 0),
+                    (
+                        "backfill.max_bytes_per_sec",
+                        b.max_bytes_per_sec.as_u64() == 0,
+                    ),
+                ] {
+                    if zero {
+                        return Err(invalid(key, "must be more than 0".into()));
+                    }
+                }
+                Some(BackfillConfig {
+                    from: b.from,
+                    keys: b.keys,
+                    concurrency: b.concurrency,
+                    max_ops_per_sec: b.max_ops_per_sec,
+                    max_bytes_per_sec: b.max_bytes_per_sec.as_u64(),
+                })
+            }
+        };
         Ok(Config {
             source: path.to_owned(),
             listen,
@@ -419,6 +508,7 @@ impl RawConfig {
             cache,
             primary,
             fallbacks,
+            backfill,
         })
     }
 }

@@ -149,6 +149,11 @@ impl Flights {
         &self.negative
     }
 
+    /// Fetches under way.
+    pub fn in_flight(&self) -> usize {
+        self.map.lock().len()
+    }
+
     /// Follows the fetch of `key`, starting it if none is under way.
     pub fn join(self: &Arc<Self>, key: &Key) -> watch::Receiver<FlightState> {
         let mut map = self.map.lock();

@@ -121,7 +121,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let flights = Arc::new(Flights::new(
         chain.clone(),
         cache.clone(),
-        writeback,
+        writeback.clone(),
         tmp_dir,
         NegativeCache::new(config.negative_ttl),
         metrics.clone(),
@@ -131,6 +131,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics.clone(),
         stop.clone(),
     )));
+    if let Some(backfill) = &config.backfill {
+        let (busy_tx, busy_rx) = tokio::sync::watch::channel(true);
+        tasks.push(tokio::spawn(watch_live_work(
+            flights.clone(),
+            writeback.clone(),
+            busy_tx,
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(run_backfill(
+            config.clone(),
+            backfill.clone(),
+            busy_rx,
+            stop.clone(),
+        )));
+    }
     let direct = (cache.is_none() && primary.kind() == "fs").then(|| primary.clone());
     let edge = Arc::new(Edge {
         prefix: config.url_prefix.clone(),
@@ -174,6 +189,59 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop,
         tasks,
     })
+}
+
+/// Publishes whether live work is under way (misses being fetched, copies waiting for the
+/// primary), for the backfill to pause on. Checked every 200 ms.
+async fn watch_live_work(
+    flights: Arc<Flights>,
+    writeback: Arc<WriteBack>,
+    busy: tokio::sync::watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    loop {
+        let now_busy = flights.in_flight() > 0 || writeback.pending().await > 0;
+        busy.send_if_modified(|b| std::mem::replace(b, now_busy) != now_busy);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// `fediedge migrate` inside `serve`: the `[backfill]` fallback's cold tail, under its
+/// budget, yielding to live work. Runs once to its end (a restart resumes it).
+async fn run_backfill(
+    config: Config,
+    backfill: crate::config::BackfillConfig,
+    busy: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
+    let args = crate::migrate::MigrateArgs {
+        config: config.source.clone(),
+        from: Some(backfill.from.clone()),
+        keys: backfill.keys.clone(),
+        concurrency: backfill.concurrency,
+        max_ops_per_sec: Some(backfill.max_ops_per_sec),
+        max_bytes_per_sec: Some(bytesize::ByteSize(backfill.max_bytes_per_sec)),
+        retries: 3,
+        retry_delay: std::time::Duration::from_secs(1).into(),
+        verify: false,
+        verify_deep: false,
+        status: false,
+        log_every: std::time::Duration::from_secs(60).into(),
+        yield_to: Some(busy),
+    };
+    tracing::info!(from = %backfill.from, "backfill: starting");
+    let report =
+        crate::migrate::run_with_config(&config, args, async move { stop.cancelled().await }).await;
+    tracing::info!(
+        copied = report.copied,
+        skipped = report.skipped,
+        failed = report.failed,
+        interrupted = report.interrupted,
+        "backfill: ended"
+    );
 }
 
 /// Copies `fediedge migrate`'s progress from the ledger into the metrics every few seconds, so

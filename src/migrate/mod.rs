@@ -89,6 +89,10 @@ pub struct MigrateArgs {
     /// Interval of the progress log lines when stderr is not a terminal. Default `10s`.
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     pub log_every: humantime::Duration,
+    /// Set by `serve` for its background backfill: objects wait while it reads `true`, and
+    /// progress goes to log lines, never a bar.
+    #[arg(skip)]
+    pub yield_to: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// What a run did; its [`Report::exit_code`] is the process exit code.
@@ -156,6 +160,16 @@ pub async fn run_until(
         Ok(c) => c,
         Err(e) => return Report::usage(e),
     };
+    run_with_config(&config, args, stop).await
+}
+
+/// As [`run_until`], with the config already loaded (`args.config` is not read): `serve`'s
+/// background backfill uses the config it runs with.
+pub async fn run_with_config(
+    config: &Config,
+    args: MigrateArgs,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Report {
     let ledger = match Ledger::open(&config.data_dir) {
         Ok(l) => l,
         Err(e) => {
@@ -187,7 +201,7 @@ pub async fn run_until(
             "{from:?} is an http store, which cannot be listed: give the keys with --keys FILE"
         ));
     }
-    let ctx = match build_ctx(&config, source_config, &args, ledger) {
+    let ctx = match build_ctx(config, source_config, &args, ledger) {
         Ok(ctx) => Arc::new(ctx),
         Err(report) => return report,
     };
@@ -239,6 +253,7 @@ fn build_ctx(
         counters: Arc::default(),
         retries: args.retries,
         retry_delay: args.retry_delay.into(),
+        gate: args.yield_to.clone(),
     })
 }
 
@@ -301,7 +316,11 @@ async fn run_copy(ctx: Arc<Ctx>, args: &MigrateArgs, stop: CancellationToken) ->
     };
     let shown = CancellationToken::new();
     let display = tokio::spawn(progress::show(
-        Display::auto(args.log_every.into()),
+        if args.yield_to.is_some() {
+            Display::Log(args.log_every.into())
+        } else {
+            Display::auto(args.log_every.into())
+        },
         counters.clone(),
         shown.clone(),
     ));

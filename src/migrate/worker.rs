@@ -43,6 +43,9 @@ pub struct Ctx {
     pub retries: u32,
     /// Wait before the first retry; doubled for each next one.
     pub retry_delay: Duration,
+    /// In a backfill inside `serve`: while this reads `true` (live misses or write-backs under
+    /// way), no new object is started, so the hot path always comes first.
+    pub gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Why an attempt did not finish.
@@ -137,6 +140,17 @@ impl Ctx {
         item: &Planned,
         stop: &CancellationToken,
     ) -> Result<Done, AttemptError> {
+        if let Some(gate) = &self.gate {
+            let mut gate = gate.clone();
+            tokio::select! {
+                open = gate.wait_for(|busy| !busy) => {
+                    if open.is_err() {
+                        return Err(AttemptError::Cancelled);
+                    }
+                }
+                _ = stop.cancelled() => return Err(AttemptError::Cancelled),
+            }
+        }
         if let Some(skip) = self.needs_no_copy(key, item).await? {
             return Ok(skip);
         }

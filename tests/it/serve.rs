@@ -500,16 +500,34 @@ async fn ranges_and_conditionals_on_cold_and_warm_keys() {
 async fn misses_are_remembered_briefly() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
-    let edge = cached_edge(dir.path(), &origin, "5s").await;
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "negative_ttl = \"3s\"\n{}{}",
+            fs_primary_with_cache(dir.path()),
+            http_fallback(&origin, "5s")
+        ),
+    )
+    .await;
     let url = format!("{}missing.png", edge.base);
-    for _ in 0..20 {
-        let r = client().get(&url).send().await.unwrap();
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    // A storm right after: answered from memory.
+    let storm: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client().get(url).send().await.unwrap() })
+        })
+        .collect();
+    for r in storm {
+        let r = r.await.unwrap();
         assert_eq!(r.status(), 404);
-        assert!(r.headers().contains_key("x-cache-status"));
+        assert_eq!(r.headers()["x-cache-status"], "HIT");
     }
     assert_eq!(origin.gets("missing.png"), 1);
-    // negative_ttl is 2s in tests: after it the stores are asked again.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // After negative_ttl the stores are asked again.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     origin.put("missing.png", "now here");
     let r = client().get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -645,6 +663,77 @@ async fn a_running_edge_shows_migration_progress_from_the_ledger() {
     assert!(
         text.contains("fediedge_migration_bytes_done 3000"),
         "{text}"
+    );
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_background_backfill_copies_the_cold_tail_and_yields_to_live_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old");
+    std::fs::create_dir_all(old.join("cold")).unwrap();
+    for i in 0..6 {
+        std::fs::write(old.join(format!("cold/{i}.png")), bytes(2000, i)).unwrap();
+    }
+    let origin = Origin::start().await;
+    origin.put_with(
+        "hot.png",
+        "hot",
+        Behaviour {
+            delay: Duration::from_millis(2500),
+            ..Behaviour::default()
+        },
+    );
+    let primary = dir.path().join("primary");
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "[primary]\ntype = \"fs\"\nroot = \"{}\"\n{}[[fallback]]\nname = \"old\"\ntype = \"fs\"\nroot = \"{}\"\n[backfill]\nfrom = \"old\"\nconcurrency = 1\nmax_ops_per_sec = 4\n",
+            primary.display(),
+            http_fallback(&origin, "10s"),
+            old.display()
+        ),
+    )
+    .await;
+    let copied = || {
+        (0..6)
+            .filter(|i| primary.join(format!("cold/{i}.png")).exists())
+            .count()
+    };
+    // A live miss on a slow origin: while it is under way the backfill starts nothing.
+    let hot = tokio::spawn({
+        let url = format!("{}hot.png", edge.base);
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = copied();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(copied(), before, "the backfill went on during a live miss");
+    assert!(before < 6);
+    assert_eq!(hot.await.unwrap(), "hot");
+    // Then it finishes the tail, recorded in the ledger as migrate copies.
+    eventually(Duration::from_secs(15), "the cold tail copied", || {
+        copied() == 6
+    })
+    .await;
+    let record = edge
+        .running
+        .ledger
+        .with(|c| fediedge::ledger::ops::copied(c, "cold/3.png"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (record.via.as_str(), record.source.as_str()),
+        ("migrate", "old")
     );
     edge.running.shutdown().await;
 }

@@ -21,7 +21,7 @@ pub struct TestEdge {
 /// Writes `extra` (TOML) below the listener/data settings and starts the edge in `dir`.
 pub async fn start_edge(dir: &Path, extra: &str) -> TestEdge {
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nnegative_ttl = \"2s\"\n{extra}",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{extra}",
         dir.join("var").display()
     );
     let config =
