@@ -301,6 +301,8 @@ pub struct StoreConfig {
     pub connect_timeout: Duration,
     /// First-byte (and stall) timeout.
     pub first_byte_timeout: Duration,
+    /// True for `[primary]`: only the primary's fs root is created when missing.
+    pub is_primary: bool,
 }
 
 /// The kind of a store and its kind-specific settings.
@@ -642,6 +644,7 @@ impl RawStore {
             max_concurrency,
             connect_timeout,
             first_byte_timeout,
+            is_primary: table == "primary",
         })
     }
 

@@ -27,37 +27,78 @@ pub struct FsStore {
 }
 
 impl FsStore {
-    /// Opens the store at `root`, creating the directory if it is missing.
-    pub fn new(name: &str, root: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root).map_err(|e| {
-            StoreError::backend(name, format!("cannot create {}: {e}", root.display()))
-        })?;
+    /// Opens the store at `root`. With `create`, a missing directory is created (the
+    /// primary); without, it is refused: a fallback whose root is missing is most often an
+    /// NFS mount that is not there, and serving 404s from an empty local directory instead is
+    /// exactly the silent failure this project exists to prevent.
+    pub fn new(name: &str, root: &Path, create: bool) -> Result<Self, StoreError> {
+        if create {
+            std::fs::create_dir_all(root).map_err(|e| {
+                StoreError::backend(name, format!("cannot create {}: {e}", root.display()))
+            })?;
+        }
         let root = root.canonicalize().map_err(|e| {
-            StoreError::backend(name, format!("cannot open {}: {e}", root.display()))
+            StoreError::backend(
+                name,
+                format!("cannot open {} (is it mounted?): {e}", root.display()),
+            )
         })?;
+        if !root.is_dir() {
+            return Err(StoreError::backend(
+                name,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
         Ok(FsStore {
             name: name.to_owned(),
             root,
         })
     }
 
-    /// The canonical path of `key`, if it exists and resolves inside the root.
-    fn resolve(&self, key: &Key) -> Result<Option<PathBuf>, StoreError> {
-        let path = self.root.join(key.as_str());
-        match path.canonicalize() {
-            Ok(real) if real.starts_with(&self.root) => Ok(Some(real)),
-            Ok(_) => Err(StoreError::backend(
-                &self.name,
-                format!("{key}: resolves outside the store root; refused"),
-            )),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self.io(key, e)),
-        }
+    /// Runs blocking filesystem work off the async threads: a hung NFS mount must stall
+    /// only the requests that touch it, and the caller's timeout must be able to give up.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        key: &Key,
+        f: impl FnOnce(&Path, &Key) -> io::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let root = self.root.clone();
+        let k = key.clone();
+        tokio::task::spawn_blocking(move || f(&root, &k))
+            .await
+            .map_err(|e| StoreError::backend(&self.name, e))?
+            .map_err(|e| StoreError::backend(&self.name, format!("{key}: {e}")))
     }
+}
 
-    fn io(&self, key: &Key, e: io::Error) -> StoreError {
-        StoreError::backend(&self.name, format!("{key}: {e}"))
+/// The canonical path of `key`, if it exists and resolves inside `root` (symlinks included).
+fn resolve(root: &Path, key: &Key) -> io::Result<Option<PathBuf>> {
+    if key.as_str().split('/').next() == Some(TMP_DIR) {
+        return Ok(None); // Our own temp files are not objects.
     }
+    match root.join(key.as_str()).canonicalize() {
+        Ok(real) if real.starts_with(root) => Ok(Some(real)),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "resolves outside the store root; refused",
+        )),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens `key` as a regular file, with its metadata.
+fn open_blocking(root: &Path, key: &Key) -> io::Result<Option<(std::fs::File, std::fs::Metadata)>> {
+    let Some(path) = resolve(root, key)? else {
+        return Ok(None);
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let m = file.metadata()?;
+    Ok(m.is_file().then_some((file, m)))
 }
 
 fn is_not_found(e: &io::Error) -> bool {
@@ -87,20 +128,11 @@ fn meta_of(m: &std::fs::Metadata) -> ObjectMeta {
 #[async_trait]
 impl Store for FsStore {
     async fn get(&self, key: &Key) -> Result<Option<Object>, StoreError> {
-        let Some(path) = self.resolve(key)? else {
+        let Some((file, m)) = self.blocking(key, open_blocking).await? else {
             return Ok(None);
         };
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(self.io(key, e)),
-        };
-        let m = file.metadata().await.map_err(|e| self.io(key, e))?;
-        if !m.is_file() {
-            return Ok(None);
-        }
         let name = self.name.clone();
-        let body = ReaderStream::with_capacity(file, 64 * 1024)
+        let body = ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024)
             .map(move |r| r.map_err(|e| StoreError::backend(&name, e)));
         Ok(Some(Object {
             meta: meta_of(&m),
@@ -109,15 +141,10 @@ impl Store for FsStore {
     }
 
     async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>, StoreError> {
-        let Some(path) = self.resolve(key)? else {
-            return Ok(None);
-        };
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => Ok(Some(meta_of(&m))),
-            Ok(_) => Ok(None),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self.io(key, e)),
-        }
+        self.blocking(key, |root, key| {
+            Ok(open_blocking(root, key)?.map(|(_, m)| meta_of(&m)))
+        })
+        .await
     }
 
     async fn put(&self, key: &Key, src: &Path, _meta: &ObjectMeta) -> Result<(), StoreError> {
@@ -139,35 +166,24 @@ impl Store for FsStore {
     }
 
     async fn delete(&self, key: &Key) -> Result<(), StoreError> {
-        let Some(path) = self.resolve(key)? else {
-            return Ok(());
-        };
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(self.io(key, e)),
-        }
+        self.blocking(key, |root, key| {
+            let Some(path) = resolve(root, key)? else {
+                return Ok(());
+            };
+            match std::fs::remove_file(path) {
+                Err(e) if !is_not_found(&e) => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await
     }
 
     async fn open_file(
         &self,
         key: &Key,
     ) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
-        let Some(path) = self.resolve(key)? else {
-            return Ok(None);
-        };
-        let opened = tokio::task::spawn_blocking(move || -> io::Result<Option<_>> {
-            let file = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) if is_not_found(&e) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let m = file.metadata()?;
-            Ok(m.is_file().then(|| (file, meta_of(&m))))
-        })
-        .await
-        .map_err(|e| StoreError::backend(&self.name, e))?;
-        opened.map_err(|e| self.io(key, e))
+        let opened = self.blocking(key, open_blocking).await?;
+        Ok(opened.map(|(file, m)| (file, meta_of(&m))))
     }
 
     fn list(&self, start_after: Option<&Key>) -> Result<ListStream, StoreError> {
@@ -221,13 +237,8 @@ impl FsStore {
         key: &Key,
         fill: impl FnOnce(&mut std::fs::File) -> io::Result<()> + Send + 'static,
     ) -> Result<(), StoreError> {
-        let root = self.root.clone();
-        let key = key.clone();
-        let name = self.name.clone();
-        tokio::task::spawn_blocking(move || install_blocking(&root, &key, fill))
+        self.blocking(key, move |root, key| install_blocking(root, key, fill))
             .await
-            .map_err(|e| StoreError::backend(&name, e))?
-            .map_err(|e| StoreError::backend(&name, e))
     }
 }
 
@@ -236,24 +247,33 @@ fn install_blocking(
     key: &Key,
     fill: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
 ) -> io::Result<()> {
-    let dest = root.join(key.as_str());
-    let parent = dest
-        .parent()
-        .expect("a key always has a parent under the root");
-    std::fs::create_dir_all(parent)?;
-    let real_parent = parent.canonicalize()?;
-    if !real_parent.starts_with(root) {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{key}: parent resolves outside the store root; refused"),
-        ));
+    let refused =
+        |what: &str| io::Error::new(io::ErrorKind::PermissionDenied, format!("{what}; refused"));
+    let mut segments: Vec<&str> = key.as_str().split('/').collect();
+    let file_name = segments.pop().expect("a key has at least one segment");
+    if segments.first().copied().unwrap_or(file_name) == TMP_DIR {
+        return Err(refused("the store's temp directory is not a key"));
+    }
+    // Create the parent one directory at a time, checking each resolves inside the root, so
+    // that a symlinked directory cannot make us create anything outside it.
+    let mut parent = root.to_path_buf();
+    for segment in segments {
+        let next = parent.join(segment);
+        match std::fs::create_dir(&next) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let real = next.canonicalize()?;
+        if !real.starts_with(root) {
+            return Err(refused("a parent resolves outside the store root"));
+        }
+        parent = real;
     }
     let tmp_dir = root.join(TMP_DIR);
     std::fs::create_dir_all(&tmp_dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
     fill(tmp.as_file_mut())?;
     tmp.as_file().sync_data()?;
-    tmp.persist(real_parent.join(dest.file_name().expect("keys end in a file name")))
-        .map_err(|e| e.error)?;
+    tmp.persist(parent.join(file_name)).map_err(|e| e.error)?;
     Ok(())
 }

@@ -173,7 +173,7 @@ impl std::fmt::Debug for StoreHandle {
 /// Builds the backend for a validated store config.
 pub fn open(config: &StoreConfig, metrics: Metrics) -> Result<StoreHandle, StoreError> {
     let inner: Arc<dyn Store> = match &config.kind {
-        StoreKind::Fs { root } => Arc::new(FsStore::new(&config.name, root)?),
+        StoreKind::Fs { root } => Arc::new(FsStore::new(&config.name, root, config.is_primary)?),
         StoreKind::S3(s3) => Arc::new(S3Store::new(&config.name, s3, config)?),
         StoreKind::Http { url } => Arc::new(HttpStore::new(&config.name, url, config)?),
     };
@@ -198,11 +198,6 @@ impl StoreHandle {
         self.kind
     }
 
-    /// The first-byte timeout, also used as the longest silence allowed inside a body.
-    pub fn first_byte_timeout(&self) -> Duration {
-        self.first_byte_timeout
-    }
-
     async fn permit(&self) -> OwnedSemaphorePermit {
         self.limit
             .clone()
@@ -211,15 +206,19 @@ impl StoreHandle {
             .expect("store semaphores are never closed")
     }
 
-    /// Opens `key`; the concurrency permit is held until the body is dropped, and each chunk
-    /// must arrive within the first-byte timeout (a stalled source is an error, not a hang).
+    /// Opens `key`; the concurrency permit is held until the body is dropped, the wait for a
+    /// permit counts against the first-byte timeout, and each chunk must arrive within it (a
+    /// stalled source is an error, not a hang).
     pub async fn get(&self, key: &Key) -> Result<Option<Object>, StoreError> {
         let started = Instant::now();
-        let permit = self.permit().await;
         let wait = self.first_byte_timeout;
-        let result = match tokio::time::timeout(wait, self.inner.get(key)).await {
+        let opened = async {
+            let permit = self.permit().await;
+            Ok::<_, StoreError>(self.inner.get(key).await?.map(|o| (o, permit)))
+        };
+        let result = match tokio::time::timeout(wait, opened).await {
             Ok(r) => r,
-            Err(_) => Err(self.timeout("first byte")),
+            Err(_) => Err(self.timeout("first byte", wait)),
         };
         let outcome = match &result {
             Ok(Some(_)) => "hit",
@@ -228,11 +227,10 @@ impl StoreHandle {
         };
         self.metrics
             .store_fetch(&self.name, outcome, started.elapsed());
-        let Some(object) = result? else {
+        let Some((object, permit)) = result? else {
             return Ok(None);
         };
-        let name = self.name.clone();
-        let body = stall_guard(object.body, wait, name, permit);
+        let body = stall_guard(object.body, wait, self.name.clone(), permit);
         Ok(Some(Object {
             meta: object.meta,
             body,
@@ -241,17 +239,33 @@ impl StoreHandle {
 
     /// Metadata of `key`, under the same limit and timeout as [`StoreHandle::get`].
     pub async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>, StoreError> {
-        let _permit = self.permit().await;
-        match tokio::time::timeout(self.first_byte_timeout, self.inner.head(key)).await {
-            Ok(r) => r,
-            Err(_) => Err(self.timeout("head")),
-        }
+        let wait = self.first_byte_timeout;
+        let head = async {
+            let _permit = self.permit().await;
+            self.inner.head(key).await
+        };
+        tokio::time::timeout(wait, head)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout("head", wait)))
+    }
+
+    /// Time allowed for writing `size` bytes: the first-byte timeout plus the body at
+    /// 256 KiB/s, a floor no working store falls under. A put has no chunks to guard, so this
+    /// is what stops a hung primary from holding a write-back worker forever.
+    fn write_timeout(&self, size: u64) -> Duration {
+        self.first_byte_timeout + Duration::from_secs(size / (256 * 1024))
     }
 
     /// Stores a verified local file under `key`.
     pub async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError> {
-        let _permit = self.permit().await;
-        self.inner.put(key, src, meta).await
+        let wait = self.write_timeout(meta.size);
+        let put = async {
+            let _permit = self.permit().await;
+            self.inner.put(key, src, meta).await
+        };
+        tokio::time::timeout(wait, put)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout("put", wait)))
     }
 
     /// Stores a verified body held in memory under `key`.
@@ -261,22 +275,38 @@ impl StoreHandle {
         body: Bytes,
         meta: &ObjectMeta,
     ) -> Result<(), StoreError> {
-        let _permit = self.permit().await;
-        self.inner.put_bytes(key, body, meta).await
+        let wait = self.write_timeout(meta.size);
+        let put = async {
+            let _permit = self.permit().await;
+            self.inner.put_bytes(key, body, meta).await
+        };
+        tokio::time::timeout(wait, put)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout("put", wait)))
     }
 
     /// Deletes `key`.
     pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
-        let _permit = self.permit().await;
-        self.inner.delete(key).await
+        let wait = self.first_byte_timeout;
+        let delete = async {
+            let _permit = self.permit().await;
+            self.inner.delete(key).await
+        };
+        tokio::time::timeout(wait, delete)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout("delete", wait)))
     }
 
-    /// Opens `key` as a local file if the store is a local directory.
+    /// Opens `key` as a local file if the store is a local directory, within the first-byte
+    /// timeout.
     pub async fn open_file(
         &self,
         key: &Key,
     ) -> Result<Option<(std::fs::File, ObjectMeta)>, StoreError> {
-        self.inner.open_file(key).await
+        let wait = self.first_byte_timeout;
+        tokio::time::timeout(wait, self.inner.open_file(key))
+            .await
+            .unwrap_or_else(|_| Err(self.timeout("open", wait)))
     }
 
     /// Lists every object after `start_after`.
@@ -284,11 +314,11 @@ impl StoreHandle {
         self.inner.list(start_after)
     }
 
-    fn timeout(&self, what: &'static str) -> StoreError {
+    fn timeout(&self, what: &'static str, after: Duration) -> StoreError {
         StoreError::Timeout {
             store: self.name.to_string(),
             what,
-            after: self.first_byte_timeout,
+            after,
         }
     }
 }
@@ -329,7 +359,10 @@ fn stall_guard(
 
 /// Parses an S3-style ETag into an MD5 when it is one (32 hex digits, no multipart `-n`).
 pub fn md5_from_etag(etag: &str) -> Option<[u8; 16]> {
-    let t = etag.trim_start_matches("W/").trim_matches('"');
+    if etag.starts_with("W/") {
+        return None; // A weak tag makes no promise about the bytes.
+    }
+    let t = etag.trim_matches('"');
     if t.len() != 32 {
         return None;
     }

@@ -737,3 +737,59 @@ async fn the_background_backfill_copies_the_cold_tail_and_yields_to_live_misses(
     );
     edge.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_missing_fallback_root_is_refused_not_served_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[primary]\ntype = \"fs\"\nroot = \"{}\"\n[[fallback]]\nname = \"old-nfs\"\ntype = \"fs\"\nroot = \"{}\"\n",
+        dir.path().join("var").display(),
+        dir.path().join("primary").display(),
+        dir.path().join("mnt/old-nfs/public/system").display(),
+    );
+    let config = fediedge::config::from_str(&text, std::path::Path::new("t.toml")).unwrap();
+    let err = match fediedge::edge::start(config).await {
+        Ok(_) => panic!("started with a missing fallback root"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("old-nfs") && err.contains("mounted"), "{err}");
+    assert!(
+        !dir.path().join("mnt").exists(),
+        "the mount point was created"
+    );
+}
+
+#[tokio::test]
+async fn write_backs_cannot_escape_an_fs_primary_through_a_symlinked_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = dir.path().join("primary");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&primary).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, primary.join("evil")).unwrap();
+    let origin = Origin::start().await;
+    origin.put("evil/sub/x.png", "payload");
+    let edge = cached_edge(dir.path(), &origin, "5s").await;
+    let r = client()
+        .get(format!("{}evil/sub/x.png", edge.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.text().await.unwrap(),
+        "payload",
+        "still served from the fallback"
+    );
+    eventually(Duration::from_secs(10), "a failed write-back", || {
+        edge.running
+            .metrics
+            .render()
+            .contains("fediedge_writebacks_total{outcome=\"failed\"}")
+    })
+    .await;
+    assert!(
+        !outside.join("sub").exists(),
+        "a directory was created outside the root"
+    );
+    edge.running.shutdown().await;
+}
