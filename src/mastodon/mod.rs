@@ -95,14 +95,23 @@ pub fn to_fediedge_toml(env: &EnvFile) -> Result<String, String> {
         }
         Backend::S3 => {
             let alias = env.get("S3_ALIAS_HOST").or(env.get("S3_CLOUDFRONT_HOST"));
+            // S3_KEY_PREFIX is part of the object key and so of the URL path; the store adds
+            // it back (`prefix` below), so the URL prefix must take it off.
+            let key_prefix = env.get("S3_KEY_PREFIX").unwrap_or("").trim_matches('/');
             match alias {
                 Some(a) => (
-                    prefix_from_path(a.split_once('/').map(|(_, p)| p).unwrap_or("")),
-                    "S3 with S3_ALIAS_HOST: media URLs are https://<alias>/<key> (bucket-root layout)",
+                    prefix_from_path(&format!(
+                        "{}/{key_prefix}",
+                        a.split_once('/').map(|(_, p)| p).unwrap_or("")
+                    )),
+                    "S3 with S3_ALIAS_HOST: media URLs are https://<alias>/[S3_KEY_PREFIX/]<key> (bucket-root layout)",
                 ),
                 None => (
-                    prefix_from_path(env.get("S3_BUCKET").unwrap_or("")),
-                    "S3 without an alias host: media URLs are https://S3_HOSTNAME/<bucket>/<key>",
+                    prefix_from_path(&format!(
+                        "{}/{key_prefix}",
+                        env.get("S3_BUCKET").unwrap_or("")
+                    )),
+                    "S3 without an alias host: media URLs are https://S3_HOSTNAME/<bucket>/[S3_KEY_PREFIX/]<key>",
                 ),
             }
         }
@@ -178,12 +187,13 @@ fn url_path(v: &str) -> &str {
 }
 
 /// `"/" + path + "/"` without doubled slashes; `"/"` for an empty path.
+/// `/a/b/` from `a//b/` (empty segments dropped), `/` from nothing.
 fn prefix_from_path(p: &str) -> String {
-    let t = p.trim_matches('/');
-    if t.is_empty() {
+    let segments: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+    if segments.is_empty() {
         "/".into()
     } else {
-        format!("/{t}/")
+        format!("/{}/", segments.join("/"))
     }
 }
 

@@ -957,7 +957,9 @@ fn from_mastodon_s3_alias_loads() {
         sk.display().to_string()
     );
     let c = fediedge::config::from_str(&with_files, Path::new("gen.toml")).unwrap();
-    assert_eq!(c.url_prefix, "/");
+    // Mastodon's URL is https://<alias>/mastodon/<key> and the object is mastodon/<key>:
+    // the URL prefix takes the key prefix off, the store puts it back, once.
+    assert_eq!(c.url_prefix, "/mastodon/");
     let fediedge::config::StoreKind::S3(s3) = &c.primary.kind else {
         panic!("not s3: {toml}")
     };

@@ -202,3 +202,39 @@ async fn an_old_bucket_as_fallback_is_copied_into_a_new_one_with_its_content_typ
     );
     edge.running.shutdown().await;
 }
+
+/// Mastodon with `S3_KEY_PREFIX=mastodon` and an alias host: the URL is
+/// `https://<alias>/mastodon/<key>` and the object is `mastodon/<key>` at the bucket root.
+/// `config from-mastodon` gives `url_prefix = "/mastodon/"` and `prefix = "mastodon"`.
+#[tokio::test]
+async fn a_key_prefix_is_taken_off_the_url_and_put_back_once() {
+    let garage = Garage::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("x");
+    std::fs::write(&src, b"prefixed").unwrap();
+    let raw = s3_store(&garage);
+    let meta = fediedge::store::ObjectMeta {
+        size: 8,
+        ..Default::default()
+    };
+    let object_key = "mastodon/media_attachments/files/000/000/001/original/p.png";
+    raw.put(&fediedge::key::Key::parse(object_key).unwrap(), &src, &meta)
+        .await
+        .unwrap();
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "url_prefix = \"/mastodon/\"\n[primary]\n{}prefix = \"mastodon\"\n",
+            garage.store_toml()
+        ),
+    )
+    .await;
+    let r = client()
+        .get(format!("http://{}/{object_key}", edge.running.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "prefixed");
+    edge.running.shutdown().await;
+}
