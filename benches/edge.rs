@@ -1183,12 +1183,22 @@ struct Load {
     secs: f64,
     /// Share of the machine's CPU used by processes outside the benchmark meanwhile.
     other_cpu: f64,
+    /// CPU time (user + system) the server's processes used meanwhile.
+    server_cpu_secs: f64,
     first_error: Option<String>,
 }
 
 impl Load {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.secs
+    }
+    /// Server CPU time per request, in microseconds.
+    fn cpu_us_per_request(&self) -> f64 {
+        self.server_cpu_secs * 1e6 / self.requests.max(1) as f64
+    }
+    /// Server CPU time per GiB sent, in milliseconds.
+    fn cpu_ms_per_gib(&self) -> f64 {
+        self.server_cpu_secs * 1e3 / (self.bytes.max(1) as f64 / (MIB * 1024.0))
     }
     fn mib_s(&self) -> f64 {
         self.bytes as f64 / MIB / self.secs
@@ -1199,6 +1209,7 @@ impl Load {
 /// Requests count when complete; bytes count as they arrive.
 async fn load(
     addr: SocketAddr,
+    server_pids: &[u32],
     paths: Arc<Vec<String>>,
     conns: usize,
     dur: Duration,
@@ -1279,6 +1290,7 @@ async fn load(
     *start.lock().unwrap() = Some(Instant::now() + Duration::from_millis(5));
     barrier.wait().await;
     let meter = CpuMeter::start();
+    let server_ticks: u64 = server_pids.iter().map(|&p| proc_ticks(p)).sum();
     let mut total = Load::default();
     for t in tasks {
         let r = t.await.expect("load task panicked");
@@ -1292,6 +1304,13 @@ async fn load(
     }
     total.secs = dur.as_secs_f64();
     total.other_cpu = meter.other_share();
+    // USER_HZ is 100.
+    total.server_cpu_secs = server_pids
+        .iter()
+        .map(|&p| proc_ticks(p))
+        .sum::<u64>()
+        .saturating_sub(server_ticks) as f64
+        / 100.0;
     total.bytes = bytes.load(Ordering::Relaxed);
     total
 }
@@ -1518,7 +1537,7 @@ async fn rss(server: &Server, large: Arc<Vec<String>>, clients: usize, dur: Dura
             }
         })
     };
-    let load = load(server.addr, large, clients, dur, LARGE_SIZE as u64).await;
+    let load = load(server.addr, &pids, large, clients, dur, LARGE_SIZE as u64).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
     let _ = sampler.await;
@@ -1649,7 +1668,16 @@ async fn warm_rounds(
                     );
                 }
                 let before = origin.total_gets();
-                let l = load(servers[i].addr, paths.clone(), conns, dur, size as u64).await;
+                let pids = servers[i].pids();
+                let l = load(
+                    servers[i].addr,
+                    &pids,
+                    paths.clone(),
+                    conns,
+                    dur,
+                    size as u64,
+                )
+                .await;
                 figures[i].warm_origin_gets += origin.total_gets() - before;
                 print_load(
                     &format!("{what}, round {}, {}", round + 1, servers[i].name),
@@ -1706,12 +1734,15 @@ fn ms(d: Duration) -> f64 {
 
 fn print_load(what: &str, l: &Load) {
     println!(
-        "{what}: {:.0} req/s, {:.1} MiB/s, {} requests, {} not HIT, {} errors, other processes used {:.0}% of the CPU{}",
+        "{what}: {:.0} req/s, {:.1} MiB/s, {} requests, {} not HIT, {} errors, server CPU {:.2} s ({:.1} µs/request, {:.0} ms/GiB), other processes used {:.0}% of the CPU{}",
         l.rps(),
         l.mib_s(),
         l.requests,
         l.not_hit,
         l.errors,
+        l.server_cpu_secs,
+        l.cpu_us_per_request(),
+        l.cpu_ms_per_gib(),
         l.other_cpu * 100.0,
         l.first_error
             .as_deref()
@@ -1755,6 +1786,17 @@ fn report(figures: &[Figures], settings: &Settings, cores: usize) -> bool {
             f.warm_objects,
             f.warm_origin_gets,
             100.0 * runs.iter().map(|l| l.other_cpu).sum::<f64>() / runs.len().max(1) as f64
+        );
+    }
+    println!("\nServer CPU time (user + system of the server's processes, excluding softirq work) in the best round: what each request costs the server itself, whatever the client's share of the cores.\n");
+    println!("| server | 4 KiB: CPU µs per request | 1 MiB: CPU ms per GiB |");
+    println!("|---|---:|---:|");
+    for f in figures {
+        println!(
+            "| {} | {:.1} | {:.0} |",
+            f.name,
+            f.small_best().cpu_us_per_request(),
+            f.large_best().cpu_ms_per_gib()
         );
     }
     println!(
