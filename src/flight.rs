@@ -29,10 +29,9 @@ use tokio::sync::watch;
 
 use crate::cache::{Cache, CachedMeta};
 use crate::key::Key;
-use crate::ledger::Queued;
 use crate::metrics::Metrics;
 use crate::store::{ObjectMeta, StoreError, StoreHandle};
-use crate::writeback::WriteBack;
+use crate::writeback::{Fetched, WriteBack};
 
 /// Size of the pieces read from a body file for a response.
 const READ_CHUNK: usize = 64 * 1024;
@@ -104,7 +103,8 @@ impl NegativeCache {
         }
     }
 
-    fn insert(&self, key: &Key) {
+    /// Remembers that `key` was found nowhere.
+    pub fn insert(&self, key: &Key) {
         if !self.ttl.is_zero() {
             self.seen.lock().put(key.clone(), Instant::now());
         }
@@ -263,52 +263,30 @@ impl Flights {
             .map_err(|e| local(io::Error::other(e)))?
             .map_err(local)?;
         if index > 0 {
-            if let Err(e) = self.stage(key, &tmp, &meta, md5, store.name()).await {
-                // The client still gets its bytes; the next request will try again.
+            let fetched = Fetched {
+                key: key.clone(),
+                size,
+                md5,
+                content_type: meta.content_type.clone(),
+                source: store.name().to_owned(),
+            };
+            if let Err(e) = self.writeback.stage(tmp.path(), fetched).await {
+                // Not cached either: the next request fetches it again and retries the copy.
                 tracing::error!(key = %key, error = %e, "could not queue the copy to the primary");
+                return Ok(End::Complete);
             }
         }
         if let Some(cache) = &self.cache {
             let record = CachedMeta::new(key, &meta, md5, store.name());
-            if let Err(e) = cache.insert(key, tmp.into_temp_path(), record) {
+            let (cache, k, body) = (cache.clone(), key.clone(), tmp.into_temp_path());
+            let inserted = tokio::task::spawn_blocking(move || cache.insert(&k, body, record))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+            if let Err(e) = inserted {
                 tracing::error!(key = %key, error = %e, "could not store in the cache");
             }
         }
         Ok(End::Complete)
-    }
-
-    /// Links the verified body into the staging directory and queues its copy.
-    async fn stage(
-        &self,
-        key: &Key,
-        tmp: &tempfile::NamedTempFile,
-        meta: &ObjectMeta,
-        md5: [u8; 16],
-        source: &str,
-    ) -> anyhow::Result<()> {
-        let staged = tempfile::Builder::new()
-            .prefix("wb-")
-            .tempfile_in(self.writeback.staging_dir())?
-            .into_temp_path();
-        let staged_path = staged.to_path_buf();
-        // Replace the placeholder with a link to the body (no second write); across
-        // filesystems, copy.
-        std::fs::remove_file(&staged_path)?;
-        if std::fs::hard_link(tmp.path(), &staged_path).is_err() {
-            std::fs::copy(tmp.path(), &staged_path)?;
-        }
-        staged.keep()?;
-        self.writeback
-            .enqueue(Queued {
-                key: key.as_str().to_owned(),
-                staged: staged_path,
-                size: meta.size,
-                md5: hex::encode(md5),
-                content_type: meta.content_type.clone(),
-                source: source.to_owned(),
-                attempts: 0,
-            })
-            .await
     }
 }
 
@@ -328,7 +306,7 @@ pub fn read_range(
             }
             let available = match progress.as_mut() {
                 None => end,
-                Some(rx) => match wait_for_bytes(rx, pos).await {
+                Some(rx) => match wait_for_bytes(rx, pos, end).await {
                     Ok(available) => available.min(end),
                     Err(e) => return Some((Err(e), (file, end, None))),
                 },
@@ -349,19 +327,23 @@ pub fn read_range(
     )
 }
 
-/// Waits until more than `pos` bytes may be read; returns how many may.
+/// Waits until more than `pos` bytes may be read for a response ending at `end`; returns how
+/// many may.
 ///
-/// The last byte of the body is held back until the flight is complete (length and checksum
-/// verified): a follower's response can then still be aborted if the body turns out damaged,
-/// instead of ending as if whole.
-async fn wait_for_bytes(rx: &mut watch::Receiver<FlightState>, pos: u64) -> io::Result<u64> {
+/// The response's last byte is held back until the flight is complete (length and checksum
+/// verified): a follower's response, whole body or range, can then still be aborted if the
+/// body turns out damaged, instead of ending as if whole.
+async fn wait_for_bytes(
+    rx: &mut watch::Receiver<FlightState>,
+    pos: u64,
+    end: u64,
+) -> io::Result<u64> {
     loop {
         {
             let state = rx.borrow_and_update();
-            let readable = match (&state.end, &state.started) {
-                (Some(End::Complete), _) => state.written,
-                (_, Some(started)) => state.written.min(started.meta.size.saturating_sub(1)),
-                (_, None) => 0,
+            let readable = match &state.end {
+                Some(End::Complete) => state.written,
+                _ => state.written.min(end.saturating_sub(1)),
             };
             if readable > pos {
                 return Ok(readable);

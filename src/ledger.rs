@@ -229,6 +229,22 @@ pub mod ops {
         Ok(())
     }
 
+    /// Removes a copy that can never succeed.
+    pub fn drop_queued(conn: &Connection, q: &Queued) -> Result<()> {
+        conn.execute("DELETE FROM writeback_queue WHERE key = ?1", params![q.key])?;
+        Ok(())
+    }
+
+    /// Number of copies due now (not waiting out a backoff).
+    pub fn due(conn: &Connection) -> Result<u64> {
+        conn.query_row(
+            "SELECT COUNT(*) FROM writeback_queue WHERE next_attempt_at <= ?1",
+            params![now()],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as u64)
+    }
+
     /// Number of queued copies.
     pub fn pending(conn: &Connection) -> Result<u64> {
         conn.query_row("SELECT COUNT(*) FROM writeback_queue", [], |r| {

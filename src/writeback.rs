@@ -17,6 +17,46 @@ use crate::ledger::{ops, Ledger, Queued};
 use crate::metrics::Metrics;
 use crate::store::{ObjectMeta, StoreHandle};
 
+/// A verified body fetched from a fallback, to be copied into the primary.
+pub struct Fetched {
+    /// The key.
+    pub key: Key,
+    /// Body length.
+    pub size: u64,
+    /// MD5 of the body.
+    pub md5: [u8; 16],
+    /// Content-Type from the source.
+    pub content_type: Option<String>,
+    /// Name of the fallback it came from.
+    pub source: String,
+}
+
+/// Gives `body` a durable second name in `staging`.
+fn link_into(staging: &Path, body: &Path) -> std::io::Result<PathBuf> {
+    let staged = tempfile::Builder::new()
+        .prefix("wb-")
+        .tempfile_in(staging)?
+        .into_temp_path();
+    let path = staged.to_path_buf();
+    // Replace the placeholder by the body itself.
+    std::fs::remove_file(&path)?;
+    if std::fs::hard_link(body, &path).is_err() {
+        std::fs::copy(body, &path)?;
+        std::fs::File::open(&path)?.sync_all()?;
+    }
+    std::fs::File::open(staging)?.sync_all()?;
+    staged.keep().map_err(|e| e.error)?;
+    Ok(path)
+}
+
+/// Why a copy did not happen.
+enum Failure {
+    /// Worth another attempt later (the primary is down, slow, refusing for now).
+    Retry(String),
+    /// No attempt can succeed (the staged body is missing or damaged).
+    Drop(String),
+}
+
 /// The write-back queue and its workers.
 pub struct WriteBack {
     ledger: Ledger,
@@ -48,14 +88,27 @@ impl WriteBack {
         Ok(wb)
     }
 
-    /// Where flights stage bodies for the queue.
-    pub fn staging_dir(&self) -> &Path {
-        &self.staging
+    /// Stages the verified, synced body at `body` (a hard link, so no second write; a copy
+    /// across filesystems) and queues its copy into the primary.
+    pub async fn stage(&self, body: &Path, fetched: Fetched) -> anyhow::Result<()> {
+        let staging = self.staging.clone();
+        let body = body.to_owned();
+        let staged = tokio::task::spawn_blocking(move || link_into(&staging, &body)).await??;
+        self.enqueue(Queued {
+            key: fetched.key.as_str().to_owned(),
+            staged,
+            size: fetched.size,
+            md5: hex::encode(fetched.md5),
+            content_type: fetched.content_type,
+            source: fetched.source,
+            attempts: 0,
+        })
+        .await
     }
 
     /// Queues a copy of the staged file. If the key is queued already, the new staged file is
     /// removed and the older entry kept.
-    pub async fn enqueue(&self, q: Queued) -> anyhow::Result<()> {
+    async fn enqueue(&self, q: Queued) -> anyhow::Result<()> {
         let staged = q.staged.clone();
         let added = self.ledger.run(move |c| ops::enqueue(c, &q)).await?;
         if !added {
@@ -122,8 +175,7 @@ impl WriteBack {
     }
 
     async fn copy_one(&self, q: Queued) {
-        let result = self.put(&q).await;
-        match result {
+        match self.put(&q).await {
             Ok(()) => {
                 let q2 = q.clone();
                 if let Err(e) = self.ledger.run(move |c| ops::complete(c, &q2)).await {
@@ -134,21 +186,31 @@ impl WriteBack {
                 self.metrics.writeback(true);
                 tracing::debug!(key = %q.key, source = %q.source, "write-back: copied to the primary");
             }
-            Err(e) => {
+            Err(Failure::Retry(e)) => {
                 self.metrics.writeback(false);
                 tracing::warn!(key = %q.key, attempt = q.attempts + 1, error = %e, "write-back: copy failed; will retry");
-                let msg = e.to_string();
                 let q2 = q.clone();
-                let _ = self.ledger.run(move |c| ops::fail(c, &q2, &msg)).await;
+                let _ = self.ledger.run(move |c| ops::fail(c, &q2, &e)).await;
+            }
+            Err(Failure::Drop(e)) => {
+                // The staged body is gone or damaged: no retry can succeed. The row goes, so
+                // that it neither blocks the queue nor a later fetch of the key from
+                // staging it again.
+                self.metrics.writeback(false);
+                tracing::error!(key = %q.key, error = %e, "write-back: dropped; the key will be copied when fetched again or by migrate");
+                let q2 = q.clone();
+                let _ = self.ledger.run(move |c| ops::drop_queued(c, &q2)).await;
+                let _ = tokio::fs::remove_file(&q.staged).await;
             }
         }
         self.publish().await;
     }
 
-    async fn put(&self, q: &Queued) -> anyhow::Result<()> {
-        let key = Key::parse(&q.key)?;
+    async fn put(&self, q: &Queued) -> Result<(), Failure> {
+        let drop = |e: String| Failure::Drop(e);
+        let key = Key::parse(&q.key).map_err(|e| drop(e.to_string()))?;
         let mut md5 = [0u8; 16];
-        hex::decode_to_slice(&q.md5, &mut md5)?;
+        hex::decode_to_slice(&q.md5, &mut md5).map_err(|e| drop(e.to_string()))?;
         let meta = ObjectMeta {
             size: q.size,
             content_type: q.content_type.clone(),
@@ -156,15 +218,26 @@ impl WriteBack {
             last_modified: None,
             md5: Some(md5),
         };
-        let len = tokio::fs::metadata(&q.staged).await?.len();
-        anyhow::ensure!(
-            len == q.size,
-            "staged file {} has {len} bytes, expected {}",
-            q.staged.display(),
-            q.size
-        );
-        self.primary.put(&key, &q.staged, &meta).await?;
-        Ok(())
+        let len = tokio::fs::metadata(&q.staged)
+            .await
+            .map_err(|e| drop(format!("staged body {}: {e}", q.staged.display())))?
+            .len();
+        if len != q.size {
+            return Err(drop(format!(
+                "staged body {} has {len} bytes, expected {}",
+                q.staged.display(),
+                q.size
+            )));
+        }
+        self.primary
+            .put(&key, &q.staged, &meta)
+            .await
+            .map_err(|e| Failure::Retry(e.to_string()))
+    }
+
+    /// Copies due now (not waiting out a backoff): what live work means for the backfill.
+    pub async fn due(&self) -> u64 {
+        self.ledger.run(ops::due).await.unwrap_or(0)
     }
 
     /// Copies waiting in the queue.

@@ -191,8 +191,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// Publishes whether live work is under way (misses being fetched, copies waiting for the
-/// primary), for the backfill to pause on. Checked every 200 ms.
+/// Publishes whether live work is under way (misses being fetched, copies due for the
+/// primary; not copies waiting out a backoff), for the backfill to pause on. Checked every
+/// 200 ms.
 async fn watch_live_work(
     flights: Arc<Flights>,
     writeback: Arc<WriteBack>,
@@ -200,7 +201,7 @@ async fn watch_live_work(
     stop: CancellationToken,
 ) {
     loop {
-        let now_busy = flights.in_flight() > 0 || writeback.pending().await > 0;
+        let now_busy = flights.in_flight() > 0 || writeback.due().await > 0;
         busy.send_if_modified(|b| std::mem::replace(b, now_busy) != now_busy);
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -428,11 +429,12 @@ impl Edge {
     /// HEAD of a key not in the cache: ask the stores for metadata only (no fetch, no copy).
     async fn head_miss(&self, headers: &http::HeaderMap, key: &Key) -> Answer {
         let mut last_error = None;
-        for store in &self.chain {
+        for (i, store) in self.chain.iter().enumerate() {
             match store.head(key).await {
                 Ok(Some(m)) => {
                     let source = Source::Memory(Bytes::new());
-                    return respond::object(headers, true, meta_for(key, &m), source, "MISS");
+                    let cache_status = if i > 0 { "FALLBACK" } else { "MISS" };
+                    return respond::object(headers, true, meta_for(key, &m), source, cache_status);
                 }
                 Ok(None) => {}
                 Err(e) => last_error = Some(e),
@@ -440,7 +442,10 @@ impl Edge {
         }
         match last_error {
             Some(e) => store_error(&e),
-            None => not_found("MISS"),
+            None => {
+                self.flights.negative().insert(key);
+                not_found("MISS")
+            }
         }
     }
 }

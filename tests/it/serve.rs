@@ -491,7 +491,18 @@ async fn ranges_and_conditionals_on_cold_and_warm_keys() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "100000");
+    assert_eq!(r.headers()["x-cache-status"], "FALLBACK");
     assert_eq!(origin.gets("c.png"), 0, "HEAD fetches no body");
+    // A HEAD of a key found nowhere is remembered like a GET's.
+    for _ in 0..3 {
+        let r = client()
+            .head(format!("{}none.png", edge.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    assert_eq!(origin.total_for("none.png"), 1);
     assert_eq!(origin.gets(KEY), 1);
     edge.running.shutdown().await;
 }
@@ -791,5 +802,47 @@ async fn write_backs_cannot_escape_an_fs_primary_through_a_symlinked_directory()
         !outside.join("sub").exists(),
         "a directory was created outside the root"
     );
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_queued_copy_whose_staged_body_is_gone_is_dropped_not_retried_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = fediedge::ledger::Ledger::open(&dir.path().join("var")).unwrap();
+    let queued = fediedge::ledger::Queued {
+        key: "lost/x.png".into(),
+        staged: dir.path().join("var/staging/wb-gone"),
+        size: 10,
+        md5: "00".repeat(16),
+        content_type: None,
+        source: "old".into(),
+        attempts: 0,
+    };
+    assert!(ledger
+        .with(|c| fediedge::ledger::ops::enqueue(c, &queued))
+        .unwrap());
+    drop(ledger);
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "[primary]\ntype = \"fs\"\nroot = \"{}\"\n",
+            dir.path().join("primary").display()
+        ),
+    )
+    .await;
+    let ledger = edge.running.ledger.clone();
+    eventually(Duration::from_secs(10), "the row dropped", || {
+        ledger.with(fediedge::ledger::ops::pending).unwrap() == 0
+    })
+    .await;
+    assert!(ledger
+        .with(|c| fediedge::ledger::ops::copied(c, "lost/x.png"))
+        .unwrap()
+        .is_none());
+    assert!(edge
+        .running
+        .metrics
+        .render()
+        .contains("fediedge_writebacks_total{outcome=\"failed\"} 1"));
     edge.running.shutdown().await;
 }

@@ -138,6 +138,17 @@ impl Origin {
         self.gets.lock().get(key).copied().unwrap_or(0)
     }
 
+    /// Requests of any method received for `key`.
+    pub fn total_for(&self, key: &str) -> usize {
+        let suffix = format!(" {key}");
+        self.gets
+            .lock()
+            .iter()
+            .filter(|(k, _)| k.as_str() == key || k.ends_with(&suffix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// All requests received.
     pub fn total(&self) -> usize {
         self.total.load(Ordering::SeqCst)
@@ -167,9 +178,13 @@ async fn answer(
                 .into_owned()
         })
         .unwrap_or_default();
-    if req.method() == hyper::Method::GET {
-        *gets.lock().entry(key.clone()).or_default() += 1;
-    }
+    // GETs are counted under the key, other methods under "METHOD key".
+    let counted = if req.method() == hyper::Method::GET {
+        key.clone()
+    } else {
+        format!("{} {key}", req.method())
+    };
+    *gets.lock().entry(counted).or_default() += 1;
     let found = objects
         .lock()
         .get(&key)
