@@ -375,9 +375,39 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message: parse_message(text, &e),
     })?;
     raw.validate(path)
+}
+
+/// toml's message with its line and column, but without the line itself: toml's own Display
+/// quotes the offending line, which may hold a secret (`secret_acess_key = "…"`).
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    let Some(span) = e.span() else {
+        return message.to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+    // Name the key: the text before `=` on that line, under the last `[table]` above it.
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty());
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("line {line_no}, column {column}: `{t}.{k}`: {message}"),
+        (None, Some(k)) => format!("line {line_no}, column {column}: `{k}`: {message}"),
+        _ => format!("line {line_no}, column {column}: {message}"),
+    }
 }
 
 /// The embedded default: no config file, `./var/media` served at `127.0.0.1:8080/system/`.
@@ -754,6 +784,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bukket"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_secrets() {
+        let err = parse("[primary]\ntype = \"s3\"\nsecret_acess_key = \"wJalrXUtnFEMI\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("secret_acess_key") && err.contains("line 3"),
+            "{err}"
+        );
+        assert!(!err.contains("wJalrXUtnFEMI"), "{err}");
     }
 
     #[test]
