@@ -207,9 +207,14 @@ impl Ctx {
     /// Reads the source body into a temp file, verifies it, puts it into the primary.
     async fn copy(&self, key: &Key, stop: &CancellationToken) -> Result<Done, AttemptError> {
         let retry = |e: &dyn std::fmt::Display| AttemptError::Retry(e.to_string());
-        tokio::select! {
-            _ = self.budget.op() => {}
-            _ = stop.cancelled() => return Err(AttemptError::Cancelled),
+        // An S3 source answers a read with two requests (HEAD for the metadata, then one
+        // GET): the budget counts what the source sees.
+        let requests = if self.source.kind() == "s3" { 2 } else { 1 };
+        for _ in 0..requests {
+            tokio::select! {
+                _ = self.budget.op() => {}
+                _ = stop.cancelled() => return Err(AttemptError::Cancelled),
+            }
         }
         let object = tokio::select! {
             r = self.source.get(key) => r.map_err(|e| retry(&e))?,

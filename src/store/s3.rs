@@ -133,7 +133,9 @@ impl Store for S3Store {
         let meta = meta_of(&meta);
         // Pin the read to the version we just looked at, so that a concurrent overwrite
         // cannot splice two objects into one body.
-        let mut reader = self.op.reader_with(key.as_str()).chunk(1024 * 1024);
+        // No `.chunk()`: one streamed GET, so bytes flow as they arrive and the stall timeout
+        // measures silence, not the time to fetch a whole chunk.
+        let mut reader = self.op.reader_with(key.as_str());
         if let Some(etag) = &meta.etag {
             reader = reader.if_match(etag);
         }
