@@ -323,20 +323,23 @@ impl Cache {
         }
         let (path, meta_path) = self.paths(key);
         std::fs::create_dir_all(path.parent().expect("object paths have a parent"))?;
-        tmp.persist(&path).map_err(|e| e.error)?;
-        write_atomic(&meta_path, &serde_json::to_vec(&meta)?)?;
+        let record = serde_json::to_vec(&meta)?;
         {
+            // Files and index change together under the lock, so an eviction or removal
+            // running at the same time cannot unlink the body just put in place.
             let mut state = self.state.lock();
+            tmp.persist(&path).map_err(|e| e.error)?;
+            write_atomic(&meta_path, &record)?;
             state.bytes += meta.size;
-            let old = state.index.put(key.clone(), Entry::new(meta, true));
-            if let Some(old) = old {
+            if let Some(old) = state.index.put(key.clone(), Entry::new(meta, true)) {
                 state.bytes -= old.meta.size;
             }
             if let Some(b) = state.memory.pop(key) {
                 state.memory_bytes -= b.len() as u64;
             }
+            self.evict_locked(&mut state);
         }
-        self.evict();
+        self.publish();
         Ok(())
     }
 
@@ -350,35 +353,35 @@ impl Cache {
             if let Some(b) = state.memory.pop(key) {
                 state.memory_bytes -= b.len() as u64;
             }
+            self.unlink(key);
         }
-        let (path, meta_path) = self.paths(key);
-        let _ = std::fs::remove_file(meta_path);
-        let _ = std::fs::remove_file(path);
         self.publish();
     }
 
     fn evict(&self) {
-        let mut victims = Vec::new();
-        {
-            let mut state = self.state.lock();
-            while state.bytes > self.config.max_size {
-                let Some((key, e)) = state.index.pop_lru() else {
-                    break;
-                };
-                state.bytes -= e.meta.size;
-                if let Some(b) = state.memory.pop(&key) {
-                    state.memory_bytes -= b.len() as u64;
-                }
-                victims.push(key);
-            }
-        }
-        for key in victims {
-            let (path, meta_path) = self.paths(&key);
-            // Readers holding the file open keep reading it; unlink is safe on Unix.
-            let _ = std::fs::remove_file(meta_path);
-            let _ = std::fs::remove_file(path);
-        }
+        self.evict_locked(&mut self.state.lock());
         self.publish();
+    }
+
+    /// Evicts least recently used objects until the disk budget holds.
+    fn evict_locked(&self, state: &mut State) {
+        while state.bytes > self.config.max_size {
+            let Some((key, e)) = state.index.pop_lru() else {
+                break;
+            };
+            state.bytes -= e.meta.size;
+            if let Some(b) = state.memory.pop(&key) {
+                state.memory_bytes -= b.len() as u64;
+            }
+            self.unlink(&key);
+        }
+    }
+
+    /// Deletes a body and its record. Readers holding the body open keep reading it (Unix).
+    fn unlink(&self, key: &Key) {
+        let (path, meta_path) = self.paths(key);
+        let _ = std::fs::remove_file(meta_path);
+        let _ = std::fs::remove_file(path);
     }
 
     fn publish(&self) {
@@ -387,7 +390,7 @@ impl Cache {
             .set_cache(state.bytes, state.index.len() as u64, state.memory_bytes);
     }
 
-    /// Bytes and objects on disk (for tests and the status page).
+    /// Bytes and objects on disk.
     pub fn usage(&self) -> (u64, usize) {
         let state = self.state.lock();
         (state.bytes, state.index.len())

@@ -167,6 +167,9 @@ impl Flights {
         let this = self.clone();
         let key = key.clone();
         tokio::spawn(async move {
+            // Removes the entry however the task ends, a panic included: a dead entry would
+            // answer 502 for its key until restart.
+            let _unregister = Unregister(this.clone(), key.clone());
             let end = match this.fetch(&key, &tx).await {
                 Ok(end) => end,
                 Err(e) => {
@@ -175,7 +178,6 @@ impl Flights {
                 }
             };
             tx.send_modify(|s| s.end = Some(end));
-            this.map.lock().remove(&key);
         });
         rx
     }
@@ -287,6 +289,15 @@ impl Flights {
             }
         }
         Ok(End::Complete)
+    }
+}
+
+/// Takes a key out of the flight table when dropped.
+struct Unregister(Arc<Flights>, Key);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        self.0.map.lock().remove(&self.1);
     }
 }
 

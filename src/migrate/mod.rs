@@ -236,11 +236,18 @@ fn build_ctx(
     let metrics = Metrics::new();
     let source = crate::store::open(source_config, metrics.clone()).map_err(Report::usage)?;
     let primary = crate::store::open(&config.primary, metrics).map_err(Report::usage)?;
-    let tmp_dir = config.data_dir.join("tmp-migrate");
-    // Leftovers of a run that was killed: bodies never verified, never put.
-    let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir)
-        .map_err(|e| Report::usage(format!("cannot create {}: {e}", tmp_dir.display())))?;
+    // One directory per run, removed when the run ends: several runs (a `migrate` beside
+    // `serve`'s backfill, a `--verify`) never touch each other's bodies. A run that was
+    // killed leaves its directory behind; its bodies were never put anywhere.
+    let parent = config.data_dir.join("tmp-migrate");
+    let tmp_dir = std::fs::create_dir_all(&parent)
+        .and_then(|()| tempfile::Builder::new().prefix("run-").tempdir_in(&parent))
+        .map_err(|e| {
+            Report::usage(format!(
+                "cannot create a directory in {}: {e}",
+                parent.display()
+            ))
+        })?;
     Ok(Ctx {
         source,
         primary,

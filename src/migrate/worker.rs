@@ -7,7 +7,6 @@
 //! the ETag it answers). Only then is the copy recorded in the ledger. Anything else leaves
 //! the primary untouched; the temp file is deleted when dropped.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +35,7 @@ pub struct Ctx {
     /// The load budget on the source.
     pub budget: Budget,
     /// Temp files of bodies being read.
-    pub tmp_dir: PathBuf,
+    pub tmp_dir: tempfile::TempDir,
     /// Progress counters.
     pub counters: Arc<Counters>,
     /// Retries after a failed attempt.
@@ -225,7 +224,7 @@ impl Ctx {
         };
         let meta = object.meta;
         let size = meta.size;
-        let mut spool = Spool::new(size, &self.tmp_dir).map_err(|e| retry(&e))?;
+        let mut spool = Spool::new(size, self.tmp_dir.path()).map_err(|e| retry(&e))?;
         let mut hasher = Md5::new();
         let mut written = 0u64;
         let mut body = object.body;
