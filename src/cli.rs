@@ -68,7 +68,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 },
             };
             let rt = runtime();
-            match rt.block_on(crate::edge::serve_until_signal(config)) {
+            match rt.block_on(crate::serve::serve_until_signal(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

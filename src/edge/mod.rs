@@ -1,4 +1,5 @@
 //! The HTTP server: media requests on `listen`, `/metrics` and `/healthz` on `admin_listen`.
+//! [`crate::serve`] assembles what it needs and starts it.
 //!
 //! A media request goes: method check → key → cache → memory of recent misses → (direct read
 //! of a local primary when there is no cache) → the flight table, which reads through the
@@ -20,19 +21,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, HitBody};
-use crate::config::Config;
-use crate::flight::{End, Flights, NegativeCache};
+use crate::flight::{End, Flights};
 use crate::key::Key;
-use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::store::{self, ObjectMeta, StoreError, StoreHandle};
-use crate::writeback::WriteBack;
+use crate::store::{ObjectMeta, StoreError, StoreHandle};
 
 pub use respond::Body;
 use respond::{Answer, Meta, Source};
 
 /// Everything a media request needs.
-struct Edge {
+pub struct Edge {
     prefix: String,
     cache: Option<Arc<Cache>>,
     /// The primary, when it is a local directory and there is no cache: served directly.
@@ -43,224 +41,68 @@ struct Edge {
     metrics: Metrics,
 }
 
-/// A running server (see [`start`]).
-pub struct Running {
+impl Edge {
+    /// Assembles the request handler. `chain` is the primary followed by the fallbacks;
+    /// `direct` is the primary when it is a local directory served without a cache.
+    pub fn new(
+        prefix: String,
+        cache: Option<Arc<Cache>>,
+        direct: Option<StoreHandle>,
+        chain: Vec<StoreHandle>,
+        flights: Arc<Flights>,
+        metrics: Metrics,
+    ) -> Edge {
+        Edge {
+            prefix,
+            cache,
+            direct,
+            chain,
+            flights,
+            metrics,
+        }
+    }
+}
+
+/// The bound listeners and the tasks serving them.
+pub struct Listening {
     /// Where media requests are answered.
     pub addr: SocketAddr,
     /// Where `/metrics` and `/healthz` are answered.
     pub admin_addr: SocketAddr,
-    /// The process metrics.
-    pub metrics: Metrics,
-    /// The ledger (queue and record of copies).
-    pub ledger: Ledger,
-    /// The cache, if configured.
-    pub cache: Option<Arc<Cache>>,
+    /// The accept loops; they end when `stop` is cancelled.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Binds `listen` (media) and `admin_listen` (metrics, health) and serves until `stop`.
+pub async fn listen(
+    edge: Arc<Edge>,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
     stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Running {
-    /// Stops accepting, stops the workers, and waits for them.
-    pub async fn shutdown(self) {
-        tracing::info!("shutting down: listeners and write-back workers");
-        self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        tracing::info!("stopped");
-    }
-}
-
-/// Runs until SIGINT or SIGTERM.
-pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
-    let running = start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    running.shutdown().await;
-    Ok(())
-}
-
-/// Opens the stores, cache and ledger, binds both listeners and starts serving.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let metrics = Metrics::new();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let ledger = Ledger::open(&config.data_dir).context("cannot open the ledger")?;
-    let primary = store::open(&config.primary, metrics.clone())?;
-    let mut chain = vec![primary.clone()];
-    for f in &config.fallbacks {
-        chain.push(store::open(f, metrics.clone())?);
-    }
-    let cache = match &config.cache {
-        Some(c) => Some(Arc::new(Cache::open(c, metrics.clone()).with_context(
-            || format!("cannot open the cache at {}", c.dir.display()),
-        )?)),
-        None => None,
-    };
-    let tmp_dir = match &cache {
-        Some(c) => c.tmp_dir(),
-        None => {
-            let t = config.data_dir.join("tmp");
-            let _ = std::fs::remove_dir_all(&t);
-            std::fs::create_dir_all(&t)?;
-            t
-        }
-    };
-    let stop = CancellationToken::new();
-    let writeback = WriteBack::open(
-        ledger.clone(),
-        primary.clone(),
-        &config.data_dir,
-        metrics.clone(),
-    )
-    .await?;
-    let mut tasks = writeback.spawn_workers(config.writeback_concurrency, stop.clone());
-    let flights = Arc::new(Flights::new(
-        chain.clone(),
-        cache.clone(),
-        writeback.clone(),
-        tmp_dir,
-        NegativeCache::new(config.negative_ttl),
-        metrics.clone(),
-    ));
-    tasks.push(tokio::spawn(publish_migration_progress(
-        ledger.clone(),
-        metrics.clone(),
-        stop.clone(),
-    )));
-    if let Some(backfill) = &config.backfill {
-        let (busy_tx, busy_rx) = tokio::sync::watch::channel(true);
-        tasks.push(tokio::spawn(watch_live_work(
-            flights.clone(),
-            writeback.clone(),
-            busy_tx,
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(run_backfill(
-            config.clone(),
-            backfill.clone(),
-            busy_rx,
-            stop.clone(),
-        )));
-    }
-    let direct = (cache.is_none() && primary.kind() == "fs").then(|| primary.clone());
-    let edge = Arc::new(Edge {
-        prefix: config.url_prefix.clone(),
-        cache: cache.clone(),
-        direct,
-        chain,
-        flights,
-        metrics: metrics.clone(),
-    });
-
-    let listener = TcpListener::bind(config.listen)
+) -> anyhow::Result<Listening> {
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let admin = TcpListener::bind(config.admin_listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let admin = TcpListener::bind(admin_listen)
         .await
-        .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
+        .with_context(|| format!("cannot listen on {admin_listen} (admin_listen)"))?;
     let addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    tracing::info!(%addr, %admin_addr, primary = ?config.primary.kind, fallbacks = config.fallbacks.len(), cache = cache.is_some(), "serving media");
-
     let e = edge.clone();
-    tasks.push(tokio::spawn(accept_loop(
-        listener,
-        stop.clone(),
-        move |req| {
-            let e = e.clone();
-            async move { Ok::<_, Infallible>(e.handle(req).await) }
-        },
-    )));
-    let m = metrics.clone();
-    tasks.push(tokio::spawn(accept_loop(admin, stop.clone(), move |req| {
-        let m = m.clone();
+    let media = tokio::spawn(accept_loop(listener, stop.clone(), move |req| {
+        let e = e.clone();
+        async move { Ok::<_, Infallible>(e.handle(req).await) }
+    }));
+    let metrics = edge.metrics.clone();
+    let admin = tokio::spawn(accept_loop(admin, stop, move |req| {
+        let m = metrics.clone();
         async move { Ok::<_, Infallible>(admin_handle(&m, req)) }
-    })));
-    Ok(Running {
+    }));
+    Ok(Listening {
         addr,
         admin_addr,
-        metrics,
-        ledger,
-        cache,
-        stop,
-        tasks,
+        tasks: vec![media, admin],
     })
-}
-
-/// Publishes whether live work is under way (misses being fetched, copies due for the
-/// primary; not copies waiting out a backoff), for the backfill to pause on. Checked every
-/// 200 ms.
-async fn watch_live_work(
-    flights: Arc<Flights>,
-    writeback: Arc<WriteBack>,
-    busy: tokio::sync::watch::Sender<bool>,
-    stop: CancellationToken,
-) {
-    loop {
-        let now_busy = flights.in_flight() > 0 || writeback.due().await > 0;
-        busy.send_if_modified(|b| std::mem::replace(b, now_busy) != now_busy);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-        }
-    }
-}
-
-/// `fediedge migrate` inside `serve`: the `[backfill]` fallback's cold tail, under its
-/// budget, yielding to live work. Runs once to its end (a restart resumes it).
-async fn run_backfill(
-    config: Config,
-    backfill: crate::config::BackfillConfig,
-    busy: tokio::sync::watch::Receiver<bool>,
-    stop: CancellationToken,
-) {
-    let args = crate::migrate::MigrateArgs {
-        config: config.source.clone(),
-        from: Some(backfill.from.clone()),
-        keys: backfill.keys.clone(),
-        concurrency: backfill.concurrency,
-        max_ops_per_sec: Some(backfill.max_ops_per_sec),
-        max_bytes_per_sec: Some(bytesize::ByteSize(backfill.max_bytes_per_sec)),
-        retries: 3,
-        retry_delay: std::time::Duration::from_secs(1).into(),
-        verify: false,
-        verify_deep: false,
-        status: false,
-        log_every: std::time::Duration::from_secs(60).into(),
-        yield_to: Some(busy),
-    };
-    tracing::info!(from = %backfill.from, "backfill: starting");
-    let report =
-        crate::migrate::run_with_config(&config, args, async move { stop.cancelled().await }).await;
-    tracing::info!(
-        copied = report.copied,
-        skipped = report.skipped,
-        failed = report.failed,
-        interrupted = report.interrupted,
-        "backfill: ended"
-    );
-}
-
-/// Copies `fediedge migrate`'s progress from the ledger into the metrics every few seconds, so
-/// a migration run from another process shows on this edge's `/metrics`.
-async fn publish_migration_progress(ledger: Ledger, metrics: Metrics, stop: CancellationToken) {
-    loop {
-        match ledger.run(crate::migrate::progress).await {
-            Ok(Some(p)) => {
-                metrics.set_migration(p.objects_total, p.objects_done, p.bytes_total, p.bytes_done)
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot read migration progress"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-        }
-    }
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, handler: F)

@@ -759,7 +759,7 @@ async fn a_missing_fallback_root_is_refused_not_served_as_empty() {
         dir.path().join("mnt/old-nfs/public/system").display(),
     );
     let config = fediedge::config::from_str(&text, std::path::Path::new("t.toml")).unwrap();
-    let err = match fediedge::edge::start(config).await {
+    let err = match fediedge::serve::start(config).await {
         Ok(_) => panic!("started with a missing fallback root"),
         Err(e) => format!("{e:#}"),
     };

@@ -8,7 +8,7 @@ pub mod origin;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fediedge::edge::Running;
+use fediedge::serve::Running;
 
 /// An edge started in a temp dir from a TOML config body (listeners on port 0 are added).
 pub struct TestEdge {
@@ -26,7 +26,7 @@ pub async fn start_edge(dir: &Path, extra: &str) -> TestEdge {
     );
     let config =
         fediedge::config::from_str(&text, Path::new("test.toml")).expect("valid test config");
-    let running = fediedge::edge::start(config).await.expect("edge starts");
+    let running = fediedge::serve::start(config).await.expect("edge starts");
     let base = format!("http://{}/system/", running.addr);
     let admin = format!("http://{}", running.admin_addr);
     TestEdge {
