@@ -152,6 +152,7 @@ async fn run() -> anyhow::Result<bool> {
 
     println!("# fediedge edge benchmark (issue 2 §13)");
     println!("machine: {}", machine());
+    println!("fediedge source: {}", source_revision());
     println!(
         "origin: http://{origin_addr}{PREFIX} ({SMALL_COUNT} × 4 KiB, {LARGE_COUNT} × 1 MiB, herd objects of {} KiB: {} ms before headers, body over {} ms)",
         HERD_SIZE / 1024,
@@ -203,6 +204,18 @@ async fn run() -> anyhow::Result<bool> {
     drop(servers);
     drop(tmp);
     Ok(met || !settings.strict)
+}
+
+/// The commit the benchmark was built from, `-dirty` when the working tree had changes.
+fn source_revision() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown (no git)".into())
 }
 
 fn loadavg() -> String {
