@@ -23,14 +23,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use md5::{Digest, Md5};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::cache::{Cache, CachedMeta};
 use crate::key::Key;
 use crate::metrics::Metrics;
-use crate::store::{ObjectMeta, StoreError, StoreHandle};
+use crate::store::{BodyCheck, ObjectMeta, StoreError, StoreHandle};
 use crate::writeback::{Fetched, WriteBack};
 
 /// Size of the pieces read from a body file for a response.
@@ -225,40 +224,21 @@ impl Flights {
             key: key.to_string(),
             detail,
         };
-        let mut hasher = Md5::new();
-        let mut written = 0u64;
+        let mut check = BodyCheck::new(&meta);
         let mut body = object.body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            let end = written + chunk.len() as u64;
-            if end > size {
-                return Err(integrity(format!("more than the announced {size} bytes")));
-            }
-            hasher.update(&chunk);
+            let at = check.seen();
+            check.update(&chunk).map_err(integrity)?;
             let f = file.clone();
-            let at = written;
             tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
                 .await
                 .map_err(|e| local(io::Error::other(e)))?
                 .map_err(local)?;
-            written = end;
+            let written = check.seen();
             tx.send_modify(|s| s.written = written);
         }
-        if written != size {
-            return Err(integrity(format!(
-                "body ended after {written} of {size} bytes"
-            )));
-        }
-        let md5: [u8; 16] = hasher.finalize().into();
-        if let Some(want) = meta.md5 {
-            if want != md5 {
-                return Err(integrity(format!(
-                    "MD5 {} does not match the source's {}",
-                    hex::encode(md5),
-                    hex::encode(want)
-                )));
-            }
-        }
+        let md5 = check.finish().map_err(integrity)?;
         let f = file.clone();
         tokio::task::spawn_blocking(move || f.sync_data())
             .await

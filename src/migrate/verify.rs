@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use md5::{Digest, Md5};
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::worker::Ctx;
 use crate::key::Key;
 use crate::ledger;
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{BodyCheck, StoreError, StoreHandle};
 
 /// The result of a verification.
 #[derive(Debug, Default)]
@@ -147,23 +146,19 @@ async fn body_md5(
     let Some(object) = store.get(key).await? else {
         return Ok(None);
     };
-    let mut hasher = Md5::new();
-    let mut n = 0u64;
+    let integrity = |detail: String| StoreError::Integrity {
+        store: store.name().to_owned(),
+        key: key.to_string(),
+        detail,
+    };
+    let mut check = BodyCheck::new(&object.meta);
     let mut body = object.body;
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         if let Some(ctx) = budget {
             ctx.budget.bytes(chunk.len()).await;
         }
-        n += chunk.len() as u64;
-        hasher.update(&chunk);
+        check.update(&chunk).map_err(integrity)?;
     }
-    if n != object.meta.size {
-        return Err(StoreError::Integrity {
-            store: store.name().to_owned(),
-            key: key.to_string(),
-            detail: format!("body ended after {n} of {} bytes", object.meta.size),
-        });
-    }
-    Ok(Some(hasher.finalize().into()))
+    check.finish().map(Some).map_err(integrity)
 }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use md5::{Digest, Md5};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,7 @@ use super::progress::Counters;
 use super::state::{self, Planned};
 use crate::key::Key;
 use crate::ledger::{self, Copy, Ledger};
-use crate::store::{ObjectMeta, StoreHandle};
+use crate::store::{BodyCheck, ObjectMeta, StoreHandle};
 
 /// What every object's work needs; shared by all of them.
 pub struct Ctx {
@@ -225,8 +224,7 @@ impl Ctx {
         let meta = object.meta;
         let size = meta.size;
         let mut spool = Spool::new(size, self.tmp_dir.path()).map_err(|e| retry(&e))?;
-        let mut hasher = Md5::new();
-        let mut written = 0u64;
+        let mut check = BodyCheck::new(&meta);
         let mut body = object.body;
         loop {
             let chunk = tokio::select! {
@@ -235,35 +233,19 @@ impl Ctx {
             };
             let Some(chunk) = chunk else { break };
             let chunk = chunk.map_err(|e| retry(&e))?;
-            written += chunk.len() as u64;
-            if written > size {
-                return Err(AttemptError::Retry(format!(
-                    "{key}: more than the announced {size} bytes"
-                )));
-            }
+            check
+                .update(&chunk)
+                .map_err(|e| AttemptError::Retry(format!("{key}: {e}")))?;
             tokio::select! {
                 _ = self.budget.bytes(chunk.len()) => {}
                 _ = stop.cancelled() => return Err(AttemptError::Cancelled),
             }
-            hasher.update(&chunk);
             spool.write(&chunk).await.map_err(|e| retry(&e))?;
         }
         drop(body);
-        if written != size {
-            return Err(AttemptError::Retry(format!(
-                "{key}: body ended after {written} of {size} bytes"
-            )));
-        }
-        let md5: [u8; 16] = hasher.finalize().into();
-        if let Some(want) = meta.md5 {
-            if want != md5 {
-                return Err(AttemptError::Retry(format!(
-                    "{key}: MD5 {} does not match the source's {}",
-                    hex::encode(md5),
-                    hex::encode(want)
-                )));
-            }
-        }
+        let md5 = check
+            .finish()
+            .map_err(|e| AttemptError::Retry(format!("{key}: {e}")))?;
         let spooled = spool.finish().await.map_err(|e| retry(&e))?;
         // The body is whole and verified: the put runs to its end even if the run is stopping
         // (a put is atomic in every store, so stopping it would gain nothing).

@@ -357,6 +357,63 @@ fn stall_guard(
     ))
 }
 
+/// Checks a body against what its store announced, as it is read: never more than the
+/// announced length, then at the end exactly that length and, where the store vouched for
+/// one, the same MD5. The one place this check is written; flights, `migrate` and its
+/// `--verify` all use it.
+pub struct BodyCheck {
+    hasher: md5::Md5,
+    seen: u64,
+    size: u64,
+    want: Option<[u8; 16]>,
+}
+
+impl BodyCheck {
+    /// Starts checking a body described by `meta`.
+    pub fn new(meta: &ObjectMeta) -> Self {
+        BodyCheck {
+            hasher: <md5::Md5 as md5::Digest>::new(),
+            seen: 0,
+            size: meta.size,
+            want: meta.md5,
+        }
+    }
+
+    /// Takes the next chunk; fails if the body grows past its announced length.
+    pub fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
+        self.seen += chunk.len() as u64;
+        if self.seen > self.size {
+            return Err(format!("more than the announced {} bytes", self.size));
+        }
+        md5::Digest::update(&mut self.hasher, chunk);
+        Ok(())
+    }
+
+    /// Bytes taken so far.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// Ends the check: the body's MD5 if it was whole and matched.
+    pub fn finish(self) -> Result<[u8; 16], String> {
+        if self.seen != self.size {
+            return Err(format!(
+                "body ended after {} of {} bytes",
+                self.seen, self.size
+            ));
+        }
+        let md5: [u8; 16] = md5::Digest::finalize(self.hasher).into();
+        match self.want {
+            Some(want) if want != md5 => Err(format!(
+                "MD5 {} does not match the source's {}",
+                hex::encode(md5),
+                hex::encode(want)
+            )),
+            _ => Ok(md5),
+        }
+    }
+}
+
 /// Parses an S3-style ETag into an MD5 when it is one (32 hex digits, no multipart `-n`).
 pub fn md5_from_etag(etag: &str) -> Option<[u8; 16]> {
     if etag.starts_with("W/") {

@@ -99,16 +99,23 @@ api_bind_addr = "127.0.0.1:{admin}"
             config,
             bin,
         };
+        // `node id` only reads the key file; `status` needs the RPC server up.
         let started = Instant::now();
-        let node = loop {
-            match g.cli(&["node", "id", "-q"]) {
-                Ok(out) => break out.trim().split('@').next().unwrap().to_owned(),
-                Err(e) if started.elapsed() > Duration::from_secs(30) => {
-                    panic!("garage did not start: {e}")
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
+        while let Err(e) = g.cli(&["status"]) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "garage did not start: {e}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let node = g
+            .cli(&["node", "id", "-q"])
+            .unwrap()
+            .trim()
+            .split('@')
+            .next()
+            .unwrap()
+            .to_owned();
         g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
             .unwrap();
         g.cli(&["layout", "apply", "--version", "1"]).unwrap();
