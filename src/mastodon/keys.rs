@@ -311,6 +311,14 @@ pub fn is_secret(key: &str) -> bool {
     if let Some(kind) = kind(key) {
         return kind == Kind::Secret;
     }
+    // An unknown key may be a misspelt secret (`OTP_SECRT`): its value is never shown.
+    if closest_known(key).is_some()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    {
+        return true;
+    }
     let k = key.to_ascii_uppercase();
     [
         "PASS",
