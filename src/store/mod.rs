@@ -239,14 +239,24 @@ impl StoreHandle {
 
     /// Metadata of `key`, under the same limit and timeout as [`StoreHandle::get`].
     pub async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>, StoreError> {
-        let wait = self.first_byte_timeout;
-        let head = async {
-            let _permit = self.permit().await;
-            self.inner.head(key).await
-        };
-        tokio::time::timeout(wait, head)
+        self.limited("head", self.first_byte_timeout, self.inner.head(key))
             .await
-            .unwrap_or_else(|_| Err(self.timeout("head", wait)))
+    }
+
+    /// Runs `op` holding a concurrency permit, the wait for the permit included in `wait`.
+    async fn limited<T>(
+        &self,
+        what: &'static str,
+        wait: Duration,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let run = async {
+            let _permit = self.permit().await;
+            op.await
+        };
+        tokio::time::timeout(wait, run)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout(what, wait)))
     }
 
     /// Time allowed for writing `size` bytes: the first-byte timeout plus the body at
@@ -259,13 +269,8 @@ impl StoreHandle {
     /// Stores a verified local file under `key`.
     pub async fn put(&self, key: &Key, src: &Path, meta: &ObjectMeta) -> Result<(), StoreError> {
         let wait = self.write_timeout(meta.size);
-        let put = async {
-            let _permit = self.permit().await;
-            self.inner.put(key, src, meta).await
-        };
-        tokio::time::timeout(wait, put)
+        self.limited("put", wait, self.inner.put(key, src, meta))
             .await
-            .unwrap_or_else(|_| Err(self.timeout("put", wait)))
     }
 
     /// Stores a verified body held in memory under `key`.
@@ -276,25 +281,14 @@ impl StoreHandle {
         meta: &ObjectMeta,
     ) -> Result<(), StoreError> {
         let wait = self.write_timeout(meta.size);
-        let put = async {
-            let _permit = self.permit().await;
-            self.inner.put_bytes(key, body, meta).await
-        };
-        tokio::time::timeout(wait, put)
+        self.limited("put", wait, self.inner.put_bytes(key, body, meta))
             .await
-            .unwrap_or_else(|_| Err(self.timeout("put", wait)))
     }
 
     /// Deletes `key`.
     pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
-        let wait = self.first_byte_timeout;
-        let delete = async {
-            let _permit = self.permit().await;
-            self.inner.delete(key).await
-        };
-        tokio::time::timeout(wait, delete)
+        self.limited("delete", self.first_byte_timeout, self.inner.delete(key))
             .await
-            .unwrap_or_else(|_| Err(self.timeout("delete", wait)))
     }
 
     /// Opens `key` as a local file if the store is a local directory, within the first-byte

@@ -263,6 +263,20 @@ async fn a_herd_shares_one_source_fetch_and_gets_bytes_as_they_arrive() {
     edge.running.shutdown().await;
 }
 
+/// Nothing of `KEY` landed anywhere: not in the primary, the cache or the write-back queue.
+async fn assert_nothing_kept(edge: &TestEdge) {
+    // The fetch task ends just after the client sees the abort.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!edge.dir.join("primary").join(KEY).exists());
+    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
+    let queued = edge
+        .running
+        .ledger
+        .with(fediedge::ledger::ops::pending)
+        .unwrap();
+    assert_eq!(queued, 0);
+}
+
 #[tokio::test]
 async fn a_truncated_body_is_aborted_and_nothing_is_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -291,15 +305,7 @@ async fn a_truncated_body_is_aborted_and_nothing_is_kept() {
         r.bytes().await.is_err(),
         "the client must see an aborted body, not a short one"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!dir.path().join("primary").join(KEY).exists());
-    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
-    let queued = edge
-        .running
-        .ledger
-        .with(fediedge::ledger::ops::pending)
-        .unwrap();
-    assert_eq!(queued, 0);
+    assert_nothing_kept(&edge).await;
     // Nothing was remembered: the next request asks the origin again.
     let r = client()
         .get(format!("{}{KEY}", edge.base))
@@ -331,9 +337,7 @@ async fn a_wrong_checksum_is_aborted_and_nothing_is_kept() {
         .await
         .unwrap();
     assert!(r.bytes().await.is_err());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!dir.path().join("primary").join(KEY).exists());
-    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
+    assert_nothing_kept(&edge).await;
     edge.running.shutdown().await;
 }
 
@@ -399,7 +403,7 @@ async fn a_stalled_body_is_aborted() {
         .unwrap();
     assert!(r.bytes().await.is_err());
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
+    assert_nothing_kept(&edge).await;
     edge.running.shutdown().await;
 }
 
