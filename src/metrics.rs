@@ -73,6 +73,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct Metrics(Arc<Inner>);
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

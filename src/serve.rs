@@ -117,6 +117,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.clone(),
             backfill.clone(),
             busy_rx,
+            metrics.clone(),
             stop.clone(),
         )));
     }
@@ -169,6 +170,7 @@ async fn run_backfill(
     config: Config,
     backfill: crate::config::BackfillConfig,
     busy: tokio::sync::watch::Receiver<bool>,
+    metrics: Metrics,
     stop: CancellationToken,
 ) {
     let args = crate::migrate::MigrateArgs {
@@ -185,6 +187,7 @@ async fn run_backfill(
         status: false,
         log_every: std::time::Duration::from_secs(60).into(),
         yield_to: Some(busy),
+        metrics: Some(metrics),
     };
     tracing::info!(from = %backfill.from, "backfill: starting");
     let report =

@@ -93,6 +93,10 @@ pub struct MigrateArgs {
     /// progress goes to log lines, never a bar.
     #[arg(skip)]
     pub yield_to: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Set by `serve` for its background backfill: the store reads are counted in the edge's
+    /// own metrics.
+    #[arg(skip)]
+    pub metrics: Option<Metrics>,
 }
 
 /// What a run did; its [`Report::exit_code`] is the process exit code.
@@ -233,7 +237,7 @@ fn build_ctx(
     args: &MigrateArgs,
     ledger: Ledger,
 ) -> Result<Ctx, Report> {
-    let metrics = Metrics::new();
+    let metrics = args.metrics.clone().unwrap_or_default();
     let source = crate::store::open(source_config, metrics.clone()).map_err(Report::usage)?;
     let primary = crate::store::open(&config.primary, metrics).map_err(Report::usage)?;
     // One directory per run, removed when the run ends: several runs (a `migrate` beside

@@ -750,6 +750,12 @@ async fn the_background_backfill_copies_the_cold_tail_and_yields_to_live_misses(
         (record.via.as_str(), record.source.as_str()),
         ("migrate", "old")
     );
+    // The backfill's reads show in the edge's own metrics.
+    let metrics = edge.running.metrics.render();
+    assert!(
+        metrics.contains("fediedge_store_fetches_total{store=\"old\",outcome=\"hit\"} 6"),
+        "{metrics}"
+    );
     edge.running.shutdown().await;
 }
 
