@@ -67,7 +67,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 },
             };
-            let rt = runtime();
+            let rt = runtime(config.worker_threads);
             match rt.block_on(crate::serve::serve_until_signal(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Migrate(args) => runtime().block_on(crate::migrate::run(args)),
+        Command::Migrate(args) => runtime(None).block_on(crate::migrate::run(args)),
         Command::Doctor(args) => crate::doctor::run(args),
         Command::Config(ConfigCommand::FromMastodon { file }) => {
             crate::mastodon::from_mastodon_command(&file)
@@ -84,8 +84,14 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// A multi-threaded runtime; `workers` threads, or tokio's default (one per core, or
+/// `TOKIO_WORKER_THREADS`).
+fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")

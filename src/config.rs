@@ -70,6 +70,9 @@ pub struct RawConfig {
     /// How many copies to the primary run at once. Default 4.
     #[serde(default = "default_writeback_concurrency")]
     pub writeback_concurrency: usize,
+    /// Threads serving requests. Default: one per CPU core. More can help when the edge
+    /// shares its cores with other busy processes (each thread is scheduled on its own).
+    pub worker_threads: Option<usize>,
     /// Optional local disk cache.
     pub cache: Option<RawCache>,
     /// Where media lives from now on. Default: `fs` at `var/media`.
@@ -250,6 +253,8 @@ pub struct Config {
     pub negative_ttl: Duration,
     /// Concurrent copies to the primary.
     pub writeback_concurrency: usize,
+    /// Request-serving threads (None: one per core).
+    pub worker_threads: Option<usize>,
     /// The local cache, if any.
     pub cache: Option<CacheConfig>,
     /// The primary store.
@@ -537,6 +542,7 @@ impl RawConfig {
             data_dir: self.data_dir,
             negative_ttl: self.negative_ttl,
             writeback_concurrency: self.writeback_concurrency,
+            worker_threads: self.worker_threads,
             cache,
             primary,
             fallbacks,
@@ -803,6 +809,7 @@ mod tests {
         let cases = [
             ("listen = \"nope\"", "listen"),
             ("url_prefix = \"system\"", "url_prefix"),
+            ("worker_threads = 0", "worker_threads"),
             ("[cache]\nmax_size = \"10 XB\"", "max_size"),
             (
                 "[[fallback]]\ntype = \"http\"\nurl = \"ftp://x\"",
