@@ -452,6 +452,9 @@ impl RawConfig {
                 "must be at least 1".into(),
             ));
         }
+        if self.worker_threads == Some(0) {
+            return Err(invalid("worker_threads", "must be at least 1".into()));
+        }
         let cache = match self.cache {
             None => None,
             Some(c) => {
