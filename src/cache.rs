@@ -15,7 +15,10 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+/// How often a hit is recorded in the body's mtime (the LRU order used after a restart).
+const TOUCH_EVERY: Duration = Duration::from_secs(600);
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -102,6 +105,8 @@ struct Entry {
     object: Arc<ObjectMeta>,
     /// MD5 checked since this process loaded the entry.
     verified: bool,
+    /// When this process last recorded a use of the entry on disk (None: not yet).
+    touched: Option<Instant>,
 }
 
 impl Entry {
@@ -110,6 +115,7 @@ impl Entry {
             object: Arc::new(meta.to_object_meta()),
             meta: Arc::new(meta),
             verified,
+            touched: None,
         }
     }
 }
@@ -227,15 +233,27 @@ impl Cache {
     pub async fn lookup(self: &Arc<Self>, key: &Key) -> Option<Hit> {
         let (record, meta, verified) = {
             let mut state = self.state.lock();
+            let entry = state.index.get_mut(key)?;
+            // Record the use on disk now and then (the body's mtime), so that the LRU order
+            // survives a restart without a syscall on every hit.
+            if entry.touched.is_none_or(|t| t.elapsed() > TOUCH_EVERY) {
+                entry.touched = Some(Instant::now());
+                let (path, _) = self.paths(key);
+                tokio::task::spawn_blocking(move || {
+                    let _ = File::options()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                });
+            }
+            let found = (entry.meta.clone(), entry.object.clone(), entry.verified);
             if let Some(bytes) = state.memory.get(key).cloned() {
-                let meta = state.index.get(key).map(|e| e.object.clone())?;
                 return Some(Hit {
-                    meta,
+                    meta: found.1,
                     body: HitBody::Memory(bytes),
                 });
             }
-            let entry = state.index.get(key)?;
-            (entry.meta.clone(), entry.object.clone(), entry.verified)
+            found
         };
         let this = self.clone();
         let key2 = key.clone();

@@ -863,3 +863,54 @@ async fn a_queued_copy_whose_staged_body_is_gone_is_dropped_not_retried_forever(
         .contains("fediedge_writebacks_total{outcome=\"failed\"} 1"));
     edge.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_lru_order_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    for i in 0..4 {
+        origin.put(&format!("f{i}.bin"), bytes(300_000, i as u8));
+    }
+    // Room for three bodies; nothing in the primary, so a refetch shows at the origin.
+    let config = format!(
+        "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"1MiB\"\nmemory_max_size = \"0\"\n{}",
+        dir.path().join("primary").display(),
+        dir.path().join("cache").display(),
+        http_fallback(&origin, "5s")
+    );
+    let get = |edge: &TestEdge, i: usize| {
+        let url = format!("{}f{i}.bin", edge.base);
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            let status = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+            r.bytes().await.unwrap();
+            status
+        }
+    };
+    let edge = start_edge(dir.path(), &config).await;
+    for i in 0..3 {
+        get(&edge, i).await;
+    }
+    edge.running.shutdown().await;
+    // After a restart, f0 (the oldest write) is used: that use must outlive the next restart.
+    let edge = start_edge(dir.path(), &config).await;
+    let f0 = edge
+        .running
+        .cache
+        .as_ref()
+        .unwrap()
+        .body_path(&fediedge::key::Key::parse("f0.bin").unwrap());
+    let written = std::fs::metadata(&f0).unwrap().modified().unwrap();
+    assert_eq!(get(&edge, 0).await, "HIT");
+    eventually(Duration::from_secs(5), "the use recorded", || {
+        std::fs::metadata(&f0).unwrap().modified().unwrap() > written
+    })
+    .await;
+    edge.running.shutdown().await;
+    let edge = start_edge(dir.path(), &config).await;
+    assert_eq!(get(&edge, 3).await, "FALLBACK"); // evicts the least recently used: f1
+    assert_eq!(get(&edge, 0).await, "HIT");
+    assert_eq!(get(&edge, 2).await, "HIT");
+    assert_ne!(get(&edge, 1).await, "HIT");
+    edge.running.shutdown().await;
+}
