@@ -53,7 +53,7 @@ pub struct Sink {
 impl Sink {
     async fn record(
         &self,
-        batch: Vec<(String, Option<u64>)>,
+        batch: Vec<(String, Option<u64>, Option<String>)>,
         cursor: Option<String>,
     ) -> Result<(), PlanError> {
         let source = self.source.clone();
@@ -79,14 +79,18 @@ pub async fn list_store(
         let mut failure = None;
         for item in items {
             match item {
-                Ok(listed) => batch.push((listed.key.as_str().to_owned(), Some(listed.size))),
+                Ok(listed) => batch.push((
+                    listed.key.as_str().to_owned(),
+                    Some(listed.size),
+                    listed.md5.map(hex::encode),
+                )),
                 Err(e) => {
                     failure = Some(e);
                     break;
                 }
             }
         }
-        let cursor = batch.last().map(|(k, _)| k.clone());
+        let cursor = batch.last().map(|(k, _, _)| k.clone());
         if !batch.is_empty() {
             sink.record(batch, cursor).await?;
         }
@@ -111,7 +115,7 @@ pub async fn list_file(path: &Path, sink: &Sink) -> Result<u64, PlanError> {
     for (n, line) in text.lines().enumerate() {
         match parse_key_line(line) {
             None => {}
-            Some(Ok(key)) => batch.push((key.as_str().to_owned(), None)),
+            Some(Ok(key)) => batch.push((key.as_str().to_owned(), None, None)),
             Some(Err(e)) => {
                 bad += 1;
                 tracing::warn!(file = %path.display(), line = n + 1, text = line, error = %e, "key refused");

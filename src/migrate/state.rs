@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS migration_objects (
     source TEXT NOT NULL,
     key TEXT NOT NULL,
     size INTEGER,
+    md5 TEXT,
     status TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
@@ -184,19 +185,19 @@ pub fn begin(conn: &Connection, source: &str) -> rusqlite::Result<Option<String>
 pub fn add_listed(
     conn: &Connection,
     source: &str,
-    keys: &[(String, Option<u64>)],
+    keys: &[(String, Option<u64>, Option<String>)],
     cursor: Option<&str>,
 ) -> rusqlite::Result<(u64, u64)> {
     let tx = conn.unchecked_transaction()?;
     let (mut added, mut bytes) = (0u64, 0u64);
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO migration_objects (source, key, size, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(source, key) DO NOTHING",
+            "INSERT INTO migration_objects (source, key, size, md5, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(source, key) DO NOTHING",
         )?;
         let t = now();
-        for (key, size) in keys {
-            let n = insert.execute(params![source, key, size.map(|s| s as i64), t])?;
+        for (key, size, md5) in keys {
+            let n = insert.execute(params![source, key, size.map(|s| s as i64), md5, t])?;
             if n == 1 {
                 added += 1;
                 bytes += size.unwrap_or(0);
@@ -232,6 +233,8 @@ pub struct Planned {
     pub key: String,
     /// Size from the listing, if known.
     pub size: Option<u64>,
+    /// MD5 from the listing, if it gave one (S3 single-part ETags).
+    pub md5: Option<[u8; 16]>,
     /// Failed attempts in earlier runs.
     pub attempts: u32,
     /// Size and `via` of the ledger's record of a copy of this key, if there is one (read with
@@ -248,7 +251,7 @@ pub fn next_batch(
     limit: usize,
 ) -> rusqlite::Result<Vec<Planned>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT m.id, m.key, m.size, m.attempts, c.size, c.via
+        "SELECT m.id, m.key, m.size, m.attempts, c.size, c.via, m.md5
          FROM migration_objects m LEFT JOIN copies c ON c.key = m.key
          WHERE m.source = ?1 AND m.status IN ('pending', 'failed') AND m.id > ?2
          ORDER BY m.id LIMIT ?3",
@@ -262,6 +265,10 @@ pub fn next_batch(
             id: r.get(0)?,
             key: r.get(1)?,
             size: r.get::<_, Option<i64>>(2)?.map(|s| s as u64),
+            md5: r.get::<_, Option<String>>(6)?.and_then(|h| {
+                let mut md5 = [0u8; 16];
+                hex::decode_to_slice(h, &mut md5).ok().map(|_| md5)
+            }),
             attempts: r.get::<_, i64>(3)? as u32,
             recorded,
         })
@@ -354,9 +361,9 @@ mod tests {
         init(&c).unwrap();
         assert_eq!(begin(&c, "old").unwrap(), None);
         let keys = vec![
-            ("a".to_owned(), Some(10)),
-            ("b".to_owned(), Some(20)),
-            ("c".to_owned(), None),
+            ("a".to_owned(), Some(10), None),
+            ("b".to_owned(), Some(20), Some("00".repeat(16))),
+            ("c".to_owned(), None, None),
         ];
         assert_eq!(add_listed(&c, "old", &keys, Some("c")).unwrap(), (3, 30));
         assert_eq!(add_listed(&c, "old", &keys, None).unwrap(), (0, 0));

@@ -176,7 +176,7 @@ impl Ctx {
             return Ok(None);
         };
         let (size, md5) = match listed {
-            Some(size) => (size, None),
+            Some(size) => (size, item.md5),
             None => {
                 self.budget.op().await;
                 match self.source.head(key).await {

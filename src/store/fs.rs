@@ -209,7 +209,11 @@ impl Store for FsStore {
                             continue;
                         }
                         let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-                        Ok(Listed { key, size })
+                        Ok(Listed {
+                            key,
+                            size,
+                            md5: None,
+                        })
                     }
                     Ok(_) => continue,
                     Err(e) => Err(StoreError::backend(&name, e)),

@@ -121,6 +121,8 @@ pub struct Listed {
     pub key: Key,
     /// Size in bytes.
     pub size: u64,
+    /// MD5 when the listing vouches for it (an S3 single-part ETag).
+    pub md5: Option<[u8; 16]>,
 }
 
 /// One store backend. Keys are validated before they get here ([`Key`]).

@@ -247,6 +247,7 @@ impl Store for S3Store {
             Ok(Key::parse(&path).ok().map(|key| Listed {
                 key,
                 size: meta.content_length(),
+                md5: meta.etag().and_then(md5_from_etag),
             }))
         });
         Ok(Box::pin(stream))
