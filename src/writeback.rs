@@ -239,9 +239,4 @@ impl WriteBack {
     pub async fn due(&self) -> u64 {
         self.ledger.run(ops::due).await.unwrap_or(0)
     }
-
-    /// Copies waiting in the queue.
-    pub async fn pending(&self) -> u64 {
-        self.ledger.run(ops::pending).await.unwrap_or(0)
-    }
 }
