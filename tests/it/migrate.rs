@@ -51,6 +51,14 @@ impl Setup {
         )
     }
 
+    /// fs primary at `new`, the http `origin` as fallback.
+    fn http_to_fs(origin: &Origin, new: &Path) -> Setup {
+        Setup::new(
+            &format!("type = \"fs\"\nroot = \"{}\"", new.display()),
+            &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
+        )
+    }
+
     fn root(&self, which: &str) -> PathBuf {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let config = fediedge::config::from_str(&text, Path::new("t.toml")).unwrap();
@@ -207,13 +215,7 @@ async fn fs_to_garage_copies_with_content_type_and_md5_etag() {
 async fn http_origin_with_a_key_file_into_fs() {
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
-    let s = Setup::new(
-        &format!(
-            "type = \"fs\"\nroot = \"{}\"",
-            base.path().join("new").display()
-        ),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &base.path().join("new"));
     let keys: Vec<String> = (0..6).map(key).collect();
     for (i, k) in keys.iter().enumerate() {
         origin.put(k, bytes(5000 + i, i as u8));
@@ -256,10 +258,7 @@ async fn objects_in_the_primary_or_in_the_ledger_are_skipped_without_reading_the
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
     let new = base.path().join("new");
-    let s = Setup::new(
-        &format!("type = \"fs\"\nroot = \"{}\"", new.display()),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &new);
     let (present, ledgered, stale, fresh) = (key(0), key(1), key(2), key(3));
     for (i, k) in [&present, &ledgered, &stale, &fresh].iter().enumerate() {
         origin.put(k, bytes(4000, i as u8));
@@ -309,10 +308,7 @@ async fn an_interrupted_run_resumes_without_reading_copied_objects_again() {
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
     let new = base.path().join("new");
-    let s = Setup::new(
-        &format!("type = \"fs\"\nroot = \"{}\"", new.display()),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &new);
     let keys: Vec<String> = (0..30).map(key).collect();
     for (i, k) in keys.iter().enumerate() {
         origin.put(k, bytes(20_000, i as u8));
@@ -369,10 +365,7 @@ async fn a_truncated_object_is_not_written_is_retried_and_recorded_failed() {
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
     let new = base.path().join("new");
-    let s = Setup::new(
-        &format!("type = \"fs\"\nroot = \"{}\"", new.display()),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &new);
     let (good, bad) = (key(0), key(1));
     origin.put(&good, bytes(10_000, 1));
     origin.put_with(
@@ -421,13 +414,7 @@ async fn a_truncated_object_is_not_written_is_retried_and_recorded_failed() {
 async fn max_ops_per_sec_is_what_the_source_sees() {
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
-    let s = Setup::new(
-        &format!(
-            "type = \"fs\"\nroot = \"{}\"",
-            base.path().join("new").display()
-        ),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &base.path().join("new"));
     let keys: Vec<String> = (0..40).map(key).collect();
     for (i, k) in keys.iter().enumerate() {
         origin.put(k, bytes(1000, i as u8));
@@ -468,13 +455,7 @@ async fn max_ops_per_sec_is_what_the_source_sees() {
 async fn concurrency_bounds_requests_in_flight_at_the_source() {
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
-    let s = Setup::new(
-        &format!(
-            "type = \"fs\"\nroot = \"{}\"",
-            base.path().join("new").display()
-        ),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &base.path().join("new"));
     let keys: Vec<String> = (0..10).map(key).collect();
     for (i, k) in keys.iter().enumerate() {
         let slow = Behaviour {
@@ -493,13 +474,7 @@ async fn concurrency_bounds_requests_in_flight_at_the_source() {
 async fn max_bytes_per_sec_paces_the_reads() {
     let origin = Origin::start().await;
     let base = tempfile::tempdir().unwrap();
-    let s = Setup::new(
-        &format!(
-            "type = \"fs\"\nroot = \"{}\"",
-            base.path().join("new").display()
-        ),
-        &format!("type = \"http\"\nurl = \"{}\"", origin.url()),
-    );
+    let s = Setup::http_to_fs(&origin, &base.path().join("new"));
     let keys: Vec<String> = (0..5).map(key).collect();
     for (i, k) in keys.iter().enumerate() {
         origin.put(k, bytes(100 * 1024, i as u8));

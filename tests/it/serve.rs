@@ -18,6 +18,17 @@ async fn cached_edge(dir: &std::path::Path, origin: &Origin, first_byte: &str) -
     .await
 }
 
+/// An fs primary, `origin` as fallback and a 1 MiB disk cache without a memory tier: room
+/// for three 300,000-byte bodies, every hit read from disk.
+fn one_mib_disk_cache(dir: &std::path::Path, origin: &Origin) -> String {
+    format!(
+        "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"1MiB\"\nmemory_max_size = \"0\"\n{}",
+        dir.join("primary").display(),
+        dir.join("cache").display(),
+        http_fallback(origin, "5s")
+    )
+}
+
 fn fs_primary_with_cache(dir: &std::path::Path) -> String {
     format!(
         "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"64MiB\"\n",
@@ -556,12 +567,7 @@ async fn the_cache_is_bounded_survives_restart_and_refetches_damaged_files() {
     for i in 0..6 {
         origin.put(&format!("f{i}.bin"), bytes(300_000, i as u8));
     }
-    let config = format!(
-        "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"1MiB\"\nmemory_max_size = \"0\"\n{}",
-        dir.path().join("primary").display(),
-        dir.path().join("cache").display(),
-        http_fallback(&origin, "5s")
-    );
+    let config = one_mib_disk_cache(dir.path(), &origin);
     let edge = start_edge(dir.path(), &config).await;
     for i in 0..6 {
         let r = client()
@@ -871,13 +877,7 @@ async fn the_lru_order_survives_a_restart() {
     for i in 0..4 {
         origin.put(&format!("f{i}.bin"), bytes(300_000, i as u8));
     }
-    // Room for three bodies; nothing in the primary, so a refetch shows at the origin.
-    let config = format!(
-        "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"1MiB\"\nmemory_max_size = \"0\"\n{}",
-        dir.path().join("primary").display(),
-        dir.path().join("cache").display(),
-        http_fallback(&origin, "5s")
-    );
+    let config = one_mib_disk_cache(dir.path(), &origin);
     let get = |edge: &TestEdge, i: usize| {
         let url = format!("{}f{i}.bin", edge.base);
         async move {
