@@ -19,21 +19,17 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::cache::{Cache, CachedMeta};
 use crate::key::Key;
 use crate::metrics::Metrics;
+use crate::negative::NegativeCache;
 use crate::store::{BodyCheck, ObjectMeta, StoreError, StoreHandle};
 use crate::writeback::{Fetched, WriteBack};
-
-/// Size of the pieces read from a body file for a response.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// A fetch that found its object and started writing it.
 pub struct Started {
@@ -67,47 +63,6 @@ pub struct FlightState {
     pub written: u64,
     /// Set when the flight is over.
     pub end: Option<End>,
-}
-
-/// Remembers keys found nowhere, for a short while, so a 404 storm does not reach the stores.
-pub struct NegativeCache {
-    ttl: Duration,
-    seen: Mutex<lru::LruCache<Key, Instant>>,
-}
-
-impl NegativeCache {
-    /// Remembers up to 100,000 keys for `ttl` each (`ttl` zero: remembers nothing).
-    pub fn new(ttl: Duration) -> Self {
-        NegativeCache {
-            ttl,
-            seen: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(100_000).expect("non-zero"),
-            )),
-        }
-    }
-
-    /// True if `key` was found nowhere less than `ttl` ago.
-    pub fn contains(&self, key: &Key) -> bool {
-        if self.ttl.is_zero() {
-            return false;
-        }
-        let mut seen = self.seen.lock();
-        match seen.get(key) {
-            Some(at) if at.elapsed() < self.ttl => true,
-            Some(_) => {
-                seen.pop(key);
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// Remembers that `key` was found nowhere.
-    pub fn insert(&self, key: &Key) {
-        if !self.ttl.is_zero() {
-            self.seen.lock().put(key.clone(), Instant::now());
-        }
-    }
 }
 
 /// The table of fetches under way, and what a fetch needs.
@@ -278,77 +233,5 @@ struct Unregister(Arc<Flights>, Key);
 impl Drop for Unregister {
     fn drop(&mut self) {
         self.0.map.lock().remove(&self.1);
-    }
-}
-
-/// Reads `start..end` of `file` as a stream of chunks. With `progress`, the file is still being
-/// written: the stream waits for each byte to be published and fails if the flight fails.
-pub fn read_range(
-    file: Arc<File>,
-    start: u64,
-    end: u64,
-    progress: Option<watch::Receiver<FlightState>>,
-) -> impl Stream<Item = io::Result<Bytes>> + Send {
-    futures_util::stream::unfold(
-        (file, start, progress),
-        move |(file, pos, mut progress)| async move {
-            if pos >= end {
-                return None;
-            }
-            let available = match progress.as_mut() {
-                None => end,
-                Some(rx) => match wait_for_bytes(rx, pos, end).await {
-                    Ok(available) => available.min(end),
-                    Err(e) => return Some((Err(e), (file, end, None))),
-                },
-            };
-            let n = (available - pos).min(READ_CHUNK as u64) as usize;
-            let f = file.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = BytesMut::zeroed(n);
-                f.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-            match read {
-                Ok(bytes) => Some((Ok(bytes), (file, pos + n as u64, progress))),
-                Err(e) => Some((Err(e), (file, end, None))),
-            }
-        },
-    )
-}
-
-/// Waits until more than `pos` bytes may be read for a response ending at `end`; returns how
-/// many may.
-///
-/// The response's last byte is held back until the flight is complete (length and checksum
-/// verified): a follower's response, whole body or range, can then still be aborted if the
-/// body turns out damaged, instead of ending as if whole.
-async fn wait_for_bytes(
-    rx: &mut watch::Receiver<FlightState>,
-    pos: u64,
-    end: u64,
-) -> io::Result<u64> {
-    loop {
-        {
-            let state = rx.borrow_and_update();
-            let readable = match &state.end {
-                Some(End::Complete) => state.written,
-                _ => state.written.min(end.saturating_sub(1)),
-            };
-            if readable > pos {
-                return Ok(readable);
-            }
-            match &state.end {
-                Some(End::Failed(e)) => {
-                    return Err(io::Error::other(format!("source failed mid-body: {e}")))
-                }
-                Some(_) => return Err(io::Error::other("source ended before the requested bytes")),
-                None => {}
-            }
-        }
-        if rx.changed().await.is_err() {
-            return Err(io::Error::other("fetch task ended without a result"));
-        }
     }
 }

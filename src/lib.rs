@@ -14,6 +14,7 @@
 //! - [`cache`]: the local disk cache (size bound, LRU eviction, restart recovery, damage
 //!   detection) with a small in-memory tier for hot objects.
 //! - [`flight`]: one fetch per missing key; every requester reads the bytes as they land.
+//! - [`negative`]: the short memory of keys found nowhere (404 storms stay at the edge).
 //! - [`serve`]: assembles everything `fediedge serve` runs and starts it.
 //! - [`edge`]: the HTTP server: routing, GET/HEAD, Range, conditional requests, headers.
 //! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.
@@ -34,6 +35,7 @@ pub mod ledger;
 pub mod mastodon;
 pub mod metrics;
 pub mod migrate;
+pub mod negative;
 pub mod serve;
 pub mod store;
 pub mod writeback;

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::edge::{self, Edge};
-use crate::flight::{Flights, NegativeCache};
+use crate::flight::Flights;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::negative::NegativeCache;
 use crate::store;
 use crate::writeback::WriteBack;
 
@@ -121,7 +122,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             stop.clone(),
         )));
     }
-    let direct = (cache.is_none() && primary.kind() == "fs").then(|| primary.clone());
+    let direct = (cache.is_none() && primary.kind() == crate::config::StoreType::Fs)
+        .then(|| primary.clone());
     let edge = Arc::new(Edge::new(
         config.url_prefix.clone(),
         cache.clone(),

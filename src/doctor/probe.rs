@@ -154,7 +154,7 @@ async fn write_probe(
     finding: &dyn Fn(Severity, &'static str, String, &str) -> Finding,
     out: &mut Vec<Finding>,
 ) {
-    if handle.kind() == "http" {
+    if handle.kind() == crate::config::StoreType::Http {
         out.push(finding(
             Severity::Info,
             "probe-write-skipped",

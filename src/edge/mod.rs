@@ -5,6 +5,7 @@
 //! of a local primary when there is no cache) → the flight table, which reads through the
 //! chain of stores. See ARCHITECTURE.md for the whole flow.
 
+mod body;
 mod respond;
 
 use std::convert::Infallible;

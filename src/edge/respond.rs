@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::watch;
 
-use crate::flight::{read_range, FlightState};
+use super::body::read_range;
+use crate::flight::FlightState;
 
 /// The response body type of every answer.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;

@@ -200,7 +200,10 @@ pub async fn run_with_config(
             format!("no fallback store named {from:?} in the config; fallbacks: {names:?}")
         });
     };
-    if source_config.kind.type_name() == "http" && args.keys.is_none() && !args.verify {
+    if source_config.kind.store_type() == crate::config::StoreType::Http
+        && args.keys.is_none()
+        && !args.verify
+    {
         return Report::usage(format!(
             "{from:?} is an http store, which cannot be listed: give the keys with --keys FILE"
         ));
@@ -297,7 +300,7 @@ async fn run_copy(ctx: Arc<Ctx>, args: &MigrateArgs, stop: CancellationToken) ->
     // Only an S3 listing is in key order, so only there can it resume after the cursor; a
     // directory walk starts again (it reads no bodies, and known keys keep their status).
     let start_after = cursor
-        .filter(|_| ctx.source.kind() == "s3")
+        .filter(|_| ctx.source.kind() == crate::config::StoreType::S3)
         .and_then(|c| Key::parse(&c).ok());
     if let Some(k) = &start_after {
         tracing::info!(after = %k, "resuming the listing");

@@ -207,7 +207,11 @@ impl Ctx {
         let retry = |e: &dyn std::fmt::Display| AttemptError::Retry(e.to_string());
         // An S3 source answers a read with two requests (HEAD for the metadata, then one
         // GET): the budget counts what the source sees.
-        let requests = if self.source.kind() == "s3" { 2 } else { 1 };
+        let requests = if self.source.kind() == crate::config::StoreType::S3 {
+            2
+        } else {
+            1
+        };
         for _ in 0..requests {
             tokio::select! {
                 _ = self.budget.op() => {}

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{StoreConfig, StoreKind};
+use crate::config::{StoreConfig, StoreKind, StoreType};
 use crate::key::Key;
 use crate::metrics::Metrics;
 
@@ -160,7 +160,7 @@ pub type ListStream = Pin<Box<dyn Stream<Item = Result<Listed, StoreError>> + Se
 pub struct StoreHandle {
     inner: Arc<dyn Store>,
     name: Arc<str>,
-    kind: &'static str,
+    kind: StoreType,
     limit: Arc<Semaphore>,
     first_byte_timeout: Duration,
     metrics: Metrics,
@@ -182,7 +182,7 @@ pub fn open(config: &StoreConfig, metrics: Metrics) -> Result<StoreHandle, Store
     Ok(StoreHandle {
         inner,
         name: config.name.as_str().into(),
-        kind: config.kind.type_name(),
+        kind: config.kind.store_type(),
         limit: Arc::new(Semaphore::new(config.max_concurrency)),
         first_byte_timeout: config.first_byte_timeout,
         metrics,
@@ -196,7 +196,7 @@ impl StoreHandle {
     }
 
     /// `fs`, `s3` or `http`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> StoreType {
         self.kind
     }
 
