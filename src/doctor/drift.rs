@@ -57,7 +57,7 @@ pub fn lint(nodes: &[Node]) -> Vec<Finding> {
                 let v = match value {
                     None => "unset".to_owned(),
                     Some(_) if secret => format!("value #{}", i + 1),
-                    Some(v) => format!("{v:?}"),
+                    Some(v) => keys::shown(key, v),
                 };
                 format!("{v} on {}", names.join(", "))
             })
@@ -79,6 +79,8 @@ pub fn lint(nodes: &[Node]) -> Vec<Finding> {
     let all_keys: BTreeSet<&str> = nodes
         .iter()
         .flat_map(|n| n.env.entries.iter().map(|e| e.key.as_str()))
+        // A name that looks like a value is reported by `env-key-looks-like-value`, unnamed.
+        .filter(|k| keys::is_displayable_key(k))
         .collect();
     for key in all_keys {
         if reported.contains(key) {

@@ -17,6 +17,9 @@ pub(super) struct Lint<'a> {
     pub(super) env: &'a EnvFile,
     pub(super) file: String,
     pub(super) out: Vec<Finding>,
+    /// Lines following an unclosed quote in the whole file
+    /// ([`continuation_lines`](super::redact::continuation_lines)).
+    continuation: BTreeMap<usize, usize>,
 }
 
 impl Lint<'_> {
@@ -41,12 +44,35 @@ impl Lint<'_> {
 }
 
 /// Runs every env rule on one file.
+///
+/// Assignments whose key name looks like a value (see [`keys::is_displayable_key`]) are
+/// reported once, by line, as `env-key-looks-like-value`, and left out of every other rule, so
+/// that no rule prints such a name.
 pub fn lint(env: &EnvFile) -> Vec<Finding> {
+    let (named, odd) = split_names(env);
     let mut l = Lint {
-        env,
+        env: &named,
         file: env.path.display().to_string(),
         out: Vec::new(),
+        continuation: super::redact::continuation_lines(env),
     };
+    for line in odd {
+        l.add(
+            Severity::Warning,
+            "env-key-looks-like-value",
+            None,
+            format!(
+                "line {line} sets a variable whose name looks like a value (a token, a pasted \
+                 secret, or the rest of a quoted value that spans lines); dotenv sets it \
+                 silently. The name is not shown."
+            ),
+            format!(
+                "Look at line {line}: if a quoted value above it spans lines, check its closing \
+                 quote; if it is a stray secret, delete it (and rotate that secret if this file \
+                 was shared)."
+            ),
+        );
+    }
     syntax(&mut l);
     per_key(&mut l);
     super::storage_rules::storage(&mut l);
@@ -54,24 +80,73 @@ pub fn lint(env: &EnvFile) -> Vec<Finding> {
     l.out
 }
 
+/// `env` without the assignments whose name must not be printed
+/// ([`redact::name_hidden`](super::redact::name_hidden)), and the lines of those.
+pub fn split_names(env: &EnvFile) -> (EnvFile, Vec<usize>) {
+    let continuation = super::redact::continuation_lines(env);
+    let mut named = env.clone();
+    let mut odd = Vec::new();
+    named.entries.retain(|e| {
+        let hidden = super::redact::name_hidden(e, &continuation);
+        if hidden {
+            odd.push(e.line);
+        }
+        !hidden
+    });
+    (named, odd)
+}
+
 /// Lines dotenv skips or refuses, duplicates, values cut or substituted.
 fn syntax(l: &mut Lint) {
+    for e in &l.env.entries {
+        if super::redact::opens_unclosed_quote(e) {
+            l.add(
+                Severity::Warning,
+                "env-quote-unclosed",
+                Some(&e.key),
+                format!(
+                    "line {}: the value of {} starts with a quote that is never closed, so \
+                     dotenv keeps the quote character as part of the value and reads the lines \
+                     below as lines of their own.",
+                    e.line, e.key
+                ),
+                "Add the missing closing quote after the last character of the value (a quoted \
+                 value may span lines)."
+                    .into(),
+            );
+        }
+    }
     for s in &l.env.skipped {
-        let shown_part = s.text.split('=').next().unwrap_or("").trim().to_owned();
+        // Never the line itself: its value may be a secret in any shape.
+        let (key, shape) = match l.continuation.get(&s.line) {
+            Some(from) => (
+                None,
+                format!("<line hidden>: it follows the unclosed quote of line {from}"),
+            ),
+            None => super::redact::skipped_shape(&s.text),
+        };
         l.add(
             Severity::Warning,
             "env-line-ignored",
-            Some(&shown_part),
+            key.as_deref(),
             format!(
                 "line {} is not a dotenv assignment, so Mastodon skips it without a word \
-                 (keys may only contain letters, digits, `_` and `.`).",
+                 (keys may only contain letters, digits, `_` and `.`): {shape}.",
                 s.line
             ),
             "Write it as KEY=value with a valid key, or make it a comment with `#`.".into(),
         );
     }
     for s in &l.env.unset_exports {
-        let key = s.text.trim_start_matches("export").trim().to_owned();
+        // `export KEY [# comment]`: the key only, never the comment.
+        let key: String = s
+            .text
+            .trim_start_matches("export")
+            .trim_start()
+            .chars()
+            .take_while(|&c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            .collect();
+        let key = keys::shown_key(&key).to_owned();
         l.add(
             Severity::Error,
             "env-export-unset",
@@ -133,20 +208,27 @@ fn syntax(l: &mut Lint) {
             );
         }
         if !e.undefined_refs.is_empty() {
+            // The names after `$` are part of the value: shown only for non-secret keys.
+            let refs = if keys::is_secret(&e.key) {
+                format!(
+                    "{} `$NAME` reference(s) (not shown: the value is secret)",
+                    e.undefined_refs.len()
+                )
+            } else {
+                e.undefined_refs
+                    .iter()
+                    .map(|v| format!("${v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             l.add(
                 Severity::Warning,
                 "env-value-substituted",
                 Some(&e.key),
                 format!(
-                    "line {}: dotenv replaces {} in the value of {} with the variable's value \
+                    "line {}: dotenv replaces {refs} in the value of {} with the variable's value \
                      from the environment (usually empty): a `$` in a password is silently eaten.",
-                    e.line,
-                    e.undefined_refs
-                        .iter()
-                        .map(|v| format!("${v}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    e.key
+                    e.line, e.key
                 ),
                 "If the `$` is literal, put the value in single quotes (KEY='pa$$word') or \
                  escape it as `\\$`."
@@ -330,8 +412,9 @@ fn boolean(l: &mut Lint, key: &str, value: &str, at: &str) {
         "env-bool",
         Some(key),
         format!(
-            "{at}: {key}={value:?}: Mastodon compares {key} with the exact string 'true' \
-             (case-sensitive); anything else, including TRUE, True, 1 and yes, is false, {what}."
+            "{at}: {key}={}: Mastodon compares {key} with the exact string 'true' \
+             (case-sensitive); anything else, including TRUE, True, 1 and yes, is false, {what}.",
+            keys::shown(key, value)
         ),
         format!(
             "Write {key}={} (lower case).",
@@ -354,8 +437,14 @@ fn hosts(l: &mut Lint) {
                     Severity::Error,
                     "env-domain",
                     Some(k),
-                    format!("{k}={v:?} must be a bare domain (no scheme, no path, no slash)."),
-                    format!("Write {k}={}", super::storage_rules::host_of(v)),
+                    format!(
+                        "{k}={} must be a bare domain (no scheme, no path, no slash).",
+                        keys::shown(k, v)
+                    ),
+                    format!(
+                        "Write {k}={}",
+                        super::storage_rules::host_of(&keys::redact_userinfo(v))
+                    ),
                 );
             }
         }
@@ -375,10 +464,11 @@ fn hosts(l: &mut Lint) {
                 "env-cdn-host",
                 Some("CDN_HOST"),
                 format!(
-                    "CDN_HOST={v:?} has no scheme: it becomes Rails' asset_host and the base of \
-                     local media URLs, which then break (mastodon/mastodon#1044)."
+                    "CDN_HOST={} has no scheme: it becomes Rails' asset_host and the base of \
+                     local media URLs, which then break (mastodon/mastodon#1044).",
+                    keys::shown("CDN_HOST", v)
                 ),
-                format!("Write CDN_HOST=https://{v}"),
+                format!("Write CDN_HOST=https://{}", keys::redact_userinfo(v)),
             );
         }
     }

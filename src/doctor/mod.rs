@@ -14,6 +14,7 @@ pub mod drift;
 pub mod env_rules;
 pub mod finding;
 pub mod probe;
+pub mod redact;
 pub mod sidekiq;
 pub mod storage_rules;
 
@@ -86,8 +87,18 @@ pub fn node_spec(spec: &str) -> (String, PathBuf) {
     (spec.to_owned(), PathBuf::from(spec))
 }
 
-/// Runs every check the arguments ask for and returns the findings.
+/// Runs every check the arguments ask for and returns the findings, scrubbed of every secret
+/// text of the env files read ([`redact::Secrets`]).
 pub fn check(args: &DoctorArgs) -> Vec<Finding> {
+    let mut secrets = redact::Secrets::default();
+    let mut out = check_all(args, &mut secrets);
+    for f in &mut out {
+        secrets.scrub_finding(f);
+    }
+    out
+}
+
+fn check_all(args: &DoctorArgs, secrets: &mut redact::Secrets) -> Vec<Finding> {
     let mut out = Vec::new();
     let probe = args.probe || args.probe_write;
     if args.config.is_none() && args.mastodon_env.is_empty() && args.sidekiq_unit.is_empty() {
@@ -118,7 +129,10 @@ pub fn check(args: &DoctorArgs) -> Vec<Finding> {
         let (name, path) = node_spec(spec);
         match EnvFile::load(&path) {
             Ok(env) => {
+                secrets.add_env(&env);
                 out.extend(env_rules::lint(&env));
+                // Drift compares only the assignments whose names may be printed.
+                let (env, _) = env_rules::split_names(&env);
                 nodes.push(drift::Node { name, env });
             }
             Err(e) => out.push(Finding::new(

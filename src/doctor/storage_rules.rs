@@ -51,7 +51,10 @@ pub(super) fn storage(l: &mut Lint) {
     });
     if backend != Backend::S3 && (!s3_keys.is_empty() || typo_bucket) {
         let state = match env.get("S3_ENABLED") {
-            Some(v) => format!("S3_ENABLED={v:?}, which is not 'true'"),
+            Some(v) => format!(
+                "S3_ENABLED={}, which is not 'true'",
+                keys::shown("S3_ENABLED", v)
+            ),
             None => "S3_ENABLED is not set".into(),
         };
         l.add(
@@ -77,9 +80,10 @@ pub(super) fn storage(l: &mut Lint) {
                     "env-swift-object-url",
                     Some("SWIFT_OBJECT_URL"),
                     format!(
-                        "SWIFT_OBJECT_URL={url:?}: media URLs are SWIFT_OBJECT_URL/<key>, and a \
+                        "SWIFT_OBJECT_URL={}: media URLs are SWIFT_OBJECT_URL/<key>, and a \
                          value not starting with https:// is left out of the Content-Security-Policy, \
-                         so browsers block the media."
+                         so browsers block the media.",
+                        keys::shown("SWIFT_OBJECT_URL", url)
                     ),
                     "Set SWIFT_OBJECT_URL=https://<host>/<path-to-container> (no trailing slash).".into(),
                 );
@@ -136,8 +140,11 @@ fn s3(l: &mut Lint) {
                 Severity::Error,
                 "env-s3-endpoint",
                 Some("S3_ENDPOINT"),
-                format!("S3_ENDPOINT={ep:?} has no scheme; the S3 client needs a full URL."),
-                format!("Write S3_ENDPOINT=https://{ep}"),
+                format!(
+                    "S3_ENDPOINT={} has no scheme; the S3 client needs a full URL.",
+                    keys::shown("S3_ENDPOINT", ep)
+                ),
+                format!("Write S3_ENDPOINT=https://{}", keys::redact_userinfo(ep)),
             );
         }
         aws = host_of(ep).ends_with("amazonaws.com");
@@ -178,10 +185,11 @@ fn s3(l: &mut Lint) {
                         "env-s3-hostname",
                         Some("S3_HOSTNAME"),
                         format!(
-                            "S3_HOSTNAME={h:?} must be a bare host: media URLs are \
-                             S3_PROTOCOL://S3_HOSTNAME/S3_BUCKET/<key>."
+                            "S3_HOSTNAME={} must be a bare host: media URLs are \
+                             S3_PROTOCOL://S3_HOSTNAME/S3_BUCKET/<key>.",
+                            keys::shown("S3_HOSTNAME", h)
                         ),
-                        format!("Write S3_HOSTNAME={}", host_of(h)),
+                        format!("Write S3_HOSTNAME={}", host_of(&keys::redact_userinfo(h))),
                     );
                 }
             }
@@ -198,7 +206,9 @@ fn s3(l: &mut Lint) {
                 format!(
                     "Set S3_ALIAS_HOST=<public host serving the bucket> (recommended, e.g. \
                      fediedge) or S3_HOSTNAME={}",
-                    endpoint.map(host_of).unwrap_or("<provider host>")
+                    endpoint
+                        .map(|e| host_of(&keys::redact_userinfo(e)).to_owned())
+                        .unwrap_or("<provider host>".into())
                 ),
             ),
             None => l.add(
@@ -235,7 +245,8 @@ fn s3(l: &mut Lint) {
                 "env-s3-protocol",
                 Some("S3_PROTOCOL"),
                 format!(
-                    "S3_PROTOCOL={p:?}: must be `https` or `http` (it becomes `{p}://` in URLs)."
+                    "S3_PROTOCOL={}: must be `https` or `http` (it becomes the URLs' scheme).",
+                    keys::shown("S3_PROTOCOL", p)
                 ),
                 "Set S3_PROTOCOL=https or delete it.".into(),
             );
@@ -264,9 +275,10 @@ fn s3(l: &mut Lint) {
                 "env-s3-multipart-threshold",
                 Some("S3_MULTIPART_THRESHOLD"),
                 format!(
-                    "S3_MULTIPART_THRESHOLD={t:?} is read as {n} bytes (Ruby `.to_i`), not \
+                    "S3_MULTIPART_THRESHOLD={} is read as {n} bytes (Ruby `.to_i`), not \
                      megabytes: files above {n} bytes are uploaded in parts, and S3 parts must be \
-                     at least 5 MiB."
+                     at least 5 MiB.",
+                    keys::shown("S3_MULTIPART_THRESHOLD", t)
                 ),
                 "Give bytes, e.g. S3_MULTIPART_THRESHOLD=15728640 (15 MiB), or delete it (that is the default).".into(),
             );
@@ -299,7 +311,10 @@ fn s3(l: &mut Lint) {
                 Severity::Error,
                 "env-s3-permission",
                 Some("S3_PERMISSION"),
-                format!("S3_PERMISSION={p:?} is not an S3 canned ACL: every upload is refused."),
+                format!(
+                    "S3_PERMISSION={} is not an S3 canned ACL: every upload is refused.",
+                    keys::shown("S3_PERMISSION", p)
+                ),
                 format!("Use one of {}, or empty for no ACL.", ACLS.join(", ")),
             );
         }
@@ -311,8 +326,9 @@ fn s3(l: &mut Lint) {
                 "env-s3-key-prefix",
                 Some("S3_KEY_PREFIX"),
                 format!(
-                    "S3_KEY_PREFIX={p:?}: Mastodon checks presence and joins it with `/`, so an \
-                     empty value or a leading/trailing slash gives keys with an empty segment."
+                    "S3_KEY_PREFIX={}: Mastodon checks presence and joins it with `/`, so an \
+                     empty value or a leading/trailing slash gives keys with an empty segment.",
+                    keys::shown("S3_KEY_PREFIX", p)
                 ),
                 "Write the prefix without slashes (e.g. S3_KEY_PREFIX=mastodon), or delete the line.".into(),
             );
@@ -350,10 +366,14 @@ fn local(l: &mut Lint) {
                 "env-paperclip-root-url",
                 Some("PAPERCLIP_ROOT_URL"),
                 format!(
-                    "PAPERCLIP_ROOT_URL={u:?}: media URLs are PAPERCLIP_ROOT_URL + \"/\" + key, so it \
-                     must start with `/` and not end with `/` (default /system)."
+                    "PAPERCLIP_ROOT_URL={}: media URLs are PAPERCLIP_ROOT_URL + \"/\" + key, so it \
+                     must start with `/` and not end with `/` (default /system).",
+                    keys::shown("PAPERCLIP_ROOT_URL", u)
                 ),
-                format!("Write PAPERCLIP_ROOT_URL=/{}", u.trim_matches('/')),
+                format!(
+                    "Write PAPERCLIP_ROOT_URL=/{}",
+                    keys::redact_userinfo(u).trim_matches('/')
+                ),
             );
         }
     }
@@ -364,8 +384,9 @@ fn local(l: &mut Lint) {
                 "env-paperclip-root-path",
                 Some("PAPERCLIP_ROOT_PATH"),
                 format!(
-                    "PAPERCLIP_ROOT_PATH={p:?} is relative: it resolves against each process's \
-                     working directory, so web and Sidekiq may disagree."
+                    "PAPERCLIP_ROOT_PATH={} is relative: it resolves against each process's \
+                     working directory, so web and Sidekiq may disagree.",
+                    keys::shown("PAPERCLIP_ROOT_PATH", p)
                 ),
                 "Use an absolute path, e.g. /home/mastodon/live/public/system.".into(),
             );
@@ -374,7 +395,8 @@ fn local(l: &mut Lint) {
 }
 
 /// An alias host must be `host[/path]`: no scheme, no trailing slash, not empty.
-fn bare_host(l: &mut Lint, key: &str, v: &str, rule: &'static str) {
+fn bare_host(l: &mut Lint, key: &str, raw: &str, rule: &'static str) {
+    let v: &str = &keys::redact_userinfo(raw);
     let problem = if v.trim().is_empty() {
         Some("is present but empty, so media URLs become `https:///<key>`".to_owned())
     } else if v.contains("://") {
@@ -399,7 +421,10 @@ fn bare_host(l: &mut Lint, key: &str, v: &str, rule: &'static str) {
             Severity::Error,
             rule,
             Some(key),
-            format!("{key}={v:?} {problem}. It must be a host, optionally with a path, and nothing else."),
+            format!(
+                "{key}={} {problem}. It must be a host, optionally with a path, and nothing else.",
+                keys::shown(key, raw)
+            ),
             if fixed.is_empty() {
                 format!("Set {key}=files.example.com or delete the line.")
             } else {

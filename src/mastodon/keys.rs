@@ -337,11 +337,90 @@ pub fn is_secret(key: &str) -> bool {
 }
 
 /// The value as it may appear in a message: quoted, or `<hidden>` for secrets.
+///
+/// This is the one door through which an env value reaches the doctor's output. A value of a
+/// non-secret key is shown, except the password of a URL's userinfo
+/// (`https://user:p4ss@host` → `https://user:<hidden>@host`); a value whose key name itself
+/// does not look like a key (see [`is_displayable_key`]) is hidden too.
 pub fn shown(key: &str, value: &str) -> String {
-    if is_secret(key) {
+    if is_secret(key) || !is_displayable_key(key) {
         "<hidden>".into()
     } else {
-        format!("{value:?}")
+        format!("{:?}", redact_userinfo(value))
+    }
+}
+
+/// `value` with the password of every `scheme://user:password@` replaced by `<hidden>`, and a
+/// userinfo without `:` (a token used as user name) hidden whole. A value without a scheme
+/// that starts `user:password@host` loses its password too (an e-mail address is kept).
+pub fn redact_userinfo(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    if !value.contains("://") {
+        rest = redact_authority(rest, &mut out, true);
+    }
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = redact_authority(&rest[i + 3..], &mut out, false);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Writes the userinfo at the start of `rest` to `out`, redacted, and returns what follows it
+/// (all of `rest` when there is no userinfo). `need_colon`: only `user:password@` counts.
+fn redact_authority<'a>(rest: &'a str, out: &mut String, need_colon: bool) -> &'a str {
+    let authority_end = rest.find(['/', '?', '#', ' ']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return rest;
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => {
+            out.push_str(user);
+            out.push_str(":<hidden>");
+        }
+        None if need_colon => return rest,
+        None => out.push_str("<hidden>"),
+    }
+    &rest[at..]
+}
+
+/// True if `key`, a name read from an env file, may be printed.
+///
+/// Known keys, members of known families and near-misses of known keys (`3_BUCKET`) are
+/// printed. Any other name must look like an environment variable name: an upper-case letter
+/// first, then upper-case letters, digits, `_`, `.` or `-`, in short segments with few digits
+/// (`MY_OWN_THING`, `S3-BUCKET`). A line holding a token, a hex or base64 secret or the rest
+/// of a broken multi-line value parses as a key too (`wJalrXUtnFEMI`, `AKIAIOSFODNN7EXAMPLE`,
+/// `0f4e1c…`); such a name is never printed.
+pub fn is_displayable_key(key: &str) -> bool {
+    if is_known(key) || closest_known(key).is_some() {
+        return true;
+    }
+    let mut chars = key.chars();
+    if !chars.next().is_some_and(|c| c.is_ascii_uppercase()) || key.len() > 64 {
+        return false;
+    }
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || "_.-".contains(c))
+    {
+        return false;
+    }
+    key.split(['_', '.', '-']).all(|seg| {
+        let digits = seg.chars().filter(char::is_ascii_digit).count();
+        let vowel = seg.chars().any(|c| "AEIOUY".contains(c));
+        seg.len() <= 14 && digits <= 2 && (seg.len() <= 5 || vowel)
+    })
+}
+
+/// `key` as it may appear in a message: itself, or `<hidden name>`
+/// (see [`is_displayable_key`]).
+pub fn shown_key(key: &str) -> &str {
+    if is_displayable_key(key) {
+        key
+    } else {
+        "<hidden name>"
     }
 }
 
@@ -355,6 +434,9 @@ pub fn closest_known(key: &str) -> Option<&'static str> {
     let limit = if key.len() <= 6 { 1 } else { 2 };
     KNOWN
         .iter()
+        // The distance is at least the difference in length: skip the costly comparison
+        // (a long token compared with every key is what made the doctor slow).
+        .filter(|(k, _)| k.len().abs_diff(upper.chars().count()) <= limit)
         .map(|(k, _)| (strsim::damerau_levenshtein(&upper, k), *k))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
@@ -393,6 +475,60 @@ mod tests {
         for k in ["S3_BUCKET", "S3_KEY_PREFIX", "S3_ENABLED", "LOCAL_DOMAIN"] {
             assert!(!is_secret(k), "{k}");
         }
+    }
+
+    #[test]
+    fn key_names_that_look_like_values_are_not_displayable() {
+        for k in [
+            "S3_BUCKET",
+            "3_BUCKET",
+            "MY_OWN_THING",
+            "S3-BUCKET",
+            "SECRET_X",
+            "OIDC_CLIENT_SECRET",
+        ] {
+            assert!(is_displayable_key(k), "{k}");
+        }
+        for k in [
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI",
+            "0f4e1c2b9a8d7e6f5a4b3c2d1e0f9a8b",
+            "JBSWY3DPEHPK3PXP",
+            "GK31c2f218a2e44f485b94239e",
+            "PhdFyyfy5xJ7WVd2wVgmvkRgLRI4lZWq",
+            "XKCDQZWPLMNB",
+            "A1B2C3D4",
+            "",
+        ] {
+            assert!(!is_displayable_key(k), "{k}");
+            assert_eq!(shown_key(k), "<hidden name>");
+            assert_eq!(shown(k, "v"), "<hidden>");
+        }
+    }
+
+    #[test]
+    fn url_passwords_are_hidden() {
+        assert_eq!(
+            redact_userinfo("redis://:p4ss@host:6379/0"),
+            "redis://:<hidden>@host:6379/0"
+        );
+        assert_eq!(
+            redact_userinfo("https://u:pw@a/x https://tok@b/"),
+            "https://u:<hidden>@a/x https://<hidden>@b/"
+        );
+        assert_eq!(redact_userinfo("https://a/b@c"), "https://a/b@c");
+        assert_eq!(
+            redact_userinfo("u:pw@cdn.example"),
+            "u:<hidden>@cdn.example"
+        );
+        assert_eq!(
+            redact_userinfo("postmaster@mg.example"),
+            "postmaster@mg.example"
+        );
+        assert_eq!(
+            shown("S3_ENDPOINT", "https://k:s3cr3t@h"),
+            "\"https://k:<hidden>@h\""
+        );
     }
 
     #[test]

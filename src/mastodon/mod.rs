@@ -150,7 +150,12 @@ pub fn to_fediedge_toml(env: &EnvFile) -> Result<String, String> {
                     ep.trim_end_matches('/').to_owned(),
                     env.is_true("S3_OVERRIDE_PATH_STYLE"),
                 ),
-                Some(ep) => return Err(format!("S3_ENDPOINT={ep:?} is not a URL")),
+                Some(ep) => {
+                    return Err(format!(
+                        "S3_ENDPOINT={} is not a URL",
+                        keys::shown("S3_ENDPOINT", ep)
+                    ))
+                }
                 None => (format!("https://s3.{region}.amazonaws.com"), true),
             };
             let _ = writeln!(out, "type = \"s3\"");

@@ -538,9 +538,18 @@ fn dotenv_syntax_traps() {
         "secret printed: {}",
         x.message
     );
-    let f = lint(&edit(&base, &[("DB_PASS", Some("pa$word"))]), &[]);
+    let f = lint(&edit(&base, &[("DB_PASS", Some("pa$w0rdX1"))]), &[]);
     let x = find(&f, "env-value-substituted", Severity::Warning, "DB_PASS");
-    assert!(x.message.contains("$word"), "{}", x.message);
+    // The name after `$` is part of the password: counted, not shown.
+    assert!(
+        !x.message.contains("w0rdX1"),
+        "secret printed: {}",
+        x.message
+    );
+    assert!(x.message.contains("1 `$NAME` reference"), "{}", x.message);
+    let f = lint(&edit(&base, &[("SMTP_LOGIN", Some("me$HOSTNAME"))]), &[]);
+    let x = find(&f, "env-value-substituted", Severity::Warning, "SMTP_LOGIN");
+    assert!(x.message.contains("$HOSTNAME"), "{}", x.message);
     let f = lint(&edit(&base, &[("DB_PASS", Some("'pa$word'"))]), &[]);
     assert_none(&f, "env-value-substituted");
     find(&f, "env-quoted-value", Severity::Info, "DB_PASS");
@@ -1300,4 +1309,237 @@ fn probe_garage_bucket_credentials_and_write() {
         "{f:?}"
     );
     assert!(!format!("{f:?}").contains(&garage.secret));
+}
+
+// ---- Issue 7 §6: no secret from any line, whatever its shape ----
+
+/// Real-looking secrets, each under a key Mastodon reads, in the shape that key takes.
+const SECRETS: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+    (
+        "AWS_SECRET_ACCESS_KEY",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    ),
+    (
+        "SECRET_KEY_BASE",
+        "a4c123b1612dd272d1371c17149d439536b3216fdaeeb975729fae923d5a4fd12aabfe228f219e9cb0eb53f16947ccf25ec84d8dbc74254770f58904dba41ecc",
+    ),
+    (
+        "OTP_SECRET",
+        "cc3fc1626e53a13043b026c48bbf33feff9243a8f506b40928b5b7a767c76fb008f86bebb2737f6a6f0fb23c6f5da2cec255404e4fb440034d6608697a8d41be",
+    ),
+    (
+        "VAPID_PRIVATE_KEY",
+        "oKq0Zk9yW3rT1xV5bN7mC2pL4sD6fG8hJ0kQwErTyUi=",
+    ),
+    (
+        "DATABASE_URL",
+        "postgres://mastodon:Zq8pL2vX9mN4@db.internal:5432/mastodon_production",
+    ),
+    ("REDIS_URL", "redis://:p4ssR3dis9x@redis.internal:6379/0"),
+    ("SMTP_PASSWORD", "Tr0ub4dor&3horse"),
+];
+
+/// Every way of writing `key` and `value` on a line (or two) that we test, most of them lines
+/// dotenv skips, with a name for failure messages.
+fn secret_line_forms(key: &str, value: &str) -> Vec<(&'static str, String)> {
+    let mid = key.len() / 2;
+    let misspelt = format!("{}{}", &key[..mid], &key[mid + 1..]);
+    let half = value.len() / 2;
+    let alnum: String = value
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(14)
+        .collect();
+    vec![
+        ("KEY value", format!("{key} {value}")),
+        ("KEY: value", format!("{key}: {value}")),
+        ("KEY:value", format!("{key}:{value}")),
+        ("export KEY value", format!("export {key} {value}")),
+        ("\"KEY\"=\"value\"", format!("\"{key}\"=\"{value}\"")),
+        ("'KEY'=value", format!("'{key}'={value}")),
+        ("odd spacing", format!("   {key}   =   {value}   ")),
+        ("odd spacing, no =", format!("\t {key} \t {value} ")),
+        ("invalid key", format!("{key}-OLD={value}")),
+        ("misspelt key", format!("{misspelt}={value}")),
+        ("value with #", format!("{key}={value}#tail")),
+        ("lone token", value.to_owned()),
+        ("token and ==", format!("{value}==")),
+        ("3_BUCKET near it", format!("3_BUCKET {value}")),
+        ("export KEY # value", format!("export {key} # {value}")),
+        (
+            "broken multi-line quote",
+            format!("{key}=\"{}\n{}", &value[..half], &value[half..]),
+        ),
+        ("$ substitution", format!("{key}=pre${alnum}")),
+    ]
+}
+
+/// The texts of a secret that must never be printed: the value, a distinctive piece of it,
+/// both halves (a value broken over two lines), its URL password and its letters and digits
+/// (what `$NAME` substitution would name).
+fn secret_parts(value: &str) -> Vec<String> {
+    let mut parts = vec![value.to_owned()];
+    match value.split_once("://").and_then(|(_, r)| r.split_once('@')) {
+        Some((userinfo, _)) => parts.push(userinfo.rsplit(':').next().unwrap().to_owned()),
+        None => {
+            parts.push(value[4..14].to_owned());
+            let half = value.len() / 2;
+            parts.push(value[..half].to_owned());
+            parts.push(value[half..].to_owned());
+        }
+    }
+    let alnum: String = value
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(14)
+        .collect();
+    if !value.contains("://") {
+        parts.push(alnum);
+    }
+    parts
+}
+
+#[track_caller]
+fn assert_no_secret(out: &str, what: &str) {
+    for (key, value) in SECRETS {
+        for part in secret_parts(value) {
+            assert!(
+                !out.contains(&part),
+                "{what}: a secret of {key} was printed ({part:?}):\n{out}"
+            );
+        }
+    }
+}
+
+/// Runs the binary; stdout and stderr together, and the exit code.
+fn run_all(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap();
+    (out.status.code().unwrap(), text)
+}
+
+/// Checks one env file (next to a clean S3 node, so drift runs too) with the library and the
+/// binary, human and JSON; returns the library's findings.
+fn check_for_secrets(d: &Dir, name: &str, text: &str, what: &str) -> Vec<Finding> {
+    let a = d.write(name, text);
+    let b = data("s3.env.production");
+    let mut args = super_args(&[&a, &b]);
+    let f = doctor::check(&args);
+    assert_no_secret(&show(&f), what);
+    assert_no_secret(&doctor::finding::to_json(&f), what);
+    assert_no_secret(&format!("{f:?}"), what);
+    args.format = Format::Json;
+    assert_eq!(doctor::check(&args), f);
+    for format in ["human", "json"] {
+        let (code, out) = run_all(&[
+            "doctor",
+            "--format",
+            format,
+            "--mastodon-env",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ]);
+        assert!(code > 0, "{what}: {out}");
+        assert_no_secret(&out, &format!("{what} ({format}, binary)"));
+    }
+    f
+}
+
+#[test]
+fn no_secret_printed_from_any_line_shape() {
+    let d = Dir::new();
+    let base = fixture("local.env.production");
+    let mut all = base.clone();
+    let mut by_form = std::collections::BTreeMap::new();
+    for (i, form) in secret_line_forms("K", "v").iter().enumerate() {
+        let mut text = base.clone();
+        for (key, value) in SECRETS {
+            let (_, line) = &secret_line_forms(key, value)[i];
+            text.push_str(line);
+            text.push('\n');
+        }
+        all.push_str(&text[base.len()..]);
+        let f = check_for_secrets(&d, &format!("form-{i}.env"), &text, form.0);
+        by_form.insert(form.0, f);
+    }
+    // The forms are reported by the rules meant for them, by key only.
+    let f = &by_form["value with #"];
+    find(
+        f,
+        "env-value-cut-at-hash",
+        Severity::Warning,
+        "SMTP_PASSWORD",
+    );
+    let f = &by_form["export KEY # value"];
+    let x = find(f, "env-export-unset", Severity::Error, "AWS_ACCESS_KEY_ID");
+    assert!(
+        x.message.contains("`export AWS_ACCESS_KEY_ID`"),
+        "{}",
+        x.message
+    );
+    let f = &by_form["$ substitution"];
+    find(
+        f,
+        "env-value-substituted",
+        Severity::Warning,
+        "SECRET_KEY_BASE",
+    );
+    let f = &by_form["broken multi-line quote"];
+    for (key, _) in SECRETS {
+        find(f, "env-quote-unclosed", Severity::Warning, key);
+    }
+    assert!(
+        f.iter().any(|x| x.rule == "env-key-looks-like-value"),
+        "{}",
+        show(f)
+    );
+    let f = check_for_secrets(&d, "all.env", &all, "all forms together");
+    // The test looks at real findings: skipped lines are reported by key and shape...
+    for (key, _) in SECRETS {
+        let x = f
+            .iter()
+            .find(|x| x.rule == "env-line-ignored" && x.key.as_deref() == Some(key))
+            .unwrap_or_else(|| panic!("no env-line-ignored for {key}:\n{}", show(&f)));
+        assert!(x.message.contains("<value hidden>"), "{}", x.message);
+        assert!(x.message.contains("line "), "{}", x.message);
+    }
+    // ... lines that are tokens by their number only, ...
+    assert!(
+        f.iter()
+            .any(|x| x.rule == "env-line-ignored" && x.message.contains("<line hidden>")),
+        "{}",
+        show(&f)
+    );
+    assert!(
+        f.iter()
+            .any(|x| x.rule == "env-key-looks-like-value" && x.key.is_none()),
+        "{}",
+        show(&f)
+    );
+    // ... and drift of a secret by number.
+    let x = find(&f, "drift-value", Severity::Error, "SECRET_KEY_BASE");
+    assert!(x.message.contains("value #"), "{}", x.message);
+}
+
+/// The scrub also catches a secret a rule would print through an ordinary key: a URL
+/// password in S3_ENDPOINT and the like is hidden, the rest of the URL is kept.
+#[test]
+fn url_passwords_in_ordinary_keys_are_hidden() {
+    let f = s3_env(&[
+        ("S3_ENDPOINT", Some("s3.example.com")),
+        (
+            "S3_ALIAS_HOST",
+            Some("https://media:Zq8pL2vX9mN4@files.example.com/"),
+        ),
+    ]);
+    let human = show(&f);
+    assert!(!human.contains("Zq8pL2vX9mN4"), "{human}");
+    let x = find(&f, "env-s3-alias-host", Severity::Error, "S3_ALIAS_HOST");
+    assert!(
+        x.message.contains("media:<hidden>@files.example.com"),
+        "{}",
+        x.message
+    );
+    find(&f, "env-s3-endpoint", Severity::Error, "S3_ENDPOINT");
 }
