@@ -4,8 +4,11 @@
 //! Facts and sources: `shared/MASTODON.md` §1 ("Selecting the backend", "S3 variables",
 //! "Swift, Azure and local storage") and §4.
 
+use std::path::{Path, PathBuf};
+
 use super::env_rules::Lint;
 use super::finding::Severity;
+use crate::mastodon::dotenv::EnvFile;
 use crate::mastodon::keys;
 use crate::mastodon::Backend;
 
@@ -42,9 +45,12 @@ pub(super) fn storage(l: &mut Lint) {
             "Set only one of them to true.".into(),
         );
     }
-    let s3_keys: Vec<&str> = ["S3_BUCKET", "S3_ENDPOINT", "S3_ALIAS_HOST", "S3_HOSTNAME"]
-        .into_iter()
-        .filter(|k| env.has(k))
+    // Object storage was meant: S3_*/AWS_* keys (or a misspelt S3 key) are present.
+    let s3_keys: Vec<&str> = env
+        .entries
+        .iter()
+        .map(|e| e.key.as_str())
+        .filter(|k| (k.starts_with("S3_") && *k != "S3_ENABLED") || k.starts_with("AWS_"))
         .collect();
     let typo_bucket = env.entries.iter().any(|e| {
         !keys::is_known(&e.key) && keys::closest_known(&e.key).is_some_and(|k| k.starts_with("S3_"))
@@ -57,18 +63,20 @@ pub(super) fn storage(l: &mut Lint) {
             ),
             None => "S3_ENABLED is not set".into(),
         };
-        l.add(
-            Severity::Warning,
-            "env-s3-disabled",
-            Some("S3_ENABLED"),
-            format!(
-                "{state}, but S3 settings are present: Mastodon stores and links media on the \
-                 local filesystem ({}), and these S3 settings are ignored.",
-                env.get("PAPERCLIP_ROOT_PATH")
-                    .unwrap_or("/home/mastodon/live/public/system")
-            ),
-            "If media lives in S3, set S3_ENABLED=true; otherwise delete the S3_* lines.".into(),
-        );
+        if backend == Backend::Local {
+            s3_disabled(l, &state);
+        } else {
+            l.add(
+                Severity::Warning,
+                "env-s3-disabled",
+                Some("S3_ENABLED"),
+                format!(
+                    "{state}, but S3 settings are present: Mastodon stores media in {backend:?} \
+                     and ignores them."
+                ),
+                "Delete the S3_* lines, or set S3_ENABLED=true if media lives in S3.".into(),
+            );
+        }
     }
     match backend {
         Backend::S3 => s3(l),
@@ -96,6 +104,100 @@ pub(super) fn storage(l: &mut Lint) {
         }
         Backend::Local => local(l),
     }
+}
+
+/// The seed's incident: S3 keys say object storage was meant, but S3_ENABLED is not `true`,
+/// so Mastodon writes and links media on the local filesystem. An error, unless the local
+/// media root visibly holds the media (then local storage is real and the S3 keys are stale).
+fn s3_disabled(l: &mut Lint, state: &str) {
+    let (root, found) = local_media(l.env);
+    let root_shown = root.display();
+    match found {
+        Some(file) => l.add(
+            Severity::Warning,
+            "env-s3-disabled",
+            Some("S3_ENABLED"),
+            format!(
+                "{state}, but S3 settings are present. The local media root {root_shown} holds \
+                 media ({}), so media really is on the local filesystem and these S3 settings are \
+                 ignored.",
+                file.strip_prefix(&root).unwrap_or(&file).display()
+            ),
+            "If media lives in S3, set S3_ENABLED=true; otherwise delete the S3_* and AWS_* \
+             lines."
+                .into(),
+        ),
+        None => l.add(
+            Severity::Error,
+            "env-s3-disabled",
+            Some("S3_ENABLED"),
+            format!(
+                "{state}, but S3 settings are present, so object storage was meant. Mastodon \
+                 stores and links media on the local filesystem instead ({root_shown}, which \
+                 holds no media here): new uploads never reach the bucket, and media URLs point \
+                 at this node's /system path."
+            ),
+            "Set S3_ENABLED=true (exactly, lower case). If media really is local, run the \
+             doctor where the media root is mounted, or delete the S3_* and AWS_* lines."
+                .into(),
+        ),
+    }
+}
+
+/// Media sub-directories Mastodon creates under the media root (`:class/:attachment/…`).
+const MEDIA_DIRS: &[&str] = &[
+    "media_attachments",
+    "accounts",
+    "custom_emojis",
+    "site_uploads",
+    "cache",
+];
+
+/// How many directory entries [`local_media`] looks at before giving up.
+const MEDIA_SCAN_LIMIT: usize = 10_000;
+
+/// The local media root of `env` and the first media file found in it, if any.
+///
+/// The root is PAPERCLIP_ROOT_PATH (a relative path is taken from the Mastodon directory),
+/// else `<Mastodon dir>/public/system`; the Mastodon directory (Rails.root) is the env file's
+/// directory, where dotenv reads `.env.production` from (`live/.env.production` →
+/// `live/public/system`). Media means a regular file under one of [`MEDIA_DIRS`].
+pub fn local_media(env: &EnvFile) -> (PathBuf, Option<PathBuf>) {
+    let dir = match env.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let root = match env.get("PAPERCLIP_ROOT_PATH").filter(|p| !p.is_empty()) {
+        Some(p) => dir.join(p),
+        None => dir.join("public/system"),
+    };
+    let mut budget = MEDIA_SCAN_LIMIT;
+    let found = MEDIA_DIRS
+        .iter()
+        .find_map(|sub| first_file(&root.join(sub), &mut budget));
+    (root, found)
+}
+
+/// The first regular file under `dir` (depth first, symlinks inside not followed).
+fn first_file(dir: &Path, budget: &mut usize) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if *budget == 0 {
+                return None;
+            }
+            *budget -= 1;
+            match entry.file_type() {
+                Ok(t) if t.is_file() => return Some(entry.path()),
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 fn s3(l: &mut Lint) {

@@ -134,7 +134,8 @@ fn seed_s3_enabled_false_and_3_bucket() {
     let u = find(&f, "env-unknown-key", Severity::Error, "3_BUCKET");
     assert!(u.message.contains("S3_BUCKET"), "{}", u.message);
     assert!(u.fix.contains("Rename 3_BUCKET to S3_BUCKET"), "{}", u.fix);
-    let s = find(&f, "env-s3-disabled", Severity::Warning, "S3_ENABLED");
+    // Object storage was meant and nothing shows the media is local: an error by itself.
+    let s = find(&f, "env-s3-disabled", Severity::Error, "S3_ENABLED");
     assert!(s.message.contains("local filesystem"), "{}", s.message);
     assert_eq!(doctor::finding::exit_code(&f), 2);
     drop(d);
@@ -201,7 +202,7 @@ fn booleans_must_be_exactly_true() {
         assert!(b.message.contains("FALSE"), "{v}: {}", b.message);
         assert!(b.fix.contains("S3_ENABLED=true"), "{}", b.fix);
         // And S3 is then really off: its settings are reported as ignored.
-        find(&f, "env-s3-disabled", Severity::Warning, "S3_ENABLED");
+        find(&f, "env-s3-disabled", Severity::Error, "S3_ENABLED");
     }
     for v in ["FALSE", "False", "0", "no"] {
         let f = local_env(&[("S3_ENABLED", Some(v))]);
@@ -1542,4 +1543,102 @@ fn url_passwords_in_ordinary_keys_are_hidden() {
         x.message
     );
     find(&f, "env-s3-endpoint", Severity::Error, "S3_ENDPOINT");
+}
+
+/// `live/.env.production` with S3 configured but `S3_ENABLED=false`.
+fn s3_disabled_node(d: &Dir) -> PathBuf {
+    std::fs::create_dir_all(d.0.path().join("live")).unwrap();
+    d.write(
+        "live/.env.production",
+        &edit(
+            &fixture("s3.env.production"),
+            &[("S3_ENABLED", Some("false"))],
+        ),
+    )
+}
+
+fn put_file(path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, b"\x89PNG\r\n").unwrap();
+}
+
+#[test]
+fn s3_disabled_is_an_error_by_itself() {
+    let d = Dir::new();
+    let env = s3_disabled_node(&d);
+    let f = doctor::check(&super_args(&[&env]));
+    let x = find(&f, "env-s3-disabled", Severity::Error, "S3_ENABLED");
+    assert!(
+        x.message.contains(&format!(
+            "{}",
+            d.0.path().join("live/public/system").display()
+        )),
+        "{}",
+        x.message
+    );
+    // It is the only error, and the binary exits 2 for it.
+    let errors: Vec<_> = f.iter().filter(|x| x.severity == Severity::Error).collect();
+    assert_eq!(errors.len(), 1, "{}", show(&f));
+    let (code, out) = run(&["doctor", "--mastodon-env", env.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("error[env-s3-disabled]"), "{out}");
+    // Directories without a file are not media.
+    let system = d.0.path().join("live/public/system");
+    std::fs::create_dir_all(system.join("media_attachments/files/109")).unwrap();
+    std::fs::create_dir_all(system.join("accounts/avatars")).unwrap();
+    let f = doctor::check(&super_args(&[&env]));
+    find(&f, "env-s3-disabled", Severity::Error, "S3_ENABLED");
+    // A file elsewhere under the root is not media either.
+    put_file(&system.join("robots.txt"));
+    let f = doctor::check(&super_args(&[&env]));
+    find(&f, "env-s3-disabled", Severity::Error, "S3_ENABLED");
+}
+
+#[test]
+fn s3_disabled_is_a_warning_when_the_local_media_root_holds_media() {
+    let d = Dir::new();
+    let env = s3_disabled_node(&d);
+    put_file(
+        &d.0.path()
+            .join("live/public/system/media_attachments/files/109/348/000/original/a1b2.png"),
+    );
+    let f = doctor::check(&super_args(&[&env]));
+    let x = find(&f, "env-s3-disabled", Severity::Warning, "S3_ENABLED");
+    assert!(x.message.contains("holds media"), "{}", x.message);
+    assert!(
+        x.message
+            .contains("media_attachments/files/109/348/000/original/a1b2.png"),
+        "{}",
+        x.message
+    );
+    assert_none_errors(&f);
+    let (code, out) = run(&["doctor", "--mastodon-env", env.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("warning[env-s3-disabled]"), "{out}");
+
+    // PAPERCLIP_ROOT_PATH moves the media root: the default one no longer counts.
+    let media = d.0.path().join("media");
+    let text = std::fs::read_to_string(&env).unwrap()
+        + &format!("PAPERCLIP_ROOT_PATH={}\n", media.display());
+    std::fs::write(&env, text).unwrap();
+    let f = doctor::check(&super_args(&[&env]));
+    let x = find(&f, "env-s3-disabled", Severity::Error, "S3_ENABLED");
+    assert!(
+        x.message.contains(&format!("{}", media.display())),
+        "{}",
+        x.message
+    );
+    put_file(&media.join("accounts/avatars/000/000/001/original/me.jpg"));
+    let f = doctor::check(&super_args(&[&env]));
+    find(&f, "env-s3-disabled", Severity::Warning, "S3_ENABLED");
+    assert_none_errors(&f);
+}
+
+#[track_caller]
+fn assert_none_errors(f: &[Finding]) {
+    assert!(
+        !f.iter().any(|x| x.severity == Severity::Error),
+        "{}",
+        show(f)
+    );
 }
