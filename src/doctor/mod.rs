@@ -113,7 +113,7 @@ fn check_all(args: &DoctorArgs, secrets: &mut redact::Secrets) -> Vec<Finding> {
         return out;
     }
     if let Some(path) = &args.config {
-        out.extend(check_config(path, probe, args));
+        out.extend(check_config(path, probe, args, secrets));
     } else if probe {
         out.push(Finding::new(
             Severity::Error,
@@ -152,7 +152,12 @@ fn check_all(args: &DoctorArgs, secrets: &mut redact::Secrets) -> Vec<Finding> {
 }
 
 /// Loads the fediedge config with `serve`'s own loader, then probes it if asked.
-fn check_config(path: &Path, probe: bool, args: &DoctorArgs) -> Vec<Finding> {
+fn check_config(
+    path: &Path,
+    probe: bool,
+    args: &DoctorArgs,
+    secrets: &mut redact::Secrets,
+) -> Vec<Finding> {
     let file = path.display().to_string();
     let config = match crate::config::load(path) {
         Ok(c) => c,
@@ -171,6 +176,7 @@ fn check_config(path: &Path, probe: bool, args: &DoctorArgs) -> Vec<Finding> {
             )];
         }
     };
+    secrets.add_config(&config);
     if !probe {
         return Vec::new();
     }

@@ -55,8 +55,9 @@ pub async fn probe(config: &Config, file: &str, opts: &ProbeOptions) -> Vec<Find
     out
 }
 
+/// The store's kind and location, without the password of a URL.
 fn describe(sc: &StoreConfig) -> String {
-    format!("{:?}", sc.kind)
+    crate::mastodon::keys::redact_userinfo(&format!("{:?}", sc.kind))
 }
 
 async fn read_probe(

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::finding::Finding;
+use crate::config::{Config, StoreKind};
 use crate::mastodon::dotenv::{Entry, EnvFile};
 use crate::mastodon::keys;
 
@@ -172,6 +173,22 @@ impl Secrets {
                 }
             }
             self.add_url_passwords(&s.text);
+        }
+    }
+
+    /// Records the secrets of a fediedge config: every S3 secret and access key, and the URL
+    /// passwords of endpoints and http origins (probe errors may quote a URL).
+    pub fn add_config(&mut self, config: &Config) {
+        for sc in std::iter::once(&config.primary).chain(&config.fallbacks) {
+            match &sc.kind {
+                StoreKind::S3(s3) => {
+                    self.add(&s3.secret_access_key);
+                    self.add(&s3.access_key_id);
+                    self.add_url_passwords(&s3.endpoint);
+                }
+                StoreKind::Http { url } => self.add_url_passwords(url),
+                StoreKind::Fs { .. } => {}
+            }
         }
     }
 

@@ -1143,6 +1143,46 @@ fn probe_unreachable_http_origin_is_an_error() {
     assert_eq!(code, 2, "{out}");
 }
 
+/// A password in an http origin's URL is not printed by the probe, whatever the store layer's
+/// error says.
+#[test]
+fn probe_never_prints_a_url_password() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let d = Dir::new();
+    let media = d.0.path().join("media");
+    std::fs::create_dir_all(&media).unwrap();
+    let cfg = d.write(
+        "f.toml",
+        &format!(
+            "[primary]\ntype = \"fs\"\nroot = {:?}\n[[fallback]]\nname = \"old\"\ntype = \"http\"\nurl = \"http://media:Zq8pL2vX9mN4@127.0.0.1:{port}/system/\"\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"3s\"\n",
+            media.display().to_string()
+        ),
+    );
+    let f = doctor::check(&probe_args(&cfg, false, None));
+    let x = find(&f, "probe-unreachable", Severity::Error, "store old");
+    assert!(
+        x.message.contains("media:<hidden>@127.0.0.1"),
+        "{}",
+        x.message
+    );
+    assert!(!show(&f).contains("Zq8pL2vX9mN4"), "{}", show(&f));
+    for format in ["human", "json"] {
+        let (code, out) = run_all(&[
+            "doctor",
+            "--format",
+            format,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--probe",
+        ]);
+        assert_eq!(code, 2, "{out}");
+        assert!(!out.contains("Zq8pL2vX9mN4"), "{out}");
+    }
+}
+
 #[test]
 fn probe_without_config_is_refused() {
     let mut a = args();
