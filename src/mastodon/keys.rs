@@ -343,11 +343,29 @@ pub fn is_secret(key: &str) -> bool {
 /// (`https://user:p4ss@host` → `https://user:<hidden>@host`); a value whose key name itself
 /// does not look like a key (see [`is_displayable_key`]) is hidden too.
 pub fn shown(key: &str, value: &str) -> String {
-    if is_secret(key) || !is_displayable_key(key) {
+    if is_secret(key) || !is_displayable_key(key) || looks_like_token(value) {
         "<hidden>".into()
     } else {
         format!("{:?}", redact_userinfo(value))
     }
+}
+
+/// True if `value` looks like a key or token pasted under a key that is not secret
+/// (`S3_HOSTNAME=wJalrXUtnFEMI/K7MDENG…`): 16 characters or more from the base64/hex
+/// alphabets, with letters and digits (two or more, or one in a word without `_`/`-` or in
+/// mixed case), no dot, no `://`.
+pub fn looks_like_token(value: &str) -> bool {
+    let v = value.trim();
+    v.len() >= 16
+        && !v.contains("://")
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+/=_-".contains(c))
+        && v.chars().any(|c| c.is_ascii_alphabetic())
+        && v.chars().any(|c| c.is_ascii_digit())
+        && (v.chars().filter(|c| c.is_ascii_digit()).count() >= 2
+            || !v.contains(['_', '-'])
+            || (v.chars().any(|c| c.is_ascii_uppercase())
+                && v.chars().any(|c| c.is_ascii_lowercase())))
 }
 
 /// `value` with the password of every `scheme://user:password@` replaced by `<hidden>`, and a
@@ -503,6 +521,29 @@ mod tests {
             assert!(!is_displayable_key(k), "{k}");
             assert_eq!(shown_key(k), "<hidden name>");
             assert_eq!(shown(k, "v"), "<hidden>");
+        }
+    }
+
+    #[test]
+    fn tokens_under_ordinary_keys_are_hidden() {
+        for v in [
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "AKIAIOSFODNN7EXAMPLE",
+            "0f4e1c2b9a8d7e6f5a4b3c2d1e0f9a8b",
+        ] {
+            assert!(looks_like_token(v), "{v}");
+            assert_eq!(shown("S3_HOSTNAME", v), "<hidden>");
+        }
+        for v in [
+            "mastodon_production",
+            "https://s3.garage.example.social",
+            "files.example.social",
+            "31556952",
+            "us-east-1",
+            "/home/mastodon/live/public/system",
+            "15728640",
+        ] {
+            assert!(!looks_like_token(v), "{v}");
         }
     }
 
