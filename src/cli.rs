@@ -28,6 +28,9 @@ pub enum Command {
     Migrate(crate::migrate::MigrateArgs),
     /// Find configuration errors before users do.
     Doctor(crate::doctor::DoctorArgs),
+    /// Show Mastodon's Sidekiq as Redis holds it: queues, latency, processes, what no process
+    /// serves. Read-only.
+    Queues(crate::sidekiq::QueuesArgs),
     /// Config helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Migrate(args) => runtime(None).block_on(crate::migrate::run(args)),
         Command::Doctor(args) => crate::doctor::run(args),
+        Command::Queues(args) => runtime(None).block_on(crate::sidekiq::command::run(args)),
         Command::Config(ConfigCommand::FromMastodon { file }) => {
             crate::mastodon::from_mastodon_command(&file)
         }

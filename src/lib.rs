@@ -21,6 +21,7 @@
 //! - [`writeback`]: workers that copy fetched objects into the primary.
 //! - [`migrate`]: the bulk backfill (`fediedge migrate`).
 //! - [`doctor`] and [`mastodon`]: configuration lints and live probes (`fediedge doctor`).
+//! - [`sidekiq`]: a read-only monitor of Mastodon's Sidekiq in Redis (`fediedge queues`).
 //! - [`metrics`]: counters and histograms, rendered at `/metrics`.
 #![warn(missing_docs)]
 
@@ -37,5 +38,6 @@ pub mod metrics;
 pub mod migrate;
 pub mod negative;
 pub mod serve;
+pub mod sidekiq;
 pub mod store;
 pub mod writeback;
