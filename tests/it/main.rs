@@ -6,3 +6,4 @@ mod doctor;
 mod migrate;
 mod serve;
 mod serve_s3;
+mod sidekiq;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the integration tests run against, when they are missing:
+# redis-server (the Sidekiq monitor's tests start their own, on a free port, also with TLS and
+# as a sentinel), ruby-sidekiq (a real Sidekiq 6 that writes its own data into that Redis) and
+# openssl (test certificates for rediss://).
+set -euo pipefail
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v sidekiq >/dev/null 2>&1 || missing+=(ruby-sidekiq)
+command -v ruby >/dev/null 2>&1 || missing+=(ruby)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# Mastodon ≤ 4.3 ran Sidekiq under redis-namespace; the real-Sidekiq test does too.
+ruby -e 'require "redis/namespace"' >/dev/null 2>&1 || missing+=(ruby-redis-namespace)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "test packages already installed (redis-server, ruby-sidekiq, ruby-redis-namespace, openssl)"
+  exit 0
+fi
+
+echo "installing ${missing[*]} with apt-get"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+$sudo apt-get update -q
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+# The package starts a system Redis where systemd runs; the tests never use it.
+redis-server --version
