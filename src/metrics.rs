@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -88,7 +89,16 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
+        Self::with_collectors(Vec::new())
+    }
+
+    /// Creates every metric, plus `collectors` rendered at each scrape under the same
+    /// `fediedge_` prefix (series whose label sets come and go, like the Sidekiq monitor's).
+    pub fn with_collectors(collectors: Vec<Box<dyn Collector>>) -> Self {
         let mut registry = Registry::with_prefix("fediedge");
+        for c in collectors {
+            registry.register_collector(c);
+        }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",

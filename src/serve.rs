@@ -60,7 +60,16 @@ pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
 
 /// Opens the stores, cache and ledger, binds both listeners and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let metrics = Metrics::new();
+    // `[sidekiq]`: a read-only monitor of Mastodon's Sidekiq, rendered at each scrape.
+    let sidekiq = match &config.sidekiq {
+        Some(c) => Some((crate::sidekiq::Target::from_config(c)?, c.interval)),
+        None => None,
+    };
+    let sidekiq_collector = crate::sidekiq::metrics::SidekiqCollector::new();
+    let metrics = match sidekiq {
+        Some(_) => Metrics::with_collectors(vec![Box::new(sidekiq_collector.clone())]),
+        None => Metrics::new(),
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let ledger = Ledger::open(&config.data_dir).context("cannot open the ledger")?;
@@ -93,6 +102,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )
     .await?;
     let mut tasks = writeback.spawn_workers(config.writeback_concurrency, stop.clone());
+    if let Some((target, interval)) = sidekiq {
+        tracing::info!(redis = %target.redacted(), "watching Sidekiq");
+        tasks.push(tokio::spawn(crate::sidekiq::metrics::poll(
+            target,
+            interval,
+            sidekiq_collector,
+            stop.clone(),
+        )));
+    }
     let flights = Arc::new(Flights::new(
         chain.clone(),
         cache.clone(),

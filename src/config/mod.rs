@@ -9,9 +9,11 @@
 //! - [`raw`]: the file as written (serde shapes and their defaults).
 //! - `validate`: raw → [`Config`], every key checked and named in errors.
 //! - `secrets`: secrets from the file, a `_file`, or the environment.
+//! - `sidekiq`: `[sidekiq]`, the Sidekiq monitor of `serve`.
 
 mod raw;
 mod secrets;
+mod sidekiq;
 mod validate;
 
 use std::fmt;
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
+pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
 
 /// Why a config could not be loaded. The message always names the file and, where it can, the
 /// key.
@@ -80,6 +83,8 @@ pub struct Config {
     pub fallbacks: Vec<StoreConfig>,
     /// The background backfill, if any.
     pub backfill: Option<BackfillConfig>,
+    /// The Sidekiq monitor's series on `/metrics`, if any.
+    pub sidekiq: Option<SidekiqConfig>,
 }
 
 /// Validated `[backfill]`.

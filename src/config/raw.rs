@@ -45,6 +45,8 @@ pub struct RawConfig {
     pub fallback: Vec<RawStore>,
     /// Optional: copy a fallback's cold tail into the primary in the background of `serve`.
     pub backfill: Option<RawBackfill>,
+    /// Optional: watch Mastodon's Sidekiq and add `fediedge_sidekiq_*` series to `/metrics`.
+    pub sidekiq: Option<super::sidekiq::RawSidekiq>,
 }
 
 /// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever

@@ -141,6 +141,7 @@ impl RawConfig {
             primary,
             fallbacks,
             backfill,
+            sidekiq: self.sidekiq.map(|s| s.validate(path)).transpose()?,
         })
     }
 }

@@ -13,11 +13,13 @@
 //! - [`findings`]: what is wrong (queues no live process serves, `scheduler` served twice …)
 //!   as doctor-style findings.
 //! - [`command`]: `fediedge queues`: the table, the JSON contract, `--watch`.
+//! - [`metrics`]: `fediedge_sidekiq_*` series for `serve`'s `/metrics` (`[sidekiq]`).
 //!
 //! Docs: `docs/queues.md`.
 
 pub mod command;
 pub mod findings;
+pub mod metrics;
 pub mod parse;
 pub mod read;
 pub mod target;

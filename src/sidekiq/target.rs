@@ -122,6 +122,19 @@ impl Target {
         })
     }
 
+    /// The target of `serve`'s `[sidekiq]` section.
+    pub fn from_config(c: &crate::config::SidekiqConfig) -> Result<Target, SidekiqError> {
+        use crate::config::SidekiqSource;
+        match &c.source {
+            SidekiqSource::Url {
+                url,
+                sentinels,
+                namespace,
+            } => Target::from_url(url, sentinels.as_deref(), namespace.clone()),
+            SidekiqSource::MastodonEnv(path) => Target::from_mastodon_env(path),
+        }
+    }
+
     /// The target Mastodon's Sidekiq uses, from a `.env.production` file.
     pub fn from_mastodon_env(path: &Path) -> Result<Target, SidekiqError> {
         let env = EnvFile::load(path)

@@ -4,6 +4,7 @@
 mod cli;
 mod fill;
 mod real;
+mod serve;
 mod server;
 mod transport;
 
