@@ -45,10 +45,13 @@ pub fn analyse(snapshot: &mut Snapshot, needs_fasp: bool, source: &str) {
             if q.processes > 0 {
                 continue;
             }
-            let jobs = format!(
-                "{} job(s) waiting, oldest {:.0} s",
-                q.size, q.latency_seconds
-            );
+            let jobs = match q.size {
+                0 => "empty".to_owned(),
+                n => format!(
+                    "{n} job(s) waiting, the oldest for {:.0} s",
+                    q.latency_seconds
+                ),
+            };
             if q.name == "scheduler" {
                 out.push(finding(
                     Severity::Error,

@@ -192,3 +192,49 @@ async fn exit_codes_follow_the_worst_finding() {
     assert_eq!(code, 1, "{v}");
     assert_eq!(v["findings"][0]["rule"], "queues-quiet-process");
 }
+
+/// `--watch --format json` prints one object per refresh and follows changes in Redis.
+#[tokio::test]
+async fn watch_prints_a_line_per_refresh() {
+    use std::io::{BufRead, BufReader};
+    let redis = RedisServer::start();
+    let mut f = Filler::new(redis.connection().await, None);
+    f.push(Sidekiq::V8_0, "push", 1.0).await;
+    let mut child = Command::new(BIN)
+        .args([
+            "queues",
+            "--redis",
+            &redis.url(),
+            "--format",
+            "json",
+            "--watch",
+        ])
+        .args(["--interval", "100ms"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let size = |v: &Value| {
+        v["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == "push")
+            .map(|q| q["size"].as_u64().unwrap())
+    };
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(size(&first), Some(1));
+    f.push(Sidekiq::V8_0, "push", 0.5).await;
+    // Wait for the event: a later refresh that sees the second job.
+    let mut seen = false;
+    for line in lines.by_ref().take(600) {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if size(&v) == Some(2) {
+            seen = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "no refresh showed the second job");
+}
