@@ -114,7 +114,8 @@ async fn watch(target: &Target, args: &QueuesArgs) -> ExitCode {
                         Format::Json => {
                             serde_json::to_string(&s).expect("snapshot serializes") + "\n"
                         }
-                        Format::Human => render(&s, target, Format::Human),
+                        // One line per finding, so the screen holds the whole picture.
+                        Format::Human => table(&s, target, true),
                     };
                 }
                 Err(e) => {
@@ -143,7 +144,7 @@ async fn watch(target: &Target, args: &QueuesArgs) -> ExitCode {
 pub fn render(s: &Snapshot, target: &Target, format: Format) -> String {
     match format {
         Format::Json => serde_json::to_string_pretty(s).expect("snapshot serializes") + "\n",
-        Format::Human => table(s, target),
+        Format::Human => table(s, target, false),
     }
 }
 
@@ -159,7 +160,8 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
-fn table(s: &Snapshot, target: &Target) -> String {
+/// The table; `compact`: findings one line each, without their fixes (`--watch`).
+fn table(s: &Snapshot, target: &Target, compact: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -225,7 +227,24 @@ fn table(s: &Snapshot, target: &Target) -> String {
         let _ = writeln!(out, "\nunserved: {}", s.unserved.join(", "));
     }
     out.push('\n');
-    out.push_str(&finding::to_human(&s.findings));
+    if !compact {
+        out.push_str(&finding::to_human(&s.findings));
+        return out;
+    }
+    for f in &s.findings {
+        let key = f
+            .key
+            .as_deref()
+            .map(|k| format!(" {k}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{}[{}]{key}: {}",
+            f.severity.as_str(),
+            f.rule,
+            f.message
+        );
+    }
     out
 }
 

@@ -66,6 +66,10 @@ pub async fn connect(target: &Target) -> Result<MultiplexedConnection, SidekiqEr
             if let Some(pw) = url.password() {
                 builder = builder.set_client_to_redis_password(decode(pw));
             }
+            if matches!(url.scheme(), "rediss" | "valkeys") {
+                // The master speaks TLS; the sentinels are asked in plain TCP.
+                builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            }
             let mut client = builder.build().map_err(|e| redis_error(target, e))?;
             client
                 .get_async_connection_with_config(&config)
