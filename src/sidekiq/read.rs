@@ -45,38 +45,70 @@ pub async fn connect(target: &Target) -> Result<MultiplexedConnection, SidekiqEr
                 .await
                 .map_err(|e| redis_error(target, e))
         }
-        Endpoint::Sentinel { sentinels, url } => {
-            use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
-            let addrs = sentinels
-                .iter()
-                .map(|(h, p)| redis::ConnectionAddr::Tcp(h.clone(), *p));
-            let master = url.host_str().unwrap_or("mymaster");
-            let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
-                .map_err(|e| redis_error(target, e))?;
-            let db = url.path().trim_matches('/');
-            if !db.is_empty() {
-                let db = db.parse::<i64>().map_err(|_| {
-                    SidekiqError::Settings("the db after the master name is not a number".into())
-                })?;
-                builder = builder.set_client_to_redis_db(db);
+        Endpoint::Sentinel {
+            sentinels,
+            url,
+            sentinel_auth,
+        } => {
+            // Sentinels without a password (Mastodon ≤ 4.3 sent none), or with the explicit
+            // one; then, as Mastodon 4.4+ does by default, with the master's credentials.
+            let first = sentinel_connect(target, sentinels, url, sentinel_auth.as_ref(), &config);
+            match first.await {
+                Ok(c) => Ok(c),
+                Err(e) if sentinel_auth.is_none() && url.password().is_some() => {
+                    let auth = (decode(url.username()), decode(url.password().unwrap_or("")));
+                    sentinel_connect(target, sentinels, url, Some(&auth), &config)
+                        .await
+                        .map_err(|_| e)
+                }
+                Err(e) => Err(e),
             }
-            if !url.username().is_empty() {
-                builder = builder.set_client_to_redis_username(decode(url.username()));
-            }
-            if let Some(pw) = url.password() {
-                builder = builder.set_client_to_redis_password(decode(pw));
-            }
-            if matches!(url.scheme(), "rediss" | "valkeys") {
-                // The master speaks TLS; the sentinels are asked in plain TCP.
-                builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-            }
-            let mut client = builder.build().map_err(|e| redis_error(target, e))?;
-            client
-                .get_async_connection_with_config(&config)
-                .await
-                .map_err(|e| redis_error(target, e))
         }
     }
+}
+
+async fn sentinel_connect(
+    target: &Target,
+    sentinels: &[(String, u16)],
+    url: &url::Url,
+    auth: Option<&(String, String)>,
+    config: &AsyncConnectionConfig,
+) -> Result<MultiplexedConnection, SidekiqError> {
+    use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+    let addrs = sentinels
+        .iter()
+        .map(|(h, p)| redis::ConnectionAddr::Tcp(h.clone(), *p));
+    let master = url.host_str().unwrap_or("mymaster");
+    let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+        .map_err(|e| redis_error(target, e))?;
+    let db = url.path().trim_matches('/');
+    if !db.is_empty() {
+        let db = db.parse::<i64>().map_err(|_| {
+            SidekiqError::Settings("the db after the master name is not a number".into())
+        })?;
+        builder = builder.set_client_to_redis_db(db);
+    }
+    if !url.username().is_empty() {
+        builder = builder.set_client_to_redis_username(decode(url.username()));
+    }
+    if let Some(pw) = url.password() {
+        builder = builder.set_client_to_redis_password(decode(pw));
+    }
+    if matches!(url.scheme(), "rediss" | "valkeys") {
+        // The master speaks TLS; the sentinels are asked in plain TCP.
+        builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+    }
+    if let Some((user, pw)) = auth {
+        if !user.is_empty() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        builder = builder.set_client_to_sentinel_password(pw);
+    }
+    let mut client = builder.build().map_err(|e| redis_error(target, e))?;
+    client
+        .get_async_connection_with_config(config)
+        .await
+        .map_err(|e| redis_error(target, e))
 }
 
 fn decode(s: &str) -> String {

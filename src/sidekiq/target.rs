@@ -4,7 +4,8 @@
 //! (`setup_config(prefix: 'SIDEKIQ_')`): `SIDEKIQ_REDIS_URL` wins outright; else
 //! `SIDEKIQ_REDIS_HOST`/`_PORT`/`_DB`/`_USER`/`_PASSWORD`, or Sentinel when both
 //! `SIDEKIQ_REDIS_SENTINEL_MASTER` and `SIDEKIQ_REDIS_SENTINELS` (`host[:port],…`, port
-//! default `SIDEKIQ_REDIS_SENTINEL_PORT` or 26379) are set; with no `SIDEKIQ_REDIS_HOST` (nor
+//! default `SIDEKIQ_REDIS_SENTINEL_PORT` or 26379) are set (the sentinels' own credentials:
+//! `…_SENTINEL_USERNAME`/`_PASSWORD`, else none, else the master's as Mastodon 4.4+ does); with no `SIDEKIQ_REDIS_HOST` (nor
 //! Sentinel) the whole un-prefixed `REDIS_*` set is used instead, defaulting to
 //! `localhost:6379/0`. Parts are never mixed between the two sets. `REDIS_NAMESPACE` (removed
 //! in Mastodon 4.4) prefixes every Sidekiq key with `NAMESPACE:`.
@@ -30,6 +31,9 @@ pub enum Endpoint {
         sentinels: Vec<(String, u16)>,
         /// Master name, credentials and db.
         url: url::Url,
+        /// `(user, password)` for the sentinels themselves (`…REDIS_SENTINEL_USERNAME`/
+        /// `_PASSWORD`); without it, none and then the master's are tried.
+        sentinel_auth: Option<(String, String)>,
     },
 }
 
@@ -113,6 +117,7 @@ impl Target {
             Some(list) => Endpoint::Sentinel {
                 sentinels: parse_sentinels(list, 26379)?,
                 url,
+                sentinel_auth: None,
             },
             None => Endpoint::Url(url),
         };
@@ -159,7 +164,7 @@ impl Target {
     pub fn redacted(&self) -> String {
         let mut s = match &self.endpoint {
             Endpoint::Url(u) => redact(u),
-            Endpoint::Sentinel { sentinels, url } => {
+            Endpoint::Sentinel { sentinels, url, .. } => {
                 let list: Vec<String> = sentinels.iter().map(|(h, p)| format!("{h}:{p}")).collect();
                 format!("{} via sentinels {}", redact(url), list.join(","))
             }
@@ -180,6 +185,13 @@ impl Target {
             .filter(|(k, _)| k == "pass" || k == "password")
             .map(|(_, v)| v.into_owned())
             .collect();
+        if let Endpoint::Sentinel {
+            sentinel_auth: Some((_, pw)),
+            ..
+        } = &self.endpoint
+        {
+            out.push(pw.clone());
+        }
         if let Some(pw) = url.password() {
             out.push(pw.to_owned());
             let decoded = percent_encoding::percent_decode_str(pw).decode_utf8_lossy();
@@ -254,7 +266,17 @@ fn endpoint_for(
         let _ = url.set_password(Some(&pw));
     }
     Ok(Some(if sentinel_mode {
-        Endpoint::Sentinel { sentinels, url }
+        let sentinel_auth = present(get("SENTINEL_PASSWORD")).map(|pw| {
+            let user = present(get("SENTINEL_USERNAME"))
+                .or_else(|| present(get("USER")))
+                .unwrap_or_default();
+            (user, pw)
+        });
+        Endpoint::Sentinel {
+            sentinels,
+            url,
+            sentinel_auth,
+        }
     } else {
         Endpoint::Url(url)
     }))

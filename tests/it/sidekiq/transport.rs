@@ -158,7 +158,8 @@ async fn rediss_reads_over_tls() {
 }
 
 /// Sentinel: the monitor asks a real sentinel for the master `mymaster` and reads it, with
-/// the master's password from the URL, as Mastodon's `SIDEKIQ_REDIS_SENTINEL*` settings do.
+/// the master's password, as Mastodon's `SIDEKIQ_REDIS_SENTINEL*` settings do; sentinels
+/// without a password, with the master's, and with their own.
 #[tokio::test]
 async fn sentinel_finds_the_master() {
     let master = RedisServer::start_with(Some("master-pw-K2"), &[]);
@@ -167,39 +168,64 @@ async fn sentinel_finds_the_master() {
     f.heartbeat(Sidekiq::V7_3, "behind-sentinel", 9, &["mailers"], 2, 0)
         .await;
     let master_port = master.port;
-    let sentinel = RedisServer::spawn(None, &|port, dir| {
-        let conf = dir.join("sentinel.conf");
+    let start_sentinel = |password: Option<&str>| {
+        RedisServer::spawn(password, &|port, dir| {
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+                     sentinel auth-pass mymaster master-pw-K2\n"
+                ),
+            )
+            .unwrap();
+            vec![
+                conf.display().to_string(),
+                "--sentinel".into(),
+                "--port".into(),
+                port.to_string(),
+            ]
+        })
+    };
+    let read = |sentinel_port: u16, extra: &str| {
+        let env = master.dir().join(".env.production");
         std::fs::write(
-            &conf,
+            &env,
             format!(
-                "sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
-                 sentinel auth-pass mymaster master-pw-K2\n"
+                "SIDEKIQ_REDIS_SENTINEL_MASTER=mymaster\nSIDEKIQ_REDIS_SENTINELS=127.0.0.1:{sentinel_port}\n\
+                 SIDEKIQ_REDIS_PASSWORD=master-pw-K2\n{extra}"
             ),
         )
         .unwrap();
-        vec![
-            conf.display().to_string(),
-            "--sentinel".into(),
-            "--port".into(),
-            port.to_string(),
-        ]
-    });
-    let env = master.dir().join(".env.production");
-    std::fs::write(
-        &env,
-        format!(
-            "SIDEKIQ_REDIS_SENTINEL_MASTER=mymaster\nSIDEKIQ_REDIS_SENTINELS=127.0.0.1:{}\n\
-             SIDEKIQ_REDIS_PASSWORD=master-pw-K2\n",
-            sentinel.port
-        ),
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["queues", "--format", "json", "--mastodon-env"])
-        .arg(&env)
-        .output()
-        .unwrap();
-    let v = json(out);
+        let out = Command::new(BIN)
+            .args(["queues", "--format", "json", "--mastodon-env"])
+            .arg(&env)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !all.contains("master-pw-K2") && !all.contains("sentinel-pw-R5"),
+            "{all}"
+        );
+        json(out)
+    };
+
+    // A sentinel without a password (Mastodon ≤ 4.3 sent none).
+    let open = start_sentinel(None);
+    let v = read(open.port, "");
     assert_eq!(v["processes"][0]["hostname"], "behind-sentinel");
-    assert!(!v.to_string().contains("master-pw-K2"));
+
+    // A sentinel with the master's password, which Mastodon 4.4+ sends by default.
+    let same = start_sentinel(Some("master-pw-K2"));
+    let v = read(same.port, "");
+    assert_eq!(v["processes"][0]["hostname"], "behind-sentinel");
+
+    // A sentinel with its own password, given as SIDEKIQ_REDIS_SENTINEL_PASSWORD.
+    let own = start_sentinel(Some("sentinel-pw-R5"));
+    let v = read(own.port, "SIDEKIQ_REDIS_SENTINEL_PASSWORD=sentinel-pw-R5\n");
+    assert_eq!(v["processes"][0]["hostname"], "behind-sentinel");
 }
