@@ -6,10 +6,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::doctor::finding;
-use crate::doctor::Format;
 
 use super::read::{connect, read_with};
 use super::{SidekiqError, Snapshot, Target};
+
+/// Output format of `fediedge queues`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A table of queues and processes, then the findings, for people.
+    Human,
+    /// `{queues, scheduled, retry, dead, processed, failed, processes, unserved, findings}`:
+    /// the contract for other tools (docs/queues.md).
+    Json,
+}
 
 /// Arguments of `fediedge queues`.
 #[derive(Debug, clap::Args)]
