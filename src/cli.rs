@@ -74,7 +74,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 },
             };
             let rt = runtime(config.worker_threads);
-            match rt.block_on(crate::serve::serve_until_signal(config)) {
+            let served = rt.block_on(crate::serve::serve_until_signal(config));
+            // The drain is over: a blocking thread still stuck (a hung NFS mount) must not
+            // hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            match served {
+                // Signalled and drained (whatever the drain had to cut is logged).
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

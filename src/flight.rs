@@ -74,11 +74,14 @@ pub struct Flights {
     tmp_dir: PathBuf,
     negative: NegativeCache,
     metrics: Metrics,
+    /// Every fetch task, so that shutdown can wait for the fetches under way.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Flights {
     /// `chain` is the primary followed by the fallbacks; `tmp_dir` must be on the same
-    /// filesystem as the cache (if any) so a finished body is moved, not copied.
+    /// filesystem as the cache (if any) so a finished body is moved, not copied. Fetch tasks
+    /// are spawned on `tasks`.
     pub fn new(
         chain: Vec<StoreHandle>,
         cache: Option<Arc<Cache>>,
@@ -86,6 +89,7 @@ impl Flights {
         tmp_dir: PathBuf,
         negative: NegativeCache,
         metrics: Metrics,
+        tasks: tokio_util::task::TaskTracker,
     ) -> Self {
         Flights {
             map: Mutex::new(HashMap::new()),
@@ -95,6 +99,7 @@ impl Flights {
             tmp_dir,
             negative,
             metrics,
+            tasks,
         }
     }
 
@@ -120,7 +125,7 @@ impl Flights {
         drop(map);
         let this = self.clone();
         let key = key.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // Removes the entry however the task ends, a panic included: a dead entry would
             // answer 502 for its key until restart.
             let _unregister = Unregister(this.clone(), key.clone());

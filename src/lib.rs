@@ -16,7 +16,9 @@
 //! - [`flight`]: one fetch per missing key; every requester reads the bytes as they land.
 //! - [`negative`]: the short memory of keys found nowhere (404 storms stay at the edge).
 //! - [`serve`]: assembles everything `fediedge serve` runs and starts it.
-//! - [`edge`]: the HTTP server: routing, GET/HEAD, Range, conditional requests, headers.
+//! - [`listen`]: listeners and connections: accept, HTTP/1.1, graceful drain on shutdown.
+//! - [`edge`]: the media handler: GET/HEAD, Range, conditional requests, headers.
+//! - [`admin`]: the admin handler: `/metrics`, `/healthz`.
 //! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.
 //! - [`writeback`]: workers that copy fetched objects into the primary.
 //! - [`migrate`]: the bulk backfill (`fediedge migrate`).
@@ -25,6 +27,7 @@
 //! - [`metrics`]: counters and histograms, rendered at `/metrics`.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -33,6 +36,7 @@ pub mod edge;
 pub mod flight;
 pub mod key;
 pub mod ledger;
+pub mod listen;
 pub mod mastodon;
 pub mod metrics;
 pub mod migrate;

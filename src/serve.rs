@@ -1,18 +1,28 @@
 //! `fediedge serve`: assembles the stores, cache, ledger, write-back workers, flights and the
-//! optional background backfill, then starts the [`crate::edge`] listeners. The only room
-//! that knows all the others; nothing calls it but the CLI (and tests).
+//! optional background backfill, then starts the [`crate::listen`] listeners with the
+//! [`crate::edge`] (media) and [`crate::admin`] handlers. The only room that knows all the
+//! others; nothing calls it but the CLI (and tests).
+//!
+//! Shutdown (SIGTERM, SIGINT, or [`Running::shutdown`]) goes: stop accepting; ask every
+//! connection to finish its response and close; stop the workers (a copy under way is
+//! finished); wait for connections, fetches and workers until `drain_timeout`; cut what is
+//! left and log how much.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::edge::{self, Edge};
+use crate::edge::Edge;
 use crate::flight::Flights;
 use crate::ledger::Ledger;
+use crate::listen::{self, Listeners};
 use crate::metrics::Metrics;
 use crate::negative::NegativeCache;
 use crate::store;
@@ -30,32 +40,112 @@ pub struct Running {
     pub ledger: Ledger,
     /// The cache, if configured.
     pub cache: Option<Arc<Cache>>,
+    /// Stops the workers (write-back, backfill, progress publisher).
     stop: CancellationToken,
+    /// The workers.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The listeners and their connections.
+    listeners: Listeners,
+    /// The fetch tasks of the flight table.
+    fetches: TaskTracker,
+    /// How long shutdown waits for work under way.
+    drain_timeout: Duration,
+}
+
+/// What a shutdown had to cut at the drain deadline; all zero after a clean drain.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Connections still open at the deadline: their responses were cut short.
+    pub connections_cut: usize,
+    /// Fetches still running at the deadline. Nothing partial is kept: their temp files are
+    /// cleared at the next start, and nothing was staged or cached for them.
+    pub fetches_cut: usize,
+    /// Workers still busy at the deadline (a copy to the primary, the backfill). A copy cut
+    /// short stays queued and is redone after the restart.
+    pub workers_cut: usize,
+}
+
+impl Stopped {
+    /// True when everything under way finished in time.
+    pub fn clean(&self) -> bool {
+        *self == Stopped::default()
+    }
 }
 
 impl Running {
-    /// Stops accepting, stops the workers, and waits for them.
-    pub async fn shutdown(self) {
-        tracing::info!("shutting down: listeners and write-back workers");
+    /// Connections open now (media and admin).
+    pub fn open_connections(&self) -> usize {
+        self.listeners.open_connections()
+    }
+
+    /// A token cancelled once the listening sockets are closed during a shutdown (new
+    /// connects are refused from then on).
+    pub fn listeners_closed(&self) -> CancellationToken {
+        self.listeners.closed()
+    }
+
+    /// Stops accepting, lets the responses, fetches and copies under way finish (up to
+    /// `drain_timeout` in all), cuts what is left, and says what was cut.
+    pub async fn shutdown(self) -> Stopped {
+        let deadline = Instant::now() + self.drain_timeout;
+        let open = self.listeners.stop_accepting().await;
+        tracing::info!(
+            open_connections = open,
+            fetches = self.fetches.len(),
+            drain_timeout = %humantime::format_duration(self.drain_timeout),
+            "shutting down: stopped accepting; letting the work under way finish"
+        );
+        // Workers finish the copy under way and stop; the backfill stops.
         self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
+        let mut stopped = Stopped {
+            connections_cut: self.listeners.drain_until(deadline).await,
+            ..Stopped::default()
+        };
+        self.fetches.close();
+        if tokio::time::timeout_at(deadline, self.fetches.wait())
+            .await
+            .is_err()
+        {
+            stopped.fetches_cut = self.fetches.len();
         }
-        tracing::info!("stopped");
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+                stopped.workers_cut += 1;
+            }
+        }
+        if stopped.clean() {
+            tracing::info!("stopped: everything under way finished");
+        } else {
+            tracing::warn!(
+                connections_cut = stopped.connections_cut,
+                fetches_cut = stopped.fetches_cut,
+                workers_cut = stopped.workers_cut,
+                "stopped: drain_timeout passed; work still under way was cut"
+            );
+        }
+        stopped
     }
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully (see [`Running::shutdown`]). A
+/// second signal during the drain stops at once, with an error.
 pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let running = start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let name = tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    tracing::info!(signal = name, "signal received: shutting down");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = running.shutdown() => Ok(()),
+        _ = int.recv() => anyhow::bail!("second signal (SIGINT) during the drain: stopped at once"),
+        _ = term.recv() => anyhow::bail!("second signal (SIGTERM) during the drain: stopped at once"),
     }
-    running.shutdown().await;
-    Ok(())
 }
 
 /// Opens the stores, cache and ledger, binds both listeners and starts serving.
@@ -94,6 +184,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
     let stop = CancellationToken::new();
+    let fetches = TaskTracker::new();
     let writeback = WriteBack::open(
         ledger.clone(),
         primary.clone(),
@@ -118,6 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tmp_dir,
         NegativeCache::new(config.negative_ttl),
         metrics.clone(),
+        fetches.clone(),
     ));
     tasks.push(tokio::spawn(publish_migration_progress(
         ledger.clone(),
@@ -150,9 +242,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         flights,
         metrics.clone(),
     ));
-    let listening = edge::listen(edge, config.listen, config.admin_listen, stop.clone()).await?;
-    let (addr, admin_addr) = (listening.addr, listening.admin_addr);
-    tasks.extend(listening.tasks);
+    let media = listen::bind(config.listen, "listen").await?;
+    let admin = listen::bind(config.admin_listen, "admin_listen").await?;
+    let (addr, admin_addr) = (media.local_addr()?, admin.local_addr()?);
+    let listeners = Listeners::new();
+    listeners.serve(
+        media,
+        listen::handler(move |req| {
+            let edge = edge.clone();
+            async move { edge.handle(req).await }
+        }),
+    );
+    let m = metrics.clone();
+    listeners.serve(
+        admin,
+        listen::handler(move |req| std::future::ready(crate::admin::handle(&m, req))),
+    );
     tracing::info!(%addr, %admin_addr, primary = ?config.primary.kind, fallbacks = config.fallbacks.len(), cache = cache.is_some(), "serving media");
     Ok(Running {
         addr,
@@ -162,6 +267,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         cache,
         stop,
         tasks,
+        listeners,
+        fetches,
+        drain_timeout: config.drain_timeout,
     })
 }
 

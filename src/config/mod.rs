@@ -71,6 +71,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How long a 404 is remembered.
     pub negative_ttl: Duration,
+    /// Time allowed at shutdown for work under way.
+    pub drain_timeout: Duration,
     /// Concurrent copies to the primary.
     pub writeback_concurrency: usize,
     /// Request-serving threads (None: one per core).

@@ -29,6 +29,10 @@ pub struct RawConfig {
     /// Default `10s`; `0s` turns the memory of misses off.
     #[serde(default = "default_negative_ttl", with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// On SIGTERM or SIGINT: how long responses, fetches and copies under way may take to
+    /// finish before they are cut. Default `30s`.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// How many copies to the primary run at once. Default 4.
     #[serde(default = "default_writeback_concurrency")]
     pub writeback_concurrency: usize,
@@ -179,6 +183,9 @@ fn default_data_dir() -> PathBuf {
 }
 fn default_negative_ttl() -> Duration {
     Duration::from_secs(10)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_writeback_concurrency() -> usize {
     4

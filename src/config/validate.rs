@@ -135,6 +135,7 @@ impl RawConfig {
             url_prefix,
             data_dir: self.data_dir,
             negative_ttl: self.negative_ttl,
+            drain_timeout: self.drain_timeout,
             writeback_concurrency: self.writeback_concurrency,
             worker_threads: self.worker_threads,
             cache,

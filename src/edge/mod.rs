@@ -1,5 +1,5 @@
-//! The HTTP server: media requests on `listen`, `/metrics` and `/healthz` on `admin_listen`.
-//! [`crate::serve`] assembles what it needs and starts it.
+//! The media handler: GET and HEAD of media keys. [`crate::serve`] assembles what it needs
+//! and hands it to the [`crate::listen`] listeners.
 //!
 //! A media request goes: method check → key → cache → memory of recent misses → (direct read
 //! of a local primary when there is no cache) → the flight table, which reads through the
@@ -8,18 +8,11 @@
 mod body;
 mod respond;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, HitBody};
 use crate::flight::{End, Flights};
@@ -64,114 +57,6 @@ impl Edge {
     }
 }
 
-/// The bound listeners and the tasks serving them.
-pub struct Listening {
-    /// Where media requests are answered.
-    pub addr: SocketAddr,
-    /// Where `/metrics` and `/healthz` are answered.
-    pub admin_addr: SocketAddr,
-    /// The accept loops; they end when `stop` is cancelled.
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Binds `listen` (media) and `admin_listen` (metrics, health) and serves until `stop`.
-pub async fn listen(
-    edge: Arc<Edge>,
-    listen: SocketAddr,
-    admin_listen: SocketAddr,
-    stop: CancellationToken,
-) -> anyhow::Result<Listening> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let admin = TcpListener::bind(admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {admin_listen} (admin_listen)"))?;
-    let addr = listener.local_addr()?;
-    let admin_addr = admin.local_addr()?;
-    let e = edge.clone();
-    let media = tokio::spawn(accept_loop(listener, stop.clone(), move |req| {
-        let e = e.clone();
-        async move { Ok::<_, Infallible>(e.handle(req).await) }
-    }));
-    let metrics = edge.metrics.clone();
-    let admin = tokio::spawn(accept_loop(admin, stop, move |req| {
-        let m = metrics.clone();
-        async move { Ok::<_, Infallible>(admin_handle(&m, req)) }
-    }));
-    Ok(Listening {
-        addr,
-        admin_addr,
-        tasks: vec![media, admin],
-    })
-}
-
-async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                // A client that sends no complete header block in 30 s is dropped.
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service_fn(handler));
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-}
-
-fn admin_handle(metrics: &Metrics, req: Request<Incoming>) -> Response<Body> {
-    use http_body_util::{BodyExt, Full};
-    let (code, ctype, text) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        ),
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    let mut resp = Response::new(
-        Full::new(Bytes::from(text))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(ctype),
-    );
-    resp
-}
-
 fn meta_for(key: &Key, m: &ObjectMeta) -> Meta {
     Meta {
         size: m.size,
@@ -193,7 +78,8 @@ fn store_error(e: &StoreError) -> Answer {
 }
 
 impl Edge {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Answers one media request (any method; only GET and HEAD are served).
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let answer = self.route(req).await;
         self.metrics
             .request(answer.resp.status().as_u16(), answer.cache_status);

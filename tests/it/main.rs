@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod doctor;
+mod listen;
 mod migrate;
 mod serve;
 mod serve_s3;

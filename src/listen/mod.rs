@@ -1,0 +1,208 @@
+//! Listeners and connections: binds, accepts, serves each connection with hyper, keeps every
+//! connection task in a [`TaskTracker`], and stops gracefully.
+//!
+//! Stopping goes in two steps. [`Listeners::stop_accepting`] ends the accept loops and drops
+//! their sockets, so a new connect is refused, then asks every open connection to finish
+//! (hyper's `graceful_shutdown`: a response under way completes, an idle keep-alive
+//! connection closes). [`Listeners::drain_until`] then waits for the connections to end and,
+//! at the deadline, cuts those left and says how many.
+//!
+//! The listener knows nothing of media: it serves a [`Handler`] that [`crate::serve`] gives it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A response body: bytes from memory or a file, or an I/O error that aborts the response.
+/// The same type as [`crate::edge::Body`].
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// What a listener serves: a request in, a response out.
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+/// Wraps an async function as a [`Handler`].
+pub fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    Arc::new(move |req| Box::pin(f(req)))
+}
+
+/// A client that sends no complete header block in this time is dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds `addr`; `what` names the config key in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// Every accept loop and connection of a server, and the signals that stop them.
+pub struct Listeners {
+    /// Ends the accept loops.
+    stop_accept: CancellationToken,
+    /// The accept loops; each drops its socket when it ends.
+    accepting: TaskTracker,
+    /// Cancelled once every accept loop has ended: new connects are refused from then on.
+    closed: CancellationToken,
+    /// Asks every connection to finish what it is doing and close.
+    drain: CancellationToken,
+    /// Drops every connection still open (the drain timeout passed).
+    cut: CancellationToken,
+    /// One task per open connection.
+    connections: TaskTracker,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Listeners {
+    /// No listener yet; add them with [`Listeners::serve`].
+    pub fn new() -> Self {
+        Listeners {
+            stop_accept: CancellationToken::new(),
+            accepting: TaskTracker::new(),
+            closed: CancellationToken::new(),
+            drain: CancellationToken::new(),
+            cut: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        }
+    }
+
+    /// Accepts plain-TCP connections on `listener` and serves HTTP/1.1 on them with `handler`
+    /// until [`Listeners::stop_accepting`].
+    pub fn serve(&self, listener: TcpListener, handler: Handler) {
+        let stop = self.stop_accept.clone();
+        let conns = self.conn_signals();
+        let tracker = self.connections.clone();
+        self.accepting.spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors and the like: wait a little, go on.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(serve_connection(stream, handler.clone(), conns.clone()));
+            }
+            // The socket closes here: connects from now on are refused.
+            drop(listener);
+        });
+    }
+
+    fn conn_signals(&self) -> ConnSignals {
+        ConnSignals {
+            drain: self.drain.clone(),
+            cut: self.cut.clone(),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// A token cancelled once every listener's socket is closed.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
+    /// Stops accepting (every listening socket closed when this returns), then asks every
+    /// open connection to finish gracefully. Returns the connections still open.
+    pub async fn stop_accepting(&self) -> usize {
+        self.stop_accept.cancel();
+        self.accepting.close();
+        self.accepting.wait().await;
+        self.closed.cancel();
+        // Every connection task was spawned before its accept loop ended, so each one sees
+        // this signal.
+        self.drain.cancel();
+        self.connections.len()
+    }
+
+    /// Stops accepting if not done yet, waits for the open connections to end until
+    /// `deadline`, then cuts those left. Returns how many were cut.
+    pub async fn drain_until(&self, deadline: Instant) -> usize {
+        self.stop_accepting().await;
+        self.connections.close();
+        if tokio::time::timeout_at(deadline, self.connections.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let left = self.connections.len();
+        self.cut.cancel();
+        self.connections.wait().await;
+        left
+    }
+}
+
+/// What a connection task listens to.
+#[derive(Clone)]
+struct ConnSignals {
+    drain: CancellationToken,
+    cut: CancellationToken,
+}
+
+/// Serves HTTP/1.1 on one connection until the client leaves, a drain closes it, or a cut
+/// drops it.
+async fn serve_connection<I>(io: I, handler: Handler, signals: ConnSignals)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = signals.drain.cancelled() => {}
+    }
+    // A response under way completes; then (or at once, when idle) the connection closes.
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = signals.cut.cancelled() => {}
+    }
+}
