@@ -16,7 +16,8 @@
 //! - [`flight`]: one fetch per missing key; every requester reads the bytes as they land.
 //! - [`negative`]: the short memory of keys found nowhere (404 storms stay at the edge).
 //! - [`serve`]: assembles everything `fediedge serve` runs and starts it.
-//! - [`listen`]: listeners and connections: accept, HTTP/1.1, graceful drain on shutdown.
+//! - [`listen`]: listeners and connections: accept, TLS (SNI, reload), HTTP/2 and HTTP/1.1,
+//!   graceful drain on shutdown.
 //! - [`edge`]: the media handler: GET/HEAD, Range, conditional requests, headers.
 //! - [`admin`]: the admin handler: `/metrics`, `/healthz`.
 //! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.

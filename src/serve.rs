@@ -22,6 +22,8 @@ use crate::config::Config;
 use crate::edge::Edge;
 use crate::flight::Flights;
 use crate::ledger::Ledger;
+use crate::listen::redirect::Redirect;
+use crate::listen::tls::{Certificates, TlsError};
 use crate::listen::{self, Listeners};
 use crate::metrics::Metrics;
 use crate::negative::NegativeCache;
@@ -34,6 +36,10 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` and `/healthz` are answered.
     pub admin_addr: SocketAddr,
+    /// Where HTTPS is answered, with `[tls]`.
+    pub https_addr: Option<SocketAddr>,
+    /// Where plain HTTP is redirected to https, with `tls.redirect_listen`.
+    pub redirect_addr: Option<SocketAddr>,
     /// The process metrics.
     pub metrics: Metrics,
     /// The ledger (queue and record of copies).
@@ -50,6 +56,8 @@ pub struct Running {
     fetches: TaskTracker,
     /// How long shutdown waits for work under way.
     drain_timeout: Duration,
+    /// The TLS certificates in use, with `[tls]`.
+    certificates: Option<Arc<Certificates>>,
 }
 
 /// What a shutdown had to cut at the drain deadline; all zero after a clean drain.
@@ -82,6 +90,19 @@ impl Running {
     /// connects are refused from then on).
     pub fn listeners_closed(&self) -> CancellationToken {
         self.listeners.closed()
+    }
+
+    /// Reads the TLS certificate files again and swaps them in for new connections (what
+    /// SIGHUP does); open connections are not touched. On an error (logged, naming the file)
+    /// the certificates in use keep serving. Without `[tls]` there is nothing to do.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        match &self.certificates {
+            Some(c) => c.reload().map(|_| ()),
+            None => {
+                tracing::info!("no [tls]: no certificates to reload");
+                Ok(())
+            }
+        }
     }
 
     /// Stops accepting, lets the responses, fetches and copies under way finish (up to
@@ -130,15 +151,24 @@ impl Running {
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully (see [`Running::shutdown`]). A
-/// second signal during the drain stops at once, with an error.
+/// second signal during the drain stops at once, with an error. SIGHUP reloads the TLS
+/// certificates ([`Running::reload`]).
 pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let running = start(config).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let name = tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+    let mut hup = signal(SignalKind::hangup())?;
+    let name = loop {
+        tokio::select! {
+            _ = int.recv() => break "SIGINT",
+            _ = term.recv() => break "SIGTERM",
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the TLS certificates");
+                // Logged either way; a failed reload keeps the old certificates.
+                let _ = running.reload();
+            }
+        }
     };
     tracing::info!(signal = name, "signal received: shutting down");
     tokio::select! {
@@ -242,26 +272,67 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         flights,
         metrics.clone(),
     ));
+    // Everything is bound (and the certificates read) before anything is served, so that a
+    // failure leaves nothing running.
     let media = listen::bind(config.listen, "listen").await?;
     let admin = listen::bind(config.admin_listen, "admin_listen").await?;
     let (addr, admin_addr) = (media.local_addr()?, admin.local_addr()?);
+    let mut https = None;
+    let mut redirect = None;
+    let mut certificates = None;
+    if let Some(tls) = &config.tls {
+        let (certs, server_config) =
+            listen::tls::setup(tls).context("cannot set up TLS ([tls].certificates)")?;
+        let listener = listen::bind(tls.listen, "tls.listen").await?;
+        let https_addr = listener.local_addr()?;
+        if let Some(r) = tls.redirect_listen {
+            let plain = listen::bind(r, "tls.redirect_listen").await?;
+            let handler = Arc::new(Redirect {
+                https_port: https_addr.port(),
+                acme_dir: tls.acme_challenge_dir.clone(),
+            });
+            redirect = Some((plain, handler));
+        }
+        https = Some((listener, server_config));
+        certificates = Some(certs);
+    }
+    let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+    let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let listeners = Listeners::new();
-    listeners.serve(
-        media,
-        listen::handler(move |req| {
-            let edge = edge.clone();
-            async move { edge.handle(req).await }
-        }),
-    );
+    let media_handler = listen::handler(move |req| {
+        let edge = edge.clone();
+        async move { edge.handle(req).await }
+    });
+    listeners.serve(media, media_handler.clone());
     let m = metrics.clone();
     listeners.serve(
         admin,
         listen::handler(move |req| std::future::ready(crate::admin::handle(&m, req))),
     );
+    if let Some((listener, server_config)) = https {
+        listeners.serve_tls(listener, server_config, media_handler);
+    }
+    if let Some((listener, handler)) = redirect {
+        listeners.serve(
+            listener,
+            listen::handler(move |req| {
+                let handler = handler.clone();
+                async move { handler.handle(req).await }
+            }),
+        );
+    }
+    if let Some(a) = https_addr {
+        tracing::info!(addr = %a, "serving https (HTTP/2 and HTTP/1.1)");
+    }
+    if let Some(a) = redirect_addr {
+        tracing::info!(addr = %a, "redirecting http to https");
+    }
     tracing::info!(%addr, %admin_addr, primary = ?config.primary.kind, fallbacks = config.fallbacks.len(), cache = cache.is_some(), "serving media");
     Ok(Running {
         addr,
         admin_addr,
+        https_addr,
+        redirect_addr,
         metrics,
         ledger,
         cache,
@@ -270,6 +341,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listeners,
         fetches,
         drain_timeout: config.drain_timeout,
+        certificates,
     })
 }
 

@@ -10,10 +10,12 @@
 //! - `validate`: raw → [`Config`], every key checked and named in errors.
 //! - `secrets`: secrets from the file, a `_file`, or the environment.
 //! - `sidekiq`: `[sidekiq]`, the Sidekiq monitor of `serve`.
+//! - `tls`: `[tls]`, raw and validated.
 
 mod raw;
 mod secrets;
 mod sidekiq;
+mod tls;
 mod validate;
 
 use std::fmt;
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
 pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
+pub use tls::{CertificateFiles, RawCertificate, RawTls, TlsConfig};
 
 /// Why a config could not be loaded. The message always names the file and, where it can, the
 /// key.
@@ -87,6 +90,8 @@ pub struct Config {
     pub backfill: Option<BackfillConfig>,
     /// The Sidekiq monitor's series on `/metrics`, if any.
     pub sidekiq: Option<SidekiqConfig>,
+    /// HTTPS and the redirect from http, if any.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Validated `[backfill]`.

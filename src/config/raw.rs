@@ -51,6 +51,8 @@ pub struct RawConfig {
     pub backfill: Option<RawBackfill>,
     /// Optional: watch Mastodon's Sidekiq and add `fediedge_sidekiq_*` series to `/metrics`.
     pub sidekiq: Option<super::sidekiq::RawSidekiq>,
+    /// Optional: HTTPS (HTTP/2 and HTTP/1.1) with certificates by SNI, and a redirect from http.
+    pub tls: Option<super::tls::RawTls>,
 }
 
 /// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever

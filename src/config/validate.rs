@@ -143,6 +143,10 @@ impl RawConfig {
             fallbacks,
             backfill,
             sidekiq: self.sidekiq.map(|s| s.validate(path)).transpose()?,
+            tls: self
+                .tls
+                .map(|t| t.validate(path, &[listen, admin_listen]))
+                .transpose()?,
         })
     }
 }

@@ -7,7 +7,14 @@
 //! connection closes). [`Listeners::drain_until`] then waits for the connections to end and,
 //! at the deadline, cuts those left and says how many.
 //!
+//! A listener is plain TCP with HTTP/1.1, or TLS ([`tls`]: certificates by SNI, reloaded on
+//! SIGHUP) with HTTP/2 or HTTP/1.1 as ALPN chose. [`redirect`] is the plain-HTTP handler that
+//! sends clients to https.
+//!
 //! The listener knows nothing of media: it serves a [`Handler`] that [`crate::serve`] gives it.
+
+pub mod redirect;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +28,8 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -48,6 +56,25 @@ where
 
 /// A client that sends no complete header block in this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client that does not finish the TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a listener's connections are set up.
+#[derive(Clone)]
+enum Transport {
+    /// Plain TCP, HTTP/1.1.
+    Plain,
+    /// TLS, then HTTP/2 or HTTP/1.1 by ALPN.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// The HTTP versions a connection may speak.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+}
 
 /// Binds `addr`; `what` names the config key in the error.
 pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -94,6 +121,22 @@ impl Listeners {
     /// Accepts plain-TCP connections on `listener` and serves HTTP/1.1 on them with `handler`
     /// until [`Listeners::stop_accepting`].
     pub fn serve(&self, listener: TcpListener, handler: Handler) {
+        self.accept(listener, Transport::Plain, handler);
+    }
+
+    /// Accepts TLS connections on `listener` and serves HTTP/2 or HTTP/1.1 (as the client
+    /// chose by ALPN) on them with `handler` until [`Listeners::stop_accepting`].
+    pub fn serve_tls(
+        &self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        handler: Handler,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        self.accept(listener, Transport::Tls(acceptor), handler);
+    }
+
+    fn accept(&self, listener: TcpListener, transport: Transport, handler: Handler) {
         let stop = self.stop_accept.clone();
         let conns = self.conn_signals();
         let tracker = self.connections.clone();
@@ -113,7 +156,15 @@ impl Listeners {
                     },
                 };
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(serve_connection(stream, handler.clone(), conns.clone()));
+                let (handler, conns) = (handler.clone(), conns.clone());
+                match &transport {
+                    Transport::Plain => {
+                        tracker.spawn(serve_connection(stream, Protocol::Http1, handler, conns))
+                    }
+                    Transport::Tls(acceptor) => {
+                        tracker.spawn(serve_tls(stream, acceptor.clone(), handler, conns))
+                    }
+                };
             }
             // The socket closes here: connects from now on are refused.
             drop(listener);
@@ -175,9 +226,39 @@ struct ConnSignals {
     cut: CancellationToken,
 }
 
-/// Serves HTTP/1.1 on one connection until the client leaves, a drain closes it, or a cut
-/// drops it.
-async fn serve_connection<I>(io: I, handler: Handler, signals: ConnSignals)
+/// Completes the TLS handshake, then serves the protocol ALPN chose.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: Handler,
+    signals: ConnSignals,
+) {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let tls = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        },
+        // Shutting down: a connection not yet set up has nothing under way.
+        _ = signals.drain.cancelled() => return,
+    };
+    let protocol = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    serve_connection(tls, protocol, handler, signals).await;
+}
+
+/// Serves HTTP on one connection until the client leaves, a drain closes it, or a cut drops
+/// it.
+async fn serve_connection<I>(io: I, protocol: Protocol, handler: Handler, signals: ConnSignals)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -185,10 +266,17 @@ where
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), service);
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let builder = match protocol {
+        Protocol::Http1 => builder.http1_only(),
+        Protocol::Http2 => builder.http2_only(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         ended = conn.as_mut() => {
@@ -199,7 +287,8 @@ where
         }
         _ = signals.drain.cancelled() => {}
     }
-    // A response under way completes; then (or at once, when idle) the connection closes.
+    // HTTP/1.1: a response under way completes, then (or at once, when idle) the connection
+    // closes. HTTP/2: GOAWAY; streams under way complete.
     conn.as_mut().graceful_shutdown();
     tokio::select! {
         _ = conn.as_mut() => {}

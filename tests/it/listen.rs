@@ -16,7 +16,7 @@ const KEY: &str = "media_attachments/files/000/000/007/original/slow.png";
 const BIG: usize = 32 << 20;
 
 /// An fs primary (served directly, no cache) holding `big.bin` and `small.txt`.
-fn fs_primary(dir: &Path) -> String {
+pub fn fs_primary(dir: &Path) -> String {
     let root = dir.join("primary");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("big.bin"), bytes(BIG, 7)).unwrap();
@@ -164,7 +164,7 @@ async fn shutdown_waits_for_a_fetch_whose_client_left() {
 }
 
 /// Kills the child if the test fails before it exits.
-struct Child(std::process::Child);
+pub struct Child(pub std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
@@ -174,7 +174,7 @@ impl Drop for Child {
 }
 
 /// Starts the real binary on `config`; returns it and its stderr lines as they come.
-fn spawn_binary(config: &Path) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+pub fn spawn_binary(config: &Path) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
@@ -198,7 +198,10 @@ fn spawn_binary(config: &Path) -> (Child, tokio::sync::mpsc::UnboundedReceiver<S
 }
 
 /// Waits for a stderr line containing `what`; panics if the process ends first.
-async fn line_with(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) -> String {
+pub async fn line_with(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    what: &str,
+) -> String {
     while let Some(line) = lines.recv().await {
         if line.contains(what) {
             return line;
@@ -208,7 +211,7 @@ async fn line_with(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, wha
 }
 
 /// The value of `field=` in a log line.
-fn field(line: &str, name: &str) -> String {
+pub fn field(line: &str, name: &str) -> String {
     let prefix = format!("{name}=");
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&prefix))
@@ -217,7 +220,7 @@ fn field(line: &str, name: &str) -> String {
 }
 
 /// Sends `signal` (e.g. `TERM`) to the child.
-fn kill(child: &Child, signal: &str) {
+pub fn kill(child: &Child, signal: &str) {
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(child.0.id().to_string())

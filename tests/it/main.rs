@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod doctor;
 mod listen;
+mod listen_tls;
 mod migrate;
 mod serve;
 mod serve_s3;
