@@ -30,8 +30,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,6 +56,10 @@ where
 
 /// A client that sends no complete header block in this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After closing a connection, how long to read and discard what the client still sends
+/// before the socket is closed.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// A client that does not finish the TLS handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -156,15 +160,29 @@ impl Listeners {
                     },
                 };
                 let _ = stream.set_nodelay(true);
-                let (handler, conns) = (handler.clone(), conns.clone());
-                match &transport {
-                    Transport::Plain => {
-                        tracker.spawn(serve_connection(stream, Protocol::Http1, handler, conns))
-                    }
-                    Transport::Tls(acceptor) => {
-                        tracker.spawn(serve_tls(stream, acceptor.clone(), handler, conns))
+                let (stream, lingering) = match with_linger_handle(stream) {
+                    Ok(handles) => handles,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot set up an accepted connection");
+                        continue;
                     }
                 };
+                let (handler, conns) = (handler.clone(), conns.clone());
+                let transport = transport.clone();
+                tracker.spawn(async move {
+                    let cut = conns.cut.clone();
+                    match transport {
+                        Transport::Plain => {
+                            serve_connection(stream, Protocol::Http1, handler, conns).await
+                        }
+                        Transport::Tls(acceptor) => {
+                            serve_tls(stream, acceptor, handler, conns).await
+                        }
+                    }
+                    if let Some(socket) = lingering {
+                        linger(socket, &cut).await;
+                    }
+                });
             }
             // The socket closes here: connects from now on are refused.
             drop(listener);
@@ -226,9 +244,43 @@ struct ConnSignals {
     cut: CancellationToken,
 }
 
+/// Returns `stream` and a second handle on the same socket, for [`linger`] (none if the
+/// descriptor cannot be duplicated: the connection is then served without it).
+fn with_linger_handle(stream: TcpStream) -> std::io::Result<(TcpStream, Option<TcpStream>)> {
+    let std = stream.into_std()?;
+    let dup = std.try_clone().ok();
+    let stream = TcpStream::from_std(std)?;
+    Ok((stream, dup.and_then(|d| TcpStream::from_std(d).ok())))
+}
+
+/// Closes a socket without destroying what the client has not read yet.
+///
+/// Closing a socket while the client's data is still unread in it (an HTTP/2 client keeps
+/// sending WINDOW_UPDATEs while it reads the end of a response) makes the kernel send a
+/// reset, and a reset makes the client's kernel drop the response bytes it has received but
+/// not yet handed to the client. So, once hyper is done with the connection: end our side
+/// (FIN), then read and discard until the client closes, [`LINGER`] passes, or the drain
+/// timeout cuts. (What nginx calls lingering close.)
+async fn linger(mut socket: TcpStream, cut: &CancellationToken) {
+    let _ = socket.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::sleep(LINGER);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            read = socket.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            _ = &mut until => return,
+            _ = cut.cancelled() => return,
+        }
+    }
+}
+
 /// Completes the TLS handshake, then serves the protocol ALPN chose.
 async fn serve_tls(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     handler: Handler,
     signals: ConnSignals,

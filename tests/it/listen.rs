@@ -13,7 +13,7 @@ const KEY: &str = "media_attachments/files/000/000/007/original/slow.png";
 
 /// Larger than what the kernel and both HTTP stacks buffer between a client that stops
 /// reading and the edge: the edge cannot finish sending it until the client reads on.
-const BIG: usize = 32 << 20;
+pub const BIG: usize = 32 << 20;
 
 /// An fs primary (served directly, no cache) holding `big.bin` and `small.txt`.
 pub fn fs_primary(dir: &Path) -> String {
@@ -34,7 +34,7 @@ fn with_fallback(dir: &Path, origin: &Origin, first_byte: &str) -> String {
     )
 }
 
-fn assert_refused(addr: std::net::SocketAddr, result: std::io::Result<std::net::TcpStream>) {
+pub fn assert_refused(addr: std::net::SocketAddr, result: std::io::Result<std::net::TcpStream>) {
     match result {
         Err(e) => assert_eq!(
             e.kind(),
@@ -46,7 +46,7 @@ fn assert_refused(addr: std::net::SocketAddr, result: std::io::Result<std::net::
 }
 
 /// Reads the rest of `resp` after `first`; fails the test on an error mid-body.
-async fn read_rest(mut resp: reqwest::Response, mut got: Vec<u8>) -> Vec<u8> {
+pub async fn read_rest(mut resp: reqwest::Response, mut got: Vec<u8>) -> Vec<u8> {
     while let Some(chunk) = resp.chunk().await.expect("the body arrives whole") {
         got.extend_from_slice(&chunk);
     }

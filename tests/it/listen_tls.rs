@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 use crate::common::{bytes, start_edge};
-use crate::listen::{field, kill, line_with, spawn_binary};
+use crate::listen::{assert_refused, field, kill, line_with, read_rest, spawn_binary, BIG};
 
 /// A test certificate authority.
 struct Ca {
@@ -192,6 +192,38 @@ fn whole_etag(headers: &[(String, String)]) -> String {
         .find(|(k, _)| k == "etag")
         .map(|(_, v)| v.clone())
         .expect("an ETag")
+}
+
+#[tokio::test]
+async fn an_h2_response_under_way_completes_during_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let leaf = ca.leaf(dir.path(), "media", &["media.example"]);
+    let config = tls_config(dir.path(), &[&leaf], None);
+    std::fs::write(dir.path().join("primary/big.bin"), bytes(BIG, 7)).unwrap();
+    let edge = start_edge(dir.path(), &config).await;
+    let https = edge.running.https_addr.unwrap();
+    let mut slow = tls_client(&ca, "media.example", https, false)
+        .get(format!(
+            "https://media.example:{}/system/big.bin",
+            https.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.version(), reqwest::Version::HTTP_2);
+    // HTTP/2 flow control: the edge cannot finish before the client reads on.
+    let first = slow.chunk().await.unwrap().expect("a first piece");
+
+    let closed = edge.running.listeners_closed();
+    let shutdown = tokio::spawn(edge.running.shutdown());
+    closed.cancelled().await;
+    assert_refused(https, std::net::TcpStream::connect(https));
+    let got = read_rest(slow, first.to_vec()).await;
+    assert_eq!(got.len(), BIG);
+    assert!(got == bytes(BIG, 7), "the body arrived damaged");
+    let stopped = shutdown.await.unwrap();
+    assert!(stopped.clean(), "{stopped:?}");
 }
 
 #[tokio::test]
