@@ -416,3 +416,25 @@ async fn the_binary_reloads_certificates_on_sighup() {
     .unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+#[tokio::test]
+async fn a_bad_certificate_stops_the_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let good = ca.leaf(dir.path(), "good", &["media.example"]);
+    let other = ca.leaf(dir.path(), "other", &["social.example"]);
+    // The key of another certificate.
+    std::fs::copy(&other.key, &good.key).unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}",
+        dir.path().join("var").display(),
+        tls_config(dir.path(), &[&good], None)
+    );
+    let config = fediedge::config::from_str(&text, Path::new("test.toml")).unwrap();
+    let err = match fediedge::serve::start(config).await {
+        Ok(_) => panic!("started with a key that is not the certificate's"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(&good.key.display().to_string()), "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "no key material: {err}");
+}
