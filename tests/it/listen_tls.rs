@@ -251,6 +251,27 @@ async fn sni_picks_the_certificate_of_each_name() {
         assert_eq!(r.status(), 200, "{name}");
         assert!(peer_cert(&r) == leaf.der, "{name} got another certificate");
     }
+    // A name no certificate has gets the first one (which the client then refuses, unless
+    // told not to check names).
+    let lenient = reqwest::Client::builder()
+        .tls_certs_only([ca.root()])
+        .tls_danger_accept_invalid_hostnames(true)
+        .resolve("unknown.example", https)
+        .tls_info(true)
+        .build()
+        .unwrap();
+    let r = lenient
+        .get(format!(
+            "https://unknown.example:{}/system/a.png",
+            https.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        peer_cert(&r) == social.der,
+        "the first certificate is the default"
+    );
     edge.running.shutdown().await;
 }
 
