@@ -8,12 +8,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// What a response's `X-Cache-Status` says about where its answer came from. It lives here,
+/// not in `edge`, because it is also a metric label and this room may call no other.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// From the local cache (or a remembered 404).
+    Hit,
+    /// Fetched from the primary.
+    Miss,
+    /// Fetched from an older store; being copied into the primary.
+    Fallback,
+    /// Served straight from a local primary without a cache, or refused (400, 405).
+    Bypass,
+    /// Every store failed or timed out (502, 504).
+    Error,
+    /// The edge is at its limits (flights, temp-disk bytes): 503 with `Retry-After`.
+    Busy,
+}
+
+impl CacheStatus {
+    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR` or `BUSY`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Fallback => "FALLBACK",
+            CacheStatus::Bypass => "BYPASS",
+            CacheStatus::Error => "ERROR",
+            CacheStatus::Busy => "BUSY",
+        }
+    }
+}
+
+impl EncodeLabelValue for CacheStatus {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
 
 /// Labels of `fediedge_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,7 +59,14 @@ pub struct RequestLabels {
     /// HTTP status code.
     pub status: u16,
     /// The `X-Cache-Status` value (HIT, MISS, …).
-    pub cache_status: &'static str,
+    pub cache_status: CacheStatus,
+}
+
+/// Labels of the per-directory disk series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    /// `cache` or `data_dir`.
+    pub dir: &'static str,
 }
 
 /// Labels of per-store series.
@@ -68,6 +113,11 @@ struct Inner {
     migration_objects_done: Gauge,
     migration_bytes_total: Gauge,
     migration_bytes_done: Gauge,
+    disk_state: Family<DirLabels, Gauge>,
+    disk_state_changes: Family<DirLabels, Counter>,
+    cache_verifications: Counter,
+    cache_index_loading: Gauge,
+    overloaded: Counter,
 }
 
 /// Handle to every metric of the process.
@@ -173,6 +223,35 @@ impl Metrics {
             "migration_bytes_done",
             "Bytes copied or found present by `fediedge migrate`, from the ledger",
         );
+        let disk_state = Family::<DirLabels, Gauge>::default();
+        registry.register(
+            "disk_state",
+            "Health of a local directory as its last write showed it: 0 ok, 1 full, 2 read-only, 3 failing",
+            disk_state.clone(),
+        );
+        let disk_state_changes = Family::<DirLabels, Counter>::default();
+        registry.register(
+            "disk_state_changes",
+            "Changes of fediedge_disk_state (each is also logged once)",
+            disk_state_changes.clone(),
+        );
+        let cache_verifications = Counter::default();
+        registry.register(
+            "cache_verifications",
+            "MD5 checks of cached bodies on their first use after a start",
+            cache_verifications.clone(),
+        );
+        let cache_index_loading = gauge(
+            &mut registry,
+            "cache_index_loading",
+            "1 while the cache index is still being loaded from disk after a start",
+        );
+        let overloaded = Counter::default();
+        registry.register(
+            "overloaded_requests",
+            "Requests answered 503 because the flight or temp-disk limits stayed full",
+            overloaded.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             requests,
@@ -189,11 +268,16 @@ impl Metrics {
             migration_objects_done,
             migration_bytes_total,
             migration_bytes_done,
+            disk_state,
+            disk_state_changes,
+            cache_verifications,
+            cache_index_loading,
+            overloaded,
         }))
     }
 
     /// Counts one answered request.
-    pub fn request(&self, status: u16, cache_status: &'static str) {
+    pub fn request(&self, status: u16, cache_status: CacheStatus) {
         self.0
             .requests
             .get_or_create(&RequestLabels {
@@ -263,6 +347,31 @@ impl Metrics {
         self.0.migration_objects_done.set(objects_done as i64);
         self.0.migration_bytes_total.set(bytes_total as i64);
         self.0.migration_bytes_done.set(bytes_done as i64);
+    }
+
+    /// Sets the health of local directory `dir` (`cache` or `data_dir`); `changed` counts a
+    /// change of state.
+    pub fn set_disk_state(&self, dir: &'static str, code: i64, changed: bool) {
+        let labels = DirLabels { dir };
+        self.0.disk_state.get_or_create(&labels).set(code);
+        if changed {
+            self.0.disk_state_changes.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Counts one MD5 check of a cached body.
+    pub fn cache_verification(&self) {
+        self.0.cache_verifications.inc();
+    }
+
+    /// Sets whether the cache index is still loading.
+    pub fn set_cache_index_loading(&self, loading: bool) {
+        self.0.cache_index_loading.set(loading as i64);
+    }
+
+    /// Counts a request answered 503 because the edge was at its limits.
+    pub fn overloaded(&self) {
+        self.0.overloaded.inc();
     }
 
     /// Renders every metric in the Prometheus text format.

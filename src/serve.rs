@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::edge::Edge;
-use crate::flight::Flights;
+use crate::flight::{Dirs, DiskHealth, Flights, Limits};
 use crate::ledger::Ledger;
 use crate::listen::redirect::Redirect;
 use crate::listen::tls::{Certificates, TlsError};
@@ -199,20 +199,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         chain.push(store::open(f, metrics.clone())?);
     }
     let cache = match &config.cache {
-        Some(c) => Some(Arc::new(Cache::open(c, metrics.clone()).with_context(
-            || format!("cannot open the cache at {}", c.dir.display()),
-        )?)),
+        Some(c) => Some(
+            Cache::open(c, metrics.clone())
+                .with_context(|| format!("cannot open the cache at {}", c.dir.display()))?,
+        ),
         None => None,
     };
-    let tmp_dir = match &cache {
-        Some(c) => c.tmp_dir(),
-        None => {
-            let t = config.data_dir.join("tmp");
-            let _ = std::fs::remove_dir_all(&t);
-            std::fs::create_dir_all(&t)?;
-            t
-        }
+    // Bodies being fetched when the process stopped are incomplete: cleared (a full disk
+    // must not stop the start, so failures here only mean less room).
+    let data_tmp = config.data_dir.join("tmp");
+    crate::cache::clear_dir(&data_tmp);
+    let data_health = Arc::new(DiskHealth::new("data_dir", metrics.clone()));
+    let dirs = match &cache {
+        Some(c) => Dirs {
+            tmp: c.tmp_dir(),
+            tmp_health: Arc::new(DiskHealth::new("cache", metrics.clone())),
+            data_tmp,
+            data_health,
+        },
+        None => Dirs {
+            tmp: data_tmp.clone(),
+            tmp_health: data_health.clone(),
+            data_tmp,
+            data_health,
+        },
     };
+    let limits = Limits::new(
+        config.max_flights,
+        config.max_flight_temp_bytes,
+        config.max_flight_memory,
+        std::time::Duration::from_secs(2),
+    );
     let stop = CancellationToken::new();
     let fetches = TaskTracker::new();
     let writeback = WriteBack::open(
@@ -236,7 +253,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         chain.clone(),
         cache.clone(),
         writeback.clone(),
-        tmp_dir,
+        dirs,
+        limits,
         NegativeCache::new(config.negative_ttl),
         metrics.clone(),
         fetches.clone(),

@@ -80,6 +80,12 @@ pub struct Config {
     pub writeback_concurrency: usize,
     /// Request-serving threads (None: one per core).
     pub worker_threads: Option<usize>,
+    /// Most fetches (flights) under way at once.
+    pub max_flights: usize,
+    /// Most bytes of temp files held by fetches under way.
+    pub max_flight_temp_bytes: u64,
+    /// Most bytes of bodies held in memory by fetches whose disk failed.
+    pub max_flight_memory: u64,
     /// The local cache, if any.
     pub cache: Option<CacheConfig>,
     /// The primary store.

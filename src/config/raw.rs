@@ -39,6 +39,20 @@ pub struct RawConfig {
     /// Threads serving requests. Default: one per CPU core. More can help when the edge
     /// shares its cores with other busy processes (each thread is scheduled on its own).
     pub worker_threads: Option<usize>,
+    /// Most fetches of missing keys under way at once (one per key, however many clients
+    /// ask). Past it a new key's fetch waits up to 2 s for a slot, then is answered 503 with
+    /// `Retry-After`. Default 256.
+    #[serde(default = "default_max_flights")]
+    pub max_flights: usize,
+    /// Most bytes of temp files that fetches under way may hold (each reserves its body's
+    /// length). Past it a fetch waits up to 2 s, then is answered 503. Default `1GiB`.
+    #[serde(default = "default_max_flight_temp_bytes")]
+    pub max_flight_temp_bytes: bytesize::ByteSize,
+    /// Most bytes of bodies held in memory by fetches whose disk is full, read-only or
+    /// failing (they are then served from memory, uncached). A body that does not fit is
+    /// streamed to each of its clients on its own. Default `256MiB`.
+    #[serde(default = "default_max_flight_memory")]
+    pub max_flight_memory: bytesize::ByteSize,
     /// Optional local disk cache.
     pub cache: Option<RawCache>,
     /// Where media lives from now on. Default: `fs` at `var/media`.
@@ -191,6 +205,15 @@ fn default_drain_timeout() -> Duration {
 }
 fn default_writeback_concurrency() -> usize {
     4
+}
+fn default_max_flights() -> usize {
+    256
+}
+fn default_max_flight_temp_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(1)
+}
+fn default_max_flight_memory() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(256)
 }
 fn default_cache_max_size() -> bytesize::ByteSize {
     bytesize::ByteSize::gib(10)

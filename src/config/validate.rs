@@ -46,6 +46,15 @@ impl RawConfig {
         if self.worker_threads == Some(0) {
             return Err(invalid("worker_threads", "must be at least 1".into()));
         }
+        if self.max_flights == 0 {
+            return Err(invalid("max_flights", "must be at least 1".into()));
+        }
+        if self.max_flight_temp_bytes.as_u64() < 1024 {
+            return Err(invalid(
+                "max_flight_temp_bytes",
+                "must be at least 1KiB".into(),
+            ));
+        }
         let cache = match self.cache {
             None => None,
             Some(c) => {
@@ -138,6 +147,9 @@ impl RawConfig {
             drain_timeout: self.drain_timeout,
             writeback_concurrency: self.writeback_concurrency,
             worker_threads: self.worker_threads,
+            max_flights: self.max_flights,
+            max_flight_temp_bytes: self.max_flight_temp_bytes.as_u64(),
+            max_flight_memory: self.max_flight_memory.as_u64(),
             cache,
             primary,
             fallbacks,

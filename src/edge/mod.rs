@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use crate::cache::{Cache, HitBody};
 use crate::flight::{End, Flights};
 use crate::key::Key;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheStatus, Metrics};
 use crate::store::{ObjectMeta, StoreError, StoreHandle};
 
 pub use respond::Body;
@@ -57,6 +57,9 @@ impl Edge {
     }
 }
 
+/// What a 503 asks the client to wait, in seconds.
+const RETRY_AFTER_SECS: u64 = 2;
+
 fn meta_for(key: &Key, m: &ObjectMeta) -> Meta {
     Meta {
         size: m.size,
@@ -71,9 +74,9 @@ fn meta_for(key: &Key, m: &ObjectMeta) -> Meta {
 
 fn store_error(e: &StoreError) -> Answer {
     if e.is_timeout() {
-        respond::status(StatusCode::GATEWAY_TIMEOUT, "ERROR", "no-store")
+        respond::status(StatusCode::GATEWAY_TIMEOUT, CacheStatus::Error, "no-store")
     } else {
-        respond::status(StatusCode::BAD_GATEWAY, "ERROR", "no-store")
+        respond::status(StatusCode::BAD_GATEWAY, CacheStatus::Error, "no-store")
     }
 }
 
@@ -91,14 +94,22 @@ impl Edge {
         let head = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
-            _ => return respond::status(StatusCode::METHOD_NOT_ALLOWED, "BYPASS", "no-store"),
+            _ => {
+                return respond::status(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    CacheStatus::Bypass,
+                    "no-store",
+                )
+            }
         };
         let key = match Key::from_request_path(req.uri().path(), &self.prefix) {
             Ok(Some(key)) => key,
-            Ok(None) => return respond::status(StatusCode::NOT_FOUND, "BYPASS", "no-store"),
+            Ok(None) => {
+                return respond::status(StatusCode::NOT_FOUND, CacheStatus::Bypass, "no-store")
+            }
             Err(e) => {
                 tracing::debug!(path = req.uri().path(), error = %e, "refused key");
-                return respond::status(StatusCode::BAD_REQUEST, "BYPASS", "no-store");
+                return respond::status(StatusCode::BAD_REQUEST, CacheStatus::Bypass, "no-store");
             }
         };
         let headers = req.headers();
@@ -110,17 +121,23 @@ impl Edge {
                     HitBody::Memory(b) => Source::Memory(b),
                     HitBody::File(f) => Source::File(f),
                 };
-                return respond::object(headers, head, meta, source, "HIT");
+                return respond::object(headers, head, meta, source, CacheStatus::Hit);
             }
         }
         if self.flights.negative().contains(&key) {
-            return not_found("HIT");
+            return not_found(CacheStatus::Hit);
         }
         if let Some(direct) = &self.direct {
             match direct.open_file(&key).await {
                 Ok(Some((file, m))) => {
                     let source = Source::File(Arc::new(file));
-                    return respond::object(headers, head, meta_for(&key, &m), source, "BYPASS");
+                    return respond::object(
+                        headers,
+                        head,
+                        meta_for(&key, &m),
+                        source,
+                        CacheStatus::Bypass,
+                    );
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(key = %key, error = %e, "primary read failed"),
@@ -141,17 +158,45 @@ impl Edge {
         match (state.started, state.end) {
             (Some(started), _) => {
                 let cache_status = if started.from_fallback {
-                    "FALLBACK"
+                    CacheStatus::Fallback
                 } else {
-                    "MISS"
+                    CacheStatus::Miss
                 };
                 let meta = meta_for(&key, &started.meta);
-                let source = Source::Flight(started.file.clone(), rx);
+                let source = Source::Flight(started.body.clone(), rx);
                 respond::object(headers, false, meta, source, cache_status)
             }
-            (None, Some(End::NotFound)) => not_found("MISS"),
+            (None, Some(End::NotFound)) => not_found(CacheStatus::Miss),
             (None, Some(End::Failed(e))) => store_error(&e),
+            (None, Some(End::Busy)) => {
+                self.metrics.overloaded();
+                respond::busy(RETRY_AFTER_SECS)
+            }
+            (None, Some(End::NoRoom)) => self.stream_through(headers, &key).await,
             (None, _) => store_error(&StoreError::backend("edge", "fetch ended early")),
+        }
+    }
+
+    /// A body no local disk or memory can hold: fetched for this client alone and kept
+    /// nowhere.
+    async fn stream_through(&self, headers: &http::HeaderMap, key: &Key) -> Answer {
+        match self.flights.stream_through(key).await {
+            Ok(Some((m, from_fallback, body))) => {
+                let cache_status = if from_fallback {
+                    CacheStatus::Fallback
+                } else {
+                    CacheStatus::Miss
+                };
+                respond::object(
+                    headers,
+                    false,
+                    meta_for(key, &m),
+                    Source::Stream(body),
+                    cache_status,
+                )
+            }
+            Ok(None) => not_found(CacheStatus::Miss),
+            Err(e) => store_error(&e),
         }
     }
 
@@ -162,7 +207,11 @@ impl Edge {
             match store.head(key).await {
                 Ok(Some(m)) => {
                     let source = Source::Memory(Bytes::new());
-                    let cache_status = if i > 0 { "FALLBACK" } else { "MISS" };
+                    let cache_status = if i > 0 {
+                        CacheStatus::Fallback
+                    } else {
+                        CacheStatus::Miss
+                    };
                     return respond::object(headers, true, meta_for(key, &m), source, cache_status);
                 }
                 Ok(None) => {}
@@ -173,13 +222,13 @@ impl Edge {
             Some(e) => store_error(&e),
             None => {
                 self.flights.negative().insert(key);
-                not_found("MISS")
+                not_found(CacheStatus::Miss)
             }
         }
     }
 }
 
-fn not_found(cache_status: &'static str) -> Answer {
+fn not_found(cache_status: CacheStatus) -> Answer {
     // Browsers and CDNs may remember a miss briefly, never for the media's year.
     respond::status(StatusCode::NOT_FOUND, cache_status, "public, max-age=10")
 }

@@ -13,8 +13,9 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::watch;
 
-use super::body::read_range;
-use crate::flight::FlightState;
+use super::body::{read_flight, read_range, slice_stream};
+use crate::flight::{FlightBody, FlightState};
+use crate::metrics::CacheStatus;
 
 /// The response body type of every answer.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
@@ -41,8 +42,11 @@ pub enum Source {
     Memory(Bytes),
     /// A complete file.
     File(Arc<File>),
-    /// A file still being written by a flight.
-    Flight(Arc<File>, watch::Receiver<FlightState>),
+    /// A body a flight is still fetching (in a temp file, or in memory when the disk failed).
+    Flight(Arc<FlightBody>, watch::Receiver<FlightState>),
+    /// A body streamed straight from its source to this one client (a full disk and no room
+    /// in memory); the stream holds back its last chunk until the body is verified.
+    Stream(crate::store::ByteStream),
 }
 
 /// A response with what the metrics need to know of it.
@@ -52,7 +56,7 @@ pub struct Answer {
     /// Body bytes it will send.
     pub body_bytes: u64,
     /// Its `X-Cache-Status`.
-    pub cache_status: &'static str,
+    pub cache_status: CacheStatus,
 }
 
 /// An empty body.
@@ -67,7 +71,7 @@ fn full(bytes: Bytes) -> Body {
 }
 
 /// A plain-text error or status answer; `cache_status` goes into `X-Cache-Status`.
-pub fn status(code: StatusCode, cache_status: &'static str, cache_control: &'static str) -> Answer {
+pub fn status(code: StatusCode, cache_status: CacheStatus, cache_control: &'static str) -> Answer {
     let text = format!("{}\n", code.canonical_reason().unwrap_or(""));
     let mut resp = Response::new(full(Bytes::from(text)));
     *resp.status_mut() = code;
@@ -80,7 +84,10 @@ pub fn status(code: StatusCode, cache_status: &'static str, cache_control: &'sta
         header::CACHE_CONTROL,
         HeaderValue::from_static(cache_control),
     );
-    h.insert("x-cache-status", HeaderValue::from_static(cache_status));
+    h.insert(
+        "x-cache-status",
+        HeaderValue::from_static(cache_status.as_str()),
+    );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -95,13 +102,27 @@ pub fn status(code: StatusCode, cache_status: &'static str, cache_control: &'sta
     }
 }
 
+/// 503 with `Retry-After`: the edge is at its limits and the client should come back soon.
+pub fn busy(retry_after_secs: u64) -> Answer {
+    let mut answer = status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        CacheStatus::Busy,
+        "no-store",
+    );
+    answer
+        .resp
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    answer
+}
+
 /// Builds the answer for an object: 304, 416, 206 or 200, with every media header.
 pub fn object(
     req: &HeaderMap,
     head: bool,
     meta: Meta,
     source: Source,
-    cache_status: &'static str,
+    cache_status: CacheStatus,
 ) -> Answer {
     let mut headers = HeaderMap::new();
     media_headers(&mut headers, &meta, cache_status);
@@ -146,7 +167,8 @@ pub fn object(
         match source {
             Source::Memory(bytes) => full(bytes.slice(start as usize..end as usize)),
             Source::File(file) => stream(read_range(file, start, end, None)),
-            Source::Flight(file, rx) => stream(read_range(file, start, end, Some(rx))),
+            Source::Flight(body, rx) => stream(read_flight(body, start, end, rx)),
+            Source::Stream(s) => stream(slice_stream(s, start, end)),
         }
     };
     let mut resp = Response::new(body);
@@ -163,7 +185,7 @@ fn stream(s: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'stati
     StreamBody::new(s.map_ok(Frame::data)).boxed_unsync()
 }
 
-fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: &'static str) {
+fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: CacheStatus) {
     if let Ok(v) = HeaderValue::from_str(&meta.content_type) {
         h.insert(header::CONTENT_TYPE, v);
     }
@@ -197,7 +219,10 @@ fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: &'static str) {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
     );
-    h.insert("x-cache-status", HeaderValue::from_static(cache_status));
+    h.insert(
+        "x-cache-status",
+        HeaderValue::from_static(cache_status.as_str()),
+    );
 }
 
 /// RFC 9110 §13.1.2 / §13.1.3: If-None-Match wins over If-Modified-Since.

@@ -158,7 +158,10 @@ async fn body_md5(
         if let Some(ctx) = budget {
             ctx.budget.bytes(chunk.len()).await;
         }
-        check.update(&chunk).map_err(integrity)?;
+        check.update(&chunk).map_err(|e| integrity(e.to_string()))?;
     }
-    check.finish().map(Some).map_err(integrity)
+    check
+        .finish()
+        .map(Some)
+        .map_err(|e| integrity(e.to_string()))
 }

@@ -70,6 +70,16 @@ pub enum StoreError {
         /// The underlying error, already formatted without secrets.
         detail: String,
     },
+    /// The edge's own disk failed (a full, read-only or failing cache or `data_dir`), not a
+    /// store.
+    #[error("local disk ({dir}): {source}")]
+    LocalIo {
+        /// Which local directory: `cache` or `data_dir`.
+        dir: &'static str,
+        /// The error from the filesystem.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {
@@ -81,10 +91,102 @@ impl StoreError {
         }
     }
 
+    /// Builds a [`StoreError::LocalIo`] for the local directory `dir`.
+    pub fn local(dir: &'static str, source: std::io::Error) -> Self {
+        StoreError::LocalIo { dir, source }
+    }
+
     /// True if this was a timeout (maps to 504 rather than 502).
     pub fn is_timeout(&self) -> bool {
         matches!(self, StoreError::Timeout { .. })
     }
+
+    /// True if the same operation may succeed when tried again later: a timeout, a damaged
+    /// or cut body, a backend failure, a full local disk. False for what only a change of
+    /// config or hardware can mend (a read-only store, an unlistable one, a read-only or
+    /// failing local disk).
+    pub fn retryable(&self) -> bool {
+        match self {
+            StoreError::Timeout { .. } | StoreError::Integrity { .. } => true,
+            StoreError::Backend { .. } => true,
+            StoreError::ReadOnly { .. } | StoreError::NotListable { .. } => false,
+            StoreError::LocalIo { source, .. } => {
+                matches!(DiskState::of(source), DiskState::Full)
+            }
+        }
+    }
+}
+
+/// The health of a local directory the edge writes to (the cache, `data_dir`), as its last
+/// write showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    /// Writes succeed.
+    Ok,
+    /// No space (ENOSPC) or quota (EDQUOT) left: may mend itself when space is freed.
+    Full,
+    /// The filesystem is mounted read-only (EROFS).
+    ReadOnly,
+    /// Any other I/O error (EIO, permissions, a missing directory).
+    Failing,
+}
+
+impl DiskState {
+    /// Classifies a failed local write.
+    pub fn of(e: &std::io::Error) -> DiskState {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => DiskState::Full,
+            std::io::ErrorKind::ReadOnlyFilesystem => DiskState::ReadOnly,
+            _ => DiskState::Failing,
+        }
+    }
+
+    /// The state's name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::Ok => "ok",
+            DiskState::Full => "full",
+            DiskState::ReadOnly => "read-only",
+            DiskState::Failing => "failing",
+        }
+    }
+
+    /// The value of the `fediedge_disk_state` gauge: 0 ok, 1 full, 2 read-only, 3 failing.
+    pub fn code(self) -> i64 {
+        match self {
+            DiskState::Ok => 0,
+            DiskState::Full => 1,
+            DiskState::ReadOnly => 2,
+            DiskState::Failing => 3,
+        }
+    }
+}
+
+/// Why a body does not match what its store announced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// More bytes came than the announced length.
+    #[error("more than the announced {size} bytes")]
+    TooLong {
+        /// The announced length.
+        size: u64,
+    },
+    /// The body ended early.
+    #[error("body ended after {seen} of {size} bytes")]
+    Short {
+        /// Bytes received.
+        seen: u64,
+        /// The announced length.
+        size: u64,
+    },
+    /// The whole body came, but its MD5 is not the one the store vouched for.
+    #[error("MD5 {got} does not match the source's {want}")]
+    Md5 {
+        /// MD5 of the received body, hex.
+        got: String,
+        /// MD5 the store announced, hex.
+        want: String,
+    },
 }
 
 /// What a store knows about one object.
@@ -376,10 +478,10 @@ impl BodyCheck {
     }
 
     /// Takes the next chunk; fails if the body grows past its announced length.
-    pub fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
+    pub fn update(&mut self, chunk: &[u8]) -> Result<(), BodyError> {
         self.seen += chunk.len() as u64;
         if self.seen > self.size {
-            return Err(format!("more than the announced {} bytes", self.size));
+            return Err(BodyError::TooLong { size: self.size });
         }
         md5::Digest::update(&mut self.hasher, chunk);
         Ok(())
@@ -391,20 +493,19 @@ impl BodyCheck {
     }
 
     /// Ends the check: the body's MD5 if it was whole and matched.
-    pub fn finish(self) -> Result<[u8; 16], String> {
+    pub fn finish(self) -> Result<[u8; 16], BodyError> {
         if self.seen != self.size {
-            return Err(format!(
-                "body ended after {} of {} bytes",
-                self.seen, self.size
-            ));
+            return Err(BodyError::Short {
+                seen: self.seen,
+                size: self.size,
+            });
         }
         let md5: [u8; 16] = md5::Digest::finalize(self.hasher).into();
         match self.want {
-            Some(want) if want != md5 => Err(format!(
-                "MD5 {} does not match the source's {}",
-                hex::encode(md5),
-                hex::encode(want)
-            )),
+            Some(want) if want != md5 => Err(BodyError::Md5 {
+                got: hex::encode(md5),
+                want: hex::encode(want),
+            }),
             _ => Ok(md5),
         }
     }

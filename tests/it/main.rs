@@ -2,6 +2,7 @@
 
 mod cli;
 mod common;
+mod disk;
 mod doctor;
 mod listen;
 mod listen_tls;

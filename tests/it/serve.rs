@@ -595,6 +595,7 @@ async fn the_cache_is_bounded_survives_restart_and_refetches_damaged_files() {
     std::fs::write(&path, &data).unwrap();
 
     let edge = start_edge(dir.path(), &config).await;
+    edge.running.cache.as_ref().unwrap().loaded().await;
     assert_eq!(
         edge.running.cache.as_ref().unwrap().usage().1,
         3,
@@ -891,6 +892,12 @@ async fn the_lru_order_survives_a_restart() {
     for i in 0..3 {
         get(&edge, i).await;
     }
+    // Clients get their last byte before the cache bookkeeping: wait for it.
+    let cache = edge.running.cache.clone().unwrap();
+    eventually(Duration::from_secs(10), "three cached", || {
+        cache.usage().1 == 3
+    })
+    .await;
     edge.running.shutdown().await;
     // After a restart, f0 (the oldest write) is used: that use must outlive the next restart.
     let edge = start_edge(dir.path(), &config).await;
@@ -908,6 +915,8 @@ async fn the_lru_order_survives_a_restart() {
     .await;
     edge.running.shutdown().await;
     let edge = start_edge(dir.path(), &config).await;
+    // Eviction waits for the whole index (it loads behind the first requests).
+    edge.running.cache.as_ref().unwrap().loaded().await;
     assert_eq!(get(&edge, 3).await, "FALLBACK"); // evicts the least recently used: f1
     assert_eq!(get(&edge, 0).await, "HIT");
     assert_eq!(get(&edge, 2).await, "HIT");

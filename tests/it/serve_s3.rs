@@ -184,6 +184,9 @@ async fn an_old_bucket_as_fallback_is_copied_into_a_new_one_with_its_content_typ
     assert_eq!(r.headers()["x-cache-status"], "FALLBACK");
     assert_eq!(r.headers()["content-type"], "image/webp");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    // The client's last byte goes out before the cache bookkeeping: wait for it.
+    let cache = edge.running.cache.clone().unwrap();
+    eventually(Duration::from_secs(10), "cached", || cache.usage().1 == 1).await;
     let r = client().get(&url).send().await.unwrap();
     assert_eq!(r.headers()["x-cache-status"], "HIT");
     let ledger = edge.running.ledger.clone();

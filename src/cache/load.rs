@@ -1,0 +1,98 @@
+//! Loading the cache index at start, in the background: the edge answers from the first
+//! moment, however many objects the cache holds (a key not yet loaded is found by its
+//! files, [`read_entry`]).
+
+use std::cmp::Reverse;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{Cache, CachedMeta, Entry};
+use crate::key::Key;
+
+/// Entries added to the index per hold of its lock, so requests are never held up long.
+const BATCH: usize = 10_000;
+
+/// Reads the record of `key` from its files: `None` unless the meta is valid, names `key`
+/// and the body has the recorded length.
+pub(super) fn read_entry(cache: &Cache, key: &Key) -> Option<CachedMeta> {
+    let (path, meta_path) = cache.paths(key);
+    let meta = std::fs::read(&meta_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<CachedMeta>(&b).ok())?;
+    let len = std::fs::metadata(&path).ok()?.len();
+    (meta.key == key.as_str() && meta.size == len).then_some(meta)
+}
+
+/// Walks `objects/`, drops what is not whole, and adds the rest to the index behind what
+/// requests already put there (least recently used first, by the bodies' mtimes).
+pub(super) fn load(cache: &Arc<Cache>) {
+    let started = SystemTime::now();
+    let mut found = walk(cache, started);
+    // Newest first: each is then put behind all before it, so the oldest ends up last.
+    found.sort_by_key(|(used, _, _)| Reverse(*used));
+    let count = found.len();
+    let mut rest = found.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut state = cache.state.lock();
+        for (_, key, meta) in rest.by_ref().take(BATCH) {
+            let removed = state.tombstones.as_ref().is_some_and(|t| t.contains(&key));
+            if removed || state.index.contains(&key) {
+                continue;
+            }
+            state.bytes += meta.size;
+            state.index.put(key.clone(), Entry::new(meta, false));
+            state.index.demote(&key);
+        }
+    }
+    cache.state.lock().tombstones = None;
+    cache.evict();
+    cache.loading.send_replace(false);
+    cache.metrics.set_cache_index_loading(false);
+    tracing::info!(objects = count, dir = %cache.dir.display(), "cache: index loaded");
+}
+
+/// Every whole entry on disk, with its last use. Files changed since the load started are
+/// left alone: they belong to inserts running meanwhile.
+fn walk(cache: &Cache, started: SystemTime) -> Vec<(SystemTime, Key, CachedMeta)> {
+    let objects = cache.dir.join("objects");
+    let fresh = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= started)
+    };
+    let mut found = Vec::new();
+    for entry in walkdir::WalkDir::new(&objects).min_depth(2).max_depth(2) {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "meta") {
+            if !path.with_extension("").exists() && !fresh(path) {
+                // A record whose body is gone.
+                let _ = std::fs::remove_file(path);
+            }
+            continue;
+        }
+        let meta_path = path.with_extension("meta");
+        let loaded = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CachedMeta>(&b).ok())
+            .and_then(|m| Key::parse(&m.key).ok().map(|k| (k, m)));
+        let fs_meta = entry.metadata().ok();
+        let len = fs_meta.as_ref().map(|m| m.len());
+        match loaded {
+            Some((key, meta)) if Some(meta.size) == len && cache.paths(&key).0 == path => {
+                let used = fs_meta
+                    .and_then(|m| m.modified().ok())
+                    .unwrap_or(UNIX_EPOCH);
+                found.push((used, key, meta));
+            }
+            _ if fresh(path) => {}
+            _ => {
+                tracing::warn!(path = %path.display(), "cache: dropping a body with no valid record or the wrong length");
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&meta_path);
+            }
+        }
+    }
+    found
+}

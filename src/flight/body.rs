@@ -1,0 +1,208 @@
+//! Where a flight keeps the body it is fetching: a temp file, and from the first failed
+//! write on (a full, read-only or failing disk) a bounded buffer in memory. Readers take the
+//! part before the failure from the file and the rest from memory, so every client gets the
+//! exact bytes whichever way the disk went.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The body of one flight, shared by the leader (who writes) and every follower (who read).
+pub struct FlightBody {
+    file: Option<Arc<File>>,
+    spill: OnceLock<Spill>,
+}
+
+/// The part of a body held in memory, from offset `at` on.
+struct Spill {
+    at: u64,
+    buf: Mutex<Vec<u8>>,
+    /// Its share of the memory budget, given back when the last reader is done.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Where the bytes at one offset are.
+pub enum Part {
+    /// In the file, up to the given offset.
+    File(Arc<File>, u64),
+    /// In memory: the bytes asked for, copied.
+    Memory(Bytes),
+}
+
+impl FlightBody {
+    /// A body written to `file`.
+    pub fn file(file: Arc<File>) -> FlightBody {
+        FlightBody {
+            file: Some(file),
+            spill: OnceLock::new(),
+        }
+    }
+
+    /// A body held in memory from its first byte (no usable disk), within `permit`.
+    pub fn memory(permit: OwnedSemaphorePermit, size: u64) -> FlightBody {
+        let body = FlightBody {
+            file: None,
+            spill: OnceLock::new(),
+        };
+        body.spill_from(0, permit, size);
+        body
+    }
+
+    /// Moves the rest of the body, from `at` on, into memory.
+    pub fn spill_from(&self, at: u64, permit: OwnedSemaphorePermit, size: u64) {
+        let _ = self.spill.set(Spill {
+            at,
+            buf: Mutex::new(Vec::with_capacity((size - at) as usize)),
+            _permit: permit,
+        });
+    }
+
+    /// True once the body (or its tail) is in memory.
+    pub fn in_memory(&self) -> bool {
+        self.spill.get().is_some()
+    }
+
+    /// Appends a chunk to the part in memory (only after [`FlightBody::spill_from`]).
+    pub fn push(&self, chunk: &[u8]) {
+        if let Some(s) = self.spill.get() {
+            s.buf.lock().extend_from_slice(chunk);
+        }
+    }
+
+    /// The file being written, if the body still goes to disk.
+    pub fn disk_file(&self) -> Option<&Arc<File>> {
+        self.file.as_ref().filter(|_| !self.in_memory())
+    }
+
+    /// Where to read at most `n` bytes at `pos` (all of them published as written).
+    pub fn part(&self, pos: u64, n: u64) -> io::Result<Part> {
+        match (self.spill.get(), &self.file) {
+            (Some(s), _) if pos >= s.at => {
+                let buf = s.buf.lock();
+                let from = (pos - s.at) as usize;
+                let to = (from + n as usize).min(buf.len());
+                Ok(Part::Memory(Bytes::copy_from_slice(&buf[from..to])))
+            }
+            (Some(s), Some(f)) => Ok(Part::File(f.clone(), (pos + n).min(s.at))),
+            (None, Some(f)) => Ok(Part::File(f.clone(), pos + n)),
+            (Some(_), None) => unreachable!("a memory body starts at 0"),
+            (None, None) => Err(io::Error::other(
+                "a flight body with neither file nor memory",
+            )),
+        }
+    }
+
+    /// Writes the whole (verified) body into `out`: the file's part, then memory's.
+    pub fn copy_to(&self, out: &mut File) -> io::Result<()> {
+        let at = self.spill.get().map_or(u64::MAX, |s| s.at);
+        if let (Some(f), true) = (&self.file, at > 0) {
+            let mut pos = 0;
+            let mut buf = vec![0u8; 256 * 1024];
+            while pos < at {
+                let n = f.read_at(&mut buf, pos)?;
+                if n == 0 {
+                    break;
+                }
+                let n = n.min((at - pos) as usize);
+                out.write_all(&buf[..n])?;
+                pos += n as u64;
+            }
+        }
+        if let Some(s) = self.spill.get() {
+            out.write_all(&s.buf.lock())?;
+        }
+        out.sync_data()
+    }
+}
+
+/// Reserves `size` bytes of disk for `file` (`posix_fallocate`), so that a full disk shows
+/// before the first byte is published rather than in the middle of the body. Filesystems
+/// that cannot preallocate are not an error.
+pub fn preallocate(file: &File, size: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if size == 0 {
+        return Ok(());
+    }
+    // SAFETY: the descriptor is open for the whole call; posix_fallocate touches no memory.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+    match rc {
+        0 | libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Creates a temp file in `dir` with room for `size` bytes.
+pub fn create_temp(dir: &Path, size: u64) -> io::Result<tempfile::NamedTempFile> {
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    preallocate(tmp.as_file(), size)?;
+    Ok(tmp)
+}
+
+/// The bounds on the work flights may take on: how many run at once, how many temp-disk
+/// bytes they hold, how much memory bodies without a disk may take.
+pub struct Limits {
+    flights: Arc<Semaphore>,
+    temp: Arc<Semaphore>,
+    temp_total: u32,
+    memory: Arc<Semaphore>,
+    memory_total: u32,
+    queue_wait: Duration,
+}
+
+/// Budgets count whole KiB (a semaphore counts in `u32`).
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).min(u32::MAX as u64) as u32
+}
+
+impl Limits {
+    /// `max_flights` fetches at once, `max_temp` bytes of temp files, `max_memory` bytes of
+    /// bodies held in memory; a flight waits up to `queue_wait` for its slot and its temp
+    /// bytes before it gives up (503).
+    pub fn new(max_flights: usize, max_temp: u64, max_memory: u64, queue_wait: Duration) -> Self {
+        Limits {
+            flights: Arc::new(Semaphore::new(max_flights)),
+            temp: Arc::new(Semaphore::new(kib(max_temp) as usize)),
+            temp_total: kib(max_temp),
+            memory: Arc::new(Semaphore::new(kib(max_memory) as usize)),
+            memory_total: kib(max_memory),
+            queue_wait,
+        }
+    }
+
+    /// A flight slot, waiting briefly; `None` when none freed up in time.
+    pub async fn flight(&self) -> Option<OwnedSemaphorePermit> {
+        let acquire = self.flights.clone().acquire_owned();
+        tokio::time::timeout(self.queue_wait, acquire)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Temp-disk room for a body of `size`, waiting briefly. A body larger than the whole
+    /// budget takes all of it (it runs alone rather than never).
+    pub async fn temp(&self, size: u64) -> Option<OwnedSemaphorePermit> {
+        let n = kib(size).min(self.temp_total);
+        let acquire = self.temp.clone().acquire_many_owned(n);
+        tokio::time::timeout(self.queue_wait, acquire)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Memory for `size` bytes of body, now or never (a body that does not fit is streamed
+    /// to each client on its own instead).
+    pub fn memory(&self, size: u64) -> Option<OwnedSemaphorePermit> {
+        let n = kib(size);
+        if n > self.memory_total {
+            return None;
+        }
+        self.memory.clone().try_acquire_many_owned(n).ok()
+    }
+}

@@ -1,0 +1,461 @@
+//! One fetch per missing key, read by every requester while it is written.
+//!
+//! The first request for a key that the cache does not hold starts a fetch task (the
+//! *leader*); every request for that key while it runs, the first one included, follows it.
+//! The leader walks the chain (primary, then fallbacks), writes the body to a temp file and
+//! publishes its progress on a `watch` channel; followers read the file up to the published
+//! length and sleep on the channel in between: bytes reach every client as they arrive, with
+//! no polling and no copy of the object in memory. The fetch runs to its end even if every
+//! client went away, so the copy into the primary still happens.
+//!
+//! Only once the whole body has arrived, with the announced length and (where the source
+//! gives one) the right MD5, is it put into the cache and queued for the primary; clients get
+//! their last byte as soon as it is verified, before that bookkeeping. A short, stalled or
+//! damaged body ends the flight with an error: followers' responses are aborted, and the temp
+//! file is deleted.
+//!
+//! A full, read-only or failing disk does not fail a request: the flight keeps the body (or
+//! the rest of it, from the failed write on) in memory within `max_flight_memory` and the
+//! herd still shares it, uncached; a body that does not fit there is streamed to each of its
+//! requesters on its own ([`Flights::stream_through`]), so those do not share a fetch. The
+//! work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
+//! past them a flight waits briefly, then answers 503.
+
+mod body;
+mod disk;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::cache::{Cache, CachedMeta};
+use crate::key::Key;
+use crate::metrics::Metrics;
+use crate::negative::NegativeCache;
+use crate::store::{BodyCheck, BodyError, ByteStream, ObjectMeta, StoreError, StoreHandle};
+use crate::writeback::{Fetched, WriteBack};
+
+pub use body::{FlightBody, Limits, Part};
+pub use disk::DiskHealth;
+
+/// A fetch that found its object and started keeping it.
+pub struct Started {
+    /// The source's metadata (length, type, ETag…).
+    pub meta: ObjectMeta,
+    /// Name of the store the body comes from.
+    pub source: Arc<str>,
+    /// True when that store is a fallback (the body will be copied to the primary).
+    pub from_fallback: bool,
+    /// The body, shared by every follower.
+    pub body: Arc<FlightBody>,
+}
+
+/// How a flight ended.
+#[derive(Clone)]
+pub enum End {
+    /// The whole body arrived and was verified.
+    Complete,
+    /// No store has the key.
+    NotFound,
+    /// The fetch failed (before or during the body).
+    Failed(Arc<StoreError>),
+    /// The flight or temp-disk limits stayed full: nothing was fetched (503).
+    Busy,
+    /// The disk failed and the body does not fit in the memory left: each requester streams
+    /// it from the source on its own ([`Flights::stream_through`]).
+    NoRoom,
+}
+
+/// What followers see of a flight.
+#[derive(Clone, Default)]
+pub struct FlightState {
+    /// Set once a store answered with the object.
+    pub started: Option<Arc<Started>>,
+    /// Bytes of the body kept so far (file or memory).
+    pub written: u64,
+    /// Set once the whole body is verified: its last byte may go out.
+    pub verified: bool,
+    /// Set when the flight is over.
+    pub end: Option<End>,
+}
+
+/// The local directories flights write to, each with its health.
+pub struct Dirs {
+    /// Where bodies being fetched go: the cache's `tmp/`, else `data_dir/tmp`.
+    pub tmp: PathBuf,
+    /// The health of `tmp`'s filesystem.
+    pub tmp_health: Arc<DiskHealth>,
+    /// `data_dir/tmp`: where a body held in memory is written before it is staged.
+    pub data_tmp: PathBuf,
+    /// The health of `data_dir` (staging for write-backs).
+    pub data_health: Arc<DiskHealth>,
+}
+
+/// The table of fetches under way, and what a fetch needs.
+pub struct Flights {
+    map: Mutex<HashMap<Key, watch::Receiver<FlightState>>>,
+    chain: Vec<StoreHandle>,
+    cache: Option<Arc<Cache>>,
+    writeback: Arc<WriteBack>,
+    dirs: Dirs,
+    limits: Limits,
+    negative: NegativeCache,
+    metrics: Metrics,
+    /// Every fetch task, so that shutdown can wait for the fetches under way.
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Flights {
+    /// `chain` is the primary followed by the fallbacks; `dirs.tmp` must be on the same
+    /// filesystem as the cache (if any) so a finished body is moved, not copied. Fetch tasks
+    /// are spawned on `tasks`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        chain: Vec<StoreHandle>,
+        cache: Option<Arc<Cache>>,
+        writeback: Arc<WriteBack>,
+        dirs: Dirs,
+        limits: Limits,
+        negative: NegativeCache,
+        metrics: Metrics,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+            chain,
+            cache,
+            writeback,
+            dirs,
+            limits,
+            negative,
+            metrics,
+            tasks,
+        }
+    }
+
+    /// The memory of recent misses.
+    pub fn negative(&self) -> &NegativeCache {
+        &self.negative
+    }
+
+    /// Fetches under way.
+    pub fn in_flight(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    /// Follows the fetch of `key`, starting it if none is under way.
+    pub fn join(self: &Arc<Self>, key: &Key) -> watch::Receiver<FlightState> {
+        let mut map = self.map.lock();
+        if let Some(rx) = map.get(key) {
+            self.metrics.coalesced();
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(FlightState::default());
+        map.insert(key.clone(), rx.clone());
+        drop(map);
+        let this = self.clone();
+        let key = key.clone();
+        self.tasks.spawn(async move {
+            // Removes the entry however the task ends, a panic included: a dead entry would
+            // answer 502 for its key until restart.
+            let _unregister = Unregister(this.clone(), key.clone());
+            let end = match this.fetch(&key, &tx).await {
+                Ok(end) => end,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "fetch failed");
+                    End::Failed(Arc::new(e))
+                }
+            };
+            tx.send_modify(|s| s.end = Some(end));
+        });
+        rx
+    }
+
+    /// Walks the chain for `key`: the first store that has it, with its index.
+    async fn find(&self, key: &Key) -> Result<Option<(usize, crate::store::Object)>, StoreError> {
+        let mut last_error = None;
+        for (i, store) in self.chain.iter().enumerate() {
+            match store.get(key).await {
+                Ok(Some(object)) => return Ok(Some((i, object))),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(key = %key, store = store.name(), error = %e, "store read failed; trying the next one");
+                    last_error = Some(e);
+                }
+            }
+        }
+        match last_error {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Fetches `key` for one client only, straight from its source and kept nowhere: for a
+    /// body that neither the disk nor the memory left can hold. The stream holds back its
+    /// last chunk until the whole body is verified. `Ok(None)`: no store has the key.
+    pub async fn stream_through(
+        &self,
+        key: &Key,
+    ) -> Result<Option<(ObjectMeta, bool, ByteStream)>, StoreError> {
+        let Some((index, object)) = self.find(key).await? else {
+            return Ok(None);
+        };
+        let store = self.chain[index].name().to_owned();
+        let meta = object.meta.clone();
+        let body = verified(object.body, &meta, store, key.to_string());
+        Ok(Some((meta, index > 0, body)))
+    }
+
+    async fn fetch(&self, key: &Key, tx: &watch::Sender<FlightState>) -> Result<End, StoreError> {
+        let Some(_slot) = self.limits.flight().await else {
+            tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
+            return Ok(End::Busy);
+        };
+        let (index, object) = match self.find(key).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                self.negative.insert(key);
+                return Ok(End::NotFound);
+            }
+            Err(e) => return Ok(End::Failed(Arc::new(e))),
+        };
+        let store = &self.chain[index];
+        let meta = object.meta;
+        let size = meta.size;
+        let tmp_dir = self.dirs.tmp_health.dir();
+        // The disk first (room reserved up front), else memory, else each client on its own.
+        let Some(_temp_room) = self.limits.temp(size).await else {
+            tracing::warn!(key = %key, size, "temp-disk budget full (max_flight_temp_bytes): 503");
+            return Ok(End::Busy);
+        };
+        let dir = self.dirs.tmp.clone();
+        let created = tokio::task::spawn_blocking(move || body::create_temp(&dir, size))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let (tmp, flight_body) = match created {
+            Ok(tmp) => {
+                let file = Arc::new(
+                    tmp.as_file()
+                        .try_clone()
+                        .map_err(|e| StoreError::local(tmp_dir, e))?,
+                );
+                (Some(tmp), FlightBody::file(file))
+            }
+            Err(e) => {
+                self.dirs.tmp_health.failed(&e);
+                match self.limits.memory(size) {
+                    Some(permit) => (None, FlightBody::memory(permit, size)),
+                    None => return Ok(End::NoRoom),
+                }
+            }
+        };
+        let flight_body = Arc::new(flight_body);
+        tx.send_modify(|s| {
+            s.started = Some(Arc::new(Started {
+                meta: meta.clone(),
+                source: store.name().into(),
+                from_fallback: index > 0,
+                body: flight_body.clone(),
+            }))
+        });
+        let integrity = |e: BodyError| StoreError::Integrity {
+            store: store.name().to_owned(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        };
+        let mut check = BodyCheck::new(&meta);
+        let mut body = object.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            let at = check.seen();
+            check.update(&chunk).map_err(integrity)?;
+            if let Some(file) = flight_body.disk_file() {
+                let f = file.clone();
+                let c = chunk.clone();
+                let wrote = tokio::task::spawn_blocking(move || f.write_all_at(&c, at))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                if let Err(e) = wrote {
+                    // The disk gave out mid-body: the rest goes to memory if it fits there.
+                    self.dirs.tmp_health.failed(&e);
+                    let Some(permit) = self.limits.memory(size - at) else {
+                        return Err(StoreError::local(tmp_dir, e));
+                    };
+                    flight_body.spill_from(at, permit, size);
+                }
+            }
+            if flight_body.in_memory() {
+                flight_body.push(&chunk);
+            }
+            let written = check.seen();
+            tx.send_modify(|s| s.written = written);
+        }
+        let md5 = check.finish().map_err(integrity)?;
+        // Verified: clients get their last byte now, not after the bookkeeping below.
+        tx.send_modify(|s| s.verified = true);
+        let on_disk = match (&tmp, flight_body.in_memory()) {
+            (Some(tmp), false) => {
+                let f = tmp
+                    .as_file()
+                    .try_clone()
+                    .map_err(|e| StoreError::local(tmp_dir, e))?;
+                match tokio::task::spawn_blocking(move || f.sync_data())
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.dirs.tmp_health.failed(&e);
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if index > 0 {
+            let fetched = Fetched {
+                key: key.clone(),
+                size,
+                md5,
+                content_type: meta.content_type.clone(),
+                source: store.name().to_owned(),
+            };
+            if let Err(e) = self
+                .stage(&flight_body, tmp.as_ref().filter(|_| on_disk), fetched)
+                .await
+            {
+                // Not cached either: the next request fetches it again and retries the copy.
+                tracing::error!(key = %key, error = %e, "could not queue the copy to the primary; the next request retries it");
+                return Ok(End::Complete);
+            }
+        }
+        let Some(tmp) = tmp.filter(|_| on_disk) else {
+            return Ok(End::Complete);
+        };
+        match &self.cache {
+            Some(cache) => {
+                let record = CachedMeta::new(key, &meta, md5, store.name());
+                let (cache, k, body) = (cache.clone(), key.clone(), tmp.into_temp_path());
+                let inserted = tokio::task::spawn_blocking(move || cache.insert(&k, body, record))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                match inserted {
+                    Ok(()) => self.dirs.tmp_health.ok(),
+                    Err(e) => {
+                        self.dirs.tmp_health.failed(&e);
+                        tracing::warn!(key = %key, error = %e, "could not store in the cache");
+                    }
+                }
+            }
+            None => self.dirs.tmp_health.ok(),
+        }
+        Ok(End::Complete)
+    }
+
+    /// Stages a verified body for the primary: a hard link of the temp file, or (for a body
+    /// held in memory) a file written into `data_dir/tmp` first.
+    async fn stage(
+        &self,
+        body: &Arc<FlightBody>,
+        tmp: Option<&tempfile::NamedTempFile>,
+        fetched: Fetched,
+    ) -> anyhow::Result<()> {
+        let staged = match tmp {
+            Some(tmp) => self.writeback.stage(tmp.path(), fetched).await,
+            None => {
+                let (dir, b) = (self.dirs.data_tmp.clone(), body.clone());
+                let written = tokio::task::spawn_blocking(move || {
+                    let mut out = tempfile::NamedTempFile::new_in(dir)?;
+                    b.copy_to(out.as_file_mut())?;
+                    Ok::<_, io::Error>(out)
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                match written {
+                    Ok(out) => self.writeback.stage(out.path(), fetched).await,
+                    Err(e) => Err(e.into()),
+                }
+            }
+        };
+        match &staged {
+            Ok(()) => self.dirs.data_health.ok(),
+            Err(e) => {
+                if let Some(io) = e.downcast_ref::<io::Error>() {
+                    self.dirs.data_health.failed(io);
+                }
+            }
+        }
+        staged
+    }
+}
+
+/// Wraps a body so that it fails if it does not match `meta` (length, MD5), holding back its
+/// last chunk until the whole body is verified.
+fn verified(body: ByteStream, meta: &ObjectMeta, store: String, key: String) -> ByteStream {
+    struct St {
+        body: ByteStream,
+        check: Option<BodyCheck>,
+        held: Option<Bytes>,
+        store: String,
+        key: String,
+    }
+    let st = St {
+        body,
+        check: Some(BodyCheck::new(meta)),
+        held: None,
+        store,
+        key,
+    };
+    Box::pin(futures_util::stream::unfold(st, |mut st| async move {
+        let integrity = |st: &St, e: BodyError| StoreError::Integrity {
+            store: st.store.clone(),
+            key: st.key.clone(),
+            detail: e.to_string(),
+        };
+        loop {
+            let check = st.check.as_mut()?;
+            match st.body.next().await {
+                Some(Ok(chunk)) => {
+                    if let Err(e) = check.update(&chunk) {
+                        let err = integrity(&st, e);
+                        st.check = None;
+                        return Some((Err(err), st));
+                    }
+                    if let Some(prev) = st.held.replace(chunk) {
+                        return Some((Ok(prev), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    st.check = None;
+                    return Some((Err(e), st));
+                }
+                None => {
+                    let check = st.check.take()?;
+                    return match check.finish() {
+                        Ok(_) => st.held.take().map(|last| (Ok(last), st)),
+                        Err(e) => {
+                            let err = integrity(&st, e);
+                            Some((Err(err), st))
+                        }
+                    };
+                }
+            }
+        }
+    }))
+}
+
+/// Takes a key out of the flight table when dropped.
+struct Unregister(Arc<Flights>, Key);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        self.0.map.lock().remove(&self.1);
+    }
+}

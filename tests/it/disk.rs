@@ -1,0 +1,438 @@
+//! The read path under full disks and load (issue 7 §1, §5): real small filesystems (tmpfs,
+//! mounted by the test; the tests run as root), a real origin, the edge in-process.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::origin::{Behaviour, Origin};
+use crate::common::{bytes, client, eventually, start_edge, TestEdge};
+
+/// A tmpfs mounted for one test, unmounted when dropped (a panic included).
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "2m") at `dir`. Fails the test, never skips it, when
+    /// mounting is not possible.
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (the disk tests need root and mount(8)): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Fills the filesystem until a write fails: no room left.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("fill"))
+            .unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        // The last bytes, in case a write went through in part.
+        while f.write_all(&[0u8]).is_ok() {}
+    }
+
+    /// Frees what [`Tmpfs::fill`] took.
+    fn free(&self) {
+        std::fs::remove_file(self.dir.join("fill")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the edge may still hold files open.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+fn stores(dir: &Path, origin: &Origin, extra_cache: &str) -> String {
+    format!(
+        "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"64MiB\"\nmemory_max_size = \"0\"\n{extra_cache}[[fallback]]\nname = \"old-origin\"\ntype = \"http\"\nurl = \"{}\"\nfirst_byte_timeout = \"60s\"\n",
+        dir.join("primary").display(),
+        dir.join("cache").display(),
+        origin.url()
+    )
+}
+
+/// GETs `key`: status, `X-Cache-Status` and the body (an aborted body fails the test).
+async fn get(edge: &TestEdge, key: &str) -> (u16, String, Vec<u8>) {
+    let r = client()
+        .get(format!("{}{key}", edge.base))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let cache = r
+        .headers()
+        .get("x-cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = r.bytes().await.expect("a whole body").to_vec();
+    (status, cache, body)
+}
+
+/// Files under `dir`, recursively (what the cache keeps).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect()
+}
+
+fn metric(edge: &TestEdge, line_start: &str) -> Option<String> {
+    edge.running
+        .metrics
+        .render()
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .map(|l| l[line_start.len()..].trim().to_owned())
+}
+
+#[tokio::test]
+async fn a_full_cache_disk_serves_exact_bytes_shares_fetches_and_recovers_also_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 1);
+    origin.put("a.png", body.clone());
+    let cache_fs = Tmpfs::mount(&dir.path().join("cache"), "2m");
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    cache_fs.fill();
+
+    // Twice, exact bytes; nothing kept in the cache.
+    for _ in 0..2 {
+        let (status, cache, got) = get(&edge, "a.png").await;
+        assert_eq!(status, 200);
+        assert_ne!(cache, "HIT");
+        assert!(got == body, "bytes differ from the source's");
+    }
+    // A herd on a full disk still shares one source fetch (the body is held in memory).
+    let herd_body = bytes(200_000, 2);
+    origin.put_with(
+        "herd.png",
+        herd_body.clone(),
+        Behaviour {
+            delay: Duration::from_millis(500),
+            pause_after: Some(50_000),
+            stall_for: Duration::from_secs(2),
+            ..Behaviour::default()
+        },
+    );
+    let herd: Vec<_> = (0..20)
+        .map(|_| {
+            let url = format!("{}herd.png", edge.base);
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("a whole body").to_vec()
+            })
+        })
+        .collect();
+    for t in herd {
+        assert!(
+            t.await.unwrap() == herd_body,
+            "bytes differ from the source's"
+        );
+    }
+    assert_eq!(origin.gets("herd.png"), 1, "one source GET for the herd");
+    let cache = edge.running.cache.clone().unwrap();
+    assert_eq!(cache.usage(), (0, 0));
+    let kept: Vec<_> = files_under(&dir.path().join("cache"))
+        .into_iter()
+        .filter(|p| !p.ends_with("fill"))
+        .collect();
+    assert!(kept.is_empty(), "partial files left: {kept:?}");
+    // Said once, however many requests saw the full disk.
+    let text = client()
+        .get(format!("{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("fediedge_disk_state{dir=\"cache\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fediedge_disk_state_changes_total{dir=\"cache\"} 1"),
+        "{text}"
+    );
+
+    // Space returns: the next fetch caches again, by itself.
+    cache_fs.free();
+    let (_, _, got) = get(&edge, "a.png").await;
+    assert!(got == body);
+    // The client's last byte goes out before the cache bookkeeping: wait for it.
+    eventually(Duration::from_secs(10), "a.png cached", || {
+        cache.usage().1 == 1
+    })
+    .await;
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref(),
+        Some("0")
+    );
+    let (_, status, got) = get(&edge, "a.png").await;
+    assert_eq!(status, "HIT");
+    assert!(got == body);
+
+    // A restart on a disk that is full again: it starts, serves the cached key and fetches
+    // others without caching them.
+    cache_fs.fill();
+    edge.running.shutdown().await;
+    drop(cache);
+    let edge = start_edge(dir.path(), &config).await;
+    edge.running.cache.as_ref().unwrap().loaded().await;
+    origin.put("b.png", bytes(100_000, 3));
+    for _ in 0..2 {
+        let (status, cache, got) = get(&edge, "b.png").await;
+        assert_eq!(status, 200);
+        assert_ne!(cache, "HIT");
+        assert!(got == bytes(100_000, 3));
+    }
+    let (_, status, got) = get(&edge, "a.png").await;
+    assert_eq!(status, "HIT");
+    assert!(got == body);
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref(),
+        Some("1")
+    );
+    cache_fs.free();
+    get(&edge, "b.png").await;
+    let cache = edge.running.cache.clone().unwrap();
+    eventually(Duration::from_secs(10), "b.png cached", || {
+        cache.usage().1 == 2
+    })
+    .await;
+    let (_, status, got) = get(&edge, "b.png").await;
+    assert_eq!(status, "HIT", "caching resumed after the restart");
+    assert!(got == bytes(100_000, 3));
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_too_big_for_memory_on_a_full_disk_is_streamed_to_each_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 4);
+    origin.put("big.png", body.clone());
+    let cache_fs = Tmpfs::mount(&dir.path().join("cache"), "1m");
+    let config = format!(
+        "max_flight_memory = \"100KiB\"\n{}",
+        stores(dir.path(), &origin, "")
+    );
+    let edge = start_edge(dir.path(), &config).await;
+    cache_fs.fill();
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let url = format!("{}big.png", edge.base);
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("a whole body").to_vec()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap() == body);
+    }
+    // A range of a streamed body.
+    let r = client()
+        .get(format!("{}big.png", edge.base))
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[1000..2000]);
+    // Each requester fetched on its own (the one case where the herd cannot share); the
+    // flight that found no room fetched once more.
+    assert!(origin.gets("big.png") >= 4);
+    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_data_dir_serves_the_client_and_retries_the_copy_when_it_can_be_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(200_000, 5);
+    origin.put("c.png", body.clone());
+    let staging = Tmpfs::mount(&dir.path().join("var/staging"), "1m");
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    staging.fill();
+    let (status, cache, got) = get(&edge, "c.png").await;
+    assert_eq!((status, cache.as_str()), (200, "FALLBACK"));
+    assert!(got == body);
+    eventually(Duration::from_secs(10), "the data_dir marked full", || {
+        metric(&edge, "fediedge_disk_state{dir=\"data_dir\"}").as_deref() == Some("1")
+    })
+    .await;
+    // Not cached either, so that the next request fetches again and retries the copy.
+    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
+    assert!(!dir.path().join("primary/c.png").exists());
+
+    staging.free();
+    let (status, cache, got) = get(&edge, "c.png").await;
+    assert_eq!((status, cache.as_str()), (200, "FALLBACK"));
+    assert!(got == body);
+    let copied = dir.path().join("primary/c.png");
+    eventually(Duration::from_secs(10), "the copy in the primary", || {
+        copied.exists()
+    })
+    .await;
+    assert!(std::fs::read(&copied).unwrap() == body);
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state{dir=\"data_dir\"}").as_deref(),
+        Some("0")
+    );
+    assert_eq!(origin.gets("c.png"), 2);
+    edge.running.shutdown().await;
+}
+
+/// An origin object that sends its first bytes and then holds the rest for a minute.
+fn held(n: usize, seed: u8) -> (Vec<u8>, Behaviour) {
+    (
+        bytes(n, seed),
+        Behaviour {
+            pause_after: Some(1000),
+            stall_for: Duration::from_secs(60),
+            ..Behaviour::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn past_max_flights_a_new_key_waits_briefly_then_gets_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    for k in ["h1.png", "h2.png"] {
+        let (b, behaviour) = held(50_000, 6);
+        origin.put_with(k, b, behaviour);
+    }
+    origin.put("free.png", "free");
+    let config = format!("max_flights = 2\n{}", stores(dir.path(), &origin, ""));
+    let edge = start_edge(dir.path(), &config).await;
+    let holders: Vec<_> = ["h1.png", "h2.png"]
+        .into_iter()
+        .map(|k| {
+            let url = format!("{}{k}", edge.base);
+            tokio::spawn(async move { client().get(url).send().await.unwrap().bytes().await })
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "both held at the origin", || {
+        origin.gets("h1.png") == 1 && origin.gets("h2.png") == 1
+    })
+    .await;
+    let r = client()
+        .get(format!("{}free.png", edge.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "2");
+    assert_eq!(r.headers()["x-cache-status"], "BUSY");
+    assert_eq!(origin.gets("free.png"), 0, "nothing fetched past the cap");
+    assert_eq!(
+        metric(&edge, "fediedge_overloaded_requests_total").as_deref(),
+        Some("1")
+    );
+    for h in holders {
+        h.abort();
+    }
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn past_max_flight_temp_bytes_a_new_body_gets_503_and_the_disk_does_not_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let (b, behaviour) = held(80_000, 7);
+    origin.put_with("held.png", b, behaviour);
+    origin.put("next.png", bytes(80_000, 8));
+    let config = format!(
+        "max_flight_temp_bytes = \"100KiB\"\n{}",
+        stores(dir.path(), &origin, "")
+    );
+    let edge = start_edge(dir.path(), &config).await;
+    let holder = tokio::spawn({
+        let url = format!("{}held.png", edge.base);
+        async move { client().get(url).send().await.unwrap().bytes().await }
+    });
+    eventually(Duration::from_secs(10), "held at the origin", || {
+        origin.gets("held.png") == 1
+    })
+    .await;
+    let r = client()
+        .get(format!("{}next.png", edge.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    // Only the held body's temp file exists.
+    let tmp = files_under(&dir.path().join("cache/tmp"));
+    assert_eq!(tmp.len(), 1, "{tmp:?}");
+    holder.abort();
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_restart_fifty_clients_cause_one_md5_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(500_000, 9);
+    origin.put("v.png", body.clone());
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    get(&edge, "v.png").await;
+    let cache = edge.running.cache.clone().unwrap();
+    eventually(Duration::from_secs(10), "cached", || cache.usage().1 == 1).await;
+    edge.running.shutdown().await;
+    drop(cache);
+
+    let edge = start_edge(dir.path(), &config).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = format!("{}v.png", edge.base);
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                let status = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+                (status, r.bytes().await.unwrap().to_vec())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (status, got) = t.await.unwrap();
+        assert_eq!(status, "HIT");
+        assert!(got == body);
+    }
+    assert_eq!(
+        metric(&edge, "fediedge_cache_verifications_total").as_deref(),
+        Some("1")
+    );
+    assert_eq!(origin.gets("v.png"), 1);
+    edge.running.shutdown().await;
+}
