@@ -3,9 +3,11 @@
 //! files, [`read_entry`]).
 
 use std::cmp::Reverse;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
 
 use super::{Cache, CachedMeta, Entry};
 use crate::key::Key;
@@ -27,6 +29,12 @@ pub(super) fn read_entry(cache: &Cache, key: &Key) -> Option<CachedMeta> {
 /// Walks `objects/`, drops what is not whole, and adds the rest to the index behind what
 /// requests already put there (least recently used first, by the bodies' mtimes).
 pub(super) fn load(cache: &Arc<Cache>) {
+    {
+        let mut held = HELD.lock();
+        while held.contains(&cache.dir) {
+            RELEASED.wait(&mut held);
+        }
+    }
     let started = SystemTime::now();
     let mut found = walk(cache, started);
     // Newest first: each is then put behind all before it, so the oldest ends up last.
@@ -95,4 +103,27 @@ fn walk(cache: &Cache, started: SystemTime) -> Vec<(SystemTime, Key, CachedMeta)
         }
     }
     found
+}
+
+/// Cache directories whose index load is held back (tests only).
+static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static RELEASED: Condvar = Condvar::new();
+
+/// Holds back the index load of the cache at `dir` until dropped: lets a test show requests
+/// answered while the index is still loading, by events rather than timing.
+#[doc(hidden)]
+pub struct LoadHold(PathBuf);
+
+/// Holds back the index load of a cache opened at `dir` (tests only).
+#[doc(hidden)]
+pub fn hold_index_load(dir: &Path) -> LoadHold {
+    HELD.lock().push(dir.to_owned());
+    LoadHold(dir.to_owned())
+}
+
+impl Drop for LoadHold {
+    fn drop(&mut self) {
+        HELD.lock().retain(|d| d != &self.0);
+        RELEASED.notify_all();
+    }
 }

@@ -20,6 +20,8 @@
 mod load;
 mod meta;
 
+#[doc(hidden)]
+pub use load::{hold_index_load, LoadHold};
 pub use meta::CachedMeta;
 
 use std::collections::{HashMap, HashSet};

@@ -436,3 +436,92 @@ async fn after_a_restart_fifty_clients_cause_one_md5_check() {
     assert_eq!(origin.gets("v.png"), 1);
     edge.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_restart_answers_while_the_cache_index_is_still_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    for (k, seed) in [("x.png", 10), ("y.png", 11)] {
+        origin.put(k, bytes(100_000, seed));
+    }
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    get(&edge, "x.png").await;
+    get(&edge, "y.png").await;
+    let cache = edge.running.cache.clone().unwrap();
+    eventually(Duration::from_secs(10), "both cached", || {
+        cache.usage().1 == 2
+    })
+    .await;
+    edge.running.shutdown().await;
+    drop(cache);
+
+    // The index load is held back: the edge must answer anyway.
+    let hold = fediedge::cache::hold_index_load(&dir.path().join("cache"));
+    let edge = start_edge(dir.path(), &config).await;
+    assert_eq!(
+        metric(&edge, "fediedge_cache_index_loading").as_deref(),
+        Some("1")
+    );
+    let (status, cache_status, got) = get(&edge, "x.png").await;
+    assert_eq!((status, cache_status.as_str()), (200, "HIT"));
+    assert!(got == bytes(100_000, 10));
+    origin.put("z.png", bytes(1000, 12));
+    let (status, _, got) = get(&edge, "z.png").await;
+    assert_eq!(status, 200);
+    assert!(got == bytes(1000, 12));
+    let cache = edge.running.cache.clone().unwrap();
+    assert!(cache.is_loading());
+    assert_eq!(origin.gets("x.png"), 1, "found by its files, not refetched");
+
+    drop(hold);
+    cache.loaded().await;
+    assert_eq!(
+        metric(&edge, "fediedge_cache_index_loading").as_deref(),
+        Some("0")
+    );
+    eventually(Duration::from_secs(10), "all three indexed", || {
+        cache.usage().1 == 3
+    })
+    .await;
+    let (_, cache_status, _) = get(&edge, "y.png").await;
+    assert_eq!(cache_status, "HIT");
+    assert_eq!(origin.gets("y.png"), 1);
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_last_byte_goes_out_when_verified_not_after_the_copy_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(200_000, 13);
+    origin.put("w.png", body.clone());
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    // Hold the ledger: queueing the copy for the primary blocks until it is released.
+    let ledger = edge.running.ledger.clone();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        ledger.with(|_| {
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        })
+    });
+    locked_rx.recv().unwrap();
+    // A safety bound only: a response held until the copy is queued would never end.
+    let answered = tokio::time::timeout(Duration::from_secs(60), get(&edge, "w.png")).await;
+    let (status, cache_status, got) =
+        answered.expect("the response waited for the write-back bookkeeping");
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(got == body);
+    assert!(!dir.path().join("primary/w.png").exists());
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let copied = dir.path().join("primary/w.png");
+    eventually(Duration::from_secs(10), "the copy in the primary", || {
+        copied.exists()
+    })
+    .await;
+    edge.running.shutdown().await;
+}
