@@ -347,3 +347,34 @@ impl RawStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn flight_limits_have_defaults_and_are_checked() {
+        let c = super::super::from_str("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.max_flights, 256);
+        assert_eq!(c.max_flight_temp_bytes, 1 << 30);
+        assert_eq!(c.max_flight_memory, 256 << 20);
+        let c = super::super::from_str(
+            "max_flights = 8\nmax_flight_temp_bytes = \"64MiB\"\nmax_flight_memory = \"0\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.max_flights, c.max_flight_temp_bytes, c.max_flight_memory),
+            (8, 64 << 20, 0)
+        );
+        for (text, key) in [
+            ("max_flights = 0\n", "max_flights"),
+            ("max_flight_temp_bytes = \"10\"\n", "max_flight_temp_bytes"),
+        ] {
+            let err = super::super::from_str(text, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+}

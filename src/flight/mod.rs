@@ -231,7 +231,7 @@ impl Flights {
         let size = meta.size;
         let tmp_dir = self.dirs.tmp_health.dir();
         // The disk first (room reserved up front), else memory, else each client on its own.
-        let Some(_temp_room) = self.limits.temp(size).await else {
+        let Some(temp_room) = self.limits.temp(size).await else {
             tracing::warn!(key = %key, size, "temp-disk budget full (max_flight_temp_bytes): 503");
             return Ok(End::Busy);
         };
@@ -250,6 +250,7 @@ impl Flights {
             }
             Err(e) => {
                 self.dirs.tmp_health.failed(&e);
+                drop(temp_room);
                 match self.limits.memory(size) {
                     Some(permit) => (None, FlightBody::memory(permit, size)),
                     None => return Ok(End::NoRoom),

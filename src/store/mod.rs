@@ -541,4 +541,37 @@ mod tests {
         );
         assert_eq!(md5_from_etag("\"5f1a-3e8\""), None);
     }
+
+    #[test]
+    fn disk_states_and_what_a_retry_can_mend() {
+        let os = |n| std::io::Error::from_raw_os_error(n);
+        assert_eq!(DiskState::of(&os(libc::ENOSPC)), DiskState::Full);
+        assert_eq!(DiskState::of(&os(libc::EDQUOT)), DiskState::Full);
+        assert_eq!(DiskState::of(&os(libc::EROFS)), DiskState::ReadOnly);
+        assert_eq!(DiskState::of(&os(libc::EIO)), DiskState::Failing);
+        assert!(StoreError::local("cache", os(libc::ENOSPC)).retryable());
+        assert!(!StoreError::local("cache", os(libc::EROFS)).retryable());
+        assert!(!StoreError::local("cache", os(libc::EIO)).retryable());
+        assert!(StoreError::backend("s", "x").retryable());
+        assert!(!StoreError::ReadOnly { store: "h".into() }.retryable());
+        let e = StoreError::local("data_dir", os(libc::ENOSPC));
+        assert!(e.to_string().starts_with("local disk (data_dir): "), "{e}");
+    }
+
+    #[test]
+    fn body_errors_are_typed() {
+        let meta = ObjectMeta {
+            size: 3,
+            md5: Some([0u8; 16]),
+            ..ObjectMeta::default()
+        };
+        let mut c = BodyCheck::new(&meta);
+        assert_eq!(c.update(b"abcd"), Err(BodyError::TooLong { size: 3 }));
+        let mut c = BodyCheck::new(&meta);
+        c.update(b"ab").unwrap();
+        assert_eq!(c.finish(), Err(BodyError::Short { seen: 2, size: 3 }));
+        let mut c = BodyCheck::new(&meta);
+        c.update(b"abc").unwrap();
+        assert!(matches!(c.finish(), Err(BodyError::Md5 { .. })));
+    }
 }
