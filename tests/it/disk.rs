@@ -290,7 +290,13 @@ async fn a_full_data_dir_serves_the_client_and_retries_the_copy_when_it_can_be_s
         metric(&edge, "fediedge_disk_state{dir=\"data_dir\"}").as_deref() == Some("1")
     })
     .await;
-    // Not cached either, so that the next request fetches again and retries the copy.
+    // Nothing partial staged; not cached either, so that the next request fetches again and
+    // retries the copy.
+    let staged: Vec<_> = files_under(&dir.path().join("var/staging"))
+        .into_iter()
+        .filter(|p| !p.ends_with("fill"))
+        .collect();
+    assert!(staged.is_empty(), "partial files left: {staged:?}");
     assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
     assert!(!dir.path().join("primary/c.png").exists());
 
