@@ -185,13 +185,19 @@ async fn a_full_cache_disk_serves_exact_bytes_shares_fetches_and_recovers_also_a
     let (_, _, got) = get(&edge, "a.png").await;
     assert!(got == body);
     // The client's last byte goes out before the cache bookkeeping: wait for it.
-    eventually(Duration::from_secs(10), "a.png cached", || {
-        cache.usage().1 == 1
-    })
+    eventually(
+        Duration::from_secs(10),
+        "a.png cached, the disk ok again",
+        || {
+            cache.usage().1 == 1
+                && metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref() == Some("0")
+        },
+    )
     .await;
     assert_eq!(
-        metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref(),
-        Some("0")
+        metric(&edge, "fediedge_disk_state_changes_total{dir=\"cache\"}").as_deref(),
+        Some("2"),
+        "full, then ok: each change once"
     );
     let (_, status, got) = get(&edge, "a.png").await;
     assert_eq!(status, "HIT");
