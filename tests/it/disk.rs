@@ -47,6 +47,18 @@ impl Tmpfs {
         while f.write_all(&[0u8]).is_ok() {}
     }
 
+    /// Remounts the filesystem read-only (`true`) or read-write.
+    fn read_only(&self, ro: bool) {
+        let opt = if ro { "remount,ro" } else { "remount,rw" };
+        let ok = std::process::Command::new("mount")
+            .args(["-o", opt])
+            .arg(&self.dir)
+            .status()
+            .expect("running mount")
+            .success();
+        assert!(ok, "cannot {opt} {}", self.dir.display());
+    }
+
     /// Frees what [`Tmpfs::fill`] took.
     fn free(&self) {
         std::fs::remove_file(self.dir.join("fill")).unwrap();
@@ -535,5 +547,40 @@ async fn the_last_byte_goes_out_when_verified_not_after_the_copy_is_queued() {
         copied.exists()
     })
     .await;
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_read_only_cache_disk_serves_exact_bytes_and_caching_resumes_when_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(150_000, 14);
+    origin.put("r.png", body.clone());
+    let cache_fs = Tmpfs::mount(&dir.path().join("cache"), "2m");
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    cache_fs.read_only(true);
+    for _ in 0..2 {
+        let (status, cache, got) = get(&edge, "r.png").await;
+        assert_eq!(status, 200);
+        assert_ne!(cache, "HIT");
+        assert!(got == body);
+    }
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref(),
+        Some("2"),
+        "read-only"
+    );
+    cache_fs.read_only(false);
+    get(&edge, "r.png").await;
+    let cache = edge.running.cache.clone().unwrap();
+    eventually(Duration::from_secs(10), "cached, the disk ok again", || {
+        cache.usage().1 == 1
+            && metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref() == Some("0")
+    })
+    .await;
+    let (_, status, got) = get(&edge, "r.png").await;
+    assert_eq!(status, "HIT");
+    assert!(got == body);
     edge.running.shutdown().await;
 }
