@@ -292,7 +292,8 @@ impl Cache {
             Ok(body) => Some(Hit { meta, body }),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "cache: damaged body removed; refetching");
-                self.remove(key);
+                let (this, k) = (self.clone(), key.clone());
+                let _ = tokio::task::spawn_blocking(move || this.remove(&k)).await;
                 None
             }
         }
