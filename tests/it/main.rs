@@ -2,7 +2,9 @@
 
 mod cli;
 mod common;
+mod destination;
 mod doctor;
+mod ledger;
 mod listen;
 mod listen_tls;
 mod migrate;
