@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::schema::UNATTRIBUTED;
+use super::schema::{NOTE_UNATTRIBUTED, UNATTRIBUTED};
 use super::{now, Copy, Queued, Result};
 
 /// Adds a copy to the queue. Returns false (and changes nothing) if the key is queued
@@ -186,9 +186,20 @@ pub fn copied(conn: &Connection, key: &str) -> Result<Option<Copy>> {
 
 /// Gives the records kept before destinations were (see [`super::schema`]) the destination
 /// `destination`. Returns how many rows changed. A record that `destination` already has a
-/// newer one of is dropped.
+/// newer one of is dropped. Costs one lookup when there is nothing to do (the upgrade leaves
+/// a note in `ledger_notes` when there is).
 pub fn attribute_unknown(conn: &Connection, destination: &str) -> Result<u64> {
     let tx = conn.unchecked_transaction()?;
+    let noted = tx
+        .query_row(
+            "SELECT 1 FROM ledger_notes WHERE name = ?1",
+            [NOTE_UNATTRIBUTED],
+            |_| Ok(()),
+        )
+        .optional()?;
+    if noted.is_none() {
+        return Ok(0);
+    }
     let mut n = 0;
     for table in ["copies", "migration_sources", "migration_objects"] {
         n += tx.execute(
@@ -200,6 +211,10 @@ pub fn attribute_unknown(conn: &Connection, destination: &str) -> Result<u64> {
             params![UNATTRIBUTED],
         )?;
     }
+    tx.execute(
+        "DELETE FROM ledger_notes WHERE name = ?1",
+        [NOTE_UNATTRIBUTED],
+    )?;
     tx.commit()?;
     Ok(n)
 }

@@ -9,7 +9,7 @@
 //! - 1: every copy and migration row names its destination (`copies` keyed by (key,
 //!   destination), migration rows by (source, destination, key)); the queue's claim is a
 //!   lease, `claimed_until` (seconds since the epoch), so a claim whose bookkeeping failed
-//!   ends on its own.
+//!   ends on its own; `ledger_notes` holds what the upgrade leaves to do.
 //!
 //! An old file does not know where its copies went. The upgrade gives them the destination
 //! `''` ([`UNATTRIBUTED`]); the first `serve` or `migrate` run after it attributes them to the
@@ -79,7 +79,15 @@ CREATE TABLE IF NOT EXISTS migration_objects (
 );
 CREATE INDEX IF NOT EXISTS migration_objects_todo
     ON migration_objects (source, destination, status, id);
+CREATE TABLE IF NOT EXISTS ledger_notes (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
+
+/// The note an upgrade leaves while records are [`UNATTRIBUTED`], so that opening the ledger
+/// does not scan `copies` for them every time.
+pub const NOTE_UNATTRIBUTED: &str = "unattributed";
 
 /// Brings the file at `path` (open on `conn`) to [`VERSION`].
 pub fn upgrade(conn: &Connection, path: &Path) -> Result<()> {
@@ -97,10 +105,14 @@ pub fn upgrade(conn: &Connection, path: &Path) -> Result<()> {
     if found == VERSION {
         return Ok(());
     }
-    if found == 0 {
-        from_0(&tx)?;
-    }
+    let had_rows = found == 0 && from_0(&tx)?;
     tx.execute_batch(TABLES)?;
+    if had_rows {
+        tx.execute(
+            "INSERT OR REPLACE INTO ledger_notes (name, value) VALUES (?1, 'since version 0')",
+            [NOTE_UNATTRIBUTED],
+        )?;
+    }
     tx.pragma_update(None, "user_version", VERSION)?;
     tx.commit()?;
     Ok(())
@@ -116,13 +128,16 @@ fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
 }
 
 /// Version 0 → 1: rebuild the tables whose key gains the destination, keeping every row
-/// (ids included: they are the listing order), with the destination [`UNATTRIBUTED`].
-fn from_0(conn: &Connection) -> Result<()> {
+/// (ids included: they are the listing order), with the destination [`UNATTRIBUTED`]. Returns
+/// whether there were tables to carry over (false for a new file).
+fn from_0(conn: &Connection) -> Result<bool> {
+    let mut carried = false;
     if table_exists(conn, "writeback_queue")? {
         // 0 and 1, the old flag's values, are instants long past: every row is free.
         conn.execute_batch("ALTER TABLE writeback_queue RENAME COLUMN claimed TO claimed_until")?;
     }
     if table_exists(conn, "copies")? {
+        carried = true;
         conn.execute_batch(
             "ALTER TABLE copies RENAME TO copies_v0;
              CREATE TABLE copies (
@@ -135,6 +150,7 @@ fn from_0(conn: &Connection) -> Result<()> {
         )?;
     }
     if table_exists(conn, "migration_sources")? {
+        carried = true;
         conn.execute_batch(
             "ALTER TABLE migration_sources RENAME TO migration_sources_v0;
              CREATE TABLE migration_sources (
@@ -149,6 +165,7 @@ fn from_0(conn: &Connection) -> Result<()> {
         )?;
     }
     if table_exists(conn, "migration_objects")? {
+        carried = true;
         conn.execute_batch(
             "DROP INDEX IF EXISTS migration_objects_status;
              ALTER TABLE migration_objects RENAME TO migration_objects_v0;
@@ -164,5 +181,5 @@ fn from_0(conn: &Connection) -> Result<()> {
              DROP TABLE migration_objects_v0;",
         )?;
     }
-    Ok(())
+    Ok(carried)
 }

@@ -128,6 +128,10 @@ async fn an_old_ledger_is_upgraded_in_place_and_its_records_attributed_to_the_pr
         ],
         "listing order kept"
     );
+    let notes: i64 = ledger
+        .with(|c| c.query_row("SELECT COUNT(*) FROM ledger_notes", [], |r| r.get(0)))
+        .unwrap();
+    assert_eq!(notes, 0, "attributed once; later opens have nothing to do");
     let states = ledger.with(fediedge::migrate::state::sources).unwrap();
     assert_eq!(states.len(), 1);
     assert_eq!(states[0].route.destination, destination);
