@@ -203,8 +203,12 @@ impl WriteBack {
                 Ok(Some(q)) => self.copy_one(q).await,
                 Ok(None) => {
                     let due = self.ledger.run(ops::next_due_in).await.ok().flatten();
+                    // At most a minute: a claimed row counts as due when its lease ends,
+                    // which can be far off, and a row given back by another worker wakes
+                    // nobody.
                     let wait = due.map_or(Duration::from_secs(60), |s| {
-                        Duration::from_secs(s as u64).max(Duration::from_millis(200))
+                        Duration::from_secs(s as u64)
+                            .clamp(Duration::from_millis(200), Duration::from_secs(60))
                     });
                     tokio::select! {
                         _ = stop.cancelled() => return,
