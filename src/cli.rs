@@ -1,4 +1,8 @@
 //! The command line: subcommands, runtime start-up and exit codes.
+//!
+//! - [`migrate`]: `fediedge migrate` around the [`crate::migrate::Job`] library.
+
+pub mod migrate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +29,7 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     /// Copy every object of a fallback store into the primary, under a load budget.
-    Migrate(crate::migrate::MigrateArgs),
+    Migrate(migrate::MigrateArgs),
     /// Find configuration errors before users do.
     Doctor(crate::doctor::DoctorArgs),
     /// Show Mastodon's Sidekiq as Redis holds it: queues, latency, processes, what no process
@@ -87,7 +91,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Migrate(args) => runtime(None).block_on(crate::migrate::run(args)),
+        Command::Migrate(args) => runtime(None).block_on(migrate::run(args)),
         Command::Doctor(args) => crate::doctor::run(args),
         Command::Queues(args) => runtime(None).block_on(crate::sidekiq::command::run(args)),
         Command::Config(ConfigCommand::FromMastodon { file }) => {

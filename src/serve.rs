@@ -21,7 +21,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::flight::{Dirs, DiskHealth, Flights, Limits};
-use crate::ledger::Ledger;
+use crate::ledger::{DataDirLock, Ledger};
 use crate::listen::redirect::Redirect;
 use crate::listen::tls::{Certificates, TlsError};
 use crate::listen::{self, Listeners};
@@ -58,6 +58,8 @@ pub struct Running {
     drain_timeout: Duration,
     /// The TLS certificates in use, with `[tls]`.
     certificates: Option<Arc<Certificates>>,
+    /// `data_dir/lock`, held until the server is dropped (after its tasks ended).
+    _lock: DataDirLock,
 }
 
 /// What a shutdown had to cut at the drain deadline; all zero after a clean drain.
@@ -178,7 +180,9 @@ pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the stores, cache and ledger, binds both listeners and starts serving.
+/// Takes `data_dir/lock` (a second `serve` on the same `data_dir` fails here, naming the
+/// directory and the holder's PID), opens the stores, cache and ledger, binds the listeners
+/// and starts serving. The lock is held until the returned [`Running`] is dropped.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     // `[sidekiq]`: a read-only monitor of Mastodon's Sidekiq, rendered at each scrape.
     let sidekiq = match &config.sidekiq {
@@ -192,8 +196,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let ledger = Ledger::open(&config.data_dir).context("cannot open the ledger")?;
+    // Before anything in data_dir is touched: a second serve must not release the first
+    // one's write-back claims or clear its temp files.
+    let lock = DataDirLock::acquire(&config.data_dir)?;
     let primary = store::open(&config.primary, metrics.clone())?;
+    // After the primary is opened: a missing fs root exists now, so its identity is final.
+    let destination = config.primary.destination();
+    let ledger =
+        Ledger::open_for(&config.data_dir, &destination).context("cannot open the ledger")?;
     let mut chain = vec![primary.clone()];
     for f in &config.fallbacks {
         chain.push(store::open(f, metrics.clone())?);
@@ -235,6 +245,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let writeback = WriteBack::open(
         ledger.clone(),
         primary.clone(),
+        destination.clone(),
         &config.data_dir,
         metrics.clone(),
     )
@@ -261,6 +272,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
     tasks.push(tokio::spawn(publish_migration_progress(
         ledger.clone(),
+        destination.clone(),
         metrics.clone(),
         stop.clone(),
     )));
@@ -272,13 +284,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             busy_tx,
             stop.clone(),
         )));
-        tasks.push(tokio::spawn(run_backfill(
-            config.clone(),
-            backfill.clone(),
-            busy_rx,
-            metrics.clone(),
-            stop.clone(),
-        )));
+        // The edge's own handles: the fallback's max_concurrency is one limit for live reads
+        // and the backfill together.
+        let source = chain
+            .iter()
+            .skip(1)
+            .find(|s| s.name() == backfill.from)
+            .cloned()
+            .context("backfill.from names no fallback")?;
+        let mut job = crate::migrate::Job::new(
+            source,
+            primary.clone(),
+            destination.clone(),
+            ledger.clone(),
+            &config.data_dir,
+        );
+        job.keys = backfill.keys.clone();
+        job.concurrency = backfill.concurrency as usize;
+        job.max_ops_per_sec = Some(backfill.max_ops_per_sec);
+        job.max_bytes_per_sec = Some(backfill.max_bytes_per_sec);
+        job.gate = Some(busy_rx);
+        tasks.push(tokio::spawn(run_backfill(job, stop.clone())));
     }
     let direct = (cache.is_none() && primary.kind() == crate::config::StoreType::Fs)
         .then(|| primary.clone());
@@ -360,6 +386,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         fetches,
         drain_timeout: config.drain_timeout,
         certificates,
+        _lock: lock,
     })
 }
 
@@ -383,47 +410,50 @@ async fn watch_live_work(
 }
 
 /// `fediedge migrate` inside `serve`: the `[backfill]` fallback's cold tail, under its
-/// budget, yielding to live work. Runs once to its end (a restart resumes it).
-async fn run_backfill(
-    config: Config,
-    backfill: crate::config::BackfillConfig,
-    busy: tokio::sync::watch::Receiver<bool>,
-    metrics: Metrics,
-    stop: CancellationToken,
-) {
-    let args = crate::migrate::MigrateArgs {
-        config: config.source.clone(),
-        from: Some(backfill.from.clone()),
-        keys: backfill.keys.clone(),
-        concurrency: backfill.concurrency,
-        max_ops_per_sec: Some(backfill.max_ops_per_sec),
-        max_bytes_per_sec: Some(bytesize::ByteSize(backfill.max_bytes_per_sec)),
-        retries: 3,
-        retry_delay: std::time::Duration::from_secs(1).into(),
-        verify: false,
-        verify_deep: false,
-        status: false,
-        log_every: std::time::Duration::from_secs(60).into(),
-        yield_to: Some(busy),
-        metrics: Some(metrics),
-    };
-    tracing::info!(from = %backfill.from, "backfill: starting");
-    let report =
-        crate::migrate::run_with_config(&config, args, async move { stop.cancelled().await }).await;
-    tracing::info!(
-        copied = report.copied,
-        skipped = report.skipped,
-        failed = report.failed,
-        interrupted = report.interrupted,
-        "backfill: ended"
-    );
+/// budget, yielding to live work, with progress in the log every minute. Runs once to its
+/// end (a restart resumes it).
+async fn run_backfill(job: crate::migrate::Job, stop: CancellationToken) {
+    use crate::migrate::progress;
+    let route = job.route();
+    tracing::info!(from = %route.source, into = %route.destination, "backfill: starting");
+    let shown = CancellationToken::new();
+    let display = tokio::spawn(progress::show(
+        progress::Display::Log(std::time::Duration::from_secs(60)),
+        job.counters.clone(),
+        shown.clone(),
+    ));
+    let result = job.run(stop).await;
+    shown.cancel();
+    let _ = display.await;
+    match result {
+        Ok(s) => {
+            for e in &s.errors {
+                tracing::error!(error = %e, "backfill: stopped early");
+            }
+            tracing::info!(
+                copied = s.copied,
+                skipped = s.skipped,
+                failed = s.failed,
+                interrupted = s.interrupted,
+                "backfill: ended"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "backfill: could not run"),
+    }
 }
 
 /// Copies `fediedge migrate`'s progress from the ledger into the metrics every few seconds, so
-/// a migration run from another process shows on this edge's `/metrics`.
-async fn publish_migration_progress(ledger: Ledger, metrics: Metrics, stop: CancellationToken) {
+/// a migration run from another process shows on this edge's `/metrics`. Only migrations into
+/// this edge's primary count.
+async fn publish_migration_progress(
+    ledger: Ledger,
+    destination: String,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
     loop {
-        match ledger.run(crate::migrate::progress).await {
+        let d = destination.clone();
+        match ledger.run(move |c| crate::migrate::progress(c, &d)).await {
             Ok(Some(p)) => {
                 metrics.set_migration(p.objects_total, p.objects_done, p.bytes_total, p.bytes_done)
             }

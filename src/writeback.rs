@@ -4,6 +4,11 @@
 //! file, so no second write) and queued in the ledger; workers put it into the primary and
 //! record the copy. The queue is durable: a primary outage or a restart only delays copies.
 //! A failed attempt is retried with backoff ([`ops::fail`]).
+//!
+//! A worker's claim on a row is a lease ([`ops::claim_next`]). If the copy succeeded but the
+//! ledger cannot record it, the bookkeeping is tried again a few times, then the row is put
+//! back with a backoff (the next attempt puts the same bytes again, which is harmless); if
+//! even that fails, the lease ends on its own. No row stays claimed until a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::key::Key;
-use crate::ledger::{ops, Ledger, Queued};
+use crate::ledger::{ops, Ledger, LedgerError, Queued};
 use crate::metrics::Metrics;
 use crate::store::{ObjectMeta, StoreHandle};
 
@@ -49,6 +54,33 @@ fn link_into(staging: &Path, body: &Path) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// How long a worker's claim on a queued copy lasts, before the body's share (256 KiB/s):
+/// longer than any put may take (puts time out, see [`StoreHandle::put`]).
+const CLAIM_LEASE_SECS: i64 = 600;
+
+/// Waits between tries of the bookkeeping after a copy (the ledger may be locked a moment).
+const BOOKKEEPING_RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
+
+/// Why the write-back could not be prepared, or a body not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteBackError {
+    /// The staging directory or a staged body could not be written.
+    #[error("cannot stage in {dir}: {source}")]
+    Staging {
+        /// The staging directory.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
 /// Why a copy did not happen.
 enum Failure {
     /// Worth another attempt later (the primary is down, slow, refusing for now).
@@ -61,25 +93,33 @@ enum Failure {
 pub struct WriteBack {
     ledger: Ledger,
     primary: StoreHandle,
+    destination: String,
     staging: PathBuf,
     wake: Notify,
     metrics: Metrics,
 }
 
 impl WriteBack {
-    /// Prepares the queue: staging directory, claims of a previous run released.
+    /// Prepares the queue: staging directory, claims of a previous run released (the caller
+    /// holds the [`crate::ledger::DataDirLock`], so no other process has live claims).
+    /// Copies are recorded under `destination`, the primary's identity.
     pub async fn open(
         ledger: Ledger,
         primary: StoreHandle,
+        destination: String,
         data_dir: &Path,
         metrics: Metrics,
-    ) -> anyhow::Result<Arc<WriteBack>> {
+    ) -> Result<Arc<WriteBack>, WriteBackError> {
         let staging = data_dir.join("staging");
-        std::fs::create_dir_all(&staging)?;
+        std::fs::create_dir_all(&staging).map_err(|source| WriteBackError::Staging {
+            dir: staging.clone(),
+            source,
+        })?;
         ledger.run(ops::release_claims).await?;
         let wb = Arc::new(WriteBack {
             ledger,
             primary,
+            destination,
             staging,
             wake: Notify::new(),
             metrics,
@@ -90,10 +130,16 @@ impl WriteBack {
 
     /// Stages the verified, synced body at `body` (a hard link, so no second write; a copy
     /// across filesystems) and queues its copy into the primary.
-    pub async fn stage(&self, body: &Path, fetched: Fetched) -> anyhow::Result<()> {
+    pub async fn stage(&self, body: &Path, fetched: Fetched) -> Result<(), WriteBackError> {
         let staging = self.staging.clone();
         let body = body.to_owned();
-        let staged = tokio::task::spawn_blocking(move || link_into(&staging, &body)).await??;
+        let staged = tokio::task::spawn_blocking(move || link_into(&staging, &body))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| WriteBackError::Staging {
+                dir: self.staging.clone(),
+                source,
+            })?;
         self.enqueue(Queued {
             key: fetched.key.as_str().to_owned(),
             staged,
@@ -108,7 +154,7 @@ impl WriteBack {
 
     /// Queues a copy of the staged file. If the key is queued already, the new staged file is
     /// removed and the older entry kept.
-    async fn enqueue(&self, q: Queued) -> anyhow::Result<()> {
+    async fn enqueue(&self, q: Queued) -> Result<(), WriteBackError> {
         let staged = q.staged.clone();
         let added = self.ledger.run(move |c| ops::enqueue(c, &q)).await?;
         if !added {
@@ -149,13 +195,20 @@ impl WriteBack {
             let woken = self.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let next = self.ledger.run(ops::claim_next).await;
+            let next = self
+                .ledger
+                .run(|c| ops::claim_next(c, CLAIM_LEASE_SECS))
+                .await;
             match next {
                 Ok(Some(q)) => self.copy_one(q).await,
                 Ok(None) => {
                     let due = self.ledger.run(ops::next_due_in).await.ok().flatten();
+                    // At most a minute: a claimed row counts as due when its lease ends,
+                    // which can be far off, and a row given back by another worker wakes
+                    // nobody.
                     let wait = due.map_or(Duration::from_secs(60), |s| {
-                        Duration::from_secs(s as u64).max(Duration::from_millis(200))
+                        Duration::from_secs(s as u64)
+                            .clamp(Duration::from_millis(200), Duration::from_secs(60))
                     });
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -176,21 +229,25 @@ impl WriteBack {
 
     async fn copy_one(&self, q: Queued) {
         match self.put(&q).await {
-            Ok(()) => {
-                let q2 = q.clone();
-                if let Err(e) = self.ledger.run(move |c| ops::complete(c, &q2)).await {
-                    tracing::error!(key = %q.key, error = %e, "write-back: copied but not recorded");
-                    return;
+            Ok(()) => match self.record(&q).await {
+                Ok(()) => {
+                    let _ = tokio::fs::remove_file(&q.staged).await;
+                    self.metrics.writeback(true);
+                    tracing::debug!(key = %q.key, source = %q.source, "write-back: copied to the primary");
                 }
-                let _ = tokio::fs::remove_file(&q.staged).await;
-                self.metrics.writeback(true);
-                tracing::debug!(key = %q.key, source = %q.source, "write-back: copied to the primary");
-            }
+                Err(e) => {
+                    // The row goes back with a backoff (the claim must not outlive this
+                    // attempt); the next attempt puts the same bytes again and records them.
+                    tracing::error!(key = %q.key, error = %e, "write-back: copied but not recorded; will retry");
+                    self.metrics.writeback(false);
+                    let reason = format!("copied but not recorded: {e}");
+                    self.give_back(&q, reason).await;
+                }
+            },
             Err(Failure::Retry(e)) => {
                 self.metrics.writeback(false);
                 tracing::warn!(key = %q.key, attempt = q.attempts + 1, error = %e, "write-back: copy failed; will retry");
-                let q2 = q.clone();
-                let _ = self.ledger.run(move |c| ops::fail(c, &q2, &e)).await;
+                self.give_back(&q, e).await;
             }
             Err(Failure::Drop(e)) => {
                 // The staged body is gone or damaged: no retry can succeed. The row goes, so
@@ -199,11 +256,46 @@ impl WriteBack {
                 self.metrics.writeback(false);
                 tracing::error!(key = %q.key, error = %e, "write-back: dropped; the key will be copied when fetched again or by migrate");
                 let q2 = q.clone();
-                let _ = self.ledger.run(move |c| ops::drop_queued(c, &q2)).await;
-                let _ = tokio::fs::remove_file(&q.staged).await;
+                if let Err(e) = self.ledger.run(move |c| ops::drop_queued(c, &q2)).await {
+                    // The staged body stays: the row, free again when its lease ends, will be
+                    // dropped by the next attempt.
+                    tracing::error!(key = %q.key, error = %e, "write-back: could not drop the row");
+                } else {
+                    let _ = tokio::fs::remove_file(&q.staged).await;
+                }
             }
         }
         self.publish().await;
+    }
+
+    /// Records the copy and removes the row, trying again a few times if the ledger errs.
+    async fn record(&self, q: &Queued) -> Result<(), LedgerError> {
+        let mut waits = BOOKKEEPING_RETRIES.iter();
+        loop {
+            let (q2, destination) = (q.clone(), self.destination.clone());
+            match self
+                .ledger
+                .run(move |c| ops::complete(c, &q2, &destination))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => match waits.next() {
+                    Some(wait) => {
+                        tracing::warn!(key = %q.key, error = %e, "write-back: recording the copy failed; trying again");
+                        tokio::time::sleep(*wait).await;
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Unclaims the row with a backoff. If even that fails, the claim's lease ends on its own.
+    async fn give_back(&self, q: &Queued, reason: String) {
+        let q2 = q.clone();
+        if let Err(e) = self.ledger.run(move |c| ops::fail(c, &q2, &reason)).await {
+            tracing::error!(key = %q.key, error = %e, "write-back: could not release the claim; it ends with its lease");
+        }
     }
 
     async fn put(&self, q: &Queued) -> Result<(), Failure> {

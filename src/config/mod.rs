@@ -12,6 +12,7 @@
 //! - `sidekiq`: `[sidekiq]`, the Sidekiq monitor of `serve`.
 //! - `tls`: `[tls]`, raw and validated.
 
+mod destination;
 mod raw;
 mod secrets;
 mod sidekiq;

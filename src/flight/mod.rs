@@ -40,7 +40,7 @@ use crate::key::Key;
 use crate::metrics::Metrics;
 use crate::negative::NegativeCache;
 use crate::store::{BodyCheck, BodyError, ByteStream, ObjectMeta, StoreError, StoreHandle};
-use crate::writeback::{Fetched, WriteBack};
+use crate::writeback::{Fetched, WriteBack, WriteBackError};
 
 pub use body::{FlightBody, Limits, Part};
 pub use disk::DiskHealth;
@@ -367,11 +367,12 @@ impl Flights {
         body: &Arc<FlightBody>,
         tmp: Option<&tempfile::NamedTempFile>,
         fetched: Fetched,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), WriteBackError> {
         let staged = match tmp {
             Some(tmp) => self.writeback.stage(tmp.path(), fetched).await,
             None => {
                 let (dir, b) = (self.dirs.data_tmp.clone(), body.clone());
+                let data_tmp = dir.clone();
                 let written = tokio::task::spawn_blocking(move || {
                     let mut out = tempfile::NamedTempFile::new_in(dir)?;
                     b.copy_to(out.as_file_mut())?;
@@ -381,17 +382,17 @@ impl Flights {
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
                 match written {
                     Ok(out) => self.writeback.stage(out.path(), fetched).await,
-                    Err(e) => Err(e.into()),
+                    Err(source) => Err(WriteBackError::Staging {
+                        dir: data_tmp,
+                        source,
+                    }),
                 }
             }
         };
         match &staged {
             Ok(()) => self.dirs.data_health.ok(),
-            Err(e) => {
-                if let Some(io) = e.downcast_ref::<io::Error>() {
-                    self.dirs.data_health.failed(io);
-                }
-            }
+            Err(WriteBackError::Staging { source, .. }) => self.dirs.data_health.failed(source),
+            Err(WriteBackError::Ledger(_)) => {}
         }
         staged
     }

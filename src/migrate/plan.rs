@@ -10,9 +10,9 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 
 use super::progress::Counters;
-use super::state;
+use super::state::{self, Route};
 use crate::key::{Key, KeyError};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerError};
 use crate::store::{StoreError, StoreHandle};
 
 /// Keys recorded per transaction.
@@ -33,8 +33,8 @@ pub enum PlanError {
         source: std::io::Error,
     },
     /// The ledger could not record the keys.
-    #[error("ledger: {0}")]
-    Ledger(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 /// Where the listing records its keys and whom it wakes.
@@ -42,8 +42,8 @@ pub enum PlanError {
 pub struct Sink {
     /// The ledger holding the migration table.
     pub ledger: Ledger,
-    /// The source's name in the table.
-    pub source: String,
+    /// The migration the keys belong to.
+    pub route: Route,
     /// Woken after each recorded batch and at the end.
     pub notify: Arc<Notify>,
     /// Totals shown by the progress display.
@@ -56,10 +56,10 @@ impl Sink {
         batch: Vec<(String, Option<u64>, Option<String>)>,
         cursor: Option<String>,
     ) -> Result<(), PlanError> {
-        let source = self.source.clone();
+        let route = self.route.clone();
         let (added, bytes) = self
             .ledger
-            .run(move |c| state::add_listed(c, &source, &batch, cursor.as_deref()))
+            .run(move |c| state::add_listed(c, &route, &batch, cursor.as_deref()))
             .await?;
         self.counters.add_listed(added, bytes);
         self.notify.notify_one();

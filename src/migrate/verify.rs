@@ -1,6 +1,6 @@
 //! `--verify`: re-checks copied objects against the source.
 //!
-//! For every key the migration copied or found in the primary (and every key the edge copied
+//! For every key the migration copied (into the primary configured now) or found in the primary (and every key the edge copied
 //! from that source by pull-through), both stores are asked for metadata: the sizes must match,
 //! and the MD5s where both stores give one (S3 single-part ETag, `Content-MD5`); the primary's
 //! MD5 must also match the one recorded in the ledger at copy time. `--verify-deep` reads both
@@ -55,7 +55,7 @@ pub async fn verify(
             match check(&ctx, &key, deep).await {
                 Ok(None) => {}
                 Ok(Some(diff)) => {
-                    println!("DIFF {key}: {diff}");
+                    tracing::warn!(key, difference = diff, "the copy differs from the source");
                     found.lock().differences.push((key, diff));
                 }
                 Err(e) => {
@@ -102,10 +102,10 @@ async fn check(ctx: &Ctx, key: &str, deep: bool) -> Result<Option<String>, Store
             )));
         }
     }
-    let owned = key.to_owned();
+    let (owned, destination) = (key.to_owned(), ctx.route.destination.clone());
     let recorded = ctx
         .ledger
-        .run(move |c| ledger::ops::copied(c, &owned))
+        .run(move |c| ledger::ops::copied_to(c, &owned, &destination))
         .await
         .map_err(|e| StoreError::backend("ledger", e))?;
     if let (Some(copy), Some(md5)) = (recorded, there.md5) {

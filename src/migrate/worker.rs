@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::budget::Budget;
 use super::progress::Counters;
-use super::state::{self, Planned};
+use super::state::{self, Planned, Route};
 use crate::key::Key;
 use crate::ledger::{self, Copy, Ledger};
 use crate::store::{BodyCheck, ObjectMeta, StoreHandle};
@@ -29,6 +29,9 @@ pub struct Ctx {
     pub source: StoreHandle,
     /// Where objects go.
     pub primary: StoreHandle,
+    /// Which source into which primary (the primary's identity is what copies are recorded
+    /// under).
+    pub route: Route,
     /// The ledger (record of copies and the migration table).
     pub ledger: Ledger,
     /// The load budget on the source.
@@ -64,10 +67,6 @@ enum Done {
 }
 
 impl Ctx {
-    fn source_name(&self) -> &str {
-        self.source.name()
-    }
-
     /// Works on one key to its end: copies it (with retries and backoff) or finds it needs no
     /// copy, and records the outcome. `permit` is this object's concurrency slot; it is given
     /// back while waiting between attempts.
@@ -155,7 +154,7 @@ impl Ctx {
         self.copy(key, stop).await
     }
 
-    /// `Some` when the ledger records a copy of `key`, or the primary holds an object of the
+    /// `Some` when the ledger records a copy of `key` into this primary, or the primary holds an object of the
     /// same size (and MD5 where both are known). Never reads the source body; asks the source
     /// for metadata only when the listing gave no size (keys from a file).
     async fn needs_no_copy(&self, key: &Key, item: &Planned) -> Result<Option<Done>, AttemptError> {
@@ -269,22 +268,23 @@ impl Ctx {
     }
 
     async fn finish(&self, key: &Key, done: Done) {
-        let source = self.source_name().to_owned();
+        let route = self.route.clone();
         let k = key.as_str().to_owned();
         let c = &self.counters;
         let result = match done {
             Done::Copied { size, md5 } => {
                 let copy = Copy {
                     key: k,
+                    destination: route.destination.clone(),
                     size,
                     md5: hex::encode(md5),
-                    source: source.clone(),
+                    source: route.source.clone(),
                     via: "migrate".into(),
                     copied_at: ledger::now(),
                 };
                 let r = self
                     .ledger
-                    .run(move |conn| state::mark_copied(conn, &source, &copy))
+                    .run(move |conn| state::mark_copied(conn, &route.source, &copy))
                     .await;
                 if r.is_ok() {
                     c.copied.fetch_add(1, Relaxed);
@@ -296,7 +296,7 @@ impl Ctx {
                 tracing::debug!(key = %key, reason, "no copy needed");
                 let r = self
                     .ledger
-                    .run(move |conn| state::mark_skipped(conn, &source, &k, size, &reason))
+                    .run(move |conn| state::mark_skipped(conn, &route, &k, size, &reason))
                     .await;
                 if r.is_ok() {
                     c.skipped.fetch_add(1, Relaxed);
@@ -318,14 +318,10 @@ impl Ctx {
     }
 
     async fn record_attempt(&self, key: &str, reason: &str, given_up: bool) {
-        let (source, k, reason) = (
-            self.source_name().to_owned(),
-            key.to_owned(),
-            reason.to_owned(),
-        );
+        let (route, k, reason) = (self.route.clone(), key.to_owned(), reason.to_owned());
         let r = self
             .ledger
-            .run(move |c| state::mark_attempt_failed(c, &source, &k, &reason, given_up))
+            .run(move |c| state::mark_attempt_failed(c, &route, &k, &reason, given_up))
             .await;
         if let Err(e) = r {
             tracing::error!(key, error = %e, "could not record the failure in the ledger");

@@ -234,8 +234,8 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 impl FsStore {
-    /// Writes a body with `fill` into a temp file inside the root, fsyncs it and renames it
-    /// to `key`'s path.
+    /// Writes a body with `fill` into a temp file inside the root, fsyncs it, renames it
+    /// to `key`'s path and fsyncs the directories, so the object is durable when this returns.
     async fn install(
         &self,
         key: &Key,
@@ -261,11 +261,14 @@ fn install_blocking(
     // Create the parent one directory at a time, checking each resolves inside the root, so
     // that a symlinked directory cannot make us create anything outside it.
     let mut parent = root.to_path_buf();
+    // Directories in which this put created a directory: their entries must be synced too.
+    let mut grown = Vec::new();
     for segment in segments {
         let next = parent.join(segment);
         match std::fs::create_dir(&next) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
+            Err(_) => {}
+            Ok(()) => grown.push(parent.clone()),
         }
         let real = next.canonicalize()?;
         if !real.starts_with(root) {
@@ -279,5 +282,11 @@ fn install_blocking(
     fill(tmp.as_file_mut())?;
     tmp.as_file().sync_data()?;
     tmp.persist(parent.join(file_name)).map_err(|e| e.error)?;
+    // The rename is durable only once the directories holding the old and the new name are:
+    // without this, a power loss after the ledger records the copy (and the staged body is
+    // removed) could leave no object behind.
+    for dir in grown.iter().chain([&parent, &tmp_dir]) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }

@@ -2,8 +2,10 @@
 
 mod cli;
 mod common;
+mod destination;
 mod disk;
 mod doctor;
+mod ledger;
 mod listen;
 mod listen_tls;
 mod migrate;

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use fediedge::cli::migrate::{run_until, MigrateArgs, Report};
 use fediedge::key::Key;
 use fediedge::ledger::{ops, Ledger};
-use fediedge::migrate::{self, MigrateArgs, Report};
+use fediedge::migrate;
 
 use crate::common::bytes;
 use crate::common::garage::Garage;
@@ -81,11 +82,25 @@ impl Setup {
     }
 
     async fn run(&self, extra: &[&str]) -> Report {
-        migrate::run_until(self.args(extra), std::future::pending()).await
+        run_until(self.args(extra), std::future::pending()).await
     }
 
     fn ledger(&self) -> Ledger {
         Ledger::open(&self.dir.path().join("var")).unwrap()
+    }
+
+    /// The primary's identity, as the ledger records it.
+    fn destination(&self) -> String {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let config = fediedge::config::from_str(&text, Path::new("t.toml")).unwrap();
+        config.primary.destination()
+    }
+
+    fn route(&self) -> migrate::Route {
+        migrate::Route {
+            source: "old".into(),
+            destination: self.destination(),
+        }
     }
 
     fn keys_file(&self, lines: &[&str]) -> String {
@@ -148,7 +163,10 @@ async fn fs_to_fs_copies_everything_records_it_and_a_rerun_has_nothing_to_do() {
             hex::encode(<md5::Md5 as md5::Digest>::digest(body))
         );
     }
-    let p = ledger.with(migrate::progress).unwrap().unwrap();
+    let p = ledger
+        .with(|c| migrate::progress(c, &s.destination()))
+        .unwrap()
+        .unwrap();
     assert_eq!((p.objects_done, p.objects_total, p.failed), (25, 25, 0));
     assert_eq!((p.bytes_done, p.bytes_total), (total as u64, total as u64));
     // No temp file is left behind.
@@ -276,6 +294,7 @@ async fn objects_in_the_primary_or_in_the_ledger_are_skipped_without_reading_the
                 c,
                 &fediedge::ledger::Copy {
                     key: ledgered.clone(),
+                    destination: s.destination(),
                     size: 4000,
                     md5: "00".into(),
                     source: "old".into(),
@@ -329,7 +348,7 @@ async fn an_interrupted_run_resumes_without_reading_copied_objects_again() {
         }
     };
     let args = s.args(&["--keys", &file, "--max-ops-per-sec", "10"]);
-    let first = migrate::run_until(args, stop).await;
+    let first = run_until(args, stop).await;
     assert!(first.interrupted, "{first:?}");
     assert_eq!(first.code, 130);
     assert!(first.copied > 0 && first.copied < 30, "{first:?}");
@@ -346,7 +365,7 @@ async fn an_interrupted_run_resumes_without_reading_copied_objects_again() {
             assert!(copied.contains(&k));
         }
     }
-    let status = migrate::run_until(s.args(&["--status"]), std::future::pending()).await;
+    let status = run_until(s.args(&["--status"]), std::future::pending()).await;
     assert_eq!(status.code, 0);
 
     let second = s.run(&["--keys", &file]).await;
@@ -394,12 +413,16 @@ async fn a_truncated_object_is_not_written_is_retried_and_recorded_failed() {
     assert!(s.ledger().with(|c| ops::copied(c, &bad)).unwrap().is_none());
     let failures = s
         .ledger()
-        .with(|c| migrate::state::failures(c, "old", 10))
+        .with(|c| migrate::state::failures(c, &s.route(), 10))
         .unwrap();
     assert_eq!(failures.len(), 1);
     assert_eq!((failures[0].0.as_str(), failures[0].1), (bad.as_str(), 3));
     assert!(!failures[0].2.is_empty());
-    let p = s.ledger().with(migrate::progress).unwrap().unwrap();
+    let p = s
+        .ledger()
+        .with(|c| migrate::progress(c, &s.destination()))
+        .unwrap()
+        .unwrap();
     assert_eq!((p.objects_done, p.objects_total, p.failed), (1, 2, 1));
 
     // Repaired at the source: the rerun takes only the failed key.
@@ -421,7 +444,7 @@ async fn max_ops_per_sec_is_what_the_source_sees() {
     }
     let file = s.keys_file(&keys.iter().map(String::as_str).collect::<Vec<_>>());
     let started = Instant::now();
-    let run = tokio::spawn(migrate::run_until(
+    let run = tokio::spawn(run_until(
         s.args(&[
             "--keys",
             &file,
@@ -543,7 +566,10 @@ fn the_binary_migrates_reports_status_and_refuses_bad_usage() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
     assert!(
-        stdout.contains("old: 7 of 7 objects, 8638 of 8638 bytes") && stdout.contains("0 failed"),
+        stdout.contains(&format!(
+            "old -> {}: 7 of 7 objects, 8638 of 8638 bytes",
+            s.destination()
+        )) && stdout.contains("0 failed"),
         "{stdout}"
     );
 
