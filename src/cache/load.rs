@@ -55,8 +55,9 @@ pub(super) fn load(cache: &Arc<Cache>) {
     }
     cache.state.lock().tombstones = None;
     cache.evict();
-    cache.loading.send_replace(false);
+    // The gauge first: whoever waits on `loaded()` then sees it at 0.
     cache.metrics.set_cache_index_loading(false);
+    cache.loading.send_replace(false);
     tracing::info!(objects = count, dir = %cache.dir.display(), "cache: index loaded");
 }
 
