@@ -228,47 +228,54 @@ async fn a_herd_shares_one_source_fetch_and_gets_bytes_as_they_arrive() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
     let body = bytes(200_000, 2);
-    // Long enough that scheduling noise on a loaded machine cannot blur "before the pause".
-    let pause = Duration::from_secs(4);
+    // The origin sends 50,000 bytes, then holds the rest until the test opens the gate: every
+    // client must have its first bytes while the origin still holds (an event, not a timer).
+    let (open, gate) = tokio::sync::watch::channel(false);
     origin.put_with(
         KEY,
         body.clone(),
         Behaviour {
             delay: Duration::from_millis(200),
             pause_after: Some(50_000),
-            stall_for: pause,
+            gate: Some(gate),
             ..Behaviour::default()
         },
     );
-    let edge = cached_edge(dir.path(), &origin, "5s").await;
+    let edge = cached_edge(dir.path(), &origin, "60s").await;
     let url = format!("{}{KEY}", edge.base);
+    let (first_bytes, mut got_first) = tokio::sync::mpsc::unbounded_channel();
     let tasks: Vec<_> = (0..50)
         .map(|_| {
-            let url = url.clone();
+            let (url, first_bytes) = (url.clone(), first_bytes.clone());
             tokio::spawn(async move {
-                let started = Instant::now();
                 let r = client().get(url).send().await.unwrap();
                 assert_eq!(r.status(), 200);
                 let mut stream = r.bytes_stream();
                 let mut got = Vec::new();
-                let mut first_byte = None;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.unwrap();
-                    if first_byte.is_none() && !chunk.is_empty() {
-                        first_byte = Some(started.elapsed());
+                    if got.is_empty() && !chunk.is_empty() {
+                        let _ = first_bytes.send(());
                     }
                     got.extend_from_slice(&chunk);
                 }
-                (first_byte.unwrap(), got)
+                got
             })
         })
         .collect();
+    // A bound for failure only: an edge that waits for whole objects never gets here.
+    let all_started = async {
+        for _ in 0..50 {
+            got_first.recv().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all_started)
+        .await
+        .expect("every client had its first bytes while the origin held the rest");
+    assert!(!*open.borrow());
+    open.send(true).unwrap();
     for t in tasks {
-        let (first_byte, got) = t.await.unwrap();
-        assert_eq!(got, body);
-        // The first 50,000 bytes reach every client before the origin's pause ends: nobody
-        // waits for the whole object.
-        assert!(first_byte < pause, "first byte after {first_byte:?}");
+        assert_eq!(t.await.unwrap(), body);
     }
     assert_eq!(origin.gets(KEY), 1, "one source GET for the whole herd");
     edge.running.shutdown().await;

@@ -27,6 +27,9 @@ pub struct Behaviour {
     pub hang: bool,
     /// Send this Content-MD5 (base64) instead of none.
     pub content_md5: Option<String>,
+    /// At `pause_after`, wait until this reads `true` (after `stall_for`): a pause that the
+    /// test ends on an event instead of a timer.
+    pub gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 struct Object {
@@ -206,13 +209,17 @@ async fn answer(
         let rest = body.slice(at..);
         let stall = b.stall_for;
         let truncate = b.truncate;
+        let gate = b.gate.clone();
         let s = futures_util::stream::unfold(0u8, move |step| {
-            let (first, rest) = (first.clone(), rest.clone());
+            let (first, rest, mut gate) = (first.clone(), rest.clone(), gate.clone());
             async move {
                 match step {
                     0 => Some((Ok(Frame::data(first)), 1)),
                     1 => {
                         tokio::time::sleep(stall).await;
+                        if let Some(g) = gate.as_mut() {
+                            let _ = g.wait_for(|open| *open).await;
+                        }
                         if truncate {
                             Some((Err(std::io::Error::other("truncated on purpose")), 2))
                         } else {
