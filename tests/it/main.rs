@@ -1,6 +1,7 @@
 //! The one integration test binary (see ARCHITECTURE.md, "Tests").
 
 mod cli;
+mod cluster;
 mod common;
 mod destination;
 mod disk;
