@@ -10,6 +10,7 @@ mod ledger;
 mod listen;
 mod listen_tls;
 mod migrate;
+mod package;
 mod serve;
 mod serve_s3;
 mod sidekiq;
