@@ -279,7 +279,7 @@ async fn a_dead_storage_node_stops_neither_edge_and_loses_nothing() {
     copied(a, "A's copies, node 2 back").await;
     get_all(b, &back, "MISS", "B reads what A copied, node 2 back").await;
 
-    let all: Vec<_> = [before, crashed, noticed, back].concat();
+    let all: Vec<_> = [&before[..], &crashed, &noticed, &back].concat();
     for (k, _) in &all {
         assert_eq!(rig.origin.gets(k), 1, "one GET at the old origin for {k}");
     }
@@ -289,13 +289,25 @@ async fn a_dead_storage_node_stops_neither_edge_and_loses_nothing() {
     // replica again, not just a process that answers.
     tokio::task::block_in_place(|| rig.cluster.kill(0));
     lost += rig.lost_via(&[1, 2], &all).await;
+
+    // Node 0 is edge A's endpoint: for A, the cluster is gone (connections refused). A
+    // serves from its cache and the old origin and queues its copies until node 0 is back.
+    let orphans = group(&rig.origin, "orphans", 6);
+    let a = &rig.edges[0];
+    get_all(a, &back, "HIT", "A, its own node dead: its cache").await;
+    get_all(a, &orphans, "FALLBACK", "A, its own node dead: the origin").await;
+    assert_eq!(queued(a), orphans.len() as u64, "A queued every copy");
+    tokio::task::block_in_place(|| rig.cluster.restart(0));
+    copied(&rig.edges[0], "A's copies once its node is back").await;
+    let all: Vec<_> = [all, orphans].concat();
+    lost += rig.lost_via(&[0, 1, 2], &all).await;
     assert_eq!(
         lost,
         0,
         "objects lost (node logs: {})",
         rig.cluster.log(2).display()
     );
-    figures("a storage node dies", all.len(), 2, lost, started);
+    figures("a storage node dies", all.len(), 3, lost, started);
     rig.shutdown().await;
 }
 
