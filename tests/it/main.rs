@@ -1,6 +1,7 @@
 //! The one integration test binary (see ARCHITECTURE.md, "Tests").
 
 mod cli;
+mod cluster;
 mod common;
 mod destination;
 mod disk;
@@ -9,6 +10,7 @@ mod ledger;
 mod listen;
 mod listen_tls;
 mod migrate;
+mod package;
 mod serve;
 mod serve_s3;
 mod sidekiq;

@@ -25,7 +25,8 @@ pub struct Garage {
     bin: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,7 +34,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn garage_bin() -> PathBuf {
+/// The Garage binary (see the module doc); panics when it is missing.
+pub fn garage_bin() -> PathBuf {
     if let Ok(p) = std::env::var("GARAGE_BIN") {
         return p.into();
     }

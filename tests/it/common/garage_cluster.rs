@@ -1,0 +1,355 @@
+//! A real three-node Garage cluster (replication factor 3, one zone per node) for one test,
+//! on free loopback ports in a temp dir, and [`Link`], a TCP forwarder that can cut one edge
+//! off from it. Every node is killed when the [`GarageCluster`] is dropped.
+//!
+//! Nodes are real `garage server` processes (see [`super::garage`] for where the binary comes
+//! from); [`GarageCluster::kill`] is a SIGKILL, a crash rather than a clean stop, and
+//! [`GarageCluster::restart`] starts the same node again on its own metadata and data dirs.
+//! Waits are on Garage's own answers (its CLI, its `/health`), never on timers.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::garage::{free_port, garage_bin};
+
+/// What `/health` on a node's admin port says when every storage node is up.
+const ALL_UP: &str = "Garage is fully operational";
+/// Longest wait for a node to start or for the cluster to settle; a failure past it, not a
+/// timing assertion.
+const SETTLE: Duration = Duration::from_secs(90);
+
+struct Node {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    s3: u16,
+    admin: u16,
+    /// `<node id>@127.0.0.1:<rpc port>`.
+    id: String,
+}
+
+/// Three Garage nodes holding bucket `media`, with one read/write key.
+pub struct GarageCluster {
+    nodes: Vec<Node>,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+    /// The bucket created for the test.
+    pub bucket: String,
+    /// Access key id.
+    pub key_id: String,
+    /// Secret key.
+    pub secret: String,
+}
+
+impl GarageCluster {
+    /// Starts three nodes, connects them, gives each a role in its own zone, applies the
+    /// layout and creates bucket `media` with a read/write key.
+    pub fn start() -> GarageCluster {
+        let bin = garage_bin();
+        let dir = tempfile::tempdir().unwrap();
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 53 + 7) % 256))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let d = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+            let config = d.join("garage.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "sqlite"
+replication_factor = 3
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+                    d = d.display()
+                ),
+            )
+            .unwrap();
+            nodes.push(Node {
+                child: None,
+                config,
+                log: d.join("garage.log"),
+                s3,
+                admin,
+                id: String::new(),
+            });
+        }
+        let mut c = GarageCluster {
+            nodes,
+            bin,
+            _dir: dir,
+            bucket: "media".into(),
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        for i in 0..3 {
+            c.wait_rpc(i);
+            let id = c.cli(i, &["node", "id", "-q"]).unwrap().trim().to_owned();
+            c.nodes[i].id = id;
+        }
+        for i in 1..3 {
+            let id = c.nodes[i].id.clone();
+            c.cli(0, &["node", "connect", &id]).unwrap();
+        }
+        for i in 0..3 {
+            let short = c.nodes[i].id.split('@').next().unwrap().to_owned();
+            let zone = format!("dc{i}");
+            c.cli(0, &["layout", "assign", "-z", &zone, "-c", "1G", &short])
+                .unwrap();
+        }
+        c.cli(0, &["layout", "apply", "--version", "1"]).unwrap();
+        c.wait_all_up(0);
+        let out = c.cli(0, &["key", "create", "fediedge-test"]).unwrap();
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| panic!("no {name} in: {out}"))
+        };
+        c.key_id = field("Key ID:");
+        c.secret = field("Secret key:");
+        c.cli(0, &["bucket", "create", "media"]).unwrap();
+        c.cli(
+            0,
+            &[
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                "media",
+                "--key",
+                "fediedge-test",
+            ],
+        )
+        .unwrap();
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&node.config)
+            .arg("server")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start garage");
+        node.child = Some(child);
+    }
+
+    /// Waits until node `i` answers on RPC (`garage status` needs the server up).
+    fn wait_rpc(&self, i: usize) {
+        let started = Instant::now();
+        while let Err(e) = self.cli(i, &["status"]) {
+            assert!(
+                started.elapsed() < SETTLE,
+                "garage node {i} did not start: {e}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.nodes[i].config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// The first line of `/health` on node `i`'s admin port, `None` if it does not answer.
+    pub fn health(&self, i: usize) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.nodes[i].admin)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let body = text.split("\r\n\r\n").nth(1)?;
+        Some(body.lines().next().unwrap_or("").to_owned())
+    }
+
+    /// Waits until node `observer` reports every storage node up.
+    pub fn wait_all_up(&self, observer: usize) {
+        self.wait_health(observer, "every storage node up", |h| h == ALL_UP);
+    }
+
+    /// Waits until node `observer` reports that some storage node is unavailable (Garage
+    /// notices a dead peer by its pings, some seconds after the crash).
+    pub fn wait_degraded(&self, observer: usize) {
+        self.wait_health(observer, "a storage node reported down", |h| {
+            h.contains("unavailable")
+        });
+    }
+
+    fn wait_health(&self, observer: usize, what: &str, ok: impl Fn(&str) -> bool) {
+        let started = Instant::now();
+        loop {
+            let h = self.health(observer);
+            if h.as_deref().is_some_and(&ok) {
+                return;
+            }
+            assert!(
+                started.elapsed() < SETTLE,
+                "garage node {observer}: timed out waiting for {what}; /health says {h:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Crashes node `i` (SIGKILL) and waits for the process to be gone.
+    pub fn kill(&mut self, i: usize) {
+        let mut child = self.nodes[i].child.take().expect("node is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts node `i` again on its own dirs and waits until the cluster has it back. The
+    /// node is told to connect to node `(i + 1) % 3` at once (Garage would reconnect by itself
+    /// within about 20 s; `garage node connect` is what an operator would type).
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_rpc(i);
+        let other = (i + 1) % 3;
+        let peer = self.nodes[other].id.clone();
+        self.cli(i, &["node", "connect", &peer]).unwrap();
+        self.wait_all_up(i);
+        self.wait_all_up(other);
+    }
+
+    /// Node `i`'s S3 endpoint address.
+    pub fn s3_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.nodes[i].s3))
+    }
+
+    /// An S3 store TOML table body for the bucket, reached at `endpoint`.
+    pub fn store_toml_at(&self, endpoint: &str) -> String {
+        format!(
+            "type = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            self.bucket, self.key_id, self.secret
+        )
+    }
+
+    /// An S3 store TOML table body for the bucket through node `i`.
+    pub fn store_toml(&self, i: usize) -> String {
+        self.store_toml_at(&format!("http://{}", self.s3_addr(i)))
+    }
+
+    /// Node `i`'s log file (for a failing test's message).
+    pub fn log(&self, i: usize) -> &Path {
+        &self.nodes[i].log
+    }
+}
+
+impl Drop for GarageCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A TCP forwarder between one edge and one Garage node's S3 port, which a test can cut and
+/// restore: a network partition for that edge only.
+///
+/// Cut, it forwards nothing: connections open at that moment go silent, new ones are accepted
+/// and stay silent (as when packets are dropped, so the edge meets its timeouts rather than a
+/// quick "connection refused"). Restored, the silent connections are closed and new ones are
+/// forwarded again.
+pub struct Link {
+    /// Where the edge connects.
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// Starts forwarding `127.0.0.1:<free port>` to `target`.
+    pub async fn start(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let tx = up.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, target, tx.subscribe()));
+            }
+        });
+        Link { addr, up, task }
+    }
+
+    /// The `endpoint` value for an S3 store reached through this link.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops carrying bytes.
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    /// Carries bytes again.
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Dropping `up` ends every connection task: their waits on it fail.
+    }
+}
+
+async fn forward(mut client: TcpStream, target: SocketAddr, mut up: watch::Receiver<bool>) {
+    if *up.borrow_and_update() {
+        let Ok(mut server) = TcpStream::connect(target).await else {
+            return;
+        };
+        tokio::select! {
+            _ = copy_bidirectional(&mut client, &mut server) => return,
+            _ = up.wait_for(|u| !*u) => {}
+        }
+    }
+    // Cut: hold the client's connection open and silent until the link is restored.
+    let _ = up.wait_for(|u| *u).await;
+}
