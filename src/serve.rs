@@ -83,6 +83,12 @@ impl Stopped {
 }
 
 impl Running {
+    /// Fetch tasks still running (a fetch goes on after its clients left, until its body is
+    /// verified and handed over): tests wait for 0 before looking for what a fetch kept.
+    pub fn fetches_under_way(&self) -> usize {
+        self.fetches.len()
+    }
+
     /// Connections open now (media and admin).
     pub fn open_connections(&self) -> usize {
         self.listeners.open_connections()

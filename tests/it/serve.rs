@@ -283,8 +283,11 @@ async fn a_herd_shares_one_source_fetch_and_gets_bytes_as_they_arrive() {
 
 /// Nothing of `KEY` landed anywhere: not in the primary, the cache or the write-back queue.
 async fn assert_nothing_kept(edge: &TestEdge) {
-    // The fetch task ends just after the client sees the abort.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The fetch task ends just after the client sees the abort: wait for it, then look.
+    eventually(Duration::from_secs(30), "the fetch task ended", || {
+        edge.running.fetches_under_way() == 0
+    })
+    .await;
     assert!(!edge.dir.join("primary").join(KEY).exists());
     assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
     let queued = edge
