@@ -18,6 +18,8 @@
 //! - [`serve`]: assembles everything `fediedge serve` runs and starts it.
 //! - [`listen`]: listeners and connections: accept, TLS (SNI, reload), HTTP/2 and HTTP/1.1,
 //!   graceful drain on shutdown.
+//! - [`router`]: Host and path → media, streaming or core (or 421).
+//! - [`proxy`]: the guarded reverse proxy to core: pools, breakers, timeouts, headers.
 //! - [`edge`]: the media handler: GET/HEAD, Range, conditional requests, headers.
 //! - [`admin`]: the admin handler: `/metrics`, `/healthz`.
 //! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.
@@ -42,6 +44,8 @@ pub mod mastodon;
 pub mod metrics;
 pub mod migrate;
 pub mod negative;
+pub mod proxy;
+pub mod router;
 pub mod serve;
 pub mod sidekiq;
 pub mod store;

@@ -314,6 +314,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let direct = (cache.is_none() && primary.kind() == crate::config::StoreType::Fs)
         .then(|| primary.clone());
+    // A media host's paths are whole keys (bucket root): its own media handler.
+    let edge_root = (!config.media_hosts.is_empty()).then(|| {
+        let (cache, direct) = (cache.clone(), direct.clone());
+        Arc::new(Edge::new(
+            "/".into(),
+            cache,
+            direct,
+            chain.clone(),
+            flights.clone(),
+            metrics.clone(),
+        ))
+    });
     let edge = Arc::new(Edge::new(
         config.url_prefix.clone(),
         cache.clone(),
@@ -349,10 +361,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let listeners = Listeners::new();
-    let media_handler = listen::handler(move |req| {
-        let edge = edge.clone();
-        async move { edge.handle(req).await }
-    });
+    let media_handler = front_door(&config, edge, edge_root);
     listeners.serve(media, media_handler.clone());
     let m = metrics.clone();
     listeners.serve(
@@ -393,6 +402,42 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         drain_timeout: config.drain_timeout,
         certificates,
         _lock: lock,
+    })
+}
+
+/// The handler of the `listen` and `[tls]` listeners: the [`crate::router`] sends each
+/// request to the media handler or to the [`crate::proxy`] (or answers 421).
+fn front_door(config: &Config, edge: Arc<Edge>, edge_root: Option<Arc<Edge>>) -> listen::Handler {
+    use crate::router::{Route, Router};
+    let core_hosts = config
+        .core
+        .as_ref()
+        .map(|c| c.hosts.clone())
+        .unwrap_or_default();
+    let router = Arc::new(Router::new(
+        config.media_hosts.clone(),
+        core_hosts,
+        config.url_prefix.clone(),
+    ));
+    let proxy = config
+        .core
+        .as_ref()
+        .map(|c| Arc::new(crate::proxy::Proxy::new(c)));
+    listen::handler(move |req| {
+        let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
+        let route = router.route(&req);
+        async move {
+            use crate::proxy::Kind;
+            match (route, proxy) {
+                (Route::Media, _) => edge.handle(req).await,
+                (Route::MediaRoot, _) => edge_root.as_ref().unwrap_or(&edge).handle(req).await,
+                (Route::Core, Some(p)) => p.handle(Kind::Web, req).await,
+                (Route::Streaming, Some(p)) => p.handle(Kind::Streaming, req).await,
+                (Route::Core | Route::Streaming | Route::Misdirected, _) => {
+                    crate::router::misdirected()
+                }
+            }
+        }
     })
 }
 

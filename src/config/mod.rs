@@ -11,7 +11,9 @@
 //! - `secrets`: secrets from the file, a `_file`, or the environment.
 //! - `sidekiq`: `[sidekiq]`, the Sidekiq monitor of `serve`.
 //! - `tls`: `[tls]`, raw and validated.
+//! - `core`: `media_hosts` and `[core]`, the front door's routes and upstreams.
 
+mod core;
 mod destination;
 mod raw;
 mod secrets;
@@ -24,6 +26,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use core::{normalize_host, CoreConfig, RawCore};
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
 pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
 pub use tls::{CertificateFiles, RawCertificate, RawTls, TlsConfig};
@@ -99,6 +102,10 @@ pub struct Config {
     pub sidekiq: Option<SidekiqConfig>,
     /// HTTPS and the redirect from http, if any.
     pub tls: Option<TlsConfig>,
+    /// Host names whose every path is a media key (lower case).
+    pub media_hosts: Vec<String>,
+    /// The instance behind this edge, if any.
+    pub core: Option<CoreConfig>,
 }
 
 /// Validated `[backfill]`.

@@ -67,6 +67,11 @@ pub struct RawConfig {
     pub sidekiq: Option<super::sidekiq::RawSidekiq>,
     /// Optional: HTTPS (HTTP/2 and HTTP/1.1) with certificates by SNI, and a redirect from http.
     pub tls: Option<super::tls::RawTls>,
+    /// Host names whose every path is a media key (bucket-root layout). Default: none.
+    #[serde(default)]
+    pub media_hosts: Vec<String>,
+    /// Optional: the instance behind this edge (reverse proxy to its web and streaming).
+    pub core: Option<super::core::RawCore>,
 }
 
 /// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever

@@ -159,6 +159,15 @@ impl RawConfig {
                 .tls
                 .map(|t| t.validate(path, &[listen, admin_listen]))
                 .transpose()?,
+            media_hosts: super::core::validate_media_hosts(self.media_hosts.clone(), path)?,
+            core: (self.core.clone())
+                .map(|c| {
+                    c.validate(
+                        path,
+                        &super::core::validate_media_hosts(self.media_hosts, path)?,
+                    )
+                })
+                .transpose()?,
         })
     }
 }

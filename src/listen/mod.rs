@@ -54,6 +54,15 @@ where
     Arc::new(move |req| Box::pin(f(req)))
 }
 
+/// Set on every request as an extension: who is at the other end of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// True on a TLS listener.
+    pub tls: bool,
+}
+
 /// A client that sends no complete header block in this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -146,11 +155,11 @@ impl Listeners {
         let tracker = self.connections.clone();
         self.accepting.spawn(async move {
             loop {
-                let stream = tokio::select! {
+                let (stream, peer) = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
+                        Ok((stream, peer)) => (stream, peer),
                         Err(e) => {
                             // Out of file descriptors and the like: wait a little, go on.
                             tracing::warn!(error = %e, "accept failed");
@@ -173,10 +182,12 @@ impl Listeners {
                     let cut = conns.cut.clone();
                     match transport {
                         Transport::Plain => {
-                            serve_connection(stream, Protocol::Http1, handler, conns).await
+                            let info = ConnInfo { peer, tls: false };
+                            serve_connection(stream, Protocol::Http1, handler, conns, info).await
                         }
                         Transport::Tls(acceptor) => {
-                            serve_tls(stream, acceptor, handler, conns).await
+                            let info = ConnInfo { peer, tls: true };
+                            serve_tls(stream, acceptor, handler, conns, info).await
                         }
                     }
                     if let Some(socket) = lingering {
@@ -284,6 +295,7 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     handler: Handler,
     signals: ConnSignals,
+    info: ConnInfo,
 ) {
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let tls = tokio::select! {
@@ -305,16 +317,22 @@ async fn serve_tls(
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    serve_connection(tls, protocol, handler, signals).await;
+    serve_connection(tls, protocol, handler, signals, info).await;
 }
 
 /// Serves HTTP on one connection until the client leaves, a drain closes it, or a cut drops
 /// it.
-async fn serve_connection<I>(io: I, protocol: Protocol, handler: Handler, signals: ConnSignals)
-where
+async fn serve_connection<I>(
+    io: I,
+    protocol: Protocol,
+    handler: Handler,
+    signals: ConnSignals,
+    info: ConnInfo,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(info);
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(req).await) }
     });

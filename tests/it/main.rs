@@ -11,6 +11,7 @@ mod listen;
 mod listen_tls;
 mod migrate;
 mod package;
+mod proxy;
 mod serve;
 mod serve_s3;
 mod sidekiq;

@@ -1,0 +1,277 @@
+//! `media_hosts` and `[core]`: the front door. Which Host names are media hosts (every path a
+//! media key, bucket-root layout), and the instance behind this edge: its Host names, its web
+//! (puma) and streaming upstreams, and the guard rails of the reverse proxy to them.
+//!
+//! Without both, `serve` behaves as before the front door: every request is a media request.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// `[core]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCore {
+    /// Host names routed to core (the media prefix on them stays media). At least one.
+    pub hosts: Vec<String>,
+    /// Web (puma) upstreams, `host:port`. At least one.
+    pub web: Vec<String>,
+    /// Streaming upstreams, `host:port`. Default: none (`/api/v1/streaming` answers 502).
+    #[serde(default)]
+    pub streaming: Vec<String>,
+    /// Time allowed to open a connection to an upstream. Default `2s`.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to the response's head. Default `60s`.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence allowed between two pieces of a response body (not for streaming).
+    /// Default `60s`.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most requests in flight to one upstream; beyond it another upstream is tried, and 503
+    /// when all are full. Default 256.
+    #[serde(default = "default_max_connections")]
+    pub max_connections_per_upstream: usize,
+    /// Idle keep-alive connections kept per upstream. Default 32.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_upstream: usize,
+    /// Consecutive failures (refused, reset, timed out, 502/503/504) that open an upstream's
+    /// circuit breaker. Default 5.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker answers 503 at once before one probe request is let through.
+    /// Default `10s`.
+    #[serde(default = "default_breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Largest request body passed on; beyond it 413. Default `99MiB` (Mastodon's nginx).
+    #[serde(default = "default_max_body")]
+    pub max_request_body: bytesize::ByteSize,
+    /// Peers (IP addresses or CIDR ranges) whose `X-Real-IP` and `X-Forwarded-Proto` are
+    /// passed on. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    256
+}
+fn default_max_idle() -> usize {
+    32
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_body() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(99)
+}
+
+/// Validated `[core]`.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Host names routed to core, lower case, without port.
+    pub hosts: Vec<String>,
+    /// Web upstreams.
+    pub web: Vec<SocketAddr>,
+    /// Streaming upstreams.
+    pub streaming: Vec<SocketAddr>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// First-byte timeout.
+    pub first_byte_timeout: Duration,
+    /// Idle (between body pieces) timeout.
+    pub idle_timeout: Duration,
+    /// Most requests in flight per upstream.
+    pub max_connections_per_upstream: usize,
+    /// Idle keep-alive connections per upstream.
+    pub max_idle_per_upstream: usize,
+    /// Consecutive failures that open a breaker.
+    pub breaker_failures: u32,
+    /// Open breaker's cool-down.
+    pub breaker_cooldown: Duration,
+    /// Largest request body, bytes.
+    pub max_request_body: u64,
+    /// Trusted proxies.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// A Host name as compared: lower case, no trailing dot.
+pub fn normalize_host(h: &str) -> String {
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Checks `media_hosts`.
+pub fn validate_media_hosts(hosts: Vec<String>, path: &Path) -> Result<Vec<String>, ConfigError> {
+    hosts
+        .into_iter()
+        .map(|h| check_host(&h, "media_hosts", path))
+        .collect()
+}
+
+fn check_host(h: &str, key: &str, path: &Path) -> Result<String, ConfigError> {
+    let ok = !h.is_empty()
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !ok {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.into(),
+            message: format!(
+                "{h:?} is not a host name like \"example.social\" (no port, no scheme)"
+            ),
+        });
+    }
+    Ok(normalize_host(h))
+}
+
+impl RawCore {
+    /// Checks `[core]`; `media_hosts` may not also be core hosts.
+    pub fn validate(self, path: &Path, media_hosts: &[String]) -> Result<CoreConfig, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: format!("core.{key}"),
+            message,
+        };
+        if self.hosts.is_empty() {
+            return Err(invalid(
+                "hosts",
+                "give at least one: [\"example.social\"]".into(),
+            ));
+        }
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|h| check_host(h, "core.hosts", path))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(h) = hosts.iter().find(|h| media_hosts.contains(h)) {
+            return Err(invalid("hosts", format!("{h} is also in `media_hosts`")));
+        }
+        let addrs = |key: &str, list: &[String]| {
+            list.iter()
+                .map(|s| {
+                    s.parse::<SocketAddr>().map_err(|_| {
+                        invalid(
+                            key,
+                            format!("{s:?} is not an address like \"10.0.0.2:3000\""),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let web = addrs("web", &self.web)?;
+        if web.is_empty() {
+            return Err(invalid(
+                "web",
+                "give at least one: [\"10.0.0.2:3000\"]".into(),
+            ));
+        }
+        let streaming = addrs("streaming", &self.streaming)?;
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            "trusted_proxies",
+                            format!("{s:?} is not an address or range like \"10.0.0.0/8\""),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.breaker_failures == 0 {
+            return Err(invalid("breaker_failures", "must be at least 1".into()));
+        }
+        if self.max_connections_per_upstream == 0 {
+            return Err(invalid(
+                "max_connections_per_upstream",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(CoreConfig {
+            hosts,
+            web,
+            streaming,
+            connect_timeout: self.connect_timeout,
+            first_byte_timeout: self.first_byte_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections_per_upstream: self.max_connections_per_upstream,
+            max_idle_per_upstream: self.max_idle_per_upstream,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown: self.breaker_cooldown,
+            max_request_body: self.max_request_body.as_u64(),
+            trusted_proxies,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{from_str, Config, ConfigError};
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        from_str(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = parse(
+            "media_hosts = [\"files.example.social\"]\n[core]\nhosts = [\"Example.social\"]\nweb = [\"10.0.0.2:3000\"]\nstreaming = [\"10.0.0.2:4000\"]\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"60s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.media_hosts, ["files.example.social"]);
+        let core = c.core.unwrap();
+        assert_eq!(core.hosts, ["example.social"]);
+        assert_eq!(core.streaming[0].port(), 4000);
+        assert_eq!(core.max_request_body, 99 << 20);
+        let c = parse("").unwrap();
+        assert!(c.core.is_none() && c.media_hosts.is_empty());
+    }
+
+    #[test]
+    fn bad_core_tables_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("[core]\nhosts = []\nweb = [\"1.2.3.4:1\"]\n", "core.hosts"),
+            ("[core]\nhosts = [\"a.b\"]\nweb = []\n", "core.web"),
+            ("[core]\nhosts = [\"a.b\"]\nweb = [\"a.b\"]\n", "core.web"),
+            (
+                "[core]\nhosts = [\"a.b:443\"]\nweb = [\"1.2.3.4:1\"]\n",
+                "core.hosts",
+            ),
+            ("media_hosts = [\"https://x\"]\n", "media_hosts"),
+            (
+                "media_hosts = [\"a.b\"]\n[core]\nhosts = [\"a.b\"]\nweb = [\"1.2.3.4:1\"]\n",
+                "core.hosts",
+            ),
+            (
+                "[core]\nhosts = [\"a.b\"]\nweb = [\"1.2.3.4:1\"]\ntrusted_proxies = [\"x\"]\n",
+                "core.trusted_proxies",
+            ),
+            (
+                "[core]\nhosts = [\"a.b\"]\nweb = [\"1.2.3.4:1\"]\nretries = 3\n",
+                "retries",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Bodies passed through the proxy, streamed piece by piece, never buffered whole.
+//!
+//! - [`LimitedBody`]: the client's request body, cut with an error past the size limit
+//!   (the handler then answers 413).
+//! - [`GuardedBody`]: the upstream's response body, holding the upstream's connection permit
+//!   until it ends, and cut when the upstream is silent longer than the idle timeout.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
+
+/// A request body that fails once more than its limit has come.
+pub struct LimitedBody {
+    inner: Incoming,
+    left: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl LimitedBody {
+    /// `exceeded` is set when the limit is passed.
+    pub fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> LimitedBody {
+        LimitedBody {
+            inner,
+            left: limit,
+            exceeded,
+        }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        this.exceeded.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "request body over the limit",
+                        ))));
+                    }
+                    this.left -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upstream's response body on its way to the client.
+pub struct GuardedBody {
+    inner: Incoming,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl GuardedBody {
+    /// `idle`: longest silence allowed between two pieces (None for streaming).
+    pub fn new(inner: Incoming, idle: Option<Duration>, permit: OwnedSemaphorePermit) -> Self {
+        GuardedBody {
+            inner,
+            idle,
+            timer: None,
+            _permit: permit,
+        }
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.timer = None;
+                Poll::Ready(frame.map(|f| f.map_err(std::io::Error::other)))
+            }
+            Poll::Pending => {
+                if let Some(idle) = this.idle {
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream silent past the idle timeout",
+                        ))));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

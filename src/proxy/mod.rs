@@ -1,0 +1,317 @@
+//! The guarded reverse proxy to core: the web and streaming pools, header rewriting, bodies
+//! streamed both ways, and the guard rails that keep a failing core from taking the edge down
+//! with it.
+//!
+//! A request goes: body over the limit by its `Content-Length`? 413 → pick the least busy
+//! upstream whose breaker is closed and which is under its connection cap (none: 503 with
+//! `Retry-After`, at once) → send, within the first-byte timeout (504) → a transport failure
+//! is 502. A request that was sent is never sent again; a GET or HEAD (or OPTIONS) without a
+//! body is tried on another upstream when the connection could not be opened (nothing was
+//! sent).
+//!
+//! - `breaker`: the circuit breaker of one upstream.
+//! - `upstream`: the upstreams of a pool, their caps, the least-connections pick.
+//! - `headers`: hop-by-hop removal, `X-Forwarded-*`, `X-Real-IP`.
+//! - `body`: request bodies under a limit, response bodies under an idle timeout.
+
+mod body;
+pub mod breaker;
+mod headers;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::CoreConfig;
+use crate::listen::{Body, ConnInfo};
+use upstream::{NoUpstream, Pool};
+
+/// The request body type sent upstream.
+type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Why a proxied request got no answer from core; each maps to the status the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request body is larger than `max_request_body`.
+    #[error("request body over {0} bytes")]
+    TooLarge(u64),
+    /// Every upstream's breaker is open (or its health check fails).
+    #[error("every upstream is failing; retry after {0:?}")]
+    Open(Duration),
+    /// Every upstream is at its connection cap.
+    #[error("every upstream is at its connection cap")]
+    Full,
+    /// The pool has no upstream (no streaming upstreams configured).
+    #[error("no upstream configured")]
+    NoUpstream,
+    /// No response head within the first-byte timeout.
+    #[error("upstream {0} sent no answer within the first-byte timeout")]
+    Timeout(SocketAddr),
+    /// Refused, reset, or closed before answering.
+    #[error("upstream {addr}: {message}")]
+    Upstream {
+        /// The upstream.
+        addr: SocketAddr,
+        /// What went wrong.
+        message: String,
+    },
+    /// The client's request body could not be read.
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
+}
+
+impl ProxyError {
+    /// The status answered for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Open(_) | ProxyError::Full => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoUpstream | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn response(&self) -> Response<Body> {
+        let mut resp = text(self.status(), format!("{}\n", self.status()));
+        let retry = match self {
+            ProxyError::Open(d) => Some(d.as_secs_f64().ceil().max(1.0) as u64),
+            ProxyError::Full => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Which pool a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Puma.
+    Web,
+    /// The streaming server.
+    Streaming,
+}
+
+/// The reverse proxy to core.
+pub struct Proxy {
+    web: Pool,
+    streaming: Pool,
+    client: Client<HttpConnector, UpBody>,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    max_body: u64,
+    trusted: Vec<ipnet::IpNet>,
+}
+
+impl Proxy {
+    /// Sets up the pools of `[core]`.
+    pub fn new(config: &CoreConfig) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.max_idle_per_upstream)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let pool = |addrs: &[SocketAddr]| {
+            Pool::new(
+                addrs,
+                config.max_connections_per_upstream,
+                config.breaker_failures,
+                config.breaker_cooldown,
+            )
+        };
+        Proxy {
+            web: pool(&config.web),
+            streaming: pool(&config.streaming),
+            client,
+            first_byte_timeout: config.first_byte_timeout,
+            idle_timeout: config.idle_timeout,
+            max_body: config.max_request_body,
+            trusted: config.trusted_proxies.clone(),
+        }
+    }
+
+    /// The pool of a kind.
+    pub fn pool(&self, kind: Kind) -> &Pool {
+        match kind {
+            Kind::Web => &self.web,
+            Kind::Streaming => &self.streaming,
+        }
+    }
+
+    /// Answers one request from the upstreams of `kind`.
+    pub async fn handle(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
+        match self.forward(kind, req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(error = %e, "proxy: no answer from core");
+                e.response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        kind: Kind,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let pool = self.pool(kind);
+        if pool.upstreams.is_empty() {
+            return Err(ProxyError::NoUpstream);
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return Err(ProxyError::TooLarge(self.max_body));
+        }
+        let (mut parts, body) = req.into_parts();
+        let info = parts.extensions.get::<ConnInfo>().copied();
+        let peer = info.map(|i| i.peer.ip()).unwrap_or([127, 0, 0, 1].into());
+        let trusted = self.trusted.iter().any(|n| n.contains(&peer));
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2: the name is in the URI.
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        headers::forward(
+            &mut parts.headers,
+            peer,
+            info.is_some_and(|i| i.tls),
+            trusted,
+        );
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        // Only a request without a body can be sent again: its body is not kept.
+        let resendable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+            && body.is_end_stream();
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let mut body =
+            Some(body::LimitedBody::new(body, self.max_body, exceeded.clone()).boxed_unsync());
+        let mut tried = Vec::new();
+        loop {
+            let admission = match pool.pick(&tried) {
+                Ok(a) => a,
+                Err(NoUpstream::Open(wait)) => return Err(ProxyError::Open(wait)),
+                Err(NoUpstream::Full) => return Err(ProxyError::Full),
+                Err(NoUpstream::Exhausted) => {
+                    return Err(ProxyError::Upstream {
+                        addr: *tried.last().expect("tried one"),
+                        message: "every upstream refused the connection".into(),
+                    })
+                }
+            };
+            let addr = admission.upstream.addr;
+            tried.push(addr);
+            let uri = format!("http://{addr}{path}");
+            let mut up = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri)
+                .body(
+                    body.take()
+                        .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
+                )
+                .expect("a valid request");
+            *up.headers_mut() = parts.headers.clone();
+            let sent = tokio::time::timeout(self.first_byte_timeout, self.client.request(up)).await;
+            let resp = match sent {
+                Err(_) => {
+                    admission.failure();
+                    return Err(ProxyError::Timeout(addr));
+                }
+                Ok(Err(e)) => {
+                    if exceeded.load(Ordering::Acquire) {
+                        admission.neutral();
+                        return Err(ProxyError::TooLarge(self.max_body));
+                    }
+                    if client_body_failed(&e) {
+                        admission.neutral();
+                        return Err(ProxyError::ClientBody(e.to_string()));
+                    }
+                    admission.failure();
+                    if e.is_connect() && resendable {
+                        tracing::debug!(%addr, error = %e, "proxy: connect failed; trying another upstream");
+                        continue;
+                    }
+                    return Err(ProxyError::Upstream {
+                        addr,
+                        message: error_chain(&e),
+                    });
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            let permit = admission.answered(!matches!(resp.status().as_u16(), 502..=504));
+            let (mut rparts, rbody) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut rparts.headers);
+            let idle = (kind == Kind::Web).then_some(self.idle_timeout);
+            let body = body::GuardedBody::new(rbody, idle, permit).boxed_unsync();
+            return Ok(Response::from_parts(rparts, body));
+        }
+    }
+}
+
+/// Whether a client error came from reading the client's own request body.
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_user();
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,175 @@
+//! The upstreams of one pool (web or streaming): each with its connection cap and circuit
+//! breaker; a request goes to the least busy upstream that may take it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::breaker::{Breaker, BreakerState};
+
+/// One upstream server.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// One permit per request in flight (the response body holds it to its end).
+    permits: Arc<Semaphore>,
+    max: usize,
+    /// Its circuit breaker.
+    pub breaker: Breaker,
+    /// False while the active health check fails.
+    healthy: AtomicBool,
+}
+
+impl Upstream {
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// Whether the last health check passed (true until one fails).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records a health check's result.
+    pub fn set_healthy(&self, up: bool) {
+        self.healthy.store(up, Ordering::Release);
+    }
+}
+
+/// The right to send one request to an upstream: its connection permit and its breaker
+/// admission. Tell the outcome with [`Admission::success`] or [`Admission::failure`].
+pub struct Admission {
+    /// The upstream.
+    pub upstream: Arc<Upstream>,
+    /// Held until the response body ends.
+    permit: Option<OwnedSemaphorePermit>,
+    probe: bool,
+    told: bool,
+}
+
+impl Admission {
+    /// The upstream answered (`ok`: not with 502/503/504). Returns the connection permit,
+    /// for the response body to hold until its end.
+    pub fn answered(mut self, ok: bool) -> OwnedSemaphorePermit {
+        self.told = true;
+        match ok {
+            true => self.upstream.breaker.success(),
+            false => self.upstream.breaker.failure(Instant::now()),
+        }
+        self.permit.take().expect("taken once")
+    }
+
+    /// The upstream failed.
+    pub fn failure(mut self) {
+        self.told = true;
+        self.upstream.breaker.failure(Instant::now());
+    }
+
+    /// Neither: the request ended for the client's sake (a body over the limit, a client
+    /// that left). A probe is given back.
+    pub fn neutral(self) {}
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.probe && !self.told {
+            self.upstream.breaker.abandon_probe(Instant::now());
+        }
+    }
+}
+
+/// Why no upstream was picked.
+#[derive(Debug, Clone, Copy)]
+pub enum NoUpstream {
+    /// Every upstream's breaker is open (or the health check fails): try again after this.
+    Open(Duration),
+    /// Every upstream is at its connection cap.
+    Full,
+    /// Every upstream was tried already (or there is none).
+    Exhausted,
+}
+
+/// The upstreams of one kind.
+#[derive(Debug)]
+pub struct Pool {
+    /// The upstreams, in config order.
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Pool {
+    /// One upstream per address, each with `max` requests in flight at most and a breaker.
+    pub fn new(addrs: &[SocketAddr], max: usize, failures: u32, cooldown: Duration) -> Pool {
+        Pool {
+            upstreams: addrs
+                .iter()
+                .map(|&addr| {
+                    Arc::new(Upstream {
+                        addr,
+                        permits: Arc::new(Semaphore::new(max)),
+                        max,
+                        breaker: Breaker::new(failures, cooldown),
+                        healthy: AtomicBool::new(true),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Picks the upstream with the fewest requests in flight among those not in `tried`,
+    /// healthy, whose breaker admits a request and which are under their cap.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Result<Admission, NoUpstream> {
+        let now = Instant::now();
+        let mut candidates: Vec<&Arc<Upstream>> = self
+            .upstreams
+            .iter()
+            .filter(|u| !tried.contains(&u.addr))
+            .collect();
+        if candidates.is_empty() {
+            return Err(NoUpstream::Exhausted);
+        }
+        // A failing health check is followed unless every upstream fails it (then the
+        // breakers decide: a wrong check must not take the whole site down).
+        if candidates.iter().any(|u| u.healthy()) {
+            candidates.retain(|u| u.healthy());
+        }
+        candidates.retain(|u| u.breaker.available(now));
+        if candidates.is_empty() {
+            let wait = self
+                .upstreams
+                .iter()
+                .filter_map(|u| u.breaker.retry_after(now))
+                .min()
+                .unwrap_or(Duration::from_secs(1));
+            return Err(NoUpstream::Open(wait));
+        }
+        candidates.sort_by_key(|u| u.in_flight());
+        for u in candidates {
+            let Ok(permit) = u.permits.clone().try_acquire_owned() else {
+                continue;
+            };
+            if let Some(probe) = u.breaker.admit(now) {
+                return Ok(Admission {
+                    upstream: u.clone(),
+                    permit: Some(permit),
+                    probe,
+                    told: false,
+                });
+            }
+        }
+        Err(NoUpstream::Full)
+    }
+
+    /// Each upstream's address, requests in flight and breaker state.
+    pub fn states(&self) -> Vec<(SocketAddr, usize, BreakerState)> {
+        self.upstreams
+            .iter()
+            .map(|u| (u.addr, u.in_flight(), u.breaker.state()))
+            .collect()
+    }
+}
