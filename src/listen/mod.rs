@@ -180,7 +180,7 @@ impl Listeners {
                 let transport = transport.clone();
                 tracker.spawn(async move {
                     let cut = conns.cut.clone();
-                    match transport {
+                    let upgraded = match transport {
                         Transport::Plain => {
                             let info = ConnInfo { peer, tls: false };
                             serve_connection(stream, Protocol::Http1, handler, conns, info).await
@@ -189,8 +189,10 @@ impl Listeners {
                             let info = ConnInfo { peer, tls: true };
                             serve_tls(stream, acceptor, handler, conns, info).await
                         }
-                    }
-                    if let Some(socket) = lingering {
+                    };
+                    // An upgraded connection (a WebSocket) was handed to the handler's tunnel,
+                    // which closes it.
+                    if let (Some(socket), false) = (lingering, upgraded) {
                         linger(socket, &cut).await;
                     }
                 });
@@ -296,45 +298,55 @@ async fn serve_tls(
     handler: Handler,
     signals: ConnSignals,
     info: ConnInfo,
-) {
+) -> bool {
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let tls = tokio::select! {
         done = handshake => match done {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
-                return;
+                return false;
             }
             Err(_) => {
                 tracing::debug!("TLS handshake timed out");
-                return;
+                return false;
             }
         },
         // Shutting down: a connection not yet set up has nothing under way.
-        _ = signals.drain.cancelled() => return,
+        _ = signals.drain.cancelled() => return false,
     };
     let protocol = match tls.get_ref().1.alpn_protocol() {
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    serve_connection(tls, protocol, handler, signals, info).await;
+    serve_connection(tls, protocol, handler, signals, info).await
 }
 
 /// Serves HTTP on one connection until the client leaves, a drain closes it, or a cut drops
-/// it.
+/// it. True when the connection was upgraded (answered 101) and handed over.
 async fn serve_connection<I>(
     io: I,
     protocol: Protocol,
     handler: Handler,
     signals: ConnSignals,
     info: ConnInfo,
-) where
+) -> bool
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let upgraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upgraded_flag = upgraded.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(info);
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler(req).await) }
+        let upgraded = upgraded_flag.clone();
+        async move {
+            let resp = handler(req).await;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                upgraded.store(true, std::sync::atomic::Ordering::Release);
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -346,14 +358,15 @@ async fn serve_connection<I>(
         Protocol::Http1 => builder.http1_only(),
         Protocol::Http2 => builder.http2_only(),
     };
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades: a WebSocket handshake hands the connection to the handler's tunnel.
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         ended = conn.as_mut() => {
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            return;
+            return upgraded.load(std::sync::atomic::Ordering::Acquire);
         }
         _ = signals.drain.cancelled() => {}
     }
@@ -364,4 +377,5 @@ async fn serve_connection<I>(
         _ = conn.as_mut() => {}
         _ = signals.cut.cancelled() => {}
     }
+    upgraded.load(std::sync::atomic::Ordering::Acquire)
 }

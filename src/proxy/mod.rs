@@ -12,11 +12,13 @@
 //! - `breaker`: the circuit breaker of one upstream.
 //! - `upstream`: the upstreams of a pool, their caps, the least-connections pick.
 //! - `headers`: hop-by-hop removal, `X-Forwarded-*`, `X-Real-IP`.
+//! - `upgrade`: WebSocket handshakes and the tunnels after them.
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
 
 mod body;
 pub mod breaker;
 mod headers;
+mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -184,6 +186,11 @@ impl Proxy {
         if declared.is_some_and(|n| n > self.max_body) {
             return Err(ProxyError::TooLarge(self.max_body));
         }
+        // A WebSocket handshake (HTTP/1.1 Upgrade): the protocol asked for is passed on, and
+        // a 101 from the upstream joins the two connections into a tunnel.
+        let mut req = req;
+        let upgrade = upgrade::requested(&req);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let info = parts.extensions.get::<ConnInfo>().copied();
         let peer = info.map(|i| i.peer.ip()).unwrap_or([127, 0, 0, 1].into());
@@ -204,6 +211,9 @@ impl Proxy {
             info.is_some_and(|i| i.tls),
             trusted,
         );
+        if let Some(protocol) = upgrade {
+            upgrade::ask(&mut parts.headers, protocol);
+        }
         let path = parts
             .uri
             .path_and_query()
@@ -267,6 +277,11 @@ impl Proxy {
                 }
                 Ok(Ok(resp)) => resp,
             };
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some(client)) = (resp.status(), client_upgrade)
+            {
+                let permit = admission.answered(true);
+                return Ok(upgrade::tunnel(client, resp, permit));
+            }
             let permit = admission.answered(!matches!(resp.status().as_u16(), 502..=504));
             let (mut rparts, rbody) = resp.into_parts();
             headers::strip_hop_by_hop(&mut rparts.headers);

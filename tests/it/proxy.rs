@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::common::{client, eventually, start_edge, TestEdge};
 
-const CORE: &str = "example.test";
+pub const CORE: &str = "example.test";
 const WAIT: Duration = Duration::from_secs(30);
 
 /// How an upstream answers.
@@ -162,7 +162,7 @@ fn addrs(list: &[SocketAddr]) -> String {
 
 /// An edge with an fs primary holding `small.txt`, `media_hosts = ["files.test"]` and a
 /// `[core]` for `example.test` with `web` upstreams and `extra` keys.
-async fn edge_with_core(dir: &std::path::Path, web: &[SocketAddr], extra: &str) -> TestEdge {
+pub async fn edge_with_core(dir: &std::path::Path, web: &[SocketAddr], extra: &str) -> TestEdge {
     let root = dir.join("primary");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("small.txt"), "small").unwrap();
@@ -174,7 +174,7 @@ async fn edge_with_core(dir: &std::path::Path, web: &[SocketAddr], extra: &str) 
     start_edge(dir, &toml).await
 }
 
-fn get(edge: &TestEdge, host: &str, path: &str) -> reqwest::RequestBuilder {
+pub fn get(edge: &TestEdge, host: &str, path: &str) -> reqwest::RequestBuilder {
     client()
         .get(format!("http://{}{path}", edge.running.addr))
         .header("host", host)
