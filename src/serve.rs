@@ -196,10 +196,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
     let sidekiq_collector = crate::sidekiq::metrics::SidekiqCollector::new();
-    let metrics = match sidekiq {
-        Some(_) => Metrics::with_collectors(vec![Box::new(sidekiq_collector.clone())]),
-        None => Metrics::new(),
-    };
+    // `[core]`: the reverse proxy, its per-upstream series rendered at each scrape.
+    let proxy = config
+        .core
+        .as_ref()
+        .map(|c| Arc::new(crate::proxy::Proxy::new(c)));
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = Vec::new();
+    if sidekiq.is_some() {
+        collectors.push(Box::new(sidekiq_collector.clone()));
+    }
+    if let Some(p) = &proxy {
+        collectors.push(Box::new(crate::proxy::UpstreamCollector(p.clone())));
+    }
+    let metrics = Metrics::with_collectors(collectors);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     // Before anything in data_dir is touched: a second serve must not release the first
@@ -361,7 +370,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let listeners = Listeners::new();
-    let media_handler = front_door(&config, edge, edge_root);
+    if let Some(p) = proxy.clone().filter(|p| !p.health_check_interval.is_zero()) {
+        tasks.push(tokio::spawn(
+            p.clone()
+                .check_health(p.health_check_interval, stop.clone()),
+        ));
+    }
+    let media_handler = front_door(&config, edge, edge_root, proxy);
     listeners.serve(media, media_handler.clone());
     let m = metrics.clone();
     listeners.serve(
@@ -407,7 +422,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 /// The handler of the `listen` and `[tls]` listeners: the [`crate::router`] sends each
 /// request to the media handler or to the [`crate::proxy`] (or answers 421).
-fn front_door(config: &Config, edge: Arc<Edge>, edge_root: Option<Arc<Edge>>) -> listen::Handler {
+fn front_door(
+    config: &Config,
+    edge: Arc<Edge>,
+    edge_root: Option<Arc<Edge>>,
+    proxy: Option<Arc<crate::proxy::Proxy>>,
+) -> listen::Handler {
     use crate::router::{Route, Router};
     let core_hosts = config
         .core
@@ -419,10 +439,6 @@ fn front_door(config: &Config, edge: Arc<Edge>, edge_root: Option<Arc<Edge>>) ->
         core_hosts,
         config.url_prefix.clone(),
     ));
-    let proxy = config
-        .core
-        .as_ref()
-        .map(|c| Arc::new(crate::proxy::Proxy::new(c)));
     listen::handler(move |req| {
         let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
         let route = router.route(&req);

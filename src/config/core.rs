@@ -55,6 +55,14 @@ pub struct RawCore {
     /// passed on. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Time between two active health checks of each upstream (`/health` on web,
+    /// `/api/v1/streaming/health` on streaming). Default `5s`; `0s` turns them off.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_check_interval: Duration,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_connect_timeout() -> Duration {
@@ -109,6 +117,8 @@ pub struct CoreConfig {
     pub max_request_body: u64,
     /// Trusted proxies.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Health check interval (zero: none).
+    pub health_check_interval: Duration,
 }
 
 /// A Host name as compared: lower case, no trailing dot.
@@ -218,6 +228,7 @@ impl RawCore {
             breaker_cooldown: self.breaker_cooldown,
             max_request_body: self.max_request_body.as_u64(),
             trusted_proxies,
+            health_check_interval: self.health_check_interval,
         })
     }
 }

@@ -13,11 +13,13 @@
 //! - `upstream`: the upstreams of a pool, their caps, the least-connections pick.
 //! - `headers`: hop-by-hop removal, `X-Forwarded-*`, `X-Real-IP`.
 //! - `upgrade`: WebSocket handshakes and the tunnels after them.
+//! - `health`: active health checks and the per-upstream series on `/metrics`.
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
 
 mod body;
 pub mod breaker;
 mod headers;
+mod health;
 mod upgrade;
 pub mod upstream;
 
@@ -37,6 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::CoreConfig;
 use crate::listen::{Body, ConnInfo};
+pub use health::UpstreamCollector;
 use upstream::{NoUpstream, Pool};
 
 /// The request body type sent upstream.
@@ -118,6 +121,8 @@ pub struct Proxy {
     idle_timeout: Duration,
     max_body: u64,
     trusted: Vec<ipnet::IpNet>,
+    /// Time between two health checks of an upstream (zero: none).
+    pub health_check_interval: Duration,
 }
 
 impl Proxy {
@@ -147,6 +152,7 @@ impl Proxy {
             idle_timeout: config.idle_timeout,
             max_body: config.max_request_body,
             trusted: config.trusted_proxies.clone(),
+            health_check_interval: config.health_check_interval,
         }
     }
 

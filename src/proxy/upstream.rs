@@ -2,7 +2,7 @@
 //! breaker; a request goes to the least busy upstream that may take it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ pub struct Upstream {
     pub breaker: Breaker,
     /// False while the active health check fails.
     healthy: AtomicBool,
+    /// Requests sent (or tried), for metrics.
+    pub requests: AtomicU64,
+    /// Of those, failures (refused, reset, timed out, 502/503/504), for metrics.
+    pub errors: AtomicU64,
 }
 
 impl Upstream {
@@ -58,6 +62,9 @@ impl Admission {
     /// for the response body to hold until its end.
     pub fn answered(mut self, ok: bool) -> OwnedSemaphorePermit {
         self.told = true;
+        if !ok {
+            self.upstream.errors.fetch_add(1, Ordering::Relaxed);
+        }
         match ok {
             true => self.upstream.breaker.success(),
             false => self.upstream.breaker.failure(Instant::now()),
@@ -68,6 +75,7 @@ impl Admission {
     /// The upstream failed.
     pub fn failure(mut self) {
         self.told = true;
+        self.upstream.errors.fetch_add(1, Ordering::Relaxed);
         self.upstream.breaker.failure(Instant::now());
     }
 
@@ -115,6 +123,8 @@ impl Pool {
                         max,
                         breaker: Breaker::new(failures, cooldown),
                         healthy: AtomicBool::new(true),
+                        requests: AtomicU64::new(0),
+                        errors: AtomicU64::new(0),
                     })
                 })
                 .collect(),
@@ -154,6 +164,7 @@ impl Pool {
                 continue;
             };
             if let Some(probe) = u.breaker.admit(now) {
+                u.requests.fetch_add(1, Ordering::Relaxed);
                 return Ok(Admission {
                     upstream: u.clone(),
                     permit: Some(permit),

@@ -12,6 +12,7 @@ mod listen_tls;
 mod migrate;
 mod package;
 mod proxy;
+mod proxy_health;
 mod proxy_streaming;
 mod serve;
 mod serve_s3;

@@ -15,11 +15,11 @@ use tokio::io::AsyncReadExt;
 use crate::common::{client, eventually, start_edge, TestEdge};
 
 pub const CORE: &str = "example.test";
-const WAIT: Duration = Duration::from_secs(30);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// How an upstream answers.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Mode {
+pub enum Mode {
     /// 200, body `from <port>`, the request's headers echoed as `x-seen-<name>` lines in
     /// the body.
     Answer,
@@ -30,18 +30,21 @@ enum Mode {
 }
 
 /// A real HTTP/1.1 upstream (puma's place) that counts what reaches it.
-struct Upstream {
-    addr: SocketAddr,
-    state: Arc<UpState>,
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpState>,
     task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Default)]
-struct UpState {
+pub struct UpState {
     mode: Mutex<Option<Mode>>,
     accepts: AtomicUsize,
     requests: AtomicUsize,
     hung: AtomicUsize,
+    /// Health checks answered (not counted in `requests`), and whether they fail.
+    pub health_checks: AtomicUsize,
+    pub health_fails: std::sync::atomic::AtomicBool,
     /// Method, path, headers and body length of every request answered or hung.
     seen: Mutex<Vec<(String, String, http::HeaderMap, usize)>>,
 }
@@ -49,7 +52,7 @@ struct UpState {
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 impl Upstream {
-    async fn start(mode: Mode) -> Upstream {
+    pub async fn start(mode: Mode) -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         Self::on(listener, mode)
     }
@@ -91,7 +94,7 @@ impl Upstream {
     fn accepts(&self) -> usize {
         self.state.accepts.load(Ordering::SeqCst)
     }
-    fn requests(&self) -> usize {
+    pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
     }
     fn hung(&self) -> usize {
@@ -117,6 +120,15 @@ async fn serve(
     s: Arc<UpState>,
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<http::Response<Body>, Infallible> {
+    if req.uri().path() == "/health" {
+        s.health_checks.fetch_add(1, Ordering::SeqCst);
+        let status = match s.health_fails.load(Ordering::SeqCst) {
+            true => 503,
+            false => 200,
+        };
+        let body = Full::new(Bytes::from_static(b"OK")).boxed_unsync();
+        return Ok(http::Response::builder().status(status).body(body).unwrap());
+    }
     s.requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let len = body
@@ -166,8 +178,13 @@ pub async fn edge_with_core(dir: &std::path::Path, web: &[SocketAddr], extra: &s
     let root = dir.join("primary");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("small.txt"), "small").unwrap();
+    // Health checks off unless a test turns them on: the counts at the upstreams stay exact.
+    let health = match extra.contains("health_check_interval") {
+        true => "",
+        false => "health_check_interval = \"0s\"\n",
+    };
     let toml = format!(
-        "media_hosts = [\"files.test\"]\n[primary]\ntype = \"fs\"\nroot = \"{}\"\n[core]\nhosts = [\"{CORE}\"]\nweb = {}\n{extra}",
+        "media_hosts = [\"files.test\"]\n[primary]\ntype = \"fs\"\nroot = \"{}\"\n[core]\nhosts = [\"{CORE}\"]\nweb = {}\n{health}{extra}",
         root.display(),
         addrs(web)
     );

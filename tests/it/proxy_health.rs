@@ -1,0 +1,70 @@
+//! Active health checks (issue 8 §4) and the per-upstream series on `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::common::client;
+use crate::proxy::{edge_with_core, get, Mode, Upstream, CORE, WAIT};
+
+#[tokio::test]
+async fn a_failing_health_check_takes_an_upstream_out_until_it_passes() {
+    let a = Upstream::start(Mode::Answer).await;
+    let b = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(
+        dir.path(),
+        &[a.addr, b.addr],
+        "health_check_interval = \"20ms\"\n",
+    )
+    .await;
+    let metric = |up: &Upstream, name: &str| {
+        format!("fediedge_{name}{{pool=\"web\",upstream=\"{}\"}}", up.addr)
+    };
+    let scrape = || async {
+        client()
+            .get(format!("{}/metrics", edge.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    a.state.health_fails.store(true, Ordering::SeqCst);
+    let down = format!("{} 0", metric(&a, "upstream_up"));
+    let start = std::time::Instant::now();
+    while !scrape().await.contains(&down) {
+        assert!(start.elapsed() < WAIT, "a never marked down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (0, 4),
+        "all to the healthy one"
+    );
+    assert!(a.state.health_checks.load(Ordering::SeqCst) > 0);
+    let text = scrape().await;
+    assert!(
+        text.contains(&format!("{} 4", metric(&b, "upstream_requests_total"))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} 0", metric(&b, "upstream_breaker_state"))),
+        "{text}"
+    );
+
+    a.state.health_fails.store(false, Ordering::SeqCst);
+    let up = format!("{} 1", metric(&a, "upstream_up"));
+    while !scrape().await.contains(&up) {
+        assert!(start.elapsed() < WAIT, "a never marked up again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both idle again: the first in order gets the next request.
+    let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(a.requests(), 1, "back in the pool");
+}
