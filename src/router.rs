@@ -72,7 +72,9 @@ impl Router {
             return Route::MediaRoot;
         }
         if self.core_hosts.contains(&host) {
-            if path.starts_with(&self.prefix) {
+            // `url_prefix = "/"` is the bucket-root layout, served on the media hosts: on
+            // the instance's own names only a real prefix is media.
+            if self.prefix != "/" && path.starts_with(&self.prefix) {
                 return Route::Media;
             }
             let streaming = path
@@ -156,6 +158,13 @@ mod tests {
         );
         assert_eq!(r.route_to(None, "/"), Route::Misdirected);
         assert_eq!(r.route_to(Some("[::1]:8080"), "/"), Route::Misdirected);
+    }
+
+    #[test]
+    fn a_bucket_root_prefix_does_not_take_the_instance_host() {
+        let r = Router::new(vec!["files.a".into()], vec!["a".into()], "/".into());
+        assert_eq!(r.route_to(Some("a"), "/about"), Route::Core);
+        assert_eq!(r.route_to(Some("files.a"), "/x.png"), Route::MediaRoot);
     }
 
     #[test]

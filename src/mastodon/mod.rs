@@ -127,6 +127,7 @@ pub fn to_fediedge_toml(env: &EnvFile) -> Result<String, String> {
     let _ = writeln!(out, "admin_listen = \"127.0.0.1:9090\"");
     let _ = writeln!(out, "url_prefix = {}", q(&url_prefix));
     let _ = writeln!(out, "data_dir = \"var\"");
+    front_door(env, &mut out);
     let _ = writeln!(out);
     let _ = writeln!(out, "[cache]");
     let _ = writeln!(out, "dir = \"var/cache\"");
@@ -181,6 +182,55 @@ pub fn to_fediedge_toml(env: &EnvFile) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// `media_hosts` from `S3_ALIAS_HOST` (a bare host, no key prefix: the bucket-root layout),
+/// and `[core]` with `LOCAL_DOMAIN` and `WEB_DOMAIN` as its hosts, when `LOCAL_DOMAIN` is set.
+/// The upstream addresses are Mastodon's default ports on this machine: the admin adjusts them.
+fn front_door(env: &EnvFile, out: &mut String) {
+    let host = |v: &str| {
+        let v = v
+            .trim()
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        v.trim_end_matches('/').to_ascii_lowercase()
+    };
+    let key_prefix = env.get("S3_KEY_PREFIX").unwrap_or("").trim_matches('/');
+    let alias = env
+        .get("S3_ALIAS_HOST")
+        .or(env.get("S3_CLOUDFRONT_HOST"))
+        .map(host)
+        .filter(|a| {
+            backend(env) == Backend::S3
+                && !a.is_empty()
+                && !a.contains('/')
+                && key_prefix.is_empty()
+        });
+    if let Some(a) = &alias {
+        let _ = writeln!(out, "media_hosts = [{}]  # every path is a media key", q(a));
+    }
+    let Some(local) = env.get("LOCAL_DOMAIN").map(host).filter(|h| !h.is_empty()) else {
+        return;
+    };
+    let mut hosts = vec![local];
+    if let Some(web) = env.get("WEB_DOMAIN").map(host).filter(|h| !h.is_empty()) {
+        if !hosts.contains(&web) {
+            hosts.push(web);
+        }
+    }
+    hosts.retain(|h| Some(h) != alias.as_ref());
+    let list: Vec<String> = hosts.iter().map(|h| q(h)).collect();
+    let _ = writeln!(out);
+    let _ = writeln!(out, "[core]  # the instance behind this edge");
+    let _ = writeln!(out, "hosts = [{}]", list.join(", "));
+    let _ = writeln!(
+        out,
+        "web = [\"127.0.0.1:3000\"]        # puma (mastodon-web's PORT): adjust"
+    );
+    let _ = writeln!(
+        out,
+        "streaming = [\"127.0.0.1:4000\"]  # mastodon-streaming's PORT: adjust"
+    );
 }
 
 /// The path part of a URL, or the value itself if it is a path.
@@ -238,7 +288,27 @@ mod tests {
         .unwrap();
         assert!(t.contains("url_prefix = \"/media/\""), "{t}");
         assert!(!t.contains("virtual_host_style"), "{t}");
+        assert!(!t.contains("[core]") && !t.contains("media_hosts"), "{t}");
         assert!(to_fediedge_toml(&env("SWIFT_ENABLED=true\n")).is_err());
         assert!(to_fediedge_toml(&env("S3_ENABLED=true\n")).is_err());
+    }
+
+    #[test]
+    fn front_door_hosts_come_from_the_domains_and_the_alias_host() {
+        let t = to_fediedge_toml(&env(
+            "LOCAL_DOMAIN=example.social\nWEB_DOMAIN=www.example.social\nS3_ENABLED=true\nS3_BUCKET=media\nS3_ENDPOINT=https://s3.example\nS3_ALIAS_HOST=files.example.social\n",
+        ))
+        .unwrap();
+        // (Not validated whole: the S3 credentials come from the environment.)
+        let c: crate::config::RawConfig = toml::from_str(&t).unwrap();
+        assert_eq!(c.media_hosts, ["files.example.social"]);
+        let core = c.core.unwrap();
+        assert_eq!(core.hosts, ["example.social", "www.example.social"]);
+        assert_eq!(core.web, ["127.0.0.1:3000"]);
+        // Local storage: media under /system/ on the instance host, no media host.
+        let t = to_fediedge_toml(&env("LOCAL_DOMAIN=example.social\n")).unwrap();
+        let c = crate::config::from_str(&t, Path::new("generated.toml")).unwrap();
+        assert!(c.media_hosts.is_empty());
+        assert_eq!(c.core.unwrap().hosts, ["example.social"]);
     }
 }
