@@ -14,6 +14,7 @@ mod package;
 mod proxy;
 mod proxy_health;
 mod proxy_streaming;
+mod proxy_tls;
 mod serve;
 mod serve_s3;
 mod sidekiq;

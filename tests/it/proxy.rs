@@ -100,7 +100,7 @@ impl Upstream {
     fn hung(&self) -> usize {
         self.state.hung.load(Ordering::SeqCst)
     }
-    fn last(&self) -> (String, String, http::HeaderMap, usize) {
+    pub fn last(&self) -> (String, String, http::HeaderMap, usize) {
         self.state
             .seen
             .lock()
