@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
@@ -27,6 +28,8 @@ pub enum Mode {
     Hang,
     /// Accepts, reads a little, closes (the request was sent; no answer comes).
     Reset,
+    /// 200, a first piece of body, then silence.
+    Stall,
 }
 
 /// A real HTTP/1.1 upstream (puma's place) that counts what reaches it.
@@ -146,6 +149,13 @@ async fn serve(
     if mode == Mode::Hang {
         s.hung.fetch_add(1, Ordering::SeqCst);
         std::future::pending::<()>().await;
+    }
+    if mode == Mode::Stall {
+        let first =
+            futures_util::stream::iter([Ok(hyper::body::Frame::data(Bytes::from("partial")))]);
+        let body = first.chain(futures_util::stream::pending());
+        let body = http_body_util::StreamBody::new(body).boxed_unsync();
+        return Ok(http::Response::new(body));
     }
     let port = parts
         .headers

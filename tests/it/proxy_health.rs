@@ -1,4 +1,5 @@
-//! Active health checks (issue 8 §4) and the per-upstream series on `/metrics`.
+//! Active health checks (issue 8 §4), the per-upstream series on `/metrics`, and the idle
+//! timeout inside a response body.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -67,4 +68,45 @@ async fn a_failing_health_check_takes_an_upstream_out_until_it_passes() {
     let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(a.requests(), 1, "back in the pool");
+}
+
+#[tokio::test]
+async fn a_response_body_that_goes_silent_is_cut_at_the_idle_timeout() {
+    let up = Upstream::start(Mode::Stall).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[up.addr], "idle_timeout = \"200ms\"\n").await;
+    let mut r = get(&edge, CORE, "/api/v1/timelines/home")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.chunk().await.unwrap().unwrap(), "partial");
+    assert!(
+        r.chunk().await.is_err(),
+        "the response is cut, not ended as if whole"
+    );
+    // The permit went with the body: the upstream is free again.
+    let free = format!(
+        "fediedge_upstream_in_flight{{pool=\"web\",upstream=\"{}\"}} 0",
+        up.addr
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let text = client()
+            .get(format!("{}/metrics", edge.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(&free) {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the permit was never given back: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
