@@ -1,5 +1,5 @@
 //! Active health checks (issue 8 §4), the per-upstream series on `/metrics`, and the idle
-//! timeout inside a response body.
+//! timeout inside a response body; timeouts opening the breaker.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -109,4 +109,35 @@ async fn a_response_body_that_goes_silent_is_cut_at_the_idle_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn timeouts_open_the_breaker_too() {
+    let up = Upstream::start(Mode::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(
+        dir.path(),
+        &[up.addr],
+        "first_byte_timeout = \"100ms\"\nbreaker_failures = 2\nbreaker_cooldown = \"1h\"\n",
+    )
+    .await;
+    for n in 1..=2 {
+        let r = get(&edge, CORE, "/api/v1/timelines/home")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504);
+        assert_eq!(up.requests(), n);
+    }
+    let r = get(&edge, CORE, "/api/v1/timelines/home")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "answered at once, not after another timeout"
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(up.requests(), 2, "the hung upstream was not asked again");
 }
