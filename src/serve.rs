@@ -370,11 +370,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let listeners = Listeners::new();
-    if let Some(p) = proxy.clone().filter(|p| !p.health_check_interval.is_zero()) {
-        tasks.push(tokio::spawn(
-            p.clone()
-                .check_health(p.health_check_interval, stop.clone()),
-        ));
+    if let Some(p) = proxy.clone() {
+        // Health checks; at shutdown, the WebSocket tunnels are closed.
+        tasks.push(tokio::spawn(p.background(stop.clone())));
     }
     let media_handler = front_door(&config, edge, edge_root, proxy);
     listeners.serve(media, media_handler.clone());

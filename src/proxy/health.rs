@@ -36,8 +36,19 @@ impl Kind {
 }
 
 impl Proxy {
+    /// The proxy's background work until `stop` (shutdown): health checks every
+    /// `health_check_interval` (unless zero); then the WebSocket tunnels are closed (their
+    /// clients reconnect, to another edge or after the restart).
+    pub async fn background(self: Arc<Self>, stop: CancellationToken) {
+        match self.health_check_interval {
+            d if d.is_zero() => stop.cancelled().await,
+            d => self.clone().check_health(d, stop).await,
+        }
+        self.tunnels.cancel();
+    }
+
     /// Checks every upstream every `interval` until `stop`.
-    pub async fn check_health(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+    async fn check_health(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         loop {
             for kind in [Kind::Web, Kind::Streaming] {
                 for u in &self.pool(kind).upstreams {

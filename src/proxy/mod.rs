@@ -123,6 +123,8 @@ pub struct Proxy {
     trusted: Vec<ipnet::IpNet>,
     /// Time between two health checks of an upstream (zero: none).
     pub health_check_interval: Duration,
+    /// Cancelled at shutdown: every WebSocket tunnel closes.
+    tunnels: tokio_util::sync::CancellationToken,
 }
 
 impl Proxy {
@@ -153,6 +155,7 @@ impl Proxy {
             max_body: config.max_request_body,
             trusted: config.trusted_proxies.clone(),
             health_check_interval: config.health_check_interval,
+            tunnels: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -286,7 +289,7 @@ impl Proxy {
             if let (StatusCode::SWITCHING_PROTOCOLS, Some(client)) = (resp.status(), client_upgrade)
             {
                 let permit = admission.answered(true);
-                return Ok(upgrade::tunnel(client, resp, permit));
+                return Ok(upgrade::tunnel(client, resp, permit, self.tunnels.clone()));
             }
             let permit = admission.answered(!matches!(resp.status().as_u16(), 502..=504));
             let (mut rparts, rbody) = resp.into_parts();

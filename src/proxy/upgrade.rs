@@ -2,7 +2,8 @@
 //! passed on (it is hop-by-hop, so header rewriting removed it), and when the upstream answers
 //! 101 both connections are taken over from hyper and joined byte for byte
 //! (`copy_bidirectional`) until either side closes. The tunnel holds the upstream's connection
-//! permit, so open WebSockets count against `max_connections_per_upstream`.
+//! permit, so open WebSockets count against `max_connections_per_upstream`; it ends at
+//! shutdown.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use crate::listen::Body;
 
@@ -42,6 +44,7 @@ pub fn tunnel(
     client: OnUpgrade,
     mut upstream: Response<Incoming>,
     permit: OwnedSemaphorePermit,
+    stop: CancellationToken,
 ) -> Response<Body> {
     let upstream_io = hyper::upgrade::on(&mut upstream);
     let mut resp = Response::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
@@ -63,8 +66,14 @@ pub fn tunnel(
             }
         };
         let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-            tracing::debug!(error = %e, "proxy: tunnel ended with an error");
+        tokio::select! {
+            ended = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "proxy: tunnel ended with an error");
+                }
+            }
+            // Shutting down: both connections are closed.
+            _ = stop.cancelled() => {}
         }
     });
     resp

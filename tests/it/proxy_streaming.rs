@@ -76,7 +76,17 @@ async fn a_websocket_client_and_server_talk_through_the_streaming_route() {
             format!("echo /api/v1/streaming?stream=public: hello {n}")
         );
     }
-    ws.close(None).await.unwrap();
+    // Shutdown closes the tunnel (the client reconnects elsewhere) and does not wait on it.
+    let stopped = tokio::spawn(edge.running.shutdown());
+    let end = tokio::time::timeout(crate::proxy::WAIT, ws.next()).await;
+    assert!(
+        matches!(end, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))),
+        "the WebSocket was not closed at shutdown: {end:?}"
+    );
+    tokio::time::timeout(crate::proxy::WAIT, stopped)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
