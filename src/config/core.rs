@@ -134,6 +134,16 @@ pub fn validate_media_hosts(hosts: Vec<String>, path: &Path) -> Result<Vec<Strin
         .collect()
 }
 
+/// Checks `[core]`, if present, against the (raw) `media_hosts`.
+pub fn validate_core(
+    core: Option<RawCore>,
+    media_hosts: &[String],
+    path: &Path,
+) -> Result<Option<CoreConfig>, ConfigError> {
+    let media_hosts = validate_media_hosts(media_hosts.to_vec(), path)?;
+    core.map(|c| c.validate(path, &media_hosts)).transpose()
+}
+
 fn check_host(h: &str, key: &str, path: &Path) -> Result<String, ConfigError> {
     let ok = !h.is_empty()
         && h.chars()

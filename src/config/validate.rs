@@ -160,14 +160,7 @@ impl RawConfig {
                 .map(|t| t.validate(path, &[listen, admin_listen]))
                 .transpose()?,
             media_hosts: super::core::validate_media_hosts(self.media_hosts.clone(), path)?,
-            core: (self.core.clone())
-                .map(|c| {
-                    c.validate(
-                        path,
-                        &super::core::validate_media_hosts(self.media_hosts, path)?,
-                    )
-                })
-                .transpose()?,
+            core: super::core::validate_core(self.core, &self.media_hosts, path)?,
         })
     }
 }
