@@ -94,7 +94,7 @@ impl Upstream {
     fn set(&self, mode: Mode) {
         *self.state.mode.lock() = Some(mode);
     }
-    fn accepts(&self) -> usize {
+    pub fn accepts(&self) -> usize {
         self.state.accepts.load(Ordering::SeqCst)
     }
     pub fn requests(&self) -> usize {

@@ -1,5 +1,5 @@
 //! Active health checks (issue 8 §4), the per-upstream series on `/metrics`, and the idle
-//! timeout inside a response body; timeouts opening the breaker.
+//! timeout inside a response body; timeouts opening the breaker; keep-alive to core.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -140,4 +140,24 @@ async fn timeouts_open_the_breaker_too() {
     );
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(up.requests(), 2, "the hung upstream was not asked again");
+}
+
+#[tokio::test]
+async fn connections_to_core_are_kept_alive_and_reused() {
+    let up = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[up.addr], "").await;
+    for _ in 0..10 {
+        let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(up.requests(), 10);
+    // Each connection goes back to the pool when its response has ended; a request may
+    // come a moment before that and open another, but not one per request.
+    assert!(
+        up.accepts() <= 5,
+        "{} connections for 10 requests",
+        up.accepts()
+    );
 }
