@@ -118,7 +118,7 @@ async fn timeouts_open_the_breaker_too() {
     let edge = edge_with_core(
         dir.path(),
         &[up.addr],
-        "first_byte_timeout = \"100ms\"\nbreaker_failures = 2\nbreaker_cooldown = \"1h\"\n",
+        "first_byte_timeout = \"500ms\"\nbreaker_failures = 2\nbreaker_cooldown = \"1h\"\n",
     )
     .await;
     for n in 1..=2 {
@@ -127,7 +127,7 @@ async fn timeouts_open_the_breaker_too() {
             .await
             .unwrap();
         assert_eq!(r.status(), 504);
-        assert_eq!(up.requests(), n);
+        crate::common::eventually(WAIT, "the request reached core", || up.requests() == n).await;
     }
     let r = get(&edge, CORE, "/api/v1/timelines/home")
         .send()
