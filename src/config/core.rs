@@ -185,12 +185,8 @@ impl RawCore {
         let addrs = |key: &str, list: &[String]| {
             list.iter()
                 .map(|s| {
-                    s.parse::<SocketAddr>().map_err(|_| {
-                        invalid(
-                            key,
-                            format!("{s:?} is not an address like \"10.0.0.2:3000\""),
-                        )
-                    })
+                    super::validate::parse_addr_like(s, "10.0.0.2:3000")
+                        .map_err(|m| invalid(key, m))
                 })
                 .collect::<Result<Vec<_>, _>>()
         };

@@ -76,8 +76,7 @@ impl RawTls {
             message,
         };
         let parse = |key: &str, s: &str| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| invalid(key, format!("{s:?} is not an address like \"0.0.0.0:443\"")))
+            super::validate::parse_addr_like(s, "0.0.0.0:443").map_err(|m| invalid(key, m))
         };
         let listen = parse("listen", &self.listen)?;
         let redirect_listen = match &self.redirect_listen {

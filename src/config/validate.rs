@@ -165,9 +165,14 @@ impl RawConfig {
     }
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+/// Parses a socket address; the message shows `example` as the expected shape.
+pub(super) fn parse_addr_like(s: &str, example: &str) -> Result<SocketAddr, String> {
     s.parse()
-        .map_err(|_| format!("{s:?} is not an address like \"127.0.0.1:8080\""))
+        .map_err(|_| format!("{s:?} is not an address like \"{example}\""))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_addr_like(s, "127.0.0.1:8080")
 }
 
 impl RawStore {

@@ -5,7 +5,7 @@
 //! `scripts/install-garage.sh`, which the test command runs). A missing binary fails the test:
 //! an S3 test that silently skips would count as passing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,32 +56,10 @@ impl Garage {
     pub fn start() -> Garage {
         let bin = garage_bin();
         let dir = tempfile::tempdir().unwrap();
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-        let config = dir.path().join("garage.toml");
-        let secret: String = (0..32)
-            .map(|i| format!("{:02x}", (i * 37 + rpc as usize) % 256))
-            .collect();
-        std::fs::write(
-            &config,
-            format!(
-                r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{secret}"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3}"
-root_domain = ".s3.garage.localhost"
-[admin]
-api_bind_addr = "127.0.0.1:{admin}"
-"#,
-                d = dir.path().display()
-            ),
-        )
-        .unwrap();
+        let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37) % 256)).collect();
+        let NodeConfig {
+            path: config, s3, ..
+        } = write_node_config(dir.path(), 1, &secret);
         let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
         let child = Command::new(&bin)
             .arg("-c")
@@ -121,44 +99,13 @@ api_bind_addr = "127.0.0.1:{admin}"
         g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
             .unwrap();
         g.cli(&["layout", "apply", "--version", "1"]).unwrap();
-        let out = g.cli(&["key", "create", "fediedge-test"]).unwrap();
-        let field = |name: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_else(|| panic!("no {name} in: {out}"))
-        };
-        g.key_id = field("Key ID:");
-        g.secret = field("Secret key:");
-        g.cli(&["bucket", "create", "media"]).unwrap();
-        g.cli(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            "media",
-            "--key",
-            "fediedge-test",
-        ])
-        .unwrap();
+        (g.key_id, g.secret) = create_key_and_bucket(|args| g.cli(args));
         g
     }
 
     /// Creates another bucket that the test key may read and write; returns its store TOML.
     pub fn add_bucket(&self, name: &str) -> String {
-        self.cli(&["bucket", "create", name]).unwrap();
-        self.cli(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            name,
-            "--key",
-            "fediedge-test",
-        ])
-        .unwrap();
+        create_bucket(|args| self.cli(args), name);
         self.store_toml()
             .replace("bucket = \"media\"", &format!("bucket = \"{name}\""))
     }
@@ -185,6 +132,75 @@ api_bind_addr = "127.0.0.1:{admin}"
             self.endpoint, self.bucket, self.key_id, self.secret
         )
     }
+}
+
+/// A node's config file and the ports it was given.
+pub struct NodeConfig {
+    /// The config file.
+    pub path: PathBuf,
+    /// S3 API port.
+    pub s3: u16,
+    /// Admin API port.
+    pub admin: u16,
+}
+
+/// Writes `dir/garage.toml` for one node on free loopback ports (data and metadata in `dir`).
+pub fn write_node_config(dir: &Path, replication_factor: u8, rpc_secret: &str) -> NodeConfig {
+    let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+    let path = dir.join("garage.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "sqlite"
+replication_factor = {replication_factor}
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{rpc_secret}"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    NodeConfig { path, s3, admin }
+}
+
+/// Creates key `fediedge-test` and bucket `media` it may read and write, through `cli`
+/// (`garage` with a node's config); returns the key id and secret.
+pub fn create_key_and_bucket(cli: impl Fn(&[&str]) -> Result<String, String>) -> (String, String) {
+    let out = cli(&["key", "create", "fediedge-test"]).unwrap();
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in: {out}"))
+    };
+    let key = (field("Key ID:"), field("Secret key:"));
+    create_bucket(cli, "media");
+    key
+}
+
+/// Creates bucket `name` that key `fediedge-test` may read and write.
+pub fn create_bucket(cli: impl Fn(&[&str]) -> Result<String, String>, name: &str) {
+    cli(&["bucket", "create", name]).unwrap();
+    cli(&[
+        "bucket",
+        "allow",
+        "--read",
+        "--write",
+        "--owner",
+        name,
+        "--key",
+        "fediedge-test",
+    ])
+    .unwrap();
 }
 
 impl Drop for Garage {

@@ -17,7 +17,7 @@ use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::garage::{free_port, garage_bin};
+use super::garage::{create_key_and_bucket, garage_bin, write_node_config, NodeConfig};
 
 /// What `/health` on a node's admin port says when every storage node is up.
 const ALL_UP: &str = "Garage is fully operational";
@@ -61,29 +61,11 @@ impl GarageCluster {
         for i in 0..3 {
             let d = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&d).unwrap();
-            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-            let config = d.join("garage.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "sqlite"
-replication_factor = 3
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{secret}"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3}"
-root_domain = ".s3.garage.localhost"
-[admin]
-api_bind_addr = "127.0.0.1:{admin}"
-"#,
-                    d = d.display()
-                ),
-            )
-            .unwrap();
+            let NodeConfig {
+                path: config,
+                s3,
+                admin,
+            } = write_node_config(&d, 3, &secret);
             nodes.push(Node {
                 child: None,
                 config,
@@ -121,30 +103,7 @@ api_bind_addr = "127.0.0.1:{admin}"
         }
         c.cli(0, &["layout", "apply", "--version", "1"]).unwrap();
         c.wait_all_up(0);
-        let out = c.cli(0, &["key", "create", "fediedge-test"]).unwrap();
-        let field = |name: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_else(|| panic!("no {name} in: {out}"))
-        };
-        c.key_id = field("Key ID:");
-        c.secret = field("Secret key:");
-        c.cli(0, &["bucket", "create", "media"]).unwrap();
-        c.cli(
-            0,
-            &[
-                "bucket",
-                "allow",
-                "--read",
-                "--write",
-                "--owner",
-                "media",
-                "--key",
-                "fediedge-test",
-            ],
-        )
-        .unwrap();
+        (c.key_id, c.secret) = create_key_and_bucket(|args| c.cli(0, args));
         c
     }
 

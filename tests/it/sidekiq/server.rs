@@ -19,13 +19,7 @@ pub struct RedisServer {
     pub password: Option<String>,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::common::garage::free_port;
 
 fn redis_bin() -> PathBuf {
     if let Ok(p) = std::env::var("REDIS_SERVER_BIN") {
