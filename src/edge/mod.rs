@@ -60,14 +60,14 @@ impl Edge {
 /// What a 503 asks the client to wait, in seconds.
 const RETRY_AFTER_SECS: u64 = 2;
 
-fn meta_for(key: &Key, m: &ObjectMeta) -> Meta {
+fn meta_for<'a>(key: &Key, m: &'a ObjectMeta) -> Meta<'a> {
     Meta {
         size: m.size,
         content_type: m
             .content_type
-            .clone()
-            .unwrap_or_else(|| key.guess_content_type().to_owned()),
-        etag: m.etag.clone(),
+            .as_deref()
+            .unwrap_or_else(|| key.guess_content_type()),
+        etag: m.etag.as_deref(),
         last_modified: m.last_modified,
     }
 }
