@@ -31,10 +31,13 @@ pub enum CacheStatus {
     Error,
     /// The edge is at its limits (flights, temp-disk bytes): 503 with `Retry-After`.
     Busy,
+    /// A `POST` with `Idempotency-Key` answered with the response core gave to the same
+    /// request (same key, path and credentials) in flight or within the hour before.
+    Replay,
 }
 
 impl CacheStatus {
-    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR` or `BUSY`.
+    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR`, `BUSY` or `REPLAY`.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
@@ -43,6 +46,7 @@ impl CacheStatus {
             CacheStatus::Bypass => "BYPASS",
             CacheStatus::Error => "ERROR",
             CacheStatus::Busy => "BUSY",
+            CacheStatus::Replay => "REPLAY",
         }
     }
 }

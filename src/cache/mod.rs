@@ -408,15 +408,19 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes `key` from the cache.
-    pub fn remove(&self, key: &Key) {
+    /// Removes `key` from the cache; whether it held it (on disk or in memory). While the
+    /// index loads, a body not yet indexed is removed too (a tombstone) but not counted.
+    pub fn remove(&self, key: &Key) -> bool {
+        let mut held = false;
         {
             let mut state = self.state.lock();
             if let Some(e) = state.index.pop(key) {
                 state.bytes -= e.meta.size;
+                held = true;
             }
             if let Some(b) = state.memory.pop(key) {
                 state.memory_bytes -= b.len() as u64;
+                held = true;
             }
             if let Some(t) = state.tombstones.as_mut() {
                 t.insert(key.clone());
@@ -425,6 +429,7 @@ impl Cache {
         }
         self.unlink_all(vec![key.clone()]);
         self.publish();
+        held
     }
 
     fn evict(&self) {
