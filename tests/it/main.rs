@@ -6,6 +6,7 @@ mod common;
 mod destination;
 mod disk;
 mod doctor;
+mod idempotency;
 mod ledger;
 mod listen;
 mod listen_tls;
