@@ -200,7 +200,10 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(
             *count.0.lock(),
-            [("example.social".to_owned(), "/system/a/b.png?x=1".to_owned())]
+            [(
+                "example.social".to_owned(),
+                "/system/a/b.png?x=1".to_owned()
+            )]
         );
     }
 

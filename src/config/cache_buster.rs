@@ -154,7 +154,8 @@ mod tests {
     fn bad_values_are_refused_by_name() {
         let e = load("secret_header = \"X-Purge\"\nsecret = \"abc\"\nsecrets = 1\n").unwrap_err();
         assert!(e.contains("secrets"), "unknown key: {e}");
-        let e = load("http_method = \"GE T\"\nsecret_header = \"X\"\nsecret = \"a\"\n").unwrap_err();
+        let e =
+            load("http_method = \"GE T\"\nsecret_header = \"X\"\nsecret = \"a\"\n").unwrap_err();
         assert!(e.contains("cache_buster.http_method"), "{e}");
         let e = load("secret_header = \"Bad Header\"\nsecret = \"a\"\n").unwrap_err();
         assert!(e.contains("cache_buster.secret_header"), "{e}");

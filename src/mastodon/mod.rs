@@ -257,7 +257,10 @@ fn cache_buster(env: &EnvFile, out: &mut String) {
         .get("CACHE_BUSTER_SECRET")
         .is_some_and(|s| !s.is_empty());
     let _ = writeln!(out);
-    let _ = writeln!(out, "# Mastodon's cache buster (CACHE_BUSTER_ENABLED=true).");
+    let _ = writeln!(
+        out,
+        "# Mastodon's cache buster (CACHE_BUSTER_ENABLED=true)."
+    );
     let comment = match (header, has_secret) {
         (Some(_), true) => "",
         _ => {
@@ -385,6 +388,9 @@ mod tests {
         let t = to_fediedge_toml(&env("CACHE_BUSTER_ENABLED=true\n")).unwrap();
         let c: crate::config::RawConfig = toml::from_str(&t).unwrap();
         assert!(c.cache_buster.is_none(), "{t}");
-        assert!(t.contains("# [cache_buster]") && t.contains("http_method = \"GET\""), "{t}");
+        assert!(
+            t.contains("# [cache_buster]") && t.contains("http_method = \"GET\""),
+            "{t}"
+        );
     }
 }

@@ -65,7 +65,11 @@ pub fn fingerprint<B>(req: &Request<B>) -> Option<Fingerprint> {
     let (kind, cred): (&[u8], _) = match h.get(header::AUTHORIZATION) {
         Some(a) => (b"authorization", a.as_bytes().to_vec()),
         None => {
-            let cookies: Vec<&[u8]> = h.get_all(header::COOKIE).iter().map(|c| c.as_bytes()).collect();
+            let cookies: Vec<&[u8]> = h
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|c| c.as_bytes())
+                .collect();
             if cookies.is_empty() {
                 return None;
             }
@@ -139,8 +143,14 @@ pub enum Outcome {
 }
 
 enum Slot {
-    InFlight { id: u64, rx: watch::Receiver<Outcome> },
-    Kept { resp: Arc<Stored>, at: Instant },
+    InFlight {
+        id: u64,
+        rx: watch::Receiver<Outcome>,
+    },
+    Kept {
+        resp: Arc<Stored>,
+        at: Instant,
+    },
 }
 
 #[derive(Default)]
@@ -382,7 +392,10 @@ mod tests {
         assert_ne!(a, fingerprint(&req("k2", Some("Bearer A"), None)).unwrap());
         assert_ne!(a, fingerprint(&req("k1", Some("Bearer B"), None)).unwrap());
         let c = fingerprint(&req("k1", None, Some("_session_id=s1"))).unwrap();
-        assert_ne!(c, fingerprint(&req("k1", None, Some("_session_id=s2"))).unwrap());
+        assert_ne!(
+            c,
+            fingerprint(&req("k1", None, Some("_session_id=s2"))).unwrap()
+        );
         let mut other_path = req("k1", Some("Bearer A"), None);
         *other_path.uri_mut() = "/api/v1/media".parse().unwrap();
         assert_ne!(a, fingerprint(&other_path).unwrap());
@@ -451,6 +464,9 @@ mod tests {
         assert!(bytes <= MAX_BYTES, "{bytes}");
         assert!(entries < n);
         let first = [0; 32];
-        assert!(matches!(t.claim_at(first, now), Claim::Lead(_)), "oldest dropped");
+        assert!(
+            matches!(t.claim_at(first, now), Claim::Lead(_)),
+            "oldest dropped"
+        );
     }
 }

@@ -102,7 +102,9 @@ async fn serve(
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<http::Response<Body>, std::io::Error> {
     if req.uri().path() == "/health" {
-        return Ok(http::Response::new(Full::new(Bytes::from("OK")).boxed_unsync()));
+        return Ok(http::Response::new(
+            Full::new(Bytes::from("OK")).boxed_unsync(),
+        ));
     }
     let n = s.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let _ = req.into_body().collect().await;
@@ -188,7 +190,11 @@ async fn concurrent_duplicates_wait_for_the_first_post_and_get_its_answer() {
     assert_ne!(first.2, "REPLAY", "the first is core's own answer");
     for d in dups {
         let d = seen(d.await.unwrap().unwrap()).await;
-        assert_eq!((d.0, &d.1, &d.3), (201, &first.1, &first.3), "same status, headers, body");
+        assert_eq!(
+            (d.0, &d.1, &d.3),
+            (201, &first.1, &first.3),
+            "same status, headers, body"
+        );
         assert_eq!(d.2, "REPLAY");
     }
     assert_eq!(up.requests(), 1, "core saw one request");
@@ -199,19 +205,52 @@ async fn a_later_duplicate_is_replayed_and_nothing_is_shared_across_keys_or_cred
     let up = Up::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
     let edge = edge_with_core(dir.path(), &[up.addr], "").await;
-    let a = seen(post(&edge, STATUSES, "k1", Some("Bearer alice")).send().await.unwrap()).await;
+    let a = seen(
+        post(&edge, STATUSES, "k1", Some("Bearer alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((a.0, a.1.as_str()), (201, "1"));
-    let again = seen(post(&edge, STATUSES, "k1", Some("Bearer alice")).send().await.unwrap()).await;
-    assert_eq!((again.0, again.1.as_str(), again.2.as_str()), (201, "1", "REPLAY"));
+    let again = seen(
+        post(&edge, STATUSES, "k1", Some("Bearer alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (again.0, again.1.as_str(), again.2.as_str()),
+        (201, "1", "REPLAY")
+    );
     assert_eq!(again.3, a.3);
     assert_eq!(up.requests(), 1);
 
     // Another key, other credentials, another path, a session cookie instead: each its own.
-    let other_key = seen(post(&edge, STATUSES, "k2", Some("Bearer alice")).send().await.unwrap()).await;
+    let other_key = seen(
+        post(&edge, STATUSES, "k2", Some("Bearer alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(other_key.1, "2");
-    let bob = seen(post(&edge, STATUSES, "k1", Some("Bearer bob")).send().await.unwrap()).await;
+    let bob = seen(
+        post(&edge, STATUSES, "k1", Some("Bearer bob"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((bob.1.as_str(), bob.2.as_str()), ("3", ""));
-    let media = seen(post(&edge, "/api/v1/media", "k1", Some("Bearer alice")).send().await.unwrap()).await;
+    let media = seen(
+        post(&edge, "/api/v1/media", "k1", Some("Bearer alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(media.1, "4");
     let cookie = |c: &str| {
         post(&edge, STATUSES, "k1", None)
@@ -228,7 +267,13 @@ async fn a_later_duplicate_is_replayed_and_nothing_is_shared_across_keys_or_cred
         assert_eq!((r.1.as_str(), r.2.as_str()), (expect, ""));
     }
     for expect in ["9", "10"] {
-        let r = seen(post(&edge, STATUSES, "", Some("Bearer alice")).send().await.unwrap()).await;
+        let r = seen(
+            post(&edge, STATUSES, "", Some("Bearer alice"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(r.1, expect);
     }
     assert_eq!(up.requests(), 10);
@@ -317,7 +362,13 @@ async fn a_client_that_leaves_does_not_leave_its_post_replayed() {
     })
     .await;
     up.release();
-    let r = seen(post(&edge, STATUSES, "k", Some("Bearer alice")).send().await.unwrap()).await;
+    let r = seen(
+        post(&edge, STATUSES, "k", Some("Bearer alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((r.0, r.1.as_str(), r.2.as_str()), (201, "2", ""));
 }
 
@@ -327,7 +378,13 @@ async fn a_big_answer_is_passed_on_whole_but_not_kept() {
     let dir = tempfile::tempdir().unwrap();
     let edge = edge_with_core(dir.path(), &[up.addr], "").await;
     for n in ["1", "2"] {
-        let r = seen(post(&edge, STATUSES, "k", Some("Bearer alice")).send().await.unwrap()).await;
+        let r = seen(
+            post(&edge, STATUSES, "k", Some("Bearer alice"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!((r.0, r.1.as_str(), r.2.as_str()), (200, n, ""));
         assert_eq!(r.3.len(), 300 * 1024);
     }

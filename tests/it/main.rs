@@ -16,6 +16,7 @@ mod proxy;
 mod proxy_health;
 mod proxy_streaming;
 mod proxy_tls;
+mod purge;
 mod serve;
 mod serve_s3;
 mod sidekiq;
