@@ -57,7 +57,7 @@ impl Purge for MediaPurge {
             _ => return 0,
         };
         match Key::from_request_path(path, prefix) {
-            Ok(Some(key)) => usize::from(self.cache.remove(&key)),
+            Ok(Some(key)) => usize::from(self.cache.purge(&key)),
             _ => 0,
         }
     }

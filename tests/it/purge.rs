@@ -232,3 +232,58 @@ async fn a_purge_sent_to_every_edge_evicts_the_object_from_all_of_them() {
         assert_eq!(send(get(e, "files.test", &path(keys[1]))).await.1, "HIT");
     }
 }
+
+/// A purge that arrives while the object is being fetched: the fetch still answers its
+/// client, but what it read is not cached (it may be what the purge was meant to drop).
+#[tokio::test]
+async fn a_purge_during_a_fetch_keeps_that_fetch_out_of_the_cache() {
+    use crate::common::origin::{Behaviour, Origin};
+    let origin = Origin::start().await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let body = crate::common::bytes(200_000, 7);
+    origin.put_with(
+        "a/b.png",
+        body.clone(),
+        Behaviour {
+            pause_after: Some(1000),
+            gate: Some(gate),
+            ..Behaviour::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(
+        dir.path(),
+        &format!(
+            "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[[fallback]]\nname = \"old\"\ntype = \"http\"\nurl = \"{}\"\n[cache]\n{BUSTER}",
+            dir.path().join("primary").display(),
+            origin.url()
+        ),
+    )
+    .await;
+    let url = "/system/a/b.png";
+    let reader = tokio::spawn(get(&edge, "any", url).send());
+    eventually(WAIT, "the fetch under way", || {
+        edge.running.fetches_under_way() == 1
+    })
+    .await;
+    let (status, _, purged) = send(bust(&edge, "any", url, "s3cret")).await;
+    assert_eq!((status, purged.as_str()), (200, "purged 0\n"));
+    open.send_replace(true);
+    let r = reader.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        body,
+        "the reader gets the whole body"
+    );
+    eventually(WAIT, "the fetch ended", || {
+        edge.running.fetches_under_way() == 0
+    })
+    .await;
+    assert_eq!(
+        edge.running.cache.as_ref().unwrap().usage().1,
+        0,
+        "not cached"
+    );
+    assert_ne!(send(get(&edge, "any", url)).await.1, "HIT");
+}
