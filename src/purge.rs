@@ -27,6 +27,7 @@ use crate::cache::Cache;
 use crate::config::CacheBusterConfig;
 use crate::key::Key;
 use crate::listen::Body;
+use crate::metrics::Metrics;
 use crate::router::{Route, Router};
 
 /// A cache that can drop a URL. The media cache implements it ([`MediaPurge`]); the core
@@ -69,16 +70,22 @@ pub struct CacheBuster {
     header: http::HeaderName,
     secret: [u8; 32],
     targets: Vec<Arc<dyn Purge>>,
+    metrics: Metrics,
 }
 
 impl CacheBuster {
     /// From `[cache_buster]`, purging `targets`.
-    pub fn new(config: &CacheBusterConfig, targets: Vec<Arc<dyn Purge>>) -> CacheBuster {
+    pub fn new(
+        config: &CacheBusterConfig,
+        targets: Vec<Arc<dyn Purge>>,
+        metrics: Metrics,
+    ) -> CacheBuster {
         CacheBuster {
             method: config.http_method.clone(),
             header: config.secret_header.clone(),
             secret: Sha256::digest(config.secret.as_bytes()).into(),
             targets,
+            metrics,
         }
     }
 
@@ -111,11 +118,13 @@ impl CacheBuster {
                 return None;
             }
             tracing::warn!(%path, "cache buster: refused, no secret header");
+            self.metrics.cache_buster("refused");
             return Some(answer(StatusCode::FORBIDDEN, "403 Forbidden\n".into()));
         };
         let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
         if !bool::from(given.ct_eq(&self.secret)) {
             tracing::warn!(%path, "cache buster: refused, wrong secret");
+            self.metrics.cache_buster("refused");
             return Some(answer(StatusCode::FORBIDDEN, "403 Forbidden\n".into()));
         }
         let host = req
@@ -133,6 +142,7 @@ impl CacheBuster {
         .await
         .unwrap_or(0);
         tracing::info!(%host, %path, purged, "cache buster: purged");
+        self.metrics.cache_buster("purged");
         Some(answer(StatusCode::OK, format!("purged {purged}\n")))
     }
 }
@@ -172,7 +182,8 @@ mod tests {
             secret: "s3cret".into(),
         };
         let count = Arc::new(Count(Default::default()));
-        (CacheBuster::new(&config, vec![count.clone()]), count)
+        let b = CacheBuster::new(&config, vec![count.clone()], Metrics::new());
+        (b, count)
     }
 
     fn req(method: &str, secret: Option<&str>) -> Request<()> {

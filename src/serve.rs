@@ -383,7 +383,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 cache: c.clone(),
             }));
         }
-        Arc::new(crate::purge::CacheBuster::new(b, targets))
+        Arc::new(crate::purge::CacheBuster::new(b, targets, metrics.clone()))
     });
     let media_handler = front_door(&config, edge, edge_root, proxy, buster);
     listeners.serve(media, media_handler.clone());

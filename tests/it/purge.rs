@@ -95,6 +95,21 @@ async fn the_buster_evicts_a_url_only_with_the_right_secret() {
     // A URL not cached: nothing to purge, still 200.
     let (status, _, body) = send(bust(&edge, "any", "/system/a/none.png", "s3cret")).await;
     assert_eq!((status, body.as_str()), (200, "purged 0\n"));
+    let metrics = client()
+        .get(format!("{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "fediedge_cache_buster_requests_total{outcome=\"refused\"} 4",
+        "fediedge_cache_buster_requests_total{outcome=\"purged\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    assert!(!metrics.contains("s3cret"));
 }
 
 #[tokio::test]
