@@ -218,6 +218,46 @@ mod tests {
         );
     }
 
+    /// Log lines captured in memory.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<parking_lot::Mutex<Vec<u8>>>);
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn neither_the_secret_nor_a_wrong_guess_is_logged() {
+        let logs = Logs::default();
+        let l = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || l.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (b, _) = buster("GET");
+        b.intercept(&req("GET", Some("wrong-guess"))).await.unwrap();
+        b.intercept(&req("GET", Some("s3cret"))).await.unwrap();
+        let (p, _) = buster("PURGE");
+        p.intercept(&req("PURGE", None)).await.unwrap();
+        let text = String::from_utf8(logs.0.lock().clone()).unwrap();
+        assert!(
+            text.contains("cache buster: refused, wrong secret"),
+            "{text}"
+        );
+        assert!(text.contains("cache buster: purged"), "{text}");
+        assert!(text.contains("no secret header"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("wrong-guess"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn a_custom_method_without_the_header_is_refused() {
         let (b, count) = buster("PURGE");
