@@ -20,6 +20,7 @@
 //!   graceful drain on shutdown.
 //! - [`router`]: Host and path → media, streaming or core (or 421).
 //! - [`proxy`]: the guarded reverse proxy to core: pools, breakers, timeouts, headers.
+//! - [`purge`]: Mastodon's cache buster: purge requests, the [`purge::Purge`] targets.
 //! - [`edge`]: the media handler: GET/HEAD, Range, conditional requests, headers.
 //! - [`admin`]: the admin handler: `/metrics`, `/healthz`.
 //! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.
@@ -45,6 +46,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod negative;
 pub mod proxy;
+pub mod purge;
 pub mod router;
 pub mod serve;
 pub mod sidekiq;

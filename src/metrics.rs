@@ -31,10 +31,13 @@ pub enum CacheStatus {
     Error,
     /// The edge is at its limits (flights, temp-disk bytes): 503 with `Retry-After`.
     Busy,
+    /// A `POST` with `Idempotency-Key` answered with the response core gave to the same
+    /// request (same key, path and credentials) in flight or within the hour before.
+    Replay,
 }
 
 impl CacheStatus {
-    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR` or `BUSY`.
+    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR`, `BUSY` or `REPLAY`.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
@@ -43,6 +46,7 @@ impl CacheStatus {
             CacheStatus::Bypass => "BYPASS",
             CacheStatus::Error => "ERROR",
             CacheStatus::Busy => "BUSY",
+            CacheStatus::Replay => "REPLAY",
         }
     }
 }
@@ -118,6 +122,7 @@ struct Inner {
     cache_verifications: Counter,
     cache_index_loading: Gauge,
     overloaded: Counter,
+    purges: Family<OutcomeLabels, Counter>,
 }
 
 /// Handle to every metric of the process.
@@ -252,6 +257,12 @@ impl Metrics {
             "Requests answered 503 because the flight or temp-disk limits stayed full",
             overloaded.clone(),
         );
+        let purges = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "cache_buster_requests",
+            "Mastodon cache-buster requests, by outcome (purged, refused)",
+            purges.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             requests,
@@ -273,6 +284,7 @@ impl Metrics {
             cache_verifications,
             cache_index_loading,
             overloaded,
+            purges,
         }))
     }
 
@@ -372,6 +384,14 @@ impl Metrics {
     /// Counts a request answered 503 because the edge was at its limits.
     pub fn overloaded(&self) {
         self.0.overloaded.inc();
+    }
+
+    /// Counts one cache-buster request: `purged` or `refused`.
+    pub fn cache_buster(&self, outcome: &'static str) {
+        self.0
+            .purges
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Renders every metric in the Prometheus text format.

@@ -374,7 +374,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Health checks; at shutdown, the WebSocket tunnels are closed.
         tasks.push(tokio::spawn(p.background(stop.clone())));
     }
-    let media_handler = front_door(&config, edge, edge_root, proxy);
+    let buster = config.cache_buster.as_ref().map(|b| {
+        let mut targets: Vec<Arc<dyn crate::purge::Purge>> = Vec::new();
+        if let Some(c) = &cache {
+            targets.push(Arc::new(crate::purge::MediaPurge {
+                router: router(&config),
+                prefix: config.url_prefix.clone(),
+                cache: c.clone(),
+            }));
+        }
+        Arc::new(crate::purge::CacheBuster::new(b, targets, metrics.clone()))
+    });
+    let media_handler = front_door(&config, edge, edge_root, proxy, buster);
     listeners.serve(media, media_handler.clone());
     let m = metrics.clone();
     listeners.serve(
@@ -418,30 +429,44 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// The handler of the `listen` and `[tls]` listeners: the [`crate::router`] sends each
-/// request to the media handler or to the [`crate::proxy`] (or answers 421).
-fn front_door(
-    config: &Config,
-    edge: Arc<Edge>,
-    edge_root: Option<Arc<Edge>>,
-    proxy: Option<Arc<crate::proxy::Proxy>>,
-) -> listen::Handler {
-    use crate::router::{Route, Router};
+/// The front door's router for `config`.
+fn router(config: &Config) -> crate::router::Router {
     let core_hosts = config
         .core
         .as_ref()
         .map(|c| c.hosts.clone())
         .unwrap_or_default();
-    let router = Arc::new(Router::new(
+    crate::router::Router::new(
         config.media_hosts.clone(),
         core_hosts,
         config.url_prefix.clone(),
-    ));
+    )
+}
+
+/// The handler of the `listen` and `[tls]` listeners: the [`crate::router`] sends each
+/// request to the media handler or to the [`crate::proxy`] (or answers 421). With
+/// `[cache_buster]`, a purge request to a media or core route is answered first
+/// ([`crate::purge`]): it never reaches the media handler or core.
+fn front_door(
+    config: &Config,
+    edge: Arc<Edge>,
+    edge_root: Option<Arc<Edge>>,
+    proxy: Option<Arc<crate::proxy::Proxy>>,
+    buster: Option<Arc<crate::purge::CacheBuster>>,
+) -> listen::Handler {
+    use crate::router::Route;
+    let router = Arc::new(router(config));
     listen::handler(move |req| {
         let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
+        let buster = buster.clone();
         let route = router.route(&req);
         async move {
             use crate::proxy::Kind;
+            if let (Some(b), Route::Media | Route::MediaRoot | Route::Core) = (&buster, route) {
+                if let Some(resp) = b.intercept(&req).await {
+                    return resp;
+                }
+            }
             match (route, proxy) {
                 (Route::Media, _) => edge.handle(req).await,
                 (Route::MediaRoot, _) => edge_root.as_ref().unwrap_or(&edge).handle(req).await,

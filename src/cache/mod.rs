@@ -91,7 +91,13 @@ struct State {
     unlinking: HashSet<Key>,
     /// While the index loads: keys removed meanwhile, which the loader must not bring back.
     tombstones: Option<HashSet<Key>>,
+    /// When keys were last purged (the cache buster): a fetch that started before must not
+    /// cache what it read. Bounded; the oldest purges are forgotten first.
+    purged: LruCache<Key, Instant>,
 }
+
+/// Purges remembered for fetches under way ([`Cache::purge`]).
+const MAX_PURGES_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(65_536).unwrap();
 
 /// The disk cache.
 pub struct Cache {
@@ -147,6 +153,7 @@ impl Cache {
                 memory_bytes: 0,
                 unlinking: HashSet::new(),
                 tombstones: Some(HashSet::new()),
+                purged: LruCache::new(MAX_PURGES_KEPT),
             }),
             unlinked: Condvar::new(),
             verifying: Mutex::new(HashMap::new()),
@@ -370,15 +377,43 @@ impl Cache {
     /// The files are written outside the index lock: the meta first, then the body's rename,
     /// then the index entry; a failure leaves neither file behind.
     pub fn insert(&self, key: &Key, tmp: tempfile::TempPath, meta: CachedMeta) -> io::Result<()> {
+        self.insert_since(key, tmp, meta, None)
+    }
+
+    /// [`Cache::insert`] of a body whose fetch started at `started`: not kept if the key was
+    /// purged since (the body may be what the purge was meant to drop).
+    pub fn insert_fetched(
+        &self,
+        key: &Key,
+        tmp: tempfile::TempPath,
+        meta: CachedMeta,
+        started: Instant,
+    ) -> io::Result<()> {
+        self.insert_since(key, tmp, meta, Some(started))
+    }
+
+    fn insert_since(
+        &self,
+        key: &Key,
+        tmp: tempfile::TempPath,
+        meta: CachedMeta,
+        started: Option<Instant>,
+    ) -> io::Result<()> {
         if meta.size > self.config.max_size {
             return Ok(()); // Larger than the whole cache: serve it, don't keep it.
         }
+        let purged_since = |state: &mut State| {
+            started.is_some_and(|t| state.purged.peek(key).is_some_and(|p| *p >= t))
+        };
         let (path, meta_path) = self.paths(key);
         let record = serde_json::to_vec(&meta)?;
         {
             // An older entry of the key goes first, and no unlink of its files may still be
             // pending: it would remove the new ones.
             let mut state = self.state.lock();
+            if purged_since(&mut state) {
+                return Ok(());
+            }
             if let Some(old) = state.index.pop(key) {
                 state.bytes -= old.meta.size;
             }
@@ -397,6 +432,13 @@ impl Cache {
         }
         let victims = {
             let mut state = self.state.lock();
+            if purged_since(&mut state) {
+                // Purged while the files were written: they go.
+                drop(state);
+                let _ = std::fs::remove_file(&meta_path);
+                let _ = std::fs::remove_file(&path);
+                return Ok(());
+            }
             state.bytes += meta.size;
             if let Some(old) = state.index.put(key.clone(), Entry::new(meta, true)) {
                 state.bytes -= old.meta.size;
@@ -408,15 +450,26 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes `key` from the cache.
-    pub fn remove(&self, key: &Key) {
+    /// Removes `key` for the cache buster; whether it held it. A fetch of the key under way
+    /// now does not cache its body ([`Cache::insert_fetched`]).
+    pub fn purge(&self, key: &Key) -> bool {
+        self.state.lock().purged.put(key.clone(), Instant::now());
+        self.remove(key)
+    }
+
+    /// Removes `key` from the cache; whether it held it (on disk or in memory). While the
+    /// index loads, a body not yet indexed is removed too (a tombstone) but not counted.
+    pub fn remove(&self, key: &Key) -> bool {
+        let mut held = false;
         {
             let mut state = self.state.lock();
             if let Some(e) = state.index.pop(key) {
                 state.bytes -= e.meta.size;
+                held = true;
             }
             if let Some(b) = state.memory.pop(key) {
                 state.memory_bytes -= b.len() as u64;
+                held = true;
             }
             if let Some(t) = state.tombstones.as_mut() {
                 t.insert(key.clone());
@@ -425,6 +478,7 @@ impl Cache {
         }
         self.unlink_all(vec![key.clone()]);
         self.publish();
+        held
     }
 
     fn evict(&self) {

@@ -12,7 +12,9 @@
 //! - `sidekiq`: `[sidekiq]`, the Sidekiq monitor of `serve`.
 //! - `tls`: `[tls]`, raw and validated.
 //! - `core`: `media_hosts` and `[core]`, the front door's routes and upstreams.
+//! - `cache_buster`: `[cache_buster]`, Mastodon's purge requests.
 
+mod cache_buster;
 mod core;
 mod destination;
 mod raw;
@@ -26,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cache_buster::{CacheBusterConfig, RawCacheBuster};
 pub use core::{normalize_host, CoreConfig, RawCore};
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
 pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
@@ -106,6 +109,8 @@ pub struct Config {
     pub media_hosts: Vec<String>,
     /// The instance behind this edge, if any.
     pub core: Option<CoreConfig>,
+    /// Mastodon's cache buster, if enabled.
+    pub cache_buster: Option<CacheBusterConfig>,
 }
 
 /// Validated `[backfill]`.

@@ -72,6 +72,8 @@ pub struct RawConfig {
     pub media_hosts: Vec<String>,
     /// Optional: the instance behind this edge (reverse proxy to its web and streaming).
     pub core: Option<super::core::RawCore>,
+    /// Optional: Mastodon's cache buster (`CACHE_BUSTER_*`) evicts URLs from this edge.
+    pub cache_buster: Option<super::cache_buster::RawCacheBuster>,
 }
 
 /// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever

@@ -214,6 +214,8 @@ impl Flights {
     }
 
     async fn fetch(&self, key: &Key, tx: &watch::Sender<FlightState>) -> Result<End, StoreError> {
+        // Before the stores are asked: a purge from now on keeps this body out of the cache.
+        let started = std::time::Instant::now();
         let Some(_slot) = self.limits.flight().await else {
             tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
             return Ok(End::Busy);
@@ -344,9 +346,11 @@ impl Flights {
             Some(cache) => {
                 let record = CachedMeta::new(key, &meta, md5, store.name());
                 let (cache, k, body) = (cache.clone(), key.clone(), tmp.into_temp_path());
-                let inserted = tokio::task::spawn_blocking(move || cache.insert(&k, body, record))
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                let inserted = tokio::task::spawn_blocking(move || {
+                    cache.insert_fetched(&k, body, record, started)
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
                 match inserted {
                     Ok(()) => self.dirs.tmp_health.ok(),
                     Err(e) => {

@@ -128,6 +128,7 @@ pub fn to_fediedge_toml(env: &EnvFile) -> Result<String, String> {
     let _ = writeln!(out, "url_prefix = {}", q(&url_prefix));
     let _ = writeln!(out, "data_dir = \"var\"");
     front_door(env, &mut out);
+    cache_buster(env, &mut out);
     let _ = writeln!(out);
     let _ = writeln!(out, "[cache]");
     let _ = writeln!(out, "dir = \"var/cache\"");
@@ -233,6 +234,59 @@ fn front_door(env: &EnvFile, out: &mut String) {
     );
 }
 
+/// `[cache_buster]` from `CACHE_BUSTER_*` when `CACHE_BUSTER_ENABLED=true`. Mastodon sends
+/// the secret header only when both `CACHE_BUSTER_SECRET_HEADER` and a non-empty
+/// `CACHE_BUSTER_SECRET` are set; without them its request cannot be told from a reader's,
+/// so the section is written commented out with the reason. The secret itself is not copied:
+/// fediedge reads `CACHE_BUSTER_SECRET` from its environment (Mastodon's name), or the admin
+/// adds `secret_file`.
+fn cache_buster(env: &EnvFile, out: &mut String) {
+    if !env.is_true("CACHE_BUSTER_ENABLED") {
+        return;
+    }
+    let method = env
+        .get("CACHE_BUSTER_HTTP_METHOD")
+        .map(|m| m.trim().to_ascii_uppercase())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "GET".into());
+    let header = env
+        .get("CACHE_BUSTER_SECRET_HEADER")
+        .map(str::trim)
+        .filter(|h| !h.is_empty());
+    let has_secret = env
+        .get("CACHE_BUSTER_SECRET")
+        .is_some_and(|s| !s.is_empty());
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "# Mastodon's cache buster (CACHE_BUSTER_ENABLED=true)."
+    );
+    let comment = match (header, has_secret) {
+        (Some(_), true) => "",
+        _ => {
+            let _ = writeln!(
+                out,
+                "# Mastodon sends no secret header: CACHE_BUSTER_SECRET_HEADER and a non-empty\n\
+                 # CACHE_BUSTER_SECRET are needed in Mastodon's env, else its purge cannot be told\n\
+                 # from a reader's request. Set both there, then uncomment this section."
+            );
+            "# "
+        }
+    };
+    let _ = writeln!(out, "{comment}[cache_buster]");
+    let _ = writeln!(out, "{comment}http_method = {}", q(&method));
+    let _ = writeln!(
+        out,
+        "{comment}secret_header = {}",
+        q(header.unwrap_or("X-Cache-Buster-Secret"))
+    );
+    let _ = writeln!(
+        out,
+        "# The secret is not copied: fediedge reads CACHE_BUSTER_SECRET from its environment\n\
+         # (the name Mastodon uses), or add secret_file = \"/etc/fediedge/cache-buster-secret\" (mode 0600)."
+    );
+}
+
 /// The path part of a URL, or the value itself if it is a path.
 fn url_path(v: &str) -> &str {
     match v.split_once("://") {
@@ -310,5 +364,33 @@ mod tests {
         let c = crate::config::from_str(&t, Path::new("generated.toml")).unwrap();
         assert!(c.media_hosts.is_empty());
         assert_eq!(c.core.unwrap().hosts, ["example.social"]);
+    }
+
+    #[test]
+    fn cache_buster_comes_from_the_cache_buster_keys_without_the_secret() {
+        let t = to_fediedge_toml(&env(
+            "LOCAL_DOMAIN=example.social\nCACHE_BUSTER_ENABLED=true\nCACHE_BUSTER_HTTP_METHOD=purge\nCACHE_BUSTER_SECRET_HEADER=X-Purge-Token\nCACHE_BUSTER_SECRET=hunter2hunter2\n",
+        ))
+        .unwrap();
+        assert!(!t.contains("hunter2"), "the secret is never copied: {t}");
+        let c: crate::config::RawConfig = toml::from_str(&t).unwrap();
+        let b = c.cache_buster.expect("a [cache_buster] section");
+        assert_eq!(b.http_method, "PURGE");
+        assert_eq!(b.secret_header, "X-Purge-Token");
+        assert!(b.secret.is_none() && b.secret_file.is_none());
+        // Not enabled (Mastodon wants exactly "true"): no section.
+        let t = to_fediedge_toml(&env(
+            "CACHE_BUSTER_ENABLED=TRUE\nCACHE_BUSTER_SECRET_HEADER=X\nCACHE_BUSTER_SECRET=y\n",
+        ))
+        .unwrap();
+        assert!(!t.contains("cache_buster"), "{t}");
+        // Enabled without a secret header: Mastodon sends a bare GET; commented out.
+        let t = to_fediedge_toml(&env("CACHE_BUSTER_ENABLED=true\n")).unwrap();
+        let c: crate::config::RawConfig = toml::from_str(&t).unwrap();
+        assert!(c.cache_buster.is_none(), "{t}");
+        assert!(
+            t.contains("# [cache_buster]") && t.contains("http_method = \"GET\""),
+            "{t}"
+        );
     }
 }

@@ -15,11 +15,14 @@
 //! - `upgrade`: WebSocket handshakes and the tunnels after them.
 //! - `health`: active health checks and the per-upstream series on `/metrics`.
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
+//! - `idempotency`: `POST`s with `Idempotency-Key`: one request to core, the others wait for
+//!   it or get its response replayed.
 
 mod body;
 pub mod breaker;
 mod headers;
 mod health;
+pub mod idempotency;
 mod upgrade;
 pub mod upstream;
 
@@ -125,6 +128,8 @@ pub struct Proxy {
     pub health_check_interval: Duration,
     /// Cancelled at shutdown: every WebSocket tunnel closes.
     tunnels: tokio_util::sync::CancellationToken,
+    /// `POST`s with `Idempotency-Key`, in flight and answered.
+    pub idempotency: idempotency::Idempotency,
 }
 
 impl Proxy {
@@ -156,6 +161,7 @@ impl Proxy {
             trusted: config.trusted_proxies.clone(),
             health_check_interval: config.health_check_interval,
             tunnels: tokio_util::sync::CancellationToken::new(),
+            idempotency: idempotency::Idempotency::default(),
         }
     }
 
@@ -169,6 +175,42 @@ impl Proxy {
 
     /// Answers one request from the upstreams of `kind`.
     pub async fn handle(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
+        if kind == Kind::Web {
+            if let Some(fp) = idempotency::fingerprint(&req) {
+                return self.handle_idempotent(fp, req).await;
+            }
+        }
+        self.answer(kind, req).await
+    }
+
+    /// A `POST` with `Idempotency-Key` and credentials: one at a time to core, the answer
+    /// replayed to the others (see [`idempotency`]).
+    async fn handle_idempotent(
+        &self,
+        fp: idempotency::Fingerprint,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        use crate::metrics::CacheStatus;
+        use idempotency::Claim;
+        loop {
+            match self.idempotency.claim(fp) {
+                Claim::Replay(stored) => return stored.response(Some(CacheStatus::Replay)),
+                Claim::Wait(rx) => {
+                    if let Some(stored) = idempotency::wait(rx).await {
+                        return stored.response(Some(CacheStatus::Replay));
+                    }
+                    // The leader failed: claim again (one of the waiters leads next).
+                }
+                Claim::Lead(lead) => {
+                    let resp = self.answer(Kind::Web, req).await;
+                    return lead.finish(resp).await;
+                }
+                Claim::Bypass => return self.answer(Kind::Web, req).await,
+            }
+        }
+    }
+
+    async fn answer(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
         match self.forward(kind, req).await {
             Ok(resp) => resp,
             Err(e) => {
