@@ -2,7 +2,9 @@
 # Installs the Debian packages the integration tests run against, when they are missing:
 # redis-server (the Sidekiq monitor's tests start their own, on a free port, also with TLS and
 # as a sentinel), ruby-sidekiq (a real Sidekiq 6 that writes its own data into that Redis) and
-# openssl (test certificates for rediss://).
+# openssl (test certificates for rediss://), chromium + chromium-driver (the status page is
+# tested in a real headless browser over WebDriver) and prometheus (promtool checks the alert
+# rules shipped in dist/).
 set -euo pipefail
 
 missing=()
@@ -10,11 +12,14 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v sidekiq >/dev/null 2>&1 || missing+=(ruby-sidekiq)
 command -v ruby >/dev/null 2>&1 || missing+=(ruby)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # Mastodon ≤ 4.3 ran Sidekiq under redis-namespace; the real-Sidekiq test does too.
 ruby -e 'require "redis/namespace"' >/dev/null 2>&1 || missing+=(ruby-redis-namespace)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "test packages already installed (redis-server, ruby-sidekiq, ruby-redis-namespace, openssl)"
+  echo "test packages already installed (redis-server, ruby-sidekiq, ruby-redis-namespace, openssl, chromium, chromium-driver, prometheus)"
   exit 0
 fi
 

@@ -22,12 +22,13 @@
 //! - [`proxy`]: the guarded reverse proxy to core: pools, breakers, timeouts, headers.
 //! - [`purge`]: Mastodon's cache buster: purge requests, the [`purge::Purge`] targets.
 //! - [`edge`]: the media handler: GET/HEAD, Range, conditional requests, headers.
-//! - [`admin`]: the admin handler: `/metrics`, `/healthz`.
+//! - [`admin`]: the admin handler: `/metrics`, `/healthz`, the status page at `/`.
 //! - [`ledger`]: the SQLite file holding the durable write-back queue and the record of copies.
 //! - [`writeback`]: workers that copy fetched objects into the primary.
 //! - [`migrate`]: the bulk backfill (`fediedge migrate`).
 //! - [`doctor`] and [`mastodon`]: configuration lints and live probes (`fediedge doctor`).
 //! - [`sidekiq`]: a read-only monitor of Mastodon's Sidekiq in Redis (`fediedge queues`).
+//! - [`status`]: alerts, the media canary and the status page.
 //! - [`metrics`]: counters and histograms, rendered at `/metrics`.
 #![warn(missing_docs)]
 
@@ -50,5 +51,6 @@ pub mod purge;
 pub mod router;
 pub mod serve;
 pub mod sidekiq;
+pub mod status;
 pub mod store;
 pub mod writeback;

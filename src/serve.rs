@@ -201,7 +201,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .core
         .as_ref()
         .map(|c| Arc::new(crate::proxy::Proxy::new(c)));
-    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = Vec::new();
+    // Alerts, the canary and the status page (`/healthz`, `/` on admin_listen).
+    let status = crate::status::Status::new(&config.alerts, config.canary.as_ref());
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
+        vec![Box::new(status.collector())];
     if sidekiq.is_some() {
         collectors.push(Box::new(sidekiq_collector.clone()));
     }
@@ -387,11 +390,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let media_handler = front_door(&config, edge, edge_root, proxy, buster);
     listeners.serve(media, media_handler.clone());
-    let m = metrics.clone();
+    let (m, st) = (metrics.clone(), status.clone());
     listeners.serve(
         admin,
-        listen::handler(move |req| std::future::ready(crate::admin::handle(&m, req))),
+        listen::handler(move |req| std::future::ready(crate::admin::handle(&m, &st, req))),
     );
+    tasks.push(tokio::spawn(status.clone().run(
+        metrics.clone(),
+        ledger.clone(),
+        stop.clone(),
+    )));
+    if let Some(c) = config.canary.clone() {
+        let target = crate::status::canary::Target::new(addr, &config);
+        tasks.push(tokio::spawn(crate::status::canary::run(
+            c,
+            target,
+            primary.clone(),
+            status.clone(),
+            stop.clone(),
+        )));
+    }
     if let Some((listener, server_config)) = https {
         listeners.serve_tls(listener, server_config, media_handler);
     }

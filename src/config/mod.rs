@@ -10,6 +10,7 @@
 //! - `validate`: raw → [`Config`], every key checked and named in errors.
 //! - `secrets`: secrets from the file, a `_file`, or the environment.
 //! - `sidekiq`: `[sidekiq]`, the Sidekiq monitor of `serve`.
+//! - `status`: `[alerts]` thresholds and the `[canary]`.
 //! - `tls`: `[tls]`, raw and validated.
 //! - `core`: `media_hosts` and `[core]`, the front door's routes and upstreams.
 //! - `cache_buster`: `[cache_buster]`, Mastodon's purge requests.
@@ -20,6 +21,7 @@ mod destination;
 mod raw;
 mod secrets;
 mod sidekiq;
+mod status;
 mod tls;
 mod validate;
 
@@ -32,6 +34,7 @@ pub use cache_buster::{CacheBusterConfig, RawCacheBuster};
 pub use core::{normalize_host, CoreConfig, RawCore};
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
 pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
+pub use status::{AlertsConfig, CanaryConfig, CanaryKeys, RawAlerts, RawCanary};
 pub use tls::{CertificateFiles, RawCertificate, RawTls, TlsConfig};
 
 /// Why a config could not be loaded. The message always names the file and, where it can, the
@@ -111,6 +114,10 @@ pub struct Config {
     pub core: Option<CoreConfig>,
     /// Mastodon's cache buster, if enabled.
     pub cache_buster: Option<CacheBusterConfig>,
+    /// Alert thresholds.
+    pub alerts: AlertsConfig,
+    /// The media canary, if any.
+    pub canary: Option<CanaryConfig>,
 }
 
 /// Validated `[backfill]`.

@@ -74,6 +74,11 @@ pub struct RawConfig {
     pub core: Option<super::core::RawCore>,
     /// Optional: Mastodon's cache buster (`CACHE_BUSTER_*`) evicts URLs from this edge.
     pub cache_buster: Option<super::cache_buster::RawCacheBuster>,
+    /// Alert thresholds (`/healthz`, the status page). Default: every threshold's default.
+    #[serde(default)]
+    pub alerts: super::status::RawAlerts,
+    /// Optional: media fetched through the edge itself every `interval`.
+    pub canary: Option<super::status::RawCanary>,
 }
 
 /// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever

@@ -162,6 +162,8 @@ impl RawConfig {
             media_hosts: super::core::validate_media_hosts(self.media_hosts.clone(), path)?,
             core: super::core::validate_core(self.core, &self.media_hosts, path)?,
             cache_buster: self.cache_buster.map(|b| b.validate(path)).transpose()?,
+            alerts: self.alerts.validate(path)?,
+            canary: self.canary.map(|c| c.validate(path)).transpose()?,
         })
     }
 }

@@ -134,6 +134,15 @@ pub fn pending(conn: &Connection) -> Result<u64> {
     Ok(n as u64)
 }
 
+/// When the oldest queued copy was queued (Unix seconds; None: queue empty).
+pub fn oldest_queued_at(conn: &Connection) -> Result<Option<i64>> {
+    Ok(
+        conn.query_row("SELECT MIN(queued_at) FROM writeback_queue", [], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
 /// Records a copy (replacing an older record of the same key and destination).
 pub fn record(conn: &Connection, c: &Copy) -> Result<()> {
     conn.execute(
