@@ -51,7 +51,7 @@ pub fn evaluate(i: &Inputs) -> Active {
             out.insert(
                 format!("canary:{}", k.name),
                 format!(
-                    "media canary {} failed {} times in a row: {}",
+                    "media canary {} failed {} round(s) in a row: {}",
                     k.name,
                     k.failures_in_a_row,
                     k.last_error.as_deref().unwrap_or("?")
@@ -135,10 +135,13 @@ fn sidekiq(i: &Inputs, out: &mut Active, window: &str) {
         return;
     }
     if now.value("fediedge_sidekiq_up") < 1.0 {
-        out.insert(
-            "sidekiq_unreachable".into(),
-            "Sidekiq's Redis cannot be read".into(),
-        );
+        // Down at both ends of the window: not merely not read yet after a start.
+        if i.then.has("fediedge_sidekiq_up") && i.then.value("fediedge_sidekiq_up") < 1.0 {
+            out.insert(
+                "sidekiq_unreachable".into(),
+                format!("Sidekiq's Redis could not be read for the last {window}"),
+            );
+        }
         return;
     }
     for (labels, v) in now.series("fediedge_sidekiq_queue_latency_seconds") {
@@ -174,8 +177,9 @@ fn sidekiq(i: &Inputs, out: &mut Active, window: &str) {
             ),
         );
     }
+    // A gauge: growth counts only from a reading that had it (not from the start's zero).
     let dead = delta(now, i.then, "fediedge_sidekiq_set_size", is("set", "dead"));
-    if dead > c.sidekiq_dead_growth as f64 {
+    if i.then.has("fediedge_sidekiq_set_size") && dead > c.sidekiq_dead_growth as f64 {
         out.insert(
             "sidekiq_dead_growth".into(),
             format!(

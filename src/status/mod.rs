@@ -81,10 +81,13 @@ impl Status {
     pub fn new(config: &AlertsConfig, canary: Option<&CanaryConfig>) -> Status {
         let state = State::default();
         *state.canary_failures.write() = canary.map(|c| c.failures);
+        // The first reading is the process's start: every counter at zero, so what is
+        // counted before the first tick still counts in the first window.
+        let start = VecDeque::from([(Instant::now(), Sample::default())]);
         Status {
             state: Arc::new(state),
             config: Arc::new(config.clone()),
-            samples: Arc::default(),
+            samples: Arc::new(Mutex::new(start)),
         }
     }
 
@@ -281,6 +284,18 @@ impl Collector for StatusCollector {
                 canary: c.name.clone(),
             })?
             .encode_gauge(&(c.failures_in_a_row as i64))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "canary_rounds",
+            "Canary rounds run (fetches of the key through the edge)",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in &canaries {
+            m.encode_family(&CanaryLabel {
+                canary: c.name.clone(),
+            })?
+            .encode_counter::<prometheus_client::encoding::NoLabelSet, u64, u64>(&c.rounds, None)?;
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ h1{font-size:1.3rem;margin:.3rem 0}h2{font-size:1.05rem;margin:1rem 0 .3rem}
 section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.3rem .8rem;margin:.5rem 0;overflow-x:auto}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.15rem .5rem .15rem 0;border-bottom:1px solid #eee;white-space:nowrap}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.1rem 1rem;margin:.3rem 0}dd{margin:0;font-variant-numeric:tabular-nums}
+li{overflow-wrap:anywhere}
 .bad{color:#b00020;font-weight:bold}.ok{color:#1b5e20;font-weight:bold}.muted{color:#777}
 ";
 

@@ -20,3 +20,4 @@ mod purge;
 mod serve;
 mod serve_s3;
 mod sidekiq;
+mod status;

@@ -2,10 +2,10 @@
 //! 8.1 write it (`fill.rs`), and by the real Sidekiq 6.4 of Debian (`real.rs`).
 
 mod cli;
-mod fill;
+pub mod fill;
 mod real;
 mod serve;
-mod server;
+pub mod server;
 mod transport;
 
 use std::path::Path;
