@@ -292,3 +292,53 @@ impl RawCanary {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn load(extra: &str) -> Result<crate::config::Config, String> {
+        crate::config::from_str(extra, Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_apply_without_the_sections() {
+        let c = load("").unwrap();
+        assert_eq!(c.alerts, super::AlertsConfig::default());
+        assert_eq!(c.alerts.latency_of("push").as_secs(), 60);
+        assert_eq!(c.alerts.latency_of("default").as_secs(), 300);
+        assert!(c.canary.is_none());
+    }
+
+    #[test]
+    fn canary_without_keys_probes() {
+        let c = load("[canary]\n").unwrap().canary.unwrap();
+        assert_eq!(c.keys, super::CanaryKeys::Probe("fediedge-canary/".into()));
+        assert_eq!((c.interval.as_secs(), c.failures), (60, 2));
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_refused_by_name() {
+        for (text, key) in [
+            (
+                "[alerts]\nmedia_404_share = 1.5\n",
+                "alerts.media_404_share",
+            ),
+            (
+                "[alerts]\ninterval = \"10s\"\nwindow = \"5s\"\n",
+                "alerts.window",
+            ),
+            (
+                "[alerts]\nsidekiq_queue_latency = { push = \"soon\" }\n",
+                "alerts.sidekiq_queue_latency.push",
+            ),
+            ("[alerts]\nlatency = \"1m\"\n", "latency"),
+            ("[canary]\nkeys = [\"../etc/passwd\"]\n", "canary.keys"),
+            ("[canary]\nfailures = 0\n", "canary.failures"),
+            ("[canary]\nurl = \"http://x\"\n", "url"),
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+}

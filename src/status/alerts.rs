@@ -279,6 +279,60 @@ mod tests {
         assert!(a.contains_key("writeback_oldest_age"));
     }
 
+    fn eval_text(now: &str, then: &str) -> Active {
+        let config = AlertsConfig::default();
+        evaluate(&Inputs {
+            config: &config,
+            now: &Sample::parse(now),
+            then: &Sample::parse(then),
+            span: Duration::from_secs(300),
+            writeback_oldest: None,
+            canary: None,
+        })
+    }
+
+    #[test]
+    fn disks_core_and_sidekiq_conditions() {
+        let now = "fediedge_disk_state{dir=\"cache\"} 1\nfediedge_disk_state{dir=\"data_dir\"} 0\n\
+            fediedge_upstream_up{pool=\"web\",upstream=\"10.0.0.2:3000\"} 0\n\
+            fediedge_upstream_up{pool=\"web\",upstream=\"10.0.0.3:3000\"} 0\n\
+            fediedge_upstream_up{pool=\"streaming\",upstream=\"10.0.0.2:4000\"} 1\n\
+            fediedge_upstream_breaker_state{pool=\"web\",upstream=\"10.0.0.3:3000\"} 1\n\
+            fediedge_sidekiq_up 1\nfediedge_sidekiq_set_size{set=\"dead\"} 500\n";
+        let a = eval_text(now, "");
+        let names: Vec<_> = a.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "core_breaker:web:10.0.0.3:3000",
+                "core_down:web",
+                "disk:cache"
+            ],
+            "{a:?}"
+        );
+        assert_eq!(a["disk:cache"], "the cache directory is full");
+        // The dead set grew by 451 since a reading that had it.
+        let a = eval_text(
+            now,
+            "fediedge_sidekiq_up 1\nfediedge_sidekiq_set_size{set=\"dead\"} 49\n",
+        );
+        assert!(
+            a["sidekiq_dead_growth"].starts_with("451 jobs died"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn sidekiq_unreachable_only_when_down_across_the_window() {
+        assert!(eval_text("fediedge_sidekiq_up 0\n", "").is_empty());
+        assert!(eval_text("fediedge_sidekiq_up 0\n", "fediedge_sidekiq_up 1\n").is_empty());
+        let a = eval_text("fediedge_sidekiq_up 0\n", "fediedge_sidekiq_up 0\n");
+        assert_eq!(
+            a["sidekiq_unreachable"],
+            "Sidekiq's Redis could not be read for the last 5m"
+        );
+    }
+
     #[test]
     fn tracker_keeps_what_is_active() {
         let mut t = Tracker::default();

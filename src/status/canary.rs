@@ -181,3 +181,30 @@ async fn probe(
     }
     fetch(client, target, &key, Some(&body)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(extra: &str) -> (Target, String) {
+        let c = crate::config::from_str(extra, std::path::Path::new("t.toml")).unwrap();
+        let t = Target::new("0.0.0.0:8080".parse().unwrap(), &c);
+        let url = t.url(&Key::parse("a/b c.png").unwrap());
+        (t, url)
+    }
+
+    #[test]
+    fn the_canary_asks_as_a_browser_would() {
+        let (t, url) = target("");
+        assert_eq!(url, "http://127.0.0.1:8080/system/a/b%20c.png");
+        assert_eq!(t.host, None);
+        let (t, url) = target(
+            "media_hosts = [\"files.example.social\"]\n[core]\nhosts = [\"example.social\"]\nweb = [\"127.0.0.1:3000\"]\n",
+        );
+        assert_eq!(url, "http://127.0.0.1:8080/a/b%20c.png");
+        assert_eq!(t.host.as_deref(), Some("files.example.social"));
+        let (t, url) = target("[core]\nhosts = [\"example.social\"]\nweb = [\"127.0.0.1:3000\"]\n");
+        assert_eq!(url, "http://127.0.0.1:8080/system/a/b%20c.png");
+        assert_eq!(t.host.as_deref(), Some("example.social"));
+    }
+}

@@ -160,7 +160,7 @@ impl Status {
 
     async fn tick(&self, metrics: &Metrics, ledger: &Ledger) {
         let oldest = ledger
-            .run(|c| crate::ledger::ops::oldest_queued_at(c))
+            .run(crate::ledger::ops::oldest_queued_at)
             .await
             .map_err(|e| tracing::debug!(error = %e, "cannot read the write-back queue"))
             .ok()

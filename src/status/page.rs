@@ -422,11 +422,10 @@ impl View<'_> {
             };
             let _ = write!(
                 out,
-                "<tr data-queue=\"{}\"><td>{}</td><td class=\"size\">{}</td><td class=\"latency\">{}</td>{served}</tr>",
+                "<tr data-queue=\"{}\"><td>{}</td><td class=\"size\">{}</td><td class=\"latency\">{latency:.1} s</td>{served}</tr>",
                 esc(q),
                 esc(q),
                 num(*size),
-                format!("{latency:.1} s")
             );
         }
         out.push_str("</table><dl>");
