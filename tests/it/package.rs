@@ -69,6 +69,8 @@ fn the_debian_package_holds_the_binary_a_hardened_unit_a_config_and_a_user() {
         "./usr/lib/systemd/system/fediedge.service",
         "./etc/fediedge/fediedge.toml",
         "./usr/share/doc/fediedge/examples/fediedge.toml",
+        "./usr/share/doc/fediedge/examples/fediedge-alerts.yml",
+        "./usr/share/doc/fediedge/examples/fediedge-dashboard.json",
         "./usr/share/doc/fediedge/deploy.md",
         "./usr/share/doc/fediedge/config.md",
     ] {
