@@ -65,7 +65,10 @@ pub fn live(status: &Status, metrics: &Metrics) -> String {
         then: &then,
         secs: span.as_secs_f64(),
     };
-    let mut out = String::new();
+    let mut out = format!(
+        "<p class=\"muted\" id=\"updated\">as of {}</p>",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
     alerts(&mut out, status);
     v.media(&mut out);
     v.stores(&mut out);

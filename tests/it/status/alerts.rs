@@ -102,6 +102,55 @@ async fn probe_canary_round_trips_through_the_primary() {
     assert!(probes <= 2, "{probes} probes left in the primary");
 }
 
+/// The probe on a real S3 primary (Garage): written, read back through the edge, and the
+/// previous probe deleted each round.
+#[tokio::test]
+async fn probe_canary_on_a_garage_primary() {
+    use futures_util::StreamExt;
+    let garage = crate::common::garage::Garage::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[primary]\n{}[cache]\ndir = \"{}\"\nmax_size = \"8MiB\"\n[canary]\ninterval = \"1s\"\nfailures = 1\n{}",
+        garage.store_toml(),
+        dir.path().join("cache").display(),
+        fast_alerts("30s", "")
+    );
+    let edge = start_edge(dir.path(), &extra).await;
+    let start = std::time::Instant::now();
+    loop {
+        let m = metrics(&edge.admin).await;
+        if value(&m, "fediedge_canary_rounds_total{canary=\"probe\"}").unwrap_or(0.0) >= 3.0 {
+            assert_eq!(
+                value(&m, "fediedge_canary_ok{canary=\"probe\"}"),
+                Some(1.0),
+                "{m}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(healthz(&edge.admin).await, (200, "ok\n".to_owned()));
+    let config = fediedge::config::from_str(
+        &format!("[primary]\n{}", garage.store_toml()),
+        std::path::Path::new("t.toml"),
+    )
+    .unwrap();
+    let store = fediedge::store::open(&config.primary, fediedge::metrics::Metrics::new()).unwrap();
+    let mut listed = store.list(None).unwrap();
+    let mut probes = Vec::new();
+    while let Some(item) = listed.next().await {
+        probes.push(item.unwrap().key.as_str().to_owned());
+    }
+    assert!(!probes.is_empty() && probes.len() <= 2, "{probes:?}");
+    assert!(
+        probes
+            .iter()
+            .all(|k| k.starts_with("fediedge-canary/probe-")),
+        "{probes:?}"
+    );
+}
+
 /// A 404 storm trips the share alert; once the window has passed without one, it clears.
 #[tokio::test]
 async fn a_404_storm_alerts_on_its_share_and_clears_after_the_window() {
