@@ -3,8 +3,9 @@
 //! refreshes itself every 10 s); with JavaScript, a few lines fetch `/status/live` (the same
 //! fragment) every 2 s and swap it in. Readable on a phone (one column, no fixed widths).
 //!
-//! Shows only what `/metrics` shows (store names from the config, queue names), never a URL,
-//! a host or a secret. Rates are over the last ~30 s of readings.
+//! Shows only what `/metrics` shows (store names from the config, queue names, canary keys,
+//! core upstream addresses): never a store's URL, a Redis URL or a secret. Rates are over the
+//! last ~30 s of readings.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -81,7 +82,8 @@ pub fn live(status: &Status, metrics: &Metrics) -> String {
     out
 }
 
-/// Escapes text for HTML (element content and quoted attributes).
+/// Escapes text for HTML (element content and quoted attributes). Five characters: not worth
+/// a templating crate.
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
