@@ -28,16 +28,20 @@ li{overflow-wrap:anywhere}
 .bad{color:#b00020;font-weight:bold}.ok{color:#1b5e20;font-weight:bold}.muted{color:#777}
 ";
 
-/// Refreshes the live part without reloading; errors leave the last view up.
+/// Refreshes the live part without reloading (a relative URL: the page may sit behind a
+/// proxy under a path); a failed refresh leaves the last view up, marked stale.
 const SCRIPT: &str = "
 (function(){
   var live=document.getElementById('live');
   function tick(){
-    fetch('/status/live',{cache:'no-store'}).then(function(r){
-      if(!r.ok){throw new Error('status '+r.status)}
+    fetch('status/live',{cache:'no-store'}).then(function(r){
+      if(!r.ok){throw new Error('answered '+r.status)}
       return r.text();
-    }).then(function(t){live.innerHTML=t;live.dataset.updated=String(Date.now())})
-      .catch(function(){live.dataset.stale='1'});
+    }).then(function(t){live.innerHTML=t})
+      .catch(function(e){
+        var u=document.getElementById('updated');
+        if(u){u.className='bad';u.textContent='stale: the edge does not answer ('+e.message+'); '+u.textContent.replace(/^stale:.*?; /,'')}
+      });
   }
   setInterval(tick,2000);
 })();

@@ -333,5 +333,23 @@ async fn status_page_in_chromium_shows_the_edges_numbers_live() {
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     std::fs::write(&shot, png).unwrap();
     println!("screenshot: {}", shot.display());
+
+    // The edge goes away: the page keeps its last view and says it is stale.
+    let stopped = edge.running.shutdown().await;
+    assert!(stopped.clean(), "{stopped:?}");
+    let start = Instant::now();
+    loop {
+        let updated = text(&browser, "#updated").await;
+        if updated.starts_with("stale: the edge does not answer") {
+            assert!(updated.contains("as of "), "{updated}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{updated}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        text(&browser, "tr[data-queue=\"default\"] td.size").await,
+        "3"
+    );
     browser.close().await.unwrap();
 }
