@@ -146,7 +146,8 @@ async fn wait_text(browser: &Client, css: &str, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_in_chromium_shows_the_edges_numbers_live() {
-    let redis = RedisServer::start();
+    let pw = "page-pw-Qz8";
+    let redis = RedisServer::start_with(Some(pw), &[]);
     let mut f = Filler::new(redis.connection().await, None);
     f.push(Sidekiq::V8_1, "default", 30.0).await;
     f.heartbeat(
@@ -210,6 +211,7 @@ async fn status_page_in_chromium_shows_the_edges_numbers_live() {
     assert!(csp.starts_with("default-src 'none'"), "{csp}");
     let html = html.text().await.unwrap();
     assert!(html.contains("<dd id=\"requests-total\">3</dd>"), "{html}");
+    assert!(!html.contains(pw), "the Redis password on the page");
     assert!(
         html.contains(&format!("data-alert=\"canary:{missing}\"")),
         "{html}"
@@ -276,6 +278,61 @@ async fn status_page_in_chromium_shows_the_edges_numbers_live() {
     f.push(Sidekiq::V8_1, "default", 1.0).await;
     wait_text(&browser, "#requests-total", &format!("{}", served + 4.0)).await;
     wait_text(&browser, "tr[data-queue=\"default\"] td.size", "3").await;
+    // A migration moving, recorded in the ledger as `fediedge migrate` does (the edge's
+    // publisher copies it into /metrics every 5 s), then done.
+    let config = fediedge::config::from_str(&extra, std::path::Path::new("t.toml")).unwrap();
+    let route = fediedge::migrate::Route {
+        source: "old".into(),
+        destination: config.primary.destination(),
+    };
+    let ledger = edge.running.ledger.clone();
+    let r = route.clone();
+    ledger
+        .run(move |c| {
+            use fediedge::migrate::state;
+            state::begin(c, &r)?;
+            let keys: Vec<_> = (0..10)
+                .map(|i| (format!("m/{i}.png"), Some(100), None))
+                .collect();
+            state::add_listed(c, &r, &keys, None)?;
+            state::listing_finished(c, &r)
+        })
+        .await
+        .unwrap();
+    let copy = |from: usize, to: usize| {
+        let (ledger, r) = (ledger.clone(), route.clone());
+        async move {
+            ledger
+                .run(move |c| {
+                    for i in from..to {
+                        let copy = fediedge::ledger::Copy {
+                            key: format!("m/{i}.png"),
+                            destination: r.destination.clone(),
+                            size: 100,
+                            md5: "0".repeat(32),
+                            source: r.source.clone(),
+                            via: "migrate".into(),
+                            copied_at: fediedge::ledger::now(),
+                        };
+                        fediedge::migrate::state::mark_copied(c, &r.source, &copy)?;
+                    }
+                    Ok::<_, fediedge::ledger::LedgerError>(())
+                })
+                .await
+                .unwrap()
+        }
+    };
+    copy(0, 2).await;
+    wait_text(&browser, "#migration-objects", "2 of 10").await;
+    copy(2, 6).await;
+    wait_text(&browser, "#migration-objects", "6 of 10").await;
+    let eta = text(&browser, "#migration-eta").await;
+    assert!(
+        eta.ends_with('s') || eta.ends_with('m') || eta.ends_with('h'),
+        "an ETA while moving: {eta:?}"
+    );
+    copy(6, 10).await;
+    wait_text(&browser, "#migration-eta", "done").await;
     let kept = browser
         .execute("return window.__kept", vec![])
         .await
