@@ -232,7 +232,8 @@ impl Cache {
 
     /// What the index says of `key` (and a use recorded).
     fn indexed(&self, key: &Key) -> Indexed {
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         let Some(entry) = state.index.get_mut(key) else {
             return Indexed::Absent;
         };
@@ -248,13 +249,12 @@ impl Cache {
                     .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             });
         }
-        let found = (entry.meta.clone(), entry.object.clone(), entry.verified);
-        match state.memory.get(key).cloned() {
+        match state.memory.get(key) {
             Some(bytes) => Indexed::Memory(Hit {
-                meta: found.1,
-                body: HitBody::Memory(bytes),
+                meta: entry.object.clone(),
+                body: HitBody::Memory(bytes.clone()),
             }),
-            None => Indexed::Disk(found.0, found.1, found.2),
+            None => Indexed::Disk(entry.meta.clone(), entry.object.clone(), entry.verified),
         }
     }
 
