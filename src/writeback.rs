@@ -231,8 +231,9 @@ impl WriteBack {
         match self.put(&q).await {
             Ok(()) => match self.record(&q).await {
                 Ok(()) => {
-                    let _ = tokio::fs::remove_file(&q.staged).await;
+                    // Counted as soon as it is recorded: the staged file is only left-over.
                     self.metrics.writeback(true);
+                    let _ = tokio::fs::remove_file(&q.staged).await;
                     tracing::debug!(key = %q.key, source = %q.source, "write-back: copied to the primary");
                 }
                 Err(e) => {

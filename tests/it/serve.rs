@@ -164,10 +164,19 @@ async fn fallback_hit_is_streamed_cached_and_copied_to_the_primary() {
     assert_eq!(r.headers()["content-type"], "image/png");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
 
+    // The copy is recorded after the file lands: wait for the record, then both are there.
     let copied = dir.path().join("primary").join(KEY);
-    eventually(Duration::from_secs(10), "copy in the primary", || {
-        copied.exists()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "copy recorded in the ledger",
+        || {
+            edge.running
+                .ledger
+                .with(|c| fediedge::ledger::ops::copied(c, KEY))
+                .unwrap()
+                .is_some()
+        },
+    )
     .await;
     assert_eq!(std::fs::read(&copied).unwrap(), body);
     let record = edge
