@@ -2,7 +2,9 @@
 //! 404 without asking the stores again, so a 404 storm (a deleted post's media, a scraper)
 //! does not reach them.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -46,5 +48,35 @@ impl NegativeCache {
         if !self.ttl.is_zero() {
             self.seen.lock().put(key.clone(), Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Tokio's clock: paused and advanced by the test, never slept on.
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_is_remembered_for_the_ttl_then_asked_again() {
+        let negative = NegativeCache::new(Duration::from_secs(3));
+        let key = Key::parse("a/b.png").unwrap();
+        assert!(!negative.contains(&key));
+        negative.insert(&key);
+        assert!(negative.contains(&key));
+        tokio::time::advance(Duration::from_millis(2_999)).await;
+        assert!(negative.contains(&key));
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(!negative.contains(&key));
+        // Forgotten, not merely hidden: a new miss starts a new period.
+        negative.insert(&key);
+        assert!(negative.contains(&key));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_ttl_remembers_nothing() {
+        let negative = NegativeCache::new(Duration::ZERO);
+        let key = Key::parse("a/b.png").unwrap();
+        negative.insert(&key);
+        assert!(!negative.contains(&key));
     }
 }
