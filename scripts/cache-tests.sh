@@ -8,7 +8,7 @@
 #   bash scripts/cache-tests.sh
 #
 # Knobs:
-#   CACHE_TESTS_TARGETS=nginx,varnish   which targets, in order (also: nginx-plain, fediedge)
+#   CACHE_TESTS_TARGETS=nginx,varnish,fediedge   which targets, in order (also: nginx-plain)
 #   CACHE_TESTS_OUT=target/cache-tests  where results (<target>.json), logs and summary go
 #   CACHE_TESTS_MIN_REQUIRED=N          exit 1 unless fediedge ran, passed >= N required tests
 #                                       and more than every other target (issue 9: 140)
@@ -22,7 +22,8 @@
 #   nginx-plain  the suite's own published nginx setup: proxy_cache + proxy_cache_revalidate
 #   varnish      builtin VCL (-b), with the suite's published parameters default_ttl=0,
 #                default_grace=0, default_keep=3600 (no caching without freshness information)
-#   fediedge     TODO(issue 9): not yet a proxy; reported as such and excluded from the table
+#   fediedge     fediedge serve, [core] in front of the origin with [core.cache] (a debug build
+#                of this checkout unless FEDIEDGE_BIN names a binary)
 #
 # Everything binds 127.0.0.1 on free ports, runs under `nice -n 10`, lives in a temporary
 # directory and is stopped on exit. Method and figures: docs/benchmarks.md.
@@ -32,7 +33,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 SUITE_PROJECT=$ROOT/scripts/cache-tests
 SUITE=$SUITE_PROJECT/node_modules/http-cache-tests
-TARGETS=${CACHE_TESTS_TARGETS:-nginx,varnish}
+TARGETS=${CACHE_TESTS_TARGETS:-nginx,varnish,fediedge}
 OUT=${CACHE_TESTS_OUT:-$ROOT/target/cache-tests}
 RUN_TIMEOUT=${CACHE_TESTS_TIMEOUT:-900}
 ONE_ID=${CACHE_TESTS_ID:-}
@@ -182,16 +183,42 @@ start_varnish() {
 }
 
 start_fediedge() {
-    # TODO(issue 9): once fediedge can proxy, start it here like the others: build the binary
-    # (cargo build --release), write a config whose upstream is http://127.0.0.1:$ORIGIN_PORT
-    # and whose listener is 127.0.0.1:<free port>, start it under nice with its pid in PIDS,
-    # set BASE=http://127.0.0.1:<port> and VERSION, and wait_http "$BASE/state/none".
-    # The suite needs: every path under / proxied (/config/<uuid> PUT -> 201, /state/<uuid>
-    # GET, /test/<uuid>[?query]), methods GET HEAD POST PUT DELETE M-SEARCH passed through,
-    # request and response headers passed through (Test-ID, Req-Num, Server-Request-Count,
-    # Request-Numbers, ...), HTTP/1.1 on plain TCP, nothing cached without freshness info.
-    echo "fediedge: not yet a proxy"
-    return 3
+    # fediedge serve with [core] in front of the suite's origin and [core.cache] on. The
+    # binary: $FEDIEDGE_BIN, else a debug build of this checkout (cargo build, under nice).
+    local bin port admin d
+    bin=${FEDIEDGE_BIN:-}
+    if [ -z "$bin" ]; then
+        (cd "$ROOT" && "${NICE[@]}" cargo build --quiet --bin fediedge) >"$OUT/fediedge-build.log" 2>&1 ||
+            { log "cargo build failed (log: $OUT/fediedge-build.log)"; return 1; }
+        bin=$ROOT/target/debug/fediedge
+    fi
+    port=$(free_port)
+    admin=$(free_port)
+    d=$WORK/fediedge
+    mkdir -p "$d/primary"
+    # Health checks off (the origin has no /health); the breaker effectively off, since the
+    # suite's origin answers 5xx on purpose; nothing else differs from a production setup.
+    cat >"$d/fediedge.toml" <<EOF
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+data_dir = "$d/var"
+[primary]
+type = "fs"
+root = "$d/primary"
+[core]
+hosts = ["127.0.0.1", "localhost"]
+web = ["127.0.0.1:$ORIGIN_PORT"]
+health_check_interval = "0s"
+breaker_failures = 100000
+[core.cache]
+dir = "$d/core-cache"
+max_size = "256MiB"
+EOF
+    "${NICE[@]}" "$bin" serve --config "$d/fediedge.toml" >"$OUT/fediedge.log" 2>&1 &
+    PIDS+=($!)
+    BASE=http://127.0.0.1:$port
+    VERSION="fediedge $("$bin" --version 2>/dev/null | awk '{print $2}') ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    wait_http "$BASE/state/none"
 }
 
 # --- run --------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod corecache;
 pub mod doctor;
 pub mod edge;
 pub mod flight;

@@ -34,10 +34,16 @@ pub enum CacheStatus {
     /// A `POST` with `Idempotency-Key` answered with the response core gave to the same
     /// request (same key, path and credentials) in flight or within the hour before.
     Replay,
+    /// Core cache: a stored response served past its freshness (stale-while-revalidate,
+    /// or stale-if-error while core fails).
+    Stale,
+    /// Core cache: a stored response served after core confirmed it (304).
+    Revalidated,
 }
 
 impl CacheStatus {
-    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR`, `BUSY` or `REPLAY`.
+    /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR`, `BUSY`, `REPLAY`,
+    /// `STALE` or `REVALIDATED`.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
@@ -47,6 +53,8 @@ impl CacheStatus {
             CacheStatus::Error => "ERROR",
             CacheStatus::Busy => "BUSY",
             CacheStatus::Replay => "REPLAY",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Revalidated => "REVALIDATED",
         }
     }
 }
@@ -123,6 +131,16 @@ struct Inner {
     cache_index_loading: Gauge,
     overloaded: Counter,
     purges: Family<OutcomeLabels, Counter>,
+    core_cache: Family<CoreCacheLabels, Counter>,
+    core_cache_bytes: Gauge,
+    core_cache_objects: Gauge,
+}
+
+/// Labels of `fediedge_core_cache_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoreCacheLabels {
+    /// The `X-Cache-Status` value.
+    pub cache_status: CacheStatus,
 }
 
 /// Handle to every metric of the process.
@@ -263,7 +281,26 @@ impl Metrics {
             "Mastodon cache-buster requests, by outcome (purged, refused)",
             purges.clone(),
         );
+        let core_cache = Family::<CoreCacheLabels, Counter>::default();
+        registry.register(
+            "core_cache_requests",
+            "GET/HEAD requests to core seen by the core cache, by cache status (HIT, MISS, STALE, REVALIDATED, BYPASS)",
+            core_cache.clone(),
+        );
+        let core_cache_bytes = gauge(
+            &mut registry,
+            "core_cache_bytes",
+            "Body bytes of core responses in the core cache",
+        );
+        let core_cache_objects = gauge(
+            &mut registry,
+            "core_cache_objects",
+            "Core responses (variants) in the core cache",
+        );
         Metrics(Arc::new(Inner {
+            core_cache,
+            core_cache_bytes,
+            core_cache_objects,
             registry,
             requests,
             response_bytes,
@@ -286,6 +323,20 @@ impl Metrics {
             overloaded,
             purges,
         }))
+    }
+
+    /// Counts one request seen by the core cache.
+    pub fn core_cache(&self, cache_status: CacheStatus) {
+        self.0
+            .core_cache
+            .get_or_create(&CoreCacheLabels { cache_status })
+            .inc();
+    }
+
+    /// Sets the core cache's size.
+    pub fn set_core_cache(&self, bytes: u64, objects: u64) {
+        self.0.core_cache_bytes.set(bytes as i64);
+        self.0.core_cache_objects.set(objects as i64);
     }
 
     /// Counts one answered request.

@@ -113,7 +113,7 @@ pub fn misdirected() -> http::Response<crate::listen::Body> {
 }
 
 /// `example.social:443` → `example.social`; `[::1]:8080` → `[::1]`.
-fn strip_port(h: &str) -> &str {
+pub fn strip_port(h: &str) -> &str {
     match h.rfind(':') {
         Some(i) if !h[i..].contains(']') => &h[..i],
         _ => h,

@@ -46,6 +46,8 @@ pub struct Running {
     pub ledger: Ledger,
     /// The cache, if configured.
     pub cache: Option<Arc<Cache>>,
+    /// The cache of core's responses, with `[core.cache]` (its `purge` evicts a URL).
+    pub core_cache: Option<Arc<crate::corecache::CoreCache>>,
     /// Stops the workers (write-back, backfill, progress publisher).
     stop: CancellationToken,
     /// The workers.
@@ -377,6 +379,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Health checks; at shutdown, the WebSocket tunnels are closed.
         tasks.push(tokio::spawn(p.background(stop.clone())));
     }
+    let core_cache = match config.core.as_ref().and_then(|c| c.cache.as_ref().map(|k| (c, k))) {
+        Some((core, c)) => Some(
+            crate::corecache::CoreCache::open(c, core.first_byte_timeout, metrics.clone())
+                .with_context(|| format!("cannot open core.cache.dir {}", c.dir.display()))?,
+        ),
+        None => None,
+    };
     let buster = config.cache_buster.as_ref().map(|b| {
         let mut targets: Vec<Arc<dyn crate::purge::Purge>> = Vec::new();
         if let Some(c) = &cache {
@@ -386,9 +395,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 cache: c.clone(),
             }));
         }
+        if let Some(c) = &core_cache {
+            targets.push(c.clone());
+        }
         Arc::new(crate::purge::CacheBuster::new(b, targets, metrics.clone()))
     });
-    let media_handler = front_door(&config, edge, edge_root, proxy, buster);
+    let media_handler = front_door(&config, edge, edge_root, proxy, buster, core_cache.clone());
     listeners.serve(media, media_handler.clone());
     let (m, st) = (metrics.clone(), status.clone());
     listeners.serve(
@@ -437,6 +449,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         ledger,
         cache,
+        core_cache,
         stop,
         tasks,
         listeners,
@@ -471,12 +484,14 @@ fn front_door(
     edge_root: Option<Arc<Edge>>,
     proxy: Option<Arc<crate::proxy::Proxy>>,
     buster: Option<Arc<crate::purge::CacheBuster>>,
+    core_cache: Option<Arc<crate::corecache::CoreCache>>,
 ) -> listen::Handler {
     use crate::router::Route;
     let router = Arc::new(router(config));
     listen::handler(move |req| {
         let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
         let buster = buster.clone();
+        let core_cache = core_cache.clone();
         let route = router.route(&req);
         async move {
             use crate::proxy::Kind;
@@ -488,7 +503,10 @@ fn front_door(
             match (route, proxy) {
                 (Route::Media, _) => edge.handle(req).await,
                 (Route::MediaRoot, _) => edge_root.as_ref().unwrap_or(&edge).handle(req).await,
-                (Route::Core, Some(p)) => p.handle(Kind::Web, req).await,
+                (Route::Core, Some(p)) => match core_cache {
+                    Some(c) => c.handle(&p, req).await,
+                    None => p.handle(Kind::Web, req).await,
+                },
                 (Route::Streaming, Some(p)) => p.handle(Kind::Streaming, req).await,
                 (Route::Core | Route::Streaming | Route::Misdirected, _) => {
                     crate::router::misdirected()

@@ -59,6 +59,29 @@ pub struct RawCore {
     /// `/api/v1/streaming/health` on streaming). Default `5s`; `0s` turns them off.
     #[serde(default = "default_health_interval", with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// `[core.cache]`: the RFC 9111 shared cache of core's responses. Without it nothing
+    /// from core is cached.
+    #[serde(default)]
+    pub cache: Option<RawCoreCache>,
+}
+
+/// `[core.cache]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoreCache {
+    /// Directory of the stored responses (created if missing; its own, not the media cache's).
+    pub dir: std::path::PathBuf,
+    /// Most bytes of stored bodies; least recently used responses go first.
+    pub max_size: bytesize::ByteSize,
+}
+
+/// Validated `[core.cache]`.
+#[derive(Debug, Clone)]
+pub struct CoreCacheConfig {
+    /// Directory of the stored responses.
+    pub dir: std::path::PathBuf,
+    /// Most bytes of stored bodies.
+    pub max_size: u64,
 }
 
 fn default_health_interval() -> Duration {
@@ -119,6 +142,8 @@ pub struct CoreConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Health check interval (zero: none).
     pub health_check_interval: Duration,
+    /// The shared cache of core's responses (None: nothing cached).
+    pub cache: Option<CoreCacheConfig>,
 }
 
 /// A Host name as compared: lower case, no trailing dot.
@@ -221,7 +246,26 @@ impl RawCore {
                 "must be at least 1".into(),
             ));
         }
+        let cache = match self.cache {
+            None => None,
+            Some(c) => {
+                if c.dir.as_os_str().is_empty() {
+                    return Err(invalid("cache.dir", "give a directory".into()));
+                }
+                if c.max_size.as_u64() == 0 {
+                    return Err(invalid(
+                        "cache.max_size",
+                        "must be more than 0, like \"1GiB\"".into(),
+                    ));
+                }
+                Some(CoreCacheConfig {
+                    dir: c.dir,
+                    max_size: c.max_size.as_u64(),
+                })
+            }
+        };
         Ok(CoreConfig {
+            cache,
             hosts,
             web,
             streaming,
@@ -261,6 +305,29 @@ mod tests {
         assert_eq!(core.max_request_body, 99 << 20);
         let c = parse("").unwrap();
         assert!(c.core.is_none() && c.media_hosts.is_empty());
+    }
+
+    #[test]
+    fn core_cache_parses_and_is_checked() {
+        let base = "[core]\nhosts = [\"a.b\"]\nweb = [\"1.2.3.4:1\"]\n";
+        let c = parse(base).unwrap();
+        assert!(c.core.unwrap().cache.is_none());
+        let c = parse(&format!(
+            "{base}[core.cache]\ndir = \"/var/cache/fediedge-core\"\nmax_size = \"1GiB\"\n"
+        ))
+        .unwrap();
+        let cache = c.core.unwrap().cache.unwrap();
+        assert_eq!(cache.max_size, 1 << 30);
+        assert_eq!(cache.dir, Path::new("/var/cache/fediedge-core"));
+        for (extra, key) in [
+            ("[core.cache]\ndir = \"/x\"\nmax_size = \"0B\"\n", "core.cache.max_size"),
+            ("[core.cache]\ndir = \"\"\nmax_size = \"1MiB\"\n", "core.cache.dir"),
+            ("[core.cache]\ndir = \"/x\"\n", "max_size"),
+            ("[core.cache]\ndir = \"/x\"\nmax_size = \"1MiB\"\nttl = 3\n", "ttl"),
+        ] {
+            let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use cache_buster::{CacheBusterConfig, RawCacheBuster};
-pub use core::{normalize_host, CoreConfig, RawCore};
+pub use core::{normalize_host, CoreCacheConfig, CoreConfig, RawCore};
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
 pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
 pub use status::{AlertsConfig, CanaryConfig, CanaryKeys, RawAlerts, RawCanary};

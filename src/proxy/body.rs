@@ -19,15 +19,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 /// A request body that fails once more than its limit has come.
-pub struct LimitedBody {
-    inner: Incoming,
+pub struct LimitedBody<B = Incoming> {
+    inner: B,
     left: u64,
     exceeded: Arc<AtomicBool>,
 }
 
-impl LimitedBody {
+impl<B> LimitedBody<B> {
     /// `exceeded` is set when the limit is passed.
-    pub fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> LimitedBody {
+    pub fn new(inner: B, limit: u64, exceeded: Arc<AtomicBool>) -> LimitedBody<B> {
         LimitedBody {
             inner,
             left: limit,
@@ -36,7 +36,11 @@ impl LimitedBody {
     }
 }
 
-impl Body for LimitedBody {
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = Bytes;
     type Error = std::io::Error;
 
@@ -59,7 +63,7 @@ impl Body for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Some(Err(e)) => Poll::Ready(Some(Err(std::io::Error::other(e.into())))),
             None => Poll::Ready(None),
         }
     }

@@ -33,7 +33,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -180,7 +179,7 @@ impl Proxy {
                 return self.handle_idempotent(fp, req).await;
             }
         }
-        self.answer(kind, req).await
+        self.reply(kind, req).await
     }
 
     /// A `POST` with `Idempotency-Key` and credentials: one at a time to core, the answer
@@ -202,16 +201,21 @@ impl Proxy {
                     // The leader failed: claim again (one of the waiters leads next).
                 }
                 Claim::Lead(lead) => {
-                    let resp = self.answer(Kind::Web, req).await;
+                    let resp = self.reply(Kind::Web, req).await;
                     return lead.finish(resp).await;
                 }
-                Claim::Bypass => return self.answer(Kind::Web, req).await,
+                Claim::Bypass => return self.reply(Kind::Web, req).await,
             }
         }
     }
 
-    async fn answer(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
-        match self.forward(kind, req).await {
+    async fn reply(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
+        self.answer(self.forward(kind, req).await)
+    }
+
+    /// The response for the outcome of [`Proxy::send`]: the upstream's, or the error's status.
+    pub fn answer(&self, result: Result<Response<Body>, ProxyError>) -> Response<Body> {
+        match result {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(error = %e, "proxy: no answer from core");
@@ -220,11 +224,22 @@ impl Proxy {
         }
     }
 
-    async fn forward(
-        &self,
-        kind: Kind,
-        req: Request<Incoming>,
-    ) -> Result<Response<Body>, ProxyError> {
+    /// Sends one request to the upstreams of `kind` (headers rewritten as for any proxied
+    /// request, from the `ConnInfo` in its extensions) and returns the upstream's response,
+    /// or why there is none. Used by the core cache, which decides what to do with errors.
+    pub async fn send<B>(&self, kind: Kind, req: Request<B>) -> Result<Response<Body>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.forward(kind, req).await
+    }
+
+    async fn forward<B>(&self, kind: Kind, req: Request<B>) -> Result<Response<Body>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let pool = self.pool(kind);
         if pool.upstreams.is_empty() {
             return Err(ProxyError::NoUpstream);

@@ -1,0 +1,194 @@
+//! Filling the cache: one upstream request per URL at a time ([`Flights`]), and the response
+//! body teed to the cache as it streams to the client ([`TeeBody`]).
+//!
+//! The leader's client gets the body as it comes. Followers (same URL while the leader's
+//! request is under way) wait until the leader's response is stored, then look again; if
+//! the leader's response turned out not storable they are released as soon as its head
+//! is seen, and go upstream themselves. Limit: a follower does not stream the body while
+//! the leader is still receiving it; it waits for the whole body (core's cacheable
+//! responses are small: pages, JSON), at most the proxy's first-byte timeout, then goes
+//! upstream on its own.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::store::{Id, Meta, Store};
+use crate::listen::Body;
+
+/// The requests to core under way for cacheable URLs.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<String, watch::Receiver<()>>>,
+}
+
+/// Leading a URL's request, or following one.
+pub enum Join {
+    /// This request goes upstream; the guard releases the followers when dropped.
+    Leader(FlightGuard),
+    /// Another request is under way: wait for it (`changed()` returns when it is done).
+    Follower(watch::Receiver<()>),
+}
+
+/// Held by the leader until its response is stored or found not storable.
+pub struct FlightGuard {
+    flights: Arc<Flights>,
+    key: String,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.flights.map.lock().remove(&self.key);
+    }
+}
+
+impl Flights {
+    /// Leads or follows the request for `key`.
+    pub fn join(self: &Arc<Self>, key: &str) -> Join {
+        let mut map = self.map.lock();
+        if let Some(rx) = map.get(key) {
+            return Join::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        map.insert(key.to_owned(), rx);
+        Join::Leader(FlightGuard {
+            flights: self.clone(),
+            key: key.to_owned(),
+            _done: tx,
+        })
+    }
+
+    /// Leads `key` only if nobody does (background revalidation).
+    pub fn try_lead(self: &Arc<Self>, key: &str) -> Option<FlightGuard> {
+        match self.join(key) {
+            Join::Leader(g) => Some(g),
+            Join::Follower(_) => None,
+        }
+    }
+}
+
+/// What is needed to store the body once it has all come.
+pub struct Commit {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The entry's meta (`len` set at the end).
+    pub meta: Meta,
+    /// The entries the new one replaces (same URL, same selecting headers).
+    pub replaces: Vec<Id>,
+    /// Released once stored (or not).
+    pub guard: Option<FlightGuard>,
+}
+
+impl Commit {
+    /// Writes the body to a temp file and stores it (blocking).
+    fn store(mut self, chunks: Vec<Bytes>, len: u64) {
+        self.meta.len = len;
+        let result = (|| -> std::io::Result<()> {
+            let mut tmp = tempfile::NamedTempFile::new_in(self.store.tmp_dir())?;
+            for c in &chunks {
+                tmp.write_all(c)?;
+            }
+            tmp.as_file().sync_data()?;
+            self.store
+                .insert(tmp.into_temp_path(), self.meta.clone(), &self.replaces)
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, path = %self.meta.path, "core cache: a response could not be stored");
+        }
+        drop(self.guard.take());
+    }
+}
+
+/// A response body on its way to the client, copied in memory for the cache; stored only
+/// when it ended whole (no error, the announced length, under the size limit).
+pub struct TeeBody {
+    inner: Body,
+    chunks: Vec<Bytes>,
+    len: u64,
+    limit: u64,
+    expected: Option<u64>,
+    commit: Option<Commit>,
+}
+
+impl TeeBody {
+    /// `limit`: largest body kept; `expected`: the response's `Content-Length`.
+    pub fn new(inner: Body, limit: u64, expected: Option<u64>, commit: Commit) -> TeeBody {
+        TeeBody {
+            inner,
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            expected,
+            commit: Some(commit),
+        }
+    }
+}
+
+impl TeeBody {
+    fn commit_now(&mut self) {
+        if let Some(commit) = self.commit.take() {
+            let chunks = std::mem::take(&mut self.chunks);
+            let len = self.len;
+            tokio::task::spawn_blocking(move || commit.store(chunks, len));
+        }
+    }
+}
+
+impl http_body::Body for TeeBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some(data), true) = (f.data_ref(), this.commit.is_some()) {
+                    this.len += data.len() as u64;
+                    if this.len > this.limit {
+                        this.commit = None;
+                        this.chunks = Vec::new();
+                    } else {
+                        this.chunks.push(data.clone());
+                        // hyper stops polling once the announced length is written: the
+                        // body is whole then.
+                        if this.expected == Some(this.len) {
+                            this.commit_now();
+                        }
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                this.commit = None;
+                this.chunks = Vec::new();
+            }
+            None => {
+                if this.expected.is_none_or(|n| n == this.len) {
+                    this.commit_now();
+                }
+                this.commit = None;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Never claimed early: the end must be polled to commit the body.
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

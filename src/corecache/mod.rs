@@ -1,0 +1,526 @@
+//! The RFC 9111 shared cache in front of the proxy to core (`[core.cache]`).
+//!
+//! A GET or HEAD to core: a request with credentials (`Authorization`, a Mastodon session
+//! cookie, a `Signature`), a body or a `Range` is never answered from the cache (BYPASS)
+//! → otherwise the URL's stored variants (host + path and query; `Vary` picks the variant)
+//! are asked, by the `http-cache-semantics` policy, whether one is fresh for this request
+//! (HIT) → a stale one that `stale-while-revalidate` covers is served (STALE) while one
+//! background request revalidates it → else it is revalidated (`If-None-Match` /
+//! `If-Modified-Since`; a 304 updates the stored headers: REVALIDATED), and when core fails
+//! (breaker open, timeout, refused, 5xx) within `stale-if-error` it is served (STALE) → else
+//! one request per URL goes to core (MISS; the others wait for it, see [`fill`]) and its
+//! response, if storable, is stored as it streams to the client.
+//!
+//! Every other method is passed on; an unsafe one (not GET, HEAD, OPTIONS, TRACE) answered
+//! below 400 evicts its URL and the same-host `Location` / `Content-Location` (RFC 9111
+//! §4.4).
+//!
+//! - `policy`: what may be stored and served stale, privacy rules, 304 header updates.
+//! - `store`: bodies and metas on disk, the index, LRU by bytes.
+//! - `fill`: one request per URL, the body teed into the cache.
+
+mod fill;
+mod policy;
+mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use http_cache_semantics::BeforeRequest;
+use hyper::body::Incoming;
+
+use crate::config::{normalize_host, CoreCacheConfig};
+use crate::listen::{Body, ConnInfo};
+use crate::metrics::{CacheStatus, Metrics};
+use crate::proxy::{Kind, Proxy};
+use fill::{Commit, FlightGuard, Flights, Join, TeeBody};
+use store::{Entry, Store};
+
+/// Largest response body stored (bigger ones are passed on, not kept).
+const MAX_ENTRY: u64 = 8 << 20;
+
+/// The core cache.
+pub struct CoreCache {
+    store: Arc<Store>,
+    flights: Arc<Flights>,
+    metrics: Metrics,
+    /// Longest wait of a follower for the leader's response.
+    follow_wait: Duration,
+}
+
+impl CoreCache {
+    /// Opens the cache directory (indexing what a previous run stored). `follow_wait`: how
+    /// long a request waits for another one's response to the same URL.
+    pub fn open(
+        config: &CoreCacheConfig,
+        follow_wait: Duration,
+        metrics: Metrics,
+    ) -> std::io::Result<Arc<CoreCache>> {
+        let store = Store::open(&config.dir, config.max_size, metrics.clone())?;
+        Ok(Arc::new(CoreCache {
+            store: Arc::new(store),
+            flights: Arc::default(),
+            metrics,
+            follow_wait,
+        }))
+    }
+
+    /// Evicts every stored variant of a URL (`host` as in the request's Host, with or
+    /// without port; `path_and_query` as requested). Returns how many were stored.
+    pub fn purge(&self, host: &str, path_and_query: &str) -> usize {
+        let host = normalize_host(crate::router::strip_port(host));
+        self.store.remove_url(&host, path_and_query)
+    }
+
+    /// Bytes and responses stored.
+    pub fn usage(&self) -> (u64, usize) {
+        self.store.usage()
+    }
+
+    /// Answers one request to core's web pool.
+    pub async fn handle(self: &Arc<Self>, proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .map(|h| normalize_host(crate::router::strip_port(h)))
+            .unwrap_or_default();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            return self.pass_other(proxy, req, &host, &path).await;
+        }
+        let private = policy::private_request(req.headers());
+        let range = req.headers().contains_key(header::RANGE);
+        if private.is_some() || range || !req.body().is_end_stream() {
+            let store = method == Method::GET && !range && req.body().is_end_stream();
+            let preq = policy::policy_request(&path, req.headers());
+            let result = proxy.send(Kind::Web, req).await;
+            let ctx = Ctx {
+                host: &host,
+                path: &path,
+                preq: &preq,
+                private,
+            };
+            return match result {
+                Ok(resp) if store => self.keep(ctx, resp, None, CacheStatus::Bypass),
+                other => self.finish(proxy.answer(other), CacheStatus::Bypass),
+            };
+        }
+        self.lookup(proxy, req, host, path).await
+    }
+
+    async fn lookup(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        req: Request<Incoming>,
+        host: String,
+        path: String,
+    ) -> Response<Body> {
+        let head = req.method() == Method::HEAD;
+        let preq = policy::policy_request(&path, req.headers());
+        let key = store::url_key(&host, &path);
+        let only_if_cached = policy::directive(req.headers(), "only-if-cached").is_some();
+        let no_cache = policy::directive(req.headers(), "no-cache").is_some()
+            || req
+                .headers()
+                .get(header::PRAGMA)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("no-cache"));
+        let ctx = Ctx {
+            host: &host,
+            path: &path,
+            preq: &preq,
+            private: None,
+        };
+        let mut followed = false;
+        loop {
+            let now = SystemTime::now();
+            let mut stale = None;
+            for e in self.store.variants(&host, &path) {
+                match e.meta.policy.before_request(&preq, now) {
+                    BeforeRequest::Fresh(_) => {
+                        if let Some(r) = self.serve(&e, req.headers(), head, CacheStatus::Hit).await
+                        {
+                            return r;
+                        }
+                    }
+                    BeforeRequest::Stale {
+                        request,
+                        matches: true,
+                    } if stale.is_none() => stale = Some((e, request)),
+                    _ => {}
+                }
+            }
+            if only_if_cached {
+                return self.finish(status_only(StatusCode::GATEWAY_TIMEOUT), CacheStatus::Miss);
+            }
+            if let Some((e, _)) = &stale {
+                if !no_cache && e.meta.stale_while_revalidate(now) {
+                    let e = e.clone();
+                    if let Some(guard) = self.flights.try_lead(&key) {
+                        let conn = req.extensions().get::<ConnInfo>().copied();
+                        let (cache, proxy, e) = (self.clone(), proxy.clone(), e.clone());
+                        let request = stale.take().expect("checked").1;
+                        tokio::spawn(async move {
+                            cache
+                                .revalidate_in_background(&proxy, e, request, conn, guard)
+                                .await
+                        });
+                    }
+                    if let Some(r) = self.serve(&e, req.headers(), head, CacheStatus::Stale).await {
+                        return r;
+                    }
+                }
+            }
+            if head && stale.is_none() {
+                // Not stored from a HEAD: passed on.
+                let result = proxy.send(Kind::Web, req).await;
+                return self.finish(proxy.answer(result), CacheStatus::Miss);
+            }
+            let guard = match self.flights.join(&key) {
+                Join::Leader(g) => Some(g),
+                Join::Follower(mut rx) if !followed => {
+                    self.metrics.coalesced();
+                    let _ = tokio::time::timeout(self.follow_wait, rx.changed()).await;
+                    followed = true;
+                    continue;
+                }
+                Join::Follower(_) => None,
+            };
+            return match stale {
+                Some((e, request)) => {
+                    self.revalidate(proxy, ctx, req, e, request, guard).await
+                }
+                None => {
+                    let result = proxy.send(Kind::Web, req).await;
+                    match result {
+                        Ok(resp) => self.keep(ctx, resp, guard, CacheStatus::Miss),
+                        Err(e) => self.finish(proxy.answer(Err(e)), CacheStatus::Miss),
+                    }
+                }
+            };
+        }
+    }
+
+    /// Revalidates a stale entry for a client.
+    async fn revalidate(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        ctx: Ctx<'_>,
+        req: Request<Incoming>,
+        e: Entry,
+        request: http::request::Parts,
+        guard: Option<FlightGuard>,
+    ) -> Response<Body> {
+        let head = req.method() == Method::HEAD;
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let result = proxy.send(Kind::Web, upstream_request(request, conn)).await;
+        let now = SystemTime::now();
+        match result {
+            Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
+                if !same_validator(resp.headers(), &e.meta.headers) {
+                    // The client's own validator matched, not the stored one.
+                    return self.finish(resp, CacheStatus::Miss);
+                }
+                let updated = self.update(&e, ctx.preq, resp.headers(), now).await;
+                drop(guard);
+                match self
+                    .serve(&updated, req.headers(), head, CacheStatus::Revalidated)
+                    .await
+                {
+                    Some(r) => r,
+                    None => self.finish(status_only(StatusCode::BAD_GATEWAY), CacheStatus::Miss),
+                }
+            }
+            Ok(resp) if resp.status().is_server_error() && e.meta.stale_if_error(now) => {
+                drop(guard);
+                self.serve_stale_or(&e, &req, head, resp).await
+            }
+            Ok(resp) => self.keep(ctx, resp, guard, CacheStatus::Miss),
+            Err(err) if e.meta.stale_if_error(now) => {
+                tracing::debug!(error = %err, path = %e.meta.path, "core cache: serving stale, core failed");
+                drop(guard);
+                let resp = proxy.answer(Err(err));
+                self.serve_stale_or(&e, &req, head, resp).await
+            }
+            Err(err) => self.finish(proxy.answer(Err(err)), CacheStatus::Miss),
+        }
+    }
+
+    async fn serve_stale_or(
+        &self,
+        e: &Entry,
+        req: &Request<Incoming>,
+        head: bool,
+        otherwise: Response<Body>,
+    ) -> Response<Body> {
+        match self.serve(e, req.headers(), head, CacheStatus::Stale).await {
+            Some(r) => r,
+            None => self.finish(otherwise, CacheStatus::Miss),
+        }
+    }
+
+    /// Revalidates a stale entry served under `stale-while-revalidate`.
+    async fn revalidate_in_background(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        e: Entry,
+        request: http::request::Parts,
+        conn: Option<ConnInfo>,
+        guard: FlightGuard,
+    ) {
+        let preq = policy::policy_request(&e.meta.path, &request.headers);
+        let result = proxy.send(Kind::Web, upstream_request(request, conn)).await;
+        let now = SystemTime::now();
+        match result {
+            Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
+                if same_validator(resp.headers(), &e.meta.headers) {
+                    self.update(&e, &preq, resp.headers(), now).await;
+                }
+            }
+            Ok(resp) if !resp.status().is_server_error() => {
+                let ctx = Ctx {
+                    host: &e.meta.host,
+                    path: &e.meta.path,
+                    preq: &preq,
+                    private: None,
+                };
+                let resp = self.keep(ctx, resp, Some(guard), CacheStatus::Miss);
+                let _ = resp.into_body().collect().await;
+            }
+            _ => {}
+        }
+    }
+
+    /// Updates a stored entry from a 304; returns it as updated.
+    async fn update(
+        &self,
+        e: &Entry,
+        preq: &http::request::Parts,
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Entry {
+        let mut meta = policy::updated(&e.meta, preq, headers, now);
+        meta.len = e.meta.len;
+        let store = self.store.clone();
+        let (id, m) = (e.id.clone(), meta.clone());
+        let _ = tokio::task::spawn_blocking(move || store.update(&id, m)).await;
+        Entry {
+            id: e.id.clone(),
+            meta: Arc::new(meta),
+        }
+    }
+
+    /// A response from core: stored as it streams if storable (the variants it replaces
+    /// go), else passed on; `guard` (the URL's flight) is released when that is decided.
+    fn keep(
+        &self,
+        ctx: Ctx<'_>,
+        resp: Response<Body>,
+        guard: Option<FlightGuard>,
+        status: CacheStatus,
+    ) -> Response<Body> {
+        let now = SystemTime::now();
+        let meta = policy::build(
+            ctx.host,
+            ctx.path,
+            ctx.preq,
+            ctx.private,
+            resp.status(),
+            resp.headers(),
+            now,
+        );
+        let Some(meta) = meta else {
+            drop(guard);
+            return self.finish(resp, status);
+        };
+        let replaces = self
+            .store
+            .variants(ctx.host, ctx.path)
+            .into_iter()
+            .filter(|e| match e.meta.policy.before_request(ctx.preq, now) {
+                BeforeRequest::Fresh(_) => true,
+                BeforeRequest::Stale { matches, .. } => matches,
+            })
+            .map(|e| e.id)
+            .collect();
+        let expected = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let limit = MAX_ENTRY.min(self.store.max_size());
+        let commit = Commit {
+            store: self.store.clone(),
+            meta,
+            replaces,
+            guard,
+        };
+        let resp = resp.map(|b| TeeBody::new(b, limit, expected, commit).boxed_unsync());
+        self.finish(resp, status)
+    }
+
+    /// A stored response for a client (None if its body is gone meanwhile).
+    async fn serve(
+        &self,
+        e: &Entry,
+        req: &HeaderMap,
+        head: bool,
+        status: CacheStatus,
+    ) -> Option<Response<Body>> {
+        let file = self.store.open_body(&e.id).await.ok()?;
+        self.store.touch(&e.id);
+        let now = SystemTime::now();
+        let mut headers = e.meta.headers.clone();
+        headers.insert(
+            header::AGE,
+            HeaderValue::from(e.meta.policy.age(now).as_secs()),
+        );
+        let code = StatusCode::from_u16(e.meta.status).unwrap_or(StatusCode::OK);
+        if code == StatusCode::OK && policy::not_modified(req, &e.meta.headers) {
+            headers.remove(header::CONTENT_LENGTH);
+            let mut resp = status_only(StatusCode::NOT_MODIFIED);
+            *resp.headers_mut() = headers;
+            return Some(self.finish(resp, status));
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(e.meta.len));
+        let body = if head {
+            Empty::new().map_err(|e| match e {}).boxed_unsync()
+        } else {
+            let stream = tokio_util::io::ReaderStream::new(file);
+            StreamBody::new(futures_util::StreamExt::map(stream, |r| {
+                r.map(http_body::Frame::data)
+            }))
+            .boxed_unsync()
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = code;
+        *resp.headers_mut() = headers;
+        Some(self.finish(resp, status))
+    }
+
+    /// Any method but GET and HEAD: passed on; an unsafe one answered below 400 evicts its
+    /// URL and the same-host `Location` and `Content-Location`.
+    async fn pass_other(
+        &self,
+        proxy: &Arc<Proxy>,
+        req: Request<Incoming>,
+        host: &str,
+        path: &str,
+    ) -> Response<Body> {
+        let unsafe_method = !matches!(*req.method(), Method::OPTIONS | Method::TRACE);
+        let result = proxy.send(Kind::Web, req).await;
+        if let (true, Ok(resp)) = (unsafe_method, &result) {
+            if resp.status().as_u16() < 400 {
+                self.store.remove_url(host, path);
+                for h in [header::LOCATION, header::CONTENT_LOCATION] {
+                    let target = resp
+                        .headers()
+                        .get(&h)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| same_host_path(host, path, v));
+                    if let Some(p) = target {
+                        self.store.remove_url(host, &p);
+                    }
+                }
+            }
+        }
+        self.finish(proxy.answer(result), CacheStatus::Bypass)
+    }
+
+    fn finish(&self, mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
+        self.metrics.core_cache(status);
+        resp.headers_mut()
+            .insert("x-cache-status", HeaderValue::from_static(status.as_str()));
+        resp
+    }
+}
+
+/// The request being answered, as the store needs it.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    host: &'a str,
+    path: &'a str,
+    preq: &'a http::request::Parts,
+    private: Option<&'static str>,
+}
+
+/// A bodiless request to core from the policy's parts (revalidation).
+fn upstream_request(parts: http::request::Parts, conn: Option<ConnInfo>) -> Request<Body> {
+    let mut req = Request::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync());
+    if let Some(c) = conn {
+        req.extensions_mut().insert(c);
+    }
+    req
+}
+
+/// Whether a 304 is about the stored response: its ETag, if any, is the stored one.
+fn same_validator(not_modified: &HeaderMap, stored: &HeaderMap) -> bool {
+    let bare = |h: &HeaderMap| {
+        h.get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(|t| t.trim().trim_start_matches("W/").to_owned())
+    };
+    match (bare(not_modified), bare(stored)) {
+        (Some(a), Some(b)) => a == b,
+        (Some(_), None) => false,
+        _ => true,
+    }
+}
+
+/// The path of a `Location`-like value if it names this host (or is relative).
+fn same_host_path(host: &str, base: &str, value: &str) -> Option<String> {
+    let base = url::Url::parse(&format!("http://{host}{base}")).ok()?;
+    let target = base.join(value).ok()?;
+    let target_host = target.host_str()?;
+    if normalize_host(target_host) != host {
+        return None;
+    }
+    let mut p = target.path().to_owned();
+    if let Some(q) = target.query() {
+        p.push('?');
+        p.push_str(q);
+    }
+    Some(p)
+}
+
+fn status_only(status: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync());
+    *resp.status_mut() = status;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_on_the_same_host_only() {
+        assert_eq!(
+            same_host_path("a.b", "/x/y", "z?q=1").as_deref(),
+            Some("/x/z?q=1")
+        );
+        assert_eq!(
+            same_host_path("a.b", "/x", "http://a.b:8080/p").as_deref(),
+            Some("/p")
+        );
+        assert_eq!(same_host_path("a.b", "/x", "https://evil.example/p"), None);
+    }
+}
+
+/// The cache buster's target (`[cache_buster]`): a purge evicts every variant of the URL.
+impl crate::purge::Purge for CoreCache {
+    fn purge(&self, host: &str, path_and_query: &str) -> usize {
+        CoreCache::purge(self, host, path_and_query)
+    }
+}

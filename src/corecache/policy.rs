@@ -1,0 +1,287 @@
+//! The decisions around the `http-cache-semantics` policy: what may be stored (its rules plus
+//! this edge's privacy rules), what may be served stale, and the header work it leaves to us.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, StatusCode};
+use http_cache_semantics::{CacheOptions, CachePolicy};
+
+use super::store::Meta;
+
+/// Cookies that carry a Mastodon (Rails/Devise) session.
+const SESSION_COOKIES: [&str; 3] = ["_session_id", "_mastodon_session", "remember_user_token"];
+
+/// Statuses the policy crate stores by its own rules; others are stored only with explicit
+/// freshness (RFC 9111 §3: any final status the cache understands), see [`build`].
+const CRATE_STATUSES: [u16; 14] = [
+    200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501,
+];
+
+/// Response headers never updated from a 304 (the body is the stored one).
+const KEEP_ON_304: [&str; 4] = [
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "content-range",
+];
+
+/// Why a request is not answered from another requester's entry, if it is not.
+pub fn private_request(headers: &HeaderMap) -> Option<&'static str> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return Some("authorization");
+    }
+    if headers.contains_key("signature") {
+        return Some("signature");
+    }
+    let session = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.split('=').next())
+        .any(|name| SESSION_COOKIES.contains(&name.trim()));
+    session.then_some("session cookie")
+}
+
+/// A Cache-Control directive's presence and value.
+pub fn directive<'a>(headers: &'a HeaderMap, name: &str) -> Option<Option<&'a str>> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|d| {
+            let mut kv = d.splitn(2, '=');
+            let k = kv.next()?.trim();
+            k.eq_ignore_ascii_case(name)
+                .then(|| kv.next().map(|v| v.trim().trim_matches('"')))
+        })
+}
+
+fn seconds(headers: &HeaderMap, name: &str) -> Option<Duration> {
+    directive(headers, name)
+        .flatten()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The request as the policy sees it: `GET` (a HEAD is answered from a GET's entry), the
+/// path, the client's headers.
+pub fn policy_request(path: &str, headers: &HeaderMap) -> http::request::Parts {
+    let (mut parts, ()) = http::Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .body(())
+        .unwrap_or_else(|_| http::Request::new(()))
+        .into_parts();
+    parts.headers = headers.clone();
+    parts
+}
+
+/// The meta of a response to store, or None when it may not be stored.
+/// `private`: the request carried a session cookie or a `Signature` (its response is stored
+/// only when it says `public` or `s-maxage`; `Authorization` follows RFC 9111 §3.5 in the
+/// crate).
+pub fn build(
+    host: &str,
+    path: &str,
+    req: &http::request::Parts,
+    private: Option<&str>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Option<Meta> {
+    let code = status.as_u16();
+    if code < 200 || code == 206 || code == 304 {
+        return None;
+    }
+    // Never shared: it would hand one client's cookie to others.
+    if headers.contains_key(header::SET_COOKIE) {
+        return None;
+    }
+    let explicit_public =
+        directive(headers, "public").is_some() || directive(headers, "s-maxage").is_some();
+    if matches!(private, Some("signature" | "session cookie")) && !explicit_public {
+        return None;
+    }
+    if directive(headers, "no-store").is_some() && directive(headers, "must-understand").is_none()
+    {
+        return None;
+    }
+    // The crate stores only the statuses it lists; RFC 9111 lets a cache store any final
+    // status with explicit freshness. Such a response is judged as a 200 (the heuristics
+    // for default-cacheable statuses never apply: it has explicit freshness) and served
+    // with its own status, kept in the meta.
+    let judged = if CRATE_STATUSES.contains(&code) {
+        status
+    } else {
+        let explicit = directive(headers, "max-age").is_some()
+            || directive(headers, "s-maxage").is_some()
+            || headers.contains_key(header::EXPIRES);
+        if !explicit || directive(headers, "must-understand").is_some() {
+            return None;
+        }
+        StatusCode::OK
+    };
+    let (mut resp, ()) = http::Response::new(()).into_parts();
+    resp.status = judged;
+    resp.headers = headers.clone();
+    let policy = CachePolicy::new_options(req, &resp, now, CacheOptions::default());
+    if !policy.is_storable() {
+        return None;
+    }
+    // Credentials are not kept on disk: the policy is made again without them (a stored
+    // response with `Vary` on one of them then matches only requests without it).
+    let mut clean = policy_request(path, &req.headers);
+    for h in ["authorization", "cookie", "signature"] {
+        clean.headers.remove(h);
+    }
+    let policy = CachePolicy::new_options(&clean, &resp, now, CacheOptions::default());
+    Some(Meta {
+        host: host.to_owned(),
+        path: path.to_owned(),
+        status: code,
+        headers: headers.clone(),
+        fresh_until: now + policy.time_to_live(now),
+        policy,
+        len: 0,
+    })
+}
+
+/// The stored meta after a 304: the 304's headers replace the stored ones of the same name
+/// (RFC 9111 §3.2), and the policy is made again from the result.
+pub fn updated(
+    meta: &Meta,
+    req: &http::request::Parts,
+    not_modified: &HeaderMap,
+    now: SystemTime,
+) -> Meta {
+    let mut headers = meta.headers.clone();
+    headers.remove(header::AGE);
+    let names: Vec<HeaderName> = not_modified.keys().cloned().collect();
+    for name in names {
+        if KEEP_ON_304.contains(&name.as_str()) {
+            continue;
+        }
+        headers.remove(&name);
+        for v in not_modified.get_all(&name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+    build(&meta.host, &meta.path, req, None, status, &headers, now).unwrap_or_else(|| {
+        // No longer storable by its new headers: keep the body, but never fresh again.
+        let mut m = meta.clone();
+        m.headers = headers;
+        m.fresh_until = SystemTime::UNIX_EPOCH;
+        m
+    })
+}
+
+impl Meta {
+    /// How long past its freshness the entry is at `now` (zero while fresh).
+    pub fn staleness(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.fresh_until).unwrap_or_default()
+    }
+
+    /// Whether a stored response may ever be served stale (RFC 9111 §4.2.4, §5.2.2:
+    /// `must-revalidate`, `proxy-revalidate`, `no-cache` and `s-maxage` forbid it).
+    fn may_serve_stale(&self) -> bool {
+        ["must-revalidate", "proxy-revalidate", "no-cache", "s-maxage"]
+            .iter()
+            .all(|d| directive(&self.headers, d).is_none())
+    }
+
+    /// `stale-while-revalidate` allows serving it now, revalidating in the background.
+    pub fn stale_while_revalidate(&self, now: SystemTime) -> bool {
+        self.may_serve_stale()
+            && seconds(&self.headers, "stale-while-revalidate")
+                .is_some_and(|w| self.staleness(now) <= w)
+    }
+
+    /// `stale-if-error` allows serving it now that core failed.
+    pub fn stale_if_error(&self, now: SystemTime) -> bool {
+        self.may_serve_stale()
+            && seconds(&self.headers, "stale-if-error").is_some_and(|w| self.staleness(now) <= w)
+    }
+}
+
+/// Whether a client's conditional request is satisfied by the stored response (RFC 9110
+/// §13.1.2, §13.1.3; weak comparison for If-None-Match).
+pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
+    if let Some(inm) = req
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return inm.trim() == "*" || inm.split(',').any(|t| bare(t) == bare(etag));
+    }
+    let since = req
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let modified = stored
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((since, modified), (Some(s), Some(m)) if m <= s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn credentials_make_a_request_private() {
+        assert_eq!(
+            private_request(&map(&[("authorization", "Bearer x")])),
+            Some("authorization")
+        );
+        assert_eq!(
+            private_request(&map(&[("signature", "keyId=\"a\"")])),
+            Some("signature")
+        );
+        assert_eq!(
+            private_request(&map(&[("cookie", "theme=dark; _mastodon_session=abc")])),
+            Some("session cookie")
+        );
+        assert_eq!(private_request(&map(&[("cookie", "theme=dark")])), None);
+    }
+
+    #[test]
+    fn set_cookie_private_and_no_store_are_not_stored() {
+        let now = SystemTime::now();
+        let req = policy_request("/x", &HeaderMap::new());
+        let ok = map(&[("cache-control", "public, max-age=60")]);
+        assert!(build("h", "/x", &req, None, StatusCode::OK, &ok, now).is_some());
+        for bad in [
+            map(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]),
+            map(&[("cache-control", "private, max-age=60")]),
+            map(&[("cache-control", "no-store, max-age=60")]),
+        ] {
+            assert!(build("h", "/x", &req, None, StatusCode::OK, &bad, now).is_none());
+        }
+        let plain = map(&[("cache-control", "max-age=60")]);
+        assert!(build("h", "/x", &req, Some("session cookie"), StatusCode::OK, &plain, now).is_none());
+        assert!(build("h", "/x", &req, Some("signature"), StatusCode::OK, &ok, now).is_some());
+        // Other statuses only with explicit freshness.
+        let code = StatusCode::from_u16(599).unwrap();
+        assert!(build("h", "/x", &req, None, code, &plain, now).is_some());
+        assert!(build("h", "/x", &req, None, code, &HeaderMap::new(), now).is_none());
+    }
+}

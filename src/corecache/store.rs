@@ -1,0 +1,317 @@
+//! The core cache on disk: one body file and one meta file per stored response (variant),
+//! an in-memory index by URL (host + path and query), least recently used first out when
+//! the bodies pass `max_size`.
+//!
+//! Layout under `dir`: `objects/<hh>/<id>.body` and `<id>.meta` (JSON [`Meta`]), `tmp/` for
+//! bodies being written (cleared at start). A body is written whole to a temp file and
+//! renamed into place, its meta written (temp + rename) before it: a crash leaves either a
+//! whole entry or an orphan that the start removes; nothing partial is ever indexed.
+//!
+//! Why not the media cache's index (`crate::cache`): that one is keyed by one media `Key` per
+//! object, verifies MD5s and keeps a memory tier; here one URL holds several variants (Vary)
+//! and entries carry an HTTP cache policy. The shape is the same (LRU by bytes through the
+//! `lru` crate, no disk I/O under the index lock, temp + rename, `write_atomic`).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::HeaderMap;
+use http_cache_semantics::CachePolicy;
+use lru::LruCache;
+use md5::{Digest, Md5};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+
+/// An entry's name on disk: 32 hex digits.
+pub type Id = String;
+
+/// What is stored beside a body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// Host, lower case, without port.
+    pub host: String,
+    /// Path and query.
+    pub path: String,
+    /// The response's status.
+    pub status: u16,
+    /// The response's headers as stored (hop-by-hop removed; updated by 304s).
+    #[serde(with = "http_serde::header_map")]
+    pub headers: HeaderMap,
+    /// The policy (request and response as they decide reuse).
+    pub policy: CachePolicy,
+    /// Body length.
+    pub len: u64,
+    /// When it stops being fresh.
+    pub fresh_until: SystemTime,
+}
+
+/// A stored response as the index holds it.
+#[derive(Clone)]
+pub struct Entry {
+    /// Its name on disk.
+    pub id: Id,
+    /// Its meta.
+    pub meta: Arc<Meta>,
+}
+
+struct Index {
+    lru: LruCache<Id, Arc<Meta>>,
+    by_url: HashMap<String, Vec<Id>>,
+    bytes: u64,
+}
+
+/// The disk store and its index.
+pub struct Store {
+    dir: PathBuf,
+    max_size: u64,
+    index: Mutex<Index>,
+    counter: AtomicU64,
+    metrics: Metrics,
+}
+
+/// The index key of a URL.
+pub fn url_key(host: &str, path: &str) -> String {
+    format!("{host}\n{path}")
+}
+
+impl Store {
+    /// Opens `dir` (created if missing), clears `tmp/`, and indexes what is there (oldest
+    /// body mtime first out); entries whose body is missing or of the wrong length, and
+    /// orphans, are removed.
+    pub fn open(dir: &Path, max_size: u64, metrics: Metrics) -> io::Result<Store> {
+        std::fs::create_dir_all(dir.join("objects"))?;
+        crate::cache::clear_dir(&dir.join("tmp"));
+        let store = Store {
+            dir: dir.to_owned(),
+            max_size,
+            index: Mutex::new(Index {
+                lru: LruCache::unbounded(),
+                by_url: HashMap::new(),
+                bytes: 0,
+            }),
+            counter: AtomicU64::new(0),
+            metrics,
+        };
+        let mut found: Vec<(SystemTime, Id, Meta)> = Vec::new();
+        for e in walkdir::WalkDir::new(dir.join("objects"))
+            .min_depth(2)
+            .max_depth(2)
+            .into_iter()
+            .flatten()
+        {
+            let p = e.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if let Some(id) = name.strip_suffix(".meta") {
+                let body = p.with_extension("body");
+                let loaded = std::fs::read(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+                let body_meta = std::fs::metadata(&body).ok();
+                match (loaded, body_meta) {
+                    (Some(m), Some(b)) if b.len() == m.len => {
+                        let t = b.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((t, id.to_owned(), m));
+                    }
+                    _ => {
+                        let _ = std::fs::remove_file(p);
+                        let _ = std::fs::remove_file(&body);
+                    }
+                }
+            } else if let Some(stem) = name.strip_suffix(".body") {
+                if !p.with_file_name(format!("{stem}.meta")).exists() {
+                    let _ = std::fs::remove_file(p);
+                }
+            } else {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        found.sort_by_key(|(t, _, _)| *t);
+        let mut gone = Vec::new();
+        {
+            let mut index = store.index.lock();
+            for (_, id, meta) in found {
+                gone.extend(store.insert_locked(&mut index, id, Arc::new(meta), &[]));
+            }
+        }
+        store.unlink(&gone);
+        store.report();
+        Ok(store)
+    }
+
+    /// The directory for bodies being written.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Largest body stored.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    fn path_of(&self, id: &str, ext: &str) -> PathBuf {
+        self.dir
+            .join("objects")
+            .join(&id[..2])
+            .join(format!("{id}.{ext}"))
+    }
+
+    /// A new entry name.
+    pub fn new_id(&self, key: &str) -> Id {
+        let mut h = Md5::new();
+        h.update(key.as_bytes());
+        h.update(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+                .to_le_bytes(),
+        );
+        h.update(self.counter.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        h.update(std::process::id().to_le_bytes());
+        hex::encode(h.finalize())
+    }
+
+    /// The variants stored for a URL, most recently stored first.
+    pub fn variants(&self, host: &str, path: &str) -> Vec<Entry> {
+        let index = self.index.lock();
+        let Some(ids) = index.by_url.get(&url_key(host, path)) else {
+            return Vec::new();
+        };
+        ids.iter()
+            .rev()
+            .filter_map(|id| {
+                index.lru.peek(id).map(|m| Entry {
+                    id: id.clone(),
+                    meta: m.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Marks a use (LRU order).
+    pub fn touch(&self, id: &str) {
+        self.index.lock().lru.promote(id);
+    }
+
+    /// Opens a stored body.
+    pub async fn open_body(&self, id: &str) -> io::Result<tokio::fs::File> {
+        tokio::fs::File::open(self.path_of(id, "body")).await
+    }
+
+    /// Stores a whole body (a temp file in `tmp_dir`) and its meta, replacing the entries in
+    /// `replaces`. Blocking: call from a blocking thread.
+    pub fn insert(&self, tmp: tempfile::TempPath, meta: Meta, replaces: &[Id]) -> io::Result<()> {
+        let key = url_key(&meta.host, &meta.path);
+        let id = self.new_id(&key);
+        let meta_path = self.path_of(&id, "meta");
+        std::fs::create_dir_all(meta_path.parent().expect("a parent"))?;
+        crate::cache::write_atomic(&meta_path, &serde_json::to_vec(&meta)?)?;
+        if let Err(e) = tmp.persist(self.path_of(&id, "body")) {
+            let _ = std::fs::remove_file(&meta_path);
+            return Err(e.error);
+        }
+        let gone = {
+            let mut index = self.index.lock();
+            self.insert_locked(&mut index, id, Arc::new(meta), replaces)
+        };
+        self.unlink(&gone);
+        self.report();
+        Ok(())
+    }
+
+    /// Replaces the meta of a stored entry (headers updated by a 304). Blocking.
+    pub fn update(&self, id: &str, meta: Meta) -> io::Result<()> {
+        if self.index.lock().lru.peek(id).is_none() {
+            return Ok(()); // evicted or purged meanwhile
+        }
+        crate::cache::write_atomic(&self.path_of(id, "meta"), &serde_json::to_vec(&meta)?)?;
+        let mut index = self.index.lock();
+        if let Some(m) = index.lru.get_mut(id) {
+            *m = Arc::new(meta);
+        }
+        Ok(())
+    }
+
+    /// Removes every variant of a URL; returns how many there were.
+    pub fn remove_url(&self, host: &str, path: &str) -> usize {
+        let gone: Vec<Id> = {
+            let mut index = self.index.lock();
+            let ids = index
+                .by_url
+                .remove(&url_key(host, path))
+                .unwrap_or_default();
+            for id in &ids {
+                if let Some(m) = index.lru.pop(id) {
+                    index.bytes -= m.len;
+                }
+            }
+            ids
+        };
+        self.unlink(&gone);
+        self.report();
+        gone.len()
+    }
+
+    /// Bytes and entries held.
+    pub fn usage(&self) -> (u64, usize) {
+        let index = self.index.lock();
+        (index.bytes, index.lru.len())
+    }
+
+    /// Inserts under the lock; returns the ids whose files must go (replaced, evicted).
+    fn insert_locked(
+        &self,
+        index: &mut Index,
+        id: Id,
+        meta: Arc<Meta>,
+        replaces: &[Id],
+    ) -> Vec<Id> {
+        let mut gone = Vec::new();
+        let key = url_key(&meta.host, &meta.path);
+        for old in replaces {
+            if let Some(m) = index.lru.pop(old) {
+                index.bytes -= m.len;
+                gone.push(old.clone());
+            }
+        }
+        if let Some(ids) = index.by_url.get_mut(&key) {
+            ids.retain(|i| !replaces.contains(i));
+        }
+        index.bytes += meta.len;
+        index.lru.put(id.clone(), meta);
+        index.by_url.entry(key).or_default().push(id);
+        while index.bytes > self.max_size {
+            let Some((old, m)) = index.lru.pop_lru() else {
+                break;
+            };
+            index.bytes -= m.len;
+            let k = url_key(&m.host, &m.path);
+            if let Some(ids) = index.by_url.get_mut(&k) {
+                ids.retain(|i| *i != old);
+                if ids.is_empty() {
+                    index.by_url.remove(&k);
+                }
+            }
+            gone.push(old);
+        }
+        gone
+    }
+
+    fn unlink(&self, ids: &[Id]) {
+        for id in ids {
+            let _ = std::fs::remove_file(self.path_of(id, "meta"));
+            let _ = std::fs::remove_file(self.path_of(id, "body"));
+        }
+    }
+
+    fn report(&self) {
+        let (bytes, n) = self.usage();
+        self.metrics.set_core_cache(bytes, n as u64);
+    }
+}
