@@ -119,16 +119,28 @@ pub struct TeeBody {
 }
 
 impl TeeBody {
-    /// `limit`: largest body kept; `expected`: the response's `Content-Length`.
-    pub fn new(inner: Body, limit: u64, expected: Option<u64>, commit: Commit) -> TeeBody {
-        TeeBody {
+    /// `limit`: largest body kept; `expected`: the response's `Content-Length`;
+    /// `bodiless`: a response without a body (204, `Content-Length: 0`), stored at once
+    /// (hyper may never poll its body).
+    pub fn new(
+        inner: Body,
+        limit: u64,
+        expected: Option<u64>,
+        commit: Commit,
+        bodiless: bool,
+    ) -> TeeBody {
+        let mut tee = TeeBody {
             inner,
             chunks: Vec::new(),
             len: 0,
             limit,
             expected,
             commit: Some(commit),
+        };
+        if bodiless {
+            tee.commit_now();
         }
+        tee
     }
 }
 

@@ -82,7 +82,15 @@ impl CoreCache {
     }
 
     /// Answers one request to core's web pool.
-    pub async fn handle(self: &Arc<Self>, proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
+        req.headers_mut().insert(
+            "surrogate-capability",
+            HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
+        );
         let host = req
             .headers()
             .get(header::HOST)
@@ -228,7 +236,9 @@ impl CoreCache {
         let now = SystemTime::now();
         match result {
             Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
-                if !same_validator(resp.headers(), &e.meta.headers) {
+                let own = req.headers().contains_key(header::IF_NONE_MATCH)
+                    || req.headers().contains_key(header::IF_MODIFIED_SINCE);
+                if own && !same_validator(resp.headers(), &e.meta.headers) {
                     // The client's own validator matched, not the stored one.
                     return self.finish(resp, CacheStatus::Miss);
                 }
@@ -284,9 +294,8 @@ impl CoreCache {
         let now = SystemTime::now();
         match result {
             Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
-                if same_validator(resp.headers(), &e.meta.headers) {
-                    self.update(&e, &preq, resp.headers(), now).await;
-                }
+                // Only this edge's validators were sent: the 304 is about the stored entry.
+                self.update(&e, &preq, resp.headers(), now).await;
             }
             Ok(resp) if !resp.status().is_server_error() => {
                 let ctx = Ctx {
@@ -366,7 +375,8 @@ impl CoreCache {
             replaces,
             guard,
         };
-        let resp = resp.map(|b| TeeBody::new(b, limit, expected, commit).boxed_unsync());
+        let bodiless = resp.status() == StatusCode::NO_CONTENT || expected == Some(0);
+        let resp = resp.map(|b| TeeBody::new(b, limit, expected, commit, bodiless).boxed_unsync());
         self.finish(resp, status)
     }
 
@@ -440,6 +450,8 @@ impl CoreCache {
 
     fn finish(&self, mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
         self.metrics.core_cache(status);
+        // Meant for surrogates (this edge), not for clients.
+        resp.headers_mut().remove("surrogate-control");
         resp.headers_mut()
             .insert("x-cache-status", HeaderValue::from_static(status.as_str()));
         resp

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
@@ -19,12 +19,84 @@ const CRATE_STATUSES: [u16; 14] = [
 ];
 
 /// Response headers never updated from a 304 (the body is the stored one).
-const KEEP_ON_304: [&str; 4] = [
+const KEEP_ON_304: [&str; 6] = [
+    "etag",
     "content-length",
     "content-encoding",
     "transfer-encoding",
     "content-range",
+    "content-md5",
 ];
+
+/// This edge's name as a surrogate (Edge Architecture 1.0): `Surrogate-Control`
+/// directives targeted at it (`;fediedge`) or at no one apply; it announces itself to core
+/// with `Surrogate-Capability` ([`SURROGATE_CAPABILITY`]).
+pub const SURROGATE: &str = "fediedge";
+/// The `Surrogate-Capability` value sent to core.
+pub const SURROGATE_CAPABILITY: &str = "fediedge=\"Surrogate/1.0\"";
+
+/// An `Age` the policy takes as "older than anything": malformed `Age` values make a
+/// response stale rather than fresh (the safe reading).
+const AGE_INVALID: &str = "2147483648";
+
+/// The response headers as the policy judges them: Cache-Control directive names in lower
+/// case (the crate compares them as written), a malformed `Age` taken as very old, and
+/// `Surrogate-Control` (for this surrogate) overriding Cache-Control and Expires. None when
+/// `Surrogate-Control: no-store` forbids storing.
+fn judged_headers(headers: &HeaderMap) -> Option<HeaderMap> {
+    let mut h = headers.clone();
+    let cc: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| match d.split_once('=') {
+            Some((k, v)) => format!("{}={}", k.trim().to_ascii_lowercase(), v.trim()),
+            None => d.trim().to_ascii_lowercase(),
+        })
+        .filter(|d| !d.is_empty())
+        .collect();
+    h.remove(header::CACHE_CONTROL);
+    if !cc.is_empty() {
+        if let Ok(v) = cc.join(", ").parse() {
+            h.insert(header::CACHE_CONTROL, v);
+        }
+    }
+    let ages: Vec<&HeaderValue> = headers.get_all(header::AGE).iter().collect();
+    let valid = matches!(ages.as_slice(), [one] if !one.is_empty() && one.as_bytes().iter().all(u8::is_ascii_digit));
+    if !ages.is_empty() && !valid {
+        h.insert(header::AGE, HeaderValue::from_static(AGE_INVALID));
+    }
+    let mut surrogate_max_age = None;
+    for d in headers
+        .get_all("surrogate-control")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        let (d, target) = match d.split_once(';') {
+            Some((d, t)) => (d, Some(t.trim())),
+            None => (d, None),
+        };
+        if target.is_some_and(|t| !t.eq_ignore_ascii_case(SURROGATE)) {
+            continue;
+        }
+        let d = d.trim().to_ascii_lowercase();
+        if d == "no-store" {
+            return None;
+        }
+        if let Some(v) = d.strip_prefix("max-age=") {
+            if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                surrogate_max_age = Some(v.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31));
+            }
+        }
+    }
+    if let Some(n) = surrogate_max_age {
+        h.insert(header::CACHE_CONTROL, format!("max-age={n}").parse().ok()?);
+        h.remove(header::EXPIRES);
+    }
+    Some(h)
+}
 
 /// Why a request is not answered from another requester's entry, if it is not.
 pub fn private_request(headers: &HeaderMap) -> Option<&'static str> {
@@ -105,10 +177,7 @@ pub fn build(
     if matches!(private, Some("signature" | "session cookie")) && !explicit_public {
         return None;
     }
-    if directive(headers, "no-store").is_some() && directive(headers, "must-understand").is_none()
-    {
-        return None;
-    }
+
     // The crate stores only the statuses it lists; RFC 9111 lets a cache store any final
     // status with explicit freshness. Such a response is judged as a 200 (the heuristics
     // for default-cacheable statuses never apply: it has explicit freshness) and served
@@ -126,7 +195,7 @@ pub fn build(
     };
     let (mut resp, ()) = http::Response::new(()).into_parts();
     resp.status = judged;
-    resp.headers = headers.clone();
+    resp.headers = judged_headers(headers)?;
     let policy = CachePolicy::new_options(req, &resp, now, CacheOptions::default());
     if !policy.is_storable() {
         return None;
@@ -138,11 +207,13 @@ pub fn build(
         clean.headers.remove(h);
     }
     let policy = CachePolicy::new_options(&clean, &resp, now, CacheOptions::default());
+    let mut headers = headers.clone();
+    headers.remove("surrogate-control");
     Some(Meta {
         host: host.to_owned(),
         path: path.to_owned(),
         status: code,
-        headers: headers.clone(),
+        headers,
         fresh_until: now + policy.time_to_live(now),
         policy,
         len: 0,
