@@ -379,7 +379,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Health checks; at shutdown, the WebSocket tunnels are closed.
         tasks.push(tokio::spawn(p.background(stop.clone())));
     }
-    let core_cache = match config.core.as_ref().and_then(|c| c.cache.as_ref().map(|k| (c, k))) {
+    let core_cache = match config
+        .core
+        .as_ref()
+        .and_then(|c| c.cache.as_ref().map(|k| (c, k)))
+    {
         Some((core, c)) => Some(
             crate::corecache::CoreCache::open(c, core.first_byte_timeout, metrics.clone())
                 .with_context(|| format!("cannot open core.cache.dir {}", c.dir.display()))?,

@@ -320,10 +320,19 @@ mod tests {
         assert_eq!(cache.max_size, 1 << 30);
         assert_eq!(cache.dir, Path::new("/var/cache/fediedge-core"));
         for (extra, key) in [
-            ("[core.cache]\ndir = \"/x\"\nmax_size = \"0B\"\n", "core.cache.max_size"),
-            ("[core.cache]\ndir = \"\"\nmax_size = \"1MiB\"\n", "core.cache.dir"),
+            (
+                "[core.cache]\ndir = \"/x\"\nmax_size = \"0B\"\n",
+                "core.cache.max_size",
+            ),
+            (
+                "[core.cache]\ndir = \"\"\nmax_size = \"1MiB\"\n",
+                "core.cache.dir",
+            ),
             ("[core.cache]\ndir = \"/x\"\n", "max_size"),
-            ("[core.cache]\ndir = \"/x\"\nmax_size = \"1MiB\"\nttl = 3\n", "ttl"),
+            (
+                "[core.cache]\ndir = \"/x\"\nmax_size = \"1MiB\"\nttl = 3\n",
+                "ttl",
+            ),
         ] {
             let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");

@@ -185,7 +185,10 @@ impl CoreCache {
                                 .await
                         });
                     }
-                    if let Some(r) = self.serve(&e, req.headers(), head, CacheStatus::Stale).await {
+                    if let Some(r) = self
+                        .serve(&e, req.headers(), head, CacheStatus::Stale)
+                        .await
+                    {
                         return r;
                     }
                 }
@@ -206,9 +209,7 @@ impl CoreCache {
                 Join::Follower(_) => None,
             };
             return match stale {
-                Some((e, request)) => {
-                    self.revalidate(proxy, ctx, req, e, request, guard).await
-                }
+                Some((e, request)) => self.revalidate(proxy, ctx, req, e, request, guard).await,
                 None => {
                     let result = proxy.send(Kind::Web, req).await;
                     match result {

@@ -259,9 +259,14 @@ impl Meta {
     /// Whether a stored response may ever be served stale (RFC 9111 §4.2.4, §5.2.2:
     /// `must-revalidate`, `proxy-revalidate`, `no-cache` and `s-maxage` forbid it).
     fn may_serve_stale(&self) -> bool {
-        ["must-revalidate", "proxy-revalidate", "no-cache", "s-maxage"]
-            .iter()
-            .all(|d| directive(&self.headers, d).is_none())
+        [
+            "must-revalidate",
+            "proxy-revalidate",
+            "no-cache",
+            "s-maxage",
+        ]
+        .iter()
+        .all(|d| directive(&self.headers, d).is_none())
     }
 
     /// `stale-while-revalidate` allows serving it now, revalidating in the background.
@@ -281,10 +286,7 @@ impl Meta {
 /// Whether a client's conditional request is satisfied by the stored response (RFC 9110
 /// §13.1.2, §13.1.3; weak comparison for If-None-Match).
 pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
-    if let Some(inm) = req
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
         };
@@ -348,7 +350,16 @@ mod tests {
             assert!(build("h", "/x", &req, None, StatusCode::OK, &bad, now).is_none());
         }
         let plain = map(&[("cache-control", "max-age=60")]);
-        assert!(build("h", "/x", &req, Some("session cookie"), StatusCode::OK, &plain, now).is_none());
+        assert!(build(
+            "h",
+            "/x",
+            &req,
+            Some("session cookie"),
+            StatusCode::OK,
+            &plain,
+            now
+        )
+        .is_none());
         assert!(build("h", "/x", &req, Some("signature"), StatusCode::OK, &ok, now).is_some());
         // Other statuses only with explicit freshness.
         let code = StatusCode::from_u16(599).unwrap();

@@ -3,6 +3,7 @@
 mod cli;
 mod cluster;
 mod common;
+mod corecache;
 mod destination;
 mod disk;
 mod doctor;

@@ -1,0 +1,713 @@
+//! The core cache (issue 9 §1, §3, §4) against a real in-process core: a raw HTTP/1.1
+//! server whose answers each test scripts per request (headers, body, a cut mid-body, a
+//! hang, a gate held until the test opens it), counting what reaches it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::common::{client, eventually, TestEdge};
+use crate::proxy::{edge_with_core, CORE, WAIT};
+
+/// What core answers to one request.
+#[derive(Clone, Default)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// Close the connection after this many body bytes (announcing the whole length).
+    cut_after: Option<usize>,
+    /// Read the request, never answer.
+    hang: bool,
+    /// Hold the answer until this turns true.
+    gate: Option<watch::Receiver<bool>>,
+}
+
+fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
+    Reply {
+        status,
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        body: body.as_bytes().to_vec(),
+        ..Reply::default()
+    }
+}
+
+/// A request as core saw it: method, path, headers (lower-case names).
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+}
+
+type Script = Arc<dyn Fn(&Seen, usize) -> Reply + Send + Sync>;
+
+/// A scripted core. `script(request, n)` answers the n-th request (1-based) to its path.
+struct Core {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    script: Arc<Mutex<Script>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Core {
+    async fn start(script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Core {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let script: Arc<Mutex<Script>> = Arc::new(Mutex::new(Arc::new(script)));
+        let (s, sc) = (seen.clone(), script.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (s, sc) = (s.clone(), sc.clone());
+                tokio::spawn(async move { serve_conn(stream, s, sc).await });
+            }
+        });
+        Core {
+            addr,
+            seen,
+            script,
+            task,
+        }
+    }
+
+    /// Requests that reached core for `path`.
+    fn count(&self, path: &str) -> usize {
+        self.seen.lock().iter().filter(|s| s.path == path).count()
+    }
+
+    fn last(&self, path: &str) -> Seen {
+        self.seen
+            .lock()
+            .iter()
+            .rev()
+            .find(|s| s.path == path)
+            .cloned()
+            .expect("a request reached core")
+    }
+
+    fn set(&self, script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) {
+        *self.script.lock() = Arc::new(script);
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_conn(
+    mut stream: tokio::net::TcpStream,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    script: Arc<Mutex<Script>>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let method = first.next().unwrap_or("").to_owned();
+        let path = first.next().unwrap_or("").to_owned();
+        let headers: HashMap<String, String> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let body_len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + body_len {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + body_len);
+        let req = Seen {
+            method,
+            path: path.clone(),
+            headers,
+        };
+        let n = {
+            let mut seen = seen.lock();
+            seen.push(req.clone());
+            seen.iter().filter(|s| s.path == path).count()
+        };
+        let r = (script.lock().clone())(&req, n);
+        if r.hang {
+            let _ = stream.read(&mut chunk).await;
+            std::future::pending::<()>().await;
+        }
+        if let Some(mut gate) = r.gate.clone() {
+            let _ = gate.wait_for(|open| *open).await;
+        }
+        let mut out = format!(
+            "HTTP/1.1 {} X\r\ncontent-length: {}\r\n",
+            r.status,
+            r.body.len()
+        );
+        for (k, v) in &r.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        let body = match r.cut_after {
+            Some(n) => &r.body[..n],
+            None => &r.body[..],
+        };
+        if req.method != "HEAD" {
+            bytes.extend_from_slice(body);
+        }
+        if stream.write_all(&bytes).await.is_err() {
+            return;
+        }
+        if r.cut_after.is_some() {
+            let _ = stream.flush().await;
+            return; // closed mid-body
+        }
+    }
+}
+
+fn cache_conf(dir: &std::path::Path, max_size: &str, extra: &str) -> String {
+    format!(
+        "{extra}[core.cache]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n",
+        dir.join("core-cache").display()
+    )
+}
+
+async fn edge(dir: &std::path::Path, core: &Core, extra: &str) -> TestEdge {
+    edge_with_core(dir, &[core.addr], &cache_conf(dir, "16MiB", extra)).await
+}
+
+/// GET from the edge as the instance's host; `(status, X-Cache-Status, body)`.
+async fn fetch(edge: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut r = crate::proxy::get(edge, CORE, path);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let cache = resp
+        .headers()
+        .get("x-cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, cache, resp.text().await.unwrap())
+}
+
+fn hs<'a>(s: &'a Seen, name: &str) -> &'a str {
+    s.headers.get(name).map(String::as_str).unwrap_or("")
+}
+
+#[tokio::test]
+async fn credentials_never_get_or_leave_another_requesters_entry() {
+    // Core answers each requester by its credentials, cacheable but not `public`.
+    let core = Core::start(|s, _| {
+        let who = [hs(s, "authorization"), hs(s, "cookie"), hs(s, "signature")]
+            .into_iter()
+            .find(|v| !v.is_empty())
+            .unwrap_or("anonymous")
+            .to_owned();
+        reply(
+            200,
+            &[("cache-control", "max-age=600")],
+            &format!("for {who}"),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    let p = "/api/v1/timelines/home";
+
+    // A response to a request with credentials is not stored for others…
+    for creds in [
+        ("authorization", "Bearer alice"),
+        ("cookie", "_mastodon_session=alice"),
+        ("cookie", "_session_id=alice"),
+        ("signature", "keyId=\"https://a.example/actor#main-key\""),
+    ] {
+        let (st, cache, body) = fetch(&edge, p, &[creds]).await;
+        assert_eq!((st, cache.as_str()), (200, "BYPASS"));
+        assert_eq!(body, format!("for {}", creds.1));
+    }
+    assert_eq!(core.count(p), 4);
+    let (_, cache, body) = fetch(&edge, p, &[]).await;
+    assert_eq!((cache.as_str(), body.as_str()), ("MISS", "for anonymous"));
+    assert_eq!(core.count(p), 5, "no credentialed response was stored");
+    let (_, cache, body) = fetch(&edge, p, &[]).await;
+    assert_eq!((cache.as_str(), body.as_str()), ("HIT", "for anonymous"));
+
+    // …and requests with credentials are never answered from the anonymous entry.
+    for creds in [
+        ("authorization", "Bearer bob"),
+        ("cookie", "theme=dark; _mastodon_session=bob"),
+        ("signature", "keyId=\"https://b.example/actor#main-key\""),
+    ] {
+        let (_, cache, body) = fetch(&edge, p, &[creds]).await;
+        assert_eq!(cache, "BYPASS");
+        assert_eq!(body, format!("for {}", creds.1));
+    }
+    assert_eq!(core.count(p), 8);
+
+    // A response that says `public` to an Authorization request may be shared (RFC 9111
+    // §3.5); the credential itself is not kept on disk.
+    core.set(|s, _| {
+        let body = match hs(s, "authorization") {
+            "" => "public, anonymous",
+            _ => "public, with a token",
+        };
+        reply(200, &[("cache-control", "public, max-age=600")], body)
+    });
+    let (_, _, body) = fetch(
+        &edge,
+        "/api/v1/instance",
+        &[("authorization", "Bearer carol")],
+    )
+    .await;
+    assert_eq!(body, "public, with a token");
+    eventually(WAIT, "the public response is stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 2
+    })
+    .await;
+    let (_, cache, body) = fetch(&edge, "/api/v1/instance", &[]).await;
+    assert_eq!(
+        (cache.as_str(), body.as_str()),
+        ("HIT", "public, with a token")
+    );
+    let on_disk = walk_text(&dir.path().join("core-cache"));
+    assert!(
+        !on_disk.contains("Bearer carol"),
+        "a credential was written to disk"
+    );
+
+    // Set-Cookie responses are never stored: each client gets its own cookie.
+    core.set(|_, n| {
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("set-cookie", &format!("_mastodon_session=s{n}")),
+            ],
+            "page",
+        )
+    });
+    for n in 1..=2 {
+        let r = crate::proxy::get(&edge, CORE, "/about")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()["set-cookie"],
+            format!("_mastodon_session=s{n}").as_str()
+        );
+        assert_eq!(r.headers()["x-cache-status"], "MISS");
+    }
+}
+
+fn walk_text(dir: &std::path::Path) -> String {
+    let mut all = String::new();
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_file() {
+            all.push_str(&String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()));
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn html_and_activitypub_json_of_one_url_never_cross() {
+    let core = Core::start(|s, _| {
+        let json = hs(s, "accept").contains("activity+json");
+        let (ct, body) = match json {
+            true => ("application/activity+json", "{\"type\":\"Person\"}"),
+            false => ("text/html", "<html>alice</html>"),
+        };
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("vary", "Accept"),
+                ("content-type", ct),
+            ],
+            body,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    let html = [("accept", "text/html")];
+    let ap = [("accept", "application/activity+json")];
+    for (round, cache) in [(1, "MISS"), (2, "HIT"), (3, "HIT")] {
+        let (_, c, body) = fetch(&edge, "/@alice", &html).await;
+        assert_eq!(
+            (c.as_str(), body.as_str()),
+            (cache, "<html>alice</html>"),
+            "round {round}"
+        );
+        let (_, c, body) = fetch(&edge, "/@alice", &ap).await;
+        assert_eq!(
+            (c.as_str(), body.as_str()),
+            (cache, "{\"type\":\"Person\"}"),
+            "round {round}"
+        );
+        if round == 1 {
+            eventually(WAIT, "both variants stored", || {
+                edge.running.core_cache.as_ref().unwrap().usage().1 == 2
+            })
+            .await;
+        }
+    }
+    assert_eq!(core.count("/@alice"), 2);
+    // The purge hook evicts every variant of the URL.
+    let cache = edge.running.core_cache.as_ref().unwrap();
+    assert_eq!(cache.purge("Example.TEST:443", "/@alice"), 2);
+    let (_, c, _) = fetch(&edge, "/@alice", &ap).await;
+    assert_eq!(c, "MISS");
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_stale_while_core_fails_and_nothing_else() {
+    let core = Core::start(|s, n| match s.path.as_str() {
+        // Already stale when stored: every use revalidates.
+        "/sie" => reply(
+            200,
+            &[
+                ("cache-control", "max-age=0, stale-if-error=3600"),
+                ("etag", "\"v1\""),
+            ],
+            &format!("sie v{n}"),
+        ),
+        "/strict" => reply(
+            200,
+            &[(
+                "cache-control",
+                "max-age=0, must-revalidate, stale-if-error=3600",
+            )],
+            "strict",
+        ),
+        _ => reply(200, &[("cache-control", "max-age=0")], "plain"),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(
+        dir.path(),
+        &core,
+        "first_byte_timeout = \"1s\"\nbreaker_failures = 3\nbreaker_cooldown = \"60s\"\n",
+    )
+    .await;
+    for p in ["/sie", "/strict", "/plain"] {
+        let (st, c, _) = fetch(&edge, p, &[]).await;
+        assert_eq!((st, c.as_str()), (200, "MISS"), "{p}");
+    }
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 3
+    })
+    .await;
+
+    // Core answers 503: stale where stale-if-error allows, the error elsewhere.
+    core.set(|_, _| reply(503, &[], "down"));
+    let (st, c, body) = fetch(&edge, "/sie", &[]).await;
+    assert_eq!((st, c.as_str(), body.as_str()), (200, "STALE", "sie v1"));
+    for p in ["/strict", "/plain"] {
+        let (st, _, body) = fetch(&edge, p, &[]).await;
+        assert_eq!((st, body.as_str()), (503, "down"), "{p}: nothing invented");
+    }
+    // Three failures in a row opened the breaker: core is not asked, stale still served.
+    let before = core.count("/sie");
+    let (st, c, body) = fetch(&edge, "/sie", &[]).await;
+    assert_eq!((st, c.as_str(), body.as_str()), (200, "STALE", "sie v1"));
+    assert_eq!(core.count("/sie"), before, "the breaker is open");
+    let (st, _, _) = fetch(&edge, "/plain", &[]).await;
+    assert_eq!(st, 503, "breaker open, nothing stored may be served");
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_a_core_that_times_out_or_is_gone() {
+    let core = Core::start(|_, n| {
+        reply(
+            200,
+            &[("cache-control", "max-age=0, stale-if-error=3600")],
+            &format!("v{n}"),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "first_byte_timeout = \"1s\"\n").await;
+    assert_eq!(fetch(&edge, "/t", &[]).await.1, "MISS");
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    core.set(|_, _| Reply {
+        hang: true,
+        ..Reply::default()
+    });
+    let (st, c, body) = fetch(&edge, "/t", &[]).await;
+    assert_eq!(
+        (st, c.as_str(), body.as_str()),
+        (200, "STALE", "v1"),
+        "timeout"
+    );
+    drop(core); // refused from now on
+    let (st, c, body) = fetch(&edge, "/t", &[]).await;
+    assert_eq!(
+        (st, c.as_str(), body.as_str()),
+        (200, "STALE", "v1"),
+        "core gone"
+    );
+    let (st, _, _) = fetch(&edge, "/never-stored", &[]).await;
+    assert_eq!(st, 502);
+}
+
+#[tokio::test]
+async fn a_304_revalidates_and_updates_the_stored_headers() {
+    let core = Core::start(|s, n| {
+        if hs(s, "if-none-match").contains("\"e1\"") {
+            return reply(
+                304,
+                &[
+                    ("etag", "\"e1\""),
+                    ("cache-control", "max-age=0"),
+                    ("x-version", &n.to_string()),
+                ],
+                "",
+            );
+        }
+        reply(
+            200,
+            &[
+                ("etag", "\"e1\""),
+                ("cache-control", "max-age=0"),
+                ("x-version", "1"),
+            ],
+            "the body",
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    assert_eq!(fetch(&edge, "/v", &[]).await.1, "MISS");
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    let r = crate::proxy::get(&edge, CORE, "/v").send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "REVALIDATED");
+    assert_eq!(r.headers()["x-version"], "2", "updated from the 304");
+    assert!(r.headers().contains_key("age"));
+    assert_eq!(r.text().await.unwrap(), "the body");
+    assert_eq!(hs(&core.last("/v"), "if-none-match"), "\"e1\"");
+    let r = crate::proxy::get(&edge, CORE, "/v").send().await.unwrap();
+    assert_eq!(r.headers()["x-version"], "3");
+    // A client's own conditional request is answered 304 from the stored entry.
+    let r = crate::proxy::get(&edge, CORE, "/v")
+        .header("if-none-match", "\"e1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_in_the_background() {
+    let core = Core::start(|_, n| {
+        reply(
+            200,
+            &[("cache-control", "max-age=0, stale-while-revalidate=3600")],
+            &format!("v{n}"),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    assert_eq!(fetch(&edge, "/swr", &[]).await.2, "v1");
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    let (_, c, body) = fetch(&edge, "/swr", &[]).await;
+    assert_eq!((c.as_str(), body.as_str()), ("STALE", "v1"));
+    eventually(WAIT, "revalidated in the background", || {
+        core.count("/swr") == 2
+    })
+    .await;
+    let mut last = String::new();
+    for _ in 0..200 {
+        last = fetch(&edge, "/swr", &[]).await.2;
+        if last == "v2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        last, "v2",
+        "the background response replaced the stored one"
+    );
+}
+
+#[tokio::test]
+async fn one_request_per_url_reaches_core() {
+    let (open, gate) = watch::channel(false);
+    let core = Core::start(move |_, _| Reply {
+        gate: Some(gate.clone()),
+        ..reply(200, &[("cache-control", "public, max-age=600")], "shared")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Arc::new(edge(dir.path(), &core, "").await);
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let edge = edge.clone();
+        clients.push(tokio::spawn(
+            async move { fetch(&edge, "/popular", &[]).await },
+        ));
+    }
+    eventually(WAIT, "four requests follow the first", || {
+        edge.running
+            .metrics
+            .render()
+            .contains("fediedge_coalesced_requests_total 4")
+    })
+    .await;
+    assert_eq!(core.count("/popular"), 1);
+    open.send(true).unwrap();
+    let mut statuses = Vec::new();
+    for c in clients {
+        let (st, cache, body) = c.await.unwrap();
+        assert_eq!((st, body.as_str()), (200, "shared"));
+        statuses.push(cache);
+    }
+    statuses.sort();
+    assert_eq!(statuses, ["HIT", "HIT", "HIT", "HIT", "MISS"]);
+    assert_eq!(core.count("/popular"), 1, "core saw one request");
+}
+
+#[tokio::test]
+async fn stored_responses_survive_a_restart_and_stay_under_max_size() {
+    let core = Core::start(|s, _| {
+        reply(
+            200,
+            &[("cache-control", "public, max-age=600")],
+            &format!("{}{}", s.path, "x".repeat(16 * 1024)),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = cache_conf(dir.path(), "64KiB", "");
+    let edge = edge_with_core(dir.path(), &[core.addr], &conf).await;
+    for i in 0..8 {
+        fetch(&edge, &format!("/r{i}"), &[]).await;
+        eventually(WAIT, "stored", || {
+            core.count(&format!("/r{i}")) == 1
+                && edge.running.core_cache.as_ref().unwrap().usage().1 == (i + 1).min(3)
+        })
+        .await;
+    }
+    let (bytes, n) = edge.running.core_cache.as_ref().unwrap().usage();
+    assert!(bytes <= 64 * 1024, "{bytes} bytes over max_size");
+    assert_eq!(n, 3, "16 KiB bodies: three fit in 64 KiB");
+    edge.running.shutdown().await;
+
+    let edge = edge_with_core(dir.path(), &[core.addr], &conf).await;
+    assert_eq!(
+        edge.running.core_cache.as_ref().unwrap().usage(),
+        (bytes, n)
+    );
+    let (_, c, body) = fetch(&edge, "/r7", &[]).await;
+    assert_eq!(c, "HIT", "kept across the restart");
+    assert!(body.starts_with("/r7xxx"));
+    let (_, c, _) = fetch(&edge, "/r0", &[]).await;
+    assert_eq!(c, "MISS", "evicted, least recently used");
+    assert_eq!(core.count("/r7"), 1);
+}
+
+#[tokio::test]
+async fn a_body_cut_mid_way_is_never_stored() {
+    let core = Core::start(|_, n| Reply {
+        cut_after: (n == 1).then_some(1000),
+        ..Reply {
+            body: vec![b'a'; 4000],
+            ..reply(200, &[("cache-control", "public, max-age=600")], "")
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    let r = crate::proxy::get(&edge, CORE, "/cut").send().await.unwrap();
+    assert!(r.bytes().await.is_err(), "the client sees the cut");
+    let (st, c, body) = fetch(&edge, "/cut", &[]).await;
+    assert_eq!((st, c.as_str(), body.len()), (200, "MISS", 4000));
+    assert_eq!(core.count("/cut"), 2, "nothing partial was stored");
+    eventually(WAIT, "the whole body stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage() == (4000, 1)
+    })
+    .await;
+    assert_eq!(fetch(&edge, "/cut", &[]).await.1, "HIT");
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_the_url_and_same_host_locations() {
+    let core = Core::start(|s, _| match s.method.as_str() {
+        "POST" => reply(
+            200,
+            &[
+                ("location", "/statuses/2"),
+                ("content-location", "https://elsewhere.test/statuses/3"),
+            ],
+            "posted",
+        ),
+        _ => reply(200, &[("cache-control", "public, max-age=600")], "page"),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    for p in ["/statuses/1", "/statuses/2", "/statuses/3"] {
+        fetch(&edge, p, &[]).await;
+    }
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 3
+    })
+    .await;
+    let r = client()
+        .post(format!("http://{}/statuses/1", edge.running.addr))
+        .header("host", CORE)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(fetch(&edge, "/statuses/1", &[]).await.1, "MISS");
+    assert_eq!(fetch(&edge, "/statuses/2", &[]).await.1, "MISS", "Location");
+    assert_eq!(
+        fetch(&edge, "/statuses/3", &[]).await.1,
+        "HIT",
+        "another host's Content-Location is not ours"
+    );
+    assert!(edge
+        .running
+        .metrics
+        .render()
+        .contains("fediedge_core_cache_requests_total{cache_status=\"HIT\"}"));
+}
