@@ -108,9 +108,8 @@ impl CoreCache {
             return self.pass_other(proxy, req, &host, &path).await;
         }
         let private = policy::private_request(req.headers());
-        let range = req.headers().contains_key(header::RANGE);
-        if private.is_some() || range || !req.body().is_end_stream() {
-            let store = method == Method::GET && !range && req.body().is_end_stream();
+        if private.is_some() || !req.body().is_end_stream() {
+            let store = method == Method::GET && req.body().is_end_stream();
             let preq = policy::policy_request(&path, req.headers());
             let result = proxy.send(Kind::Web, req).await;
             let ctx = Ctx {
@@ -171,6 +170,12 @@ impl CoreCache {
             }
             if only_if_cached {
                 return self.finish(status_only(StatusCode::GATEWAY_TIMEOUT), CacheStatus::Miss);
+            }
+            if req.headers().contains_key(header::RANGE) {
+                // Ranges are served from a fresh stored response only; otherwise passed on
+                // (a partial response is not stored).
+                let result = proxy.send(Kind::Web, req).await;
+                return self.finish(proxy.answer(result), CacheStatus::Bypass);
             }
             if let Some((e, _)) = &stale {
                 if !no_cache && e.meta.stale_while_revalidate(now) {
@@ -404,11 +409,35 @@ impl CoreCache {
             *resp.headers_mut() = headers;
             return Some(self.finish(resp, status));
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(e.meta.len));
+        let mut file = file;
+        let (mut start, mut end) = (0, e.meta.len);
+        let mut code = code;
+        if code == StatusCode::OK {
+            match requested_range(req, &e.meta.headers, e.meta.len) {
+                Ok(None) => {}
+                Ok(Some((s, n))) => {
+                    (start, end, code) = (s, n, StatusCode::PARTIAL_CONTENT);
+                    let range = format!("bytes {s}-{}/{}", n - 1, e.meta.len);
+                    headers.insert(header::CONTENT_RANGE, range.parse().ok()?);
+                }
+                Err(()) => {
+                    let mut resp = status_only(StatusCode::RANGE_NOT_SATISFIABLE);
+                    let range = format!("bytes */{}", e.meta.len);
+                    resp.headers_mut()
+                        .insert(header::CONTENT_RANGE, range.parse().ok()?);
+                    return Some(self.finish(resp, status));
+                }
+            }
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
         let body = if head {
             Empty::new().map_err(|e| match e {}).boxed_unsync()
         } else {
-            let stream = tokio_util::io::ReaderStream::new(file);
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            if start > 0 {
+                file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
+            }
+            let stream = tokio_util::io::ReaderStream::new(file.take(end - start));
             StreamBody::new(futures_util::StreamExt::map(stream, |r| {
                 r.map(http_body::Frame::data)
             }))
@@ -475,6 +504,41 @@ fn upstream_request(parts: http::request::Parts, conn: Option<ConnInfo>) -> Requ
         req.extensions_mut().insert(c);
     }
     req
+}
+
+/// The one byte range `[start, end)` a request asks of a stored body of `len` bytes: None
+/// for the whole body (no `Range`, a malformed one, several ranges, or an `If-Range` that
+/// is not the stored strong ETag), Err when unsatisfiable (416). As `edge::respond` does for
+/// media, on this room's stored headers.
+fn requested_range(
+    req: &HeaderMap,
+    stored: &HeaderMap,
+    len: u64,
+) -> Result<Option<(u64, u64)>, ()> {
+    use http_range_header::RangeUnsatisfiableError as E;
+    let Some(range) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    if let Some(if_range) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
+        if if_range.starts_with("W/") || etag != Some(if_range) {
+            return Ok(None);
+        }
+    }
+    let parsed = match http_range_header::parse_range_header(range) {
+        Ok(p) => p,
+        Err(E::ZeroSuffix) => return Err(()),
+        Err(_) => return Ok(None),
+    };
+    if len == 0 {
+        return Err(());
+    }
+    match parsed.validate(len) {
+        Ok(ranges) if ranges.len() == 1 => Ok(Some((*ranges[0].start(), *ranges[0].end() + 1))),
+        Ok(_) => Ok(None),
+        Err(E::FileSuffixOutOfBounds) => Ok(Some((0, len))),
+        Err(_) => Err(()),
+    }
 }
 
 /// Whether a 304 is about the stored response: its ETag, if any, is the stored one.

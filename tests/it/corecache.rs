@@ -665,6 +665,17 @@ async fn a_body_cut_mid_way_is_never_stored() {
     })
     .await;
     assert_eq!(fetch(&edge, "/cut", &[]).await.1, "HIT");
+    // A range of it is served from the stored body.
+    let r = crate::proxy::get(&edge, CORE, "/cut")
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/4000");
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(r.bytes().await.unwrap().len(), 10);
+    assert_eq!(core.count("/cut"), 2);
 }
 
 #[tokio::test]
