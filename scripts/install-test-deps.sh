@@ -3,8 +3,9 @@
 # redis-server (the Sidekiq monitor's tests start their own, on a free port, also with TLS and
 # as a sentinel), ruby-sidekiq (a real Sidekiq 6 that writes its own data into that Redis) and
 # openssl (test certificates for rediss://), chromium + chromium-driver (the status page is
-# tested in a real headless browser over WebDriver) and prometheus (promtool checks the alert
-# rules shipped in dist/).
+# tested in a real headless browser over WebDriver), prometheus (promtool checks the alert
+# rules shipped in dist/), and nodejs, npm and curl for the RFC 9111 suite
+# (scripts/cache-tests.sh, run by scripts/test.sh against fediedge).
 set -euo pipefail
 
 missing=()
@@ -15,11 +16,14 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 # Mastodon ≤ 4.3 ran Sidekiq under redis-namespace; the real-Sidekiq test does too.
 ruby -e 'require "redis/namespace"' >/dev/null 2>&1 || missing+=(ruby-redis-namespace)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "test packages already installed (redis-server, ruby-sidekiq, ruby-redis-namespace, openssl, chromium, chromium-driver, prometheus)"
+  echo "test packages already installed (redis-server, ruby-sidekiq, ruby-redis-namespace, openssl, chromium, chromium-driver, prometheus, nodejs, npm, curl)"
   exit 0
 fi
 

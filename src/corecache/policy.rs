@@ -200,12 +200,25 @@ pub fn build(
     if !policy.is_storable() {
         return None;
     }
-    // Credentials are not kept on disk: the policy is made again without them (a stored
-    // response with `Vary` on one of them then matches only requests without it).
-    let mut clean = policy_request(path, &req.headers);
-    for h in ["authorization", "cookie", "signature"] {
-        clean.headers.remove(h);
+    // Only what matching needs is kept of the request (Host and the headers `Vary` names),
+    // never credentials or the client's addresses: the policy is made again from that. A
+    // stored response with `Vary` on a credential then matches only requests without one.
+    let mut kept = HeaderMap::new();
+    let vary: Vec<String> = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in &req.headers {
+        let n = name.as_str();
+        let secret = matches!(n, "authorization" | "cookie" | "signature");
+        if n == "host" || (!secret && vary.iter().any(|v| v == n)) {
+            kept.append(name.clone(), value.clone());
+        }
     }
+    let clean = policy_request(path, &kept);
     let policy = CachePolicy::new_options(&clean, &resp, now, CacheOptions::default());
     let mut headers = headers.clone();
     headers.remove("surrogate-control");
