@@ -104,6 +104,11 @@ impl CoreCache {
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
         let method = req.method().clone();
+        if req.headers().contains_key(header::UPGRADE) {
+            // A WebSocket handshake: the proxy's tunnel, nothing to cache.
+            let resp = proxy.handle(Kind::Web, req).await;
+            return self.finish(resp, CacheStatus::Bypass);
+        }
         if method != Method::GET && method != Method::HEAD {
             return self.pass_other(proxy, req, &host, &path).await;
         }

@@ -214,7 +214,12 @@ pub fn build(
     for (name, value) in &req.headers {
         let n = name.as_str();
         let secret = matches!(n, "authorization" | "cookie" | "signature");
-        if n == "host" || (!secret && vary.iter().any(|v| v == n)) {
+        let named = vary.iter().any(|v| v == n);
+        if secret && named {
+            // The response depends on this requester's credential: never shared.
+            return None;
+        }
+        if n == "host" || named {
             kept.append(name.clone(), value.clone());
         }
     }
@@ -374,6 +379,22 @@ mod tests {
         )
         .is_none());
         assert!(build("h", "/x", &req, Some("signature"), StatusCode::OK, &ok, now).is_some());
+        // Public, but varying on the credential the request carried: not shared.
+        let signed = policy_request("/x", &map(&[("signature", "keyId=\"k\"")]));
+        let vary = map(&[
+            ("cache-control", "public, max-age=60"),
+            ("vary", "Accept, Signature"),
+        ]);
+        assert!(build(
+            "h",
+            "/x",
+            &signed,
+            Some("signature"),
+            StatusCode::OK,
+            &vary,
+            now
+        )
+        .is_none());
         // Other statuses only with explicit freshness.
         let code = StatusCode::from_u16(599).unwrap();
         assert!(build("h", "/x", &req, None, code, &plain, now).is_some());

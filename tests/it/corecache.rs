@@ -302,6 +302,34 @@ async fn credentials_never_get_or_leave_another_requesters_entry() {
         "a credential was written to disk"
     );
 
+    // Authorized fetch: a `public` answer that varies on `Signature` is for that signer only.
+    core.set(|s, _| {
+        let body = match hs(s, "signature") {
+            "" => "actor for anyone",
+            _ => "actor for a signer",
+        };
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("vary", "Accept, Signature"),
+            ],
+            body,
+        )
+    });
+    let signed = [("signature", "keyId=\"https://a.example/actor#main-key\"")];
+    let (_, cache, body) = fetch(&edge, "/users/alice", &signed).await;
+    assert_eq!(
+        (cache.as_str(), body.as_str()),
+        ("BYPASS", "actor for a signer")
+    );
+    let (_, cache, body) = fetch(&edge, "/users/alice", &[]).await;
+    assert_eq!(
+        (cache.as_str(), body.as_str()),
+        ("MISS", "actor for anyone")
+    );
+    assert_eq!(core.count("/users/alice"), 2);
+
     // Set-Cookie responses are never stored: each client gets its own cookie.
     core.set(|_, n| {
         reply(
@@ -380,6 +408,18 @@ async fn html_and_activitypub_json_of_one_url_never_cross() {
         }
     }
     assert_eq!(core.count("/@alice"), 2);
+    // A HEAD is answered from the stored GET, without a body.
+    let r = client()
+        .head(format!("http://{}/@alice", edge.running.addr))
+        .header("host", CORE)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(r.headers()["content-type"], "text/html");
+    assert_eq!(r.headers()["content-length"], "18");
+    assert!(r.bytes().await.unwrap().is_empty());
     // The purge hook evicts every variant of the URL.
     let cache = edge.running.core_cache.as_ref().unwrap();
     assert_eq!(cache.purge("Example.TEST:443", "/@alice"), 2);
