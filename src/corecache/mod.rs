@@ -322,7 +322,8 @@ impl CoreCache {
         }
     }
 
-    /// Updates a stored entry from a 304; returns it as updated.
+    /// Updates a stored entry from a 304; returns it as updated (for this response only if
+    /// the update made it unstorable).
     async fn update(
         &self,
         e: &Entry,
@@ -330,11 +331,13 @@ impl CoreCache {
         headers: &HeaderMap,
         now: SystemTime,
     ) -> Entry {
-        let mut meta = policy::updated(&e.meta, preq, headers, now);
+        let (mut meta, storable) = policy::updated(&e.meta, preq, headers, now);
         meta.len = e.meta.len;
-        let store = self.store.clone();
-        let (id, m) = (e.id.clone(), meta.clone());
-        let _ = tokio::task::spawn_blocking(move || store.update(&id, m)).await;
+        if storable {
+            let store = self.store.clone();
+            let (id, m) = (e.id.clone(), meta.clone());
+            let _ = tokio::task::spawn_blocking(move || store.update(&id, m)).await;
+        }
         Entry {
             id: e.id.clone(),
             meta: Arc::new(meta),

@@ -239,13 +239,15 @@ pub fn build(
 }
 
 /// The stored meta after a 304: the 304's headers replace the stored ones of the same name
-/// (RFC 9111 §3.2), and the policy is made again from the result.
+/// (RFC 9111 §3.2), and the policy is made again from the result. The bool says whether the
+/// result may be stored; if not (a `Set-Cookie`, `no-store`, `private` in the 304), it is
+/// only for the response to this request, and the stored entry is left as it was.
 pub fn updated(
     meta: &Meta,
     req: &http::request::Parts,
     not_modified: &HeaderMap,
     now: SystemTime,
-) -> Meta {
+) -> (Meta, bool) {
     let mut headers = meta.headers.clone();
     headers.remove(header::AGE);
     let names: Vec<HeaderName> = not_modified.keys().cloned().collect();
@@ -259,13 +261,15 @@ pub fn updated(
         }
     }
     let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-    build(&meta.host, &meta.path, req, None, status, &headers, now).unwrap_or_else(|| {
-        // No longer storable by its new headers: keep the body, but never fresh again.
-        let mut m = meta.clone();
-        m.headers = headers;
-        m.fresh_until = SystemTime::UNIX_EPOCH;
-        m
-    })
+    match build(&meta.host, &meta.path, req, None, status, &headers, now) {
+        Some(m) => (m, true),
+        None => {
+            let mut m = meta.clone();
+            m.headers = headers;
+            m.fresh_until = SystemTime::UNIX_EPOCH;
+            (m, false)
+        }
+    }
 }
 
 impl Meta {

@@ -568,6 +568,32 @@ async fn a_304_revalidates_and_updates_the_stored_headers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 304);
+    // A 304 that sets a cookie reaches its requester, but is not merged into the entry.
+    core.set(|s, n| {
+        let mut h = vec![
+            ("etag", "\"e1\"".to_string()),
+            ("cache-control", "max-age=0".into()),
+        ];
+        h.push(("x-version", n.to_string()));
+        if n == 5 {
+            h.push(("set-cookie", "_mastodon_session=five".into()));
+        }
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match hs(s, "if-none-match").contains("\"e1\"") {
+            true => reply(304, &h, ""),
+            false => reply(200, &h, "the body"),
+        }
+    });
+    let r = crate::proxy::get(&edge, CORE, "/v").send().await.unwrap();
+    assert_eq!(r.headers()["x-version"], "5");
+    assert_eq!(r.headers()["set-cookie"], "_mastodon_session=five");
+    let r = crate::proxy::get(&edge, CORE, "/v").send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "REVALIDATED");
+    assert_eq!(r.headers()["x-version"], "6");
+    assert!(
+        r.headers().get("set-cookie").is_none(),
+        "another client's cookie"
+    );
 }
 
 #[tokio::test]
