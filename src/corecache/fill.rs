@@ -1,13 +1,14 @@
 //! Filling the cache: one upstream request per URL at a time ([`Flights`]), and the response
 //! body teed to the cache as it streams to the client ([`TeeBody`]).
 //!
-//! The leader's client gets the body as it comes. Followers (same URL while the leader's
-//! request is under way) wait until the leader's response is stored, then look again; if
-//! the leader's response turned out not storable they are released as soon as its head
-//! is seen, and go upstream themselves. Limit: a follower does not stream the body while
-//! the leader is still receiving it; it waits for the whole body (core's cacheable
-//! responses are small: pages, JSON), at most the proxy's first-byte timeout, then goes
-//! upstream on its own.
+//! A storable response with a known length (up to the entry limit) is received by a task of
+//! its own into a [`Shared`] buffer, which the leader's client and every follower (same URL
+//! while it is under way, and the request matches the response's `Vary`) read as it grows;
+//! the task runs to the end even if every client left, then stores the body. A storable
+//! response of unknown length goes to the leader's client through a [`TeeBody`]; followers
+//! then wait until it is stored (at most the proxy's first-byte timeout) and look again. A
+//! response that is not storable releases the followers as soon as its head is seen: they
+//! go to core on their own.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,22 +27,30 @@ use crate::listen::Body;
 /// The requests to core under way for cacheable URLs.
 #[derive(Default)]
 pub struct Flights {
-    map: Mutex<HashMap<String, watch::Receiver<()>>>,
+    map: Mutex<HashMap<String, watch::Receiver<Option<Arc<Shared>>>>>,
 }
 
 /// Leading a URL's request, or following one.
 pub enum Join {
     /// This request goes upstream; the guard releases the followers when dropped.
     Leader(FlightGuard),
-    /// Another request is under way: wait for it (`changed()` returns when it is done).
-    Follower(watch::Receiver<()>),
+    /// Another request is under way: wait for it (`changed()` returns when its response is
+    /// shared, or when it is done).
+    Follower(watch::Receiver<Option<Arc<Shared>>>),
 }
 
 /// Held by the leader until its response is stored or found not storable.
 pub struct FlightGuard {
     flights: Arc<Flights>,
     key: String,
-    _done: watch::Sender<()>,
+    shared: watch::Sender<Option<Arc<Shared>>>,
+}
+
+impl FlightGuard {
+    /// Hands the response being received to the followers.
+    pub fn publish(&self, shared: Arc<Shared>) {
+        self.shared.send_replace(Some(shared));
+    }
 }
 
 impl Drop for FlightGuard {
@@ -57,12 +66,12 @@ impl Flights {
         if let Some(rx) = map.get(key) {
             return Join::Follower(rx.clone());
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(None);
         map.insert(key.to_owned(), rx);
         Join::Leader(FlightGuard {
             flights: self.clone(),
             key: key.to_owned(),
-            _done: tx,
+            shared: tx,
         })
     }
 
@@ -202,5 +211,97 @@ impl http_body::Body for TeeBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A response body being received from core, read by every client of its URL as it grows.
+pub struct Shared {
+    /// The response as it will be stored (`len` is its announced length).
+    pub meta: Arc<Meta>,
+    state: Mutex<SharedState>,
+    tick: watch::Sender<()>,
+}
+
+#[derive(Default)]
+struct SharedState {
+    chunks: Vec<Bytes>,
+    /// Set at the end: Ok when whole, Err with the reason when cut.
+    end: Option<Result<(), String>>,
+}
+
+impl Shared {
+    /// Receives `body` in a task of its own (to the end, whoever still reads), then stores it
+    /// and releases `guard`. Returns the buffer, already published to the followers.
+    pub fn start(commit: Commit, body: Body, guard: FlightGuard) -> Arc<Shared> {
+        let shared = Arc::new(Shared {
+            meta: Arc::new(commit.meta.clone()),
+            state: Mutex::default(),
+            tick: watch::channel(()).0,
+        });
+        guard.publish(shared.clone());
+        let s = shared.clone();
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            let mut body = body;
+            let mut len = 0u64;
+            let end = loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            len += data.len() as u64;
+                            s.state.lock().chunks.push(data);
+                            s.tick.send_replace(());
+                        }
+                    }
+                    Some(Err(e)) => break Err(e.to_string()),
+                    None if len == s.meta.len => break Ok(()),
+                    None => break Err("core's response ended short".to_owned()),
+                }
+            };
+            let whole = end.is_ok();
+            s.state.lock().end = Some(end);
+            s.tick.send_replace(());
+            if whole {
+                let chunks = s.state.lock().chunks.clone();
+                let mut commit = commit;
+                commit.guard = Some(guard);
+                let _ = tokio::task::spawn_blocking(move || commit.store(chunks, len)).await;
+            }
+        });
+        shared
+    }
+
+    /// The body from its first byte, as it comes.
+    pub fn body(self: &Arc<Self>) -> Body {
+        use http_body_util::BodyExt;
+        let rx = self.tick.subscribe();
+        let stream = futures_util::stream::unfold(
+            (self.clone(), Some(0usize), rx),
+            |(s, at, mut rx)| async move {
+                let i = at?;
+                loop {
+                    rx.borrow_and_update();
+                    {
+                        let st = s.state.lock();
+                        if let Some(c) = st.chunks.get(i) {
+                            let c = c.clone();
+                            return Some((Ok(Frame::data(c)), (s.clone(), Some(i + 1), rx)));
+                        }
+                        match &st.end {
+                            Some(Ok(())) => return None,
+                            Some(Err(e)) => {
+                                let e = std::io::Error::other(e.clone());
+                                return Some((Err(e), (s.clone(), None, rx)));
+                            }
+                            None => {}
+                        }
+                    }
+                    if rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        );
+        http_body_util::StreamBody::new(stream).boxed_unsync()
     }
 }

@@ -37,7 +37,7 @@ use crate::config::{normalize_host, CoreCacheConfig};
 use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
 use crate::proxy::{Kind, Proxy};
-use fill::{Commit, FlightGuard, Flights, Join, TeeBody};
+use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
 use store::{Entry, Store};
 
 /// Largest response body stored (bigger ones are passed on, not kept).
@@ -214,6 +214,10 @@ impl CoreCache {
                     self.metrics.coalesced();
                     let _ = tokio::time::timeout(self.follow_wait, rx.changed()).await;
                     followed = true;
+                    let shared = rx.borrow().clone();
+                    if let Some(r) = shared.and_then(|s| self.serve_shared(&s, &preq, &req, head)) {
+                        return r;
+                    }
                     continue;
                 }
                 Join::Follower(_) => None,
@@ -390,8 +394,59 @@ impl CoreCache {
             guard,
         };
         let bodiless = resp.status() == StatusCode::NO_CONTENT || expected == Some(0);
+        if let (Some(n), false) = (expected, bodiless) {
+            if n <= limit && commit.guard.is_some() {
+                // Received by a task of its own, read by this client and the followers.
+                let mut commit = commit;
+                commit.meta.len = n;
+                let guard = commit.guard.take().expect("checked");
+                let (parts, body) = resp.into_parts();
+                let shared = Shared::start(commit, body, guard);
+                return self.finish(Response::from_parts(parts, shared.body()), status);
+            }
+        }
         let resp = resp.map(|b| TeeBody::new(b, limit, expected, commit, bodiless).boxed_unsync());
         self.finish(resp, status)
+    }
+
+    /// A follower's answer from the leader's response still being received, if it is fresh
+    /// for this request (its `Vary` matches).
+    fn serve_shared(
+        &self,
+        shared: &Arc<Shared>,
+        preq: &http::request::Parts,
+        req: &Request<Incoming>,
+        head: bool,
+    ) -> Option<Response<Body>> {
+        let now = SystemTime::now();
+        let meta = &shared.meta;
+        if !matches!(
+            meta.policy.before_request(preq, now),
+            BeforeRequest::Fresh(_)
+        ) {
+            return None;
+        }
+        let mut headers = meta.headers.clone();
+        headers.insert(
+            header::AGE,
+            HeaderValue::from(meta.policy.age(now).as_secs()),
+        );
+        let code = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+        if code == StatusCode::OK && policy::not_modified(req.headers(), &meta.headers) {
+            headers.remove(header::CONTENT_LENGTH);
+            let mut resp = status_only(StatusCode::NOT_MODIFIED);
+            *resp.headers_mut() = headers;
+            return Some(self.finish(resp, CacheStatus::Hit));
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len));
+        let body = match head {
+            true => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+            false => shared.body(),
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = code;
+        *resp.headers_mut() = headers;
+        Some(self.finish(resp, CacheStatus::Hit))
     }
 
     /// A stored response for a client (None if its body is gone meanwhile).

@@ -26,6 +26,8 @@ struct Reply {
     hang: bool,
     /// Hold the answer until this turns true.
     gate: Option<watch::Receiver<bool>>,
+    /// Send this many body bytes, then hold the rest until the gate turns true.
+    part: Option<(usize, watch::Receiver<bool>)>,
 }
 
 fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
@@ -177,11 +179,25 @@ async fn serve_conn(
             Some(n) => &r.body[..n],
             None => &r.body[..],
         };
+        let mut rest: &[u8] = &[];
         if req.method != "HEAD" {
-            bytes.extend_from_slice(body);
+            match &r.part {
+                Some((k, _)) => {
+                    bytes.extend_from_slice(&body[..*k]);
+                    rest = &body[*k..];
+                }
+                None => bytes.extend_from_slice(body),
+            }
         }
         if stream.write_all(&bytes).await.is_err() {
             return;
+        }
+        if let Some((_, mut gate)) = r.part.clone() {
+            let _ = stream.flush().await;
+            let _ = gate.wait_for(|open| *open).await;
+            if stream.write_all(rest).await.is_err() {
+                return;
+            }
         }
         if r.cut_after.is_some() {
             let _ = stream.flush().await;
@@ -668,6 +684,99 @@ async fn one_request_per_url_reaches_core() {
     statuses.sort();
     assert_eq!(statuses, ["HIT", "HIT", "HIT", "HIT", "MISS"]);
     assert_eq!(core.count("/popular"), 1, "core saw one request");
+}
+
+#[tokio::test]
+async fn followers_stream_the_response_core_is_still_sending() {
+    let (open_head, head_gate) = watch::channel(false);
+    let (open_rest, rest_gate) = watch::channel(false);
+    let body = format!("{}{}", "a".repeat(1000), "b".repeat(1000));
+    let b = body.clone();
+    let core = Core::start(move |_, _| Reply {
+        gate: Some(head_gate.clone()),
+        part: Some((1000, rest_gate.clone())),
+        ..reply(200, &[("cache-control", "public, max-age=600")], &b)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Arc::new(edge(dir.path(), &core, "").await);
+    let mut clients = Vec::new();
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(3);
+    for _ in 0..3 {
+        let (edge, first_tx) = (edge.clone(), first_tx.clone());
+        clients.push(tokio::spawn(async move {
+            let mut r = crate::proxy::get(&edge, CORE, "/big").send().await.unwrap();
+            let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+            let mut got = Vec::new();
+            while let Some(c) = r.chunk().await.unwrap() {
+                if got.is_empty() {
+                    first_tx.send(()).await.unwrap();
+                }
+                got.extend_from_slice(&c);
+            }
+            (cache, String::from_utf8(got).unwrap())
+        }));
+    }
+    eventually(WAIT, "two requests follow the first", || {
+        edge.running
+            .metrics
+            .render()
+            .contains("fediedge_coalesced_requests_total 2")
+    })
+    .await;
+    open_head.send(true).unwrap();
+    // Every client gets the first half while core still holds the second.
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, first_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(!*open_rest.borrow());
+    open_rest.send(true).unwrap();
+    let mut caches = Vec::new();
+    for c in clients {
+        let (cache, got) = c.await.unwrap();
+        assert_eq!(got, body);
+        caches.push(cache);
+    }
+    caches.sort();
+    assert_eq!(caches, ["HIT", "HIT", "MISS"]);
+    assert_eq!(core.count("/big"), 1);
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage() == (2000, 1)
+    })
+    .await;
+    assert_eq!(fetch(&edge, "/big", &[]).await.1, "HIT");
+}
+
+#[tokio::test]
+async fn a_response_is_stored_even_when_its_client_left() {
+    let (open_rest, rest_gate) = watch::channel(false);
+    let core = Core::start(move |_, _| Reply {
+        part: Some((10, rest_gate.clone())),
+        ..reply(
+            200,
+            &[("cache-control", "public, max-age=600")],
+            &"z".repeat(100),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    let mut r = crate::proxy::get(&edge, CORE, "/left")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.chunk().await.unwrap().unwrap().len(), 10);
+    drop(r); // the client leaves mid-body
+    open_rest.send(true).unwrap();
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage() == (100, 1)
+    })
+    .await;
+    assert_eq!(fetch(&edge, "/left", &[]).await.1, "HIT");
+    assert_eq!(core.count("/left"), 1);
 }
 
 #[tokio::test]
