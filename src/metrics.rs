@@ -284,7 +284,7 @@ impl Metrics {
         let core_cache = Family::<CoreCacheLabels, Counter>::default();
         registry.register(
             "core_cache_requests",
-            "GET/HEAD requests to core seen by the core cache, by cache status (HIT, MISS, STALE, REVALIDATED, BYPASS)",
+            "Requests to core's web pool seen by the core cache, by cache status (HIT, MISS, STALE, REVALIDATED, BYPASS)",
             core_cache.clone(),
         );
         let core_cache_bytes = gauge(

@@ -512,8 +512,9 @@ impl CoreCache {
         Some(self.finish(resp, status))
     }
 
-    /// Any method but GET and HEAD: passed on; an unsafe one answered below 400 evicts its
-    /// URL and the same-host `Location` and `Content-Location`.
+    /// Any method but GET and HEAD: passed on through the proxy's own handling (a `POST`
+    /// with `Idempotency-Key` is sent once, see `proxy::idempotency`); an unsafe one answered
+    /// below 400 evicts its URL and the same-host `Location` and `Content-Location`.
     async fn pass_other(
         &self,
         proxy: &Arc<Proxy>,
@@ -522,23 +523,27 @@ impl CoreCache {
         path: &str,
     ) -> Response<Body> {
         let unsafe_method = !matches!(*req.method(), Method::OPTIONS | Method::TRACE);
-        let result = proxy.send(Kind::Web, req).await;
-        if let (true, Ok(resp)) = (unsafe_method, &result) {
-            if resp.status().as_u16() < 400 {
-                self.store.remove_url(host, path);
-                for h in [header::LOCATION, header::CONTENT_LOCATION] {
-                    let target = resp
-                        .headers()
-                        .get(&h)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| same_host_path(host, path, v));
-                    if let Some(p) = target {
-                        self.store.remove_url(host, &p);
-                    }
+        let mut resp = proxy.handle(Kind::Web, req).await;
+        if unsafe_method && resp.status().as_u16() < 400 {
+            self.store.remove_url(host, path);
+            for h in [header::LOCATION, header::CONTENT_LOCATION] {
+                let target = resp
+                    .headers()
+                    .get(&h)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| same_host_path(host, path, v));
+                if let Some(p) = target {
+                    self.store.remove_url(host, &p);
                 }
             }
         }
-        self.finish(proxy.answer(result), CacheStatus::Bypass)
+        if resp.headers().contains_key("x-cache-status") {
+            // The proxy's own (REPLAY): counted, kept.
+            self.metrics.core_cache(CacheStatus::Bypass);
+            resp.headers_mut().remove("surrogate-control");
+            return resp;
+        }
+        self.finish(resp, CacheStatus::Bypass)
     }
 
     fn finish(&self, mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {

@@ -896,4 +896,49 @@ async fn unsafe_methods_invalidate_the_url_and_same_host_locations() {
         .metrics
         .render()
         .contains("fediedge_core_cache_requests_total{cache_status=\"HIT\"}"));
+    // With the core cache on, a repeated POST with Idempotency-Key still reaches core once.
+    let post = || {
+        client()
+            .post(format!("http://{}/api/v1/statuses", edge.running.addr))
+            .header("host", CORE)
+            .header("authorization", "Bearer alice")
+            .header("idempotency-key", "k1")
+            .body("status=hi")
+            .send()
+    };
+    let first = post().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let again = post().await.unwrap();
+    assert_eq!(again.headers()["x-cache-status"], "REPLAY");
+    assert_eq!(core.count("/api/v1/statuses"), 1);
+}
+
+#[tokio::test]
+async fn the_cache_buster_evicts_a_url_from_the_core_cache() {
+    let core = Core::start(|_, n| {
+        reply(
+            200,
+            &[("cache-control", "public, max-age=600")],
+            &format!("v{n}"),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "{}[cache_buster]\nsecret_header = \"X-Purge-Secret\"\nsecret = \"s3cret\"\n",
+        cache_conf(dir.path(), "16MiB", "")
+    );
+    let edge = edge_with_core(dir.path(), &[core.addr], &conf).await;
+    assert_eq!(fetch(&edge, "/emoji.png", &[]).await.2, "v1");
+    eventually(WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    let (st, _, _) = fetch(&edge, "/emoji.png", &[("x-purge-secret", "guess")]).await;
+    assert_eq!(st, 403);
+    assert_eq!(fetch(&edge, "/emoji.png", &[]).await.1, "HIT");
+    let (st, _, _) = fetch(&edge, "/emoji.png", &[("x-purge-secret", "s3cret")]).await;
+    assert_eq!(st, 200);
+    let (_, c, body) = fetch(&edge, "/emoji.png", &[]).await;
+    assert_eq!((c.as_str(), body.as_str()), ("MISS", "v2"));
 }
