@@ -645,6 +645,13 @@ fn status_only(status: StatusCode) -> Response<Body> {
     resp
 }
 
+/// The cache buster's target (`[cache_buster]`): a purge evicts every variant of the URL.
+impl crate::purge::Purge for CoreCache {
+    fn purge(&self, host: &str, path_and_query: &str) -> usize {
+        CoreCache::purge(self, host, path_and_query)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,12 +667,5 @@ mod tests {
             Some("/p")
         );
         assert_eq!(same_host_path("a.b", "/x", "https://evil.example/p"), None);
-    }
-}
-
-/// The cache buster's target (`[cache_buster]`): a purge evicts every variant of the URL.
-impl crate::purge::Purge for CoreCache {
-    fn purge(&self, host: &str, path_and_query: &str) -> usize {
-        CoreCache::purge(self, host, path_and_query)
     }
 }
