@@ -94,6 +94,8 @@ pub struct Commit {
     pub replaces: Vec<Id>,
     /// Released once stored (or not).
     pub guard: Option<FlightGuard>,
+    /// When the request went to core.
+    pub sent: std::time::Instant,
 }
 
 impl Commit {
@@ -106,8 +108,12 @@ impl Commit {
                 tmp.write_all(c)?;
             }
             tmp.as_file().sync_data()?;
-            self.store
-                .insert(tmp.into_temp_path(), self.meta.clone(), &self.replaces)
+            self.store.insert(
+                tmp.into_temp_path(),
+                self.meta.clone(),
+                &self.replaces,
+                self.sent,
+            )
         })();
         if let Err(e) = result {
             tracing::warn!(error = %e, path = %self.meta.path, "core cache: a response could not be stored");
@@ -244,11 +250,17 @@ impl Shared {
             use http_body_util::BodyExt;
             let mut body = body;
             let mut len = 0u64;
+            let mut last = Bytes::new();
             let end = loop {
                 match body.frame().await {
                     Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
+                        if let Ok(mut data) = frame.into_data() {
                             len += data.len() as u64;
+                            if len == s.meta.len && !data.is_empty() {
+                                // The last byte waits until the body is stored: a client
+                                // that has it whole finds it in the cache right after.
+                                last = data.split_off(data.len() - 1);
+                            }
                             s.state.lock().chunks.push(data);
                             s.tick.send_replace(());
                         }
@@ -258,15 +270,20 @@ impl Shared {
                     None => break Err("core's response ended short".to_owned()),
                 }
             };
-            let whole = end.is_ok();
-            s.state.lock().end = Some(end);
-            s.tick.send_replace(());
-            if whole {
-                let chunks = s.state.lock().chunks.clone();
+            if end.is_ok() {
+                let mut chunks = s.state.lock().chunks.clone();
+                chunks.push(last.clone());
                 let mut commit = commit;
                 commit.guard = Some(guard);
                 let _ = tokio::task::spawn_blocking(move || commit.store(chunks, len)).await;
             }
+            let mut st = s.state.lock();
+            if end.is_ok() && !last.is_empty() {
+                st.chunks.push(last);
+            }
+            st.end = Some(end);
+            drop(st);
+            s.tick.send_replace(());
         });
         shared
     }

@@ -24,7 +24,7 @@ mod policy;
 mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -116,12 +116,14 @@ impl CoreCache {
         if private.is_some() || !req.body().is_end_stream() {
             let store = method == Method::GET && req.body().is_end_stream();
             let preq = policy::policy_request(&path, req.headers());
+            let sent = Instant::now();
             let result = proxy.send(Kind::Web, req).await;
             let ctx = Ctx {
                 host: &host,
                 path: &path,
                 preq: &preq,
                 private,
+                sent,
             };
             return match result {
                 Ok(resp) if store => self.keep(ctx, resp, None, CacheStatus::Bypass),
@@ -153,6 +155,7 @@ impl CoreCache {
             path: &path,
             preq: &preq,
             private: None,
+            sent: Instant::now(),
         };
         let mut followed = false;
         loop {
@@ -305,6 +308,7 @@ impl CoreCache {
         guard: FlightGuard,
     ) {
         let preq = policy::policy_request(&e.meta.path, &request.headers);
+        let sent = Instant::now();
         let result = proxy.send(Kind::Web, upstream_request(request, conn)).await;
         let now = SystemTime::now();
         match result {
@@ -318,6 +322,7 @@ impl CoreCache {
                     path: &e.meta.path,
                     preq: &preq,
                     private: None,
+                    sent,
                 };
                 let resp = self.keep(ctx, resp, Some(guard), CacheStatus::Miss);
                 let _ = resp.into_body().collect().await;
@@ -392,6 +397,7 @@ impl CoreCache {
             meta,
             replaces,
             guard,
+            sent: ctx.sent,
         };
         let bodiless = resp.status() == StatusCode::NO_CONTENT || expected == Some(0);
         if let (Some(n), false) = (expected, bodiless) {
@@ -563,6 +569,8 @@ struct Ctx<'a> {
     path: &'a str,
     preq: &'a http::request::Parts,
     private: Option<&'static str>,
+    /// When its request went (or was about to go) to core.
+    sent: Instant,
 }
 
 /// A bodiless request to core from the policy's parts (revalidation).

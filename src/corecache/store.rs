@@ -17,7 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderMap;
 use http_cache_semantics::CachePolicy;
@@ -73,7 +73,14 @@ pub struct Store {
     index: Mutex<Index>,
     counter: AtomicU64,
     metrics: Metrics,
+    /// When each URL was last invalidated or purged: a response whose request was sent
+    /// before that is not stored (it may predate the change). Entries older than
+    /// [`INVALIDATION_MEMORY`] are dropped once there are many.
+    invalidated: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long an invalidation is remembered against responses still being received.
+const INVALIDATION_MEMORY: Duration = Duration::from_secs(15 * 60);
 
 /// The index key of a URL.
 pub fn url_key(host: &str, path: &str) -> String {
@@ -97,6 +104,7 @@ impl Store {
             }),
             counter: AtomicU64::new(0),
             metrics,
+            invalidated: Mutex::default(),
         };
         let mut found: Vec<(SystemTime, Id, Meta)> = Vec::new();
         for e in walkdir::WalkDir::new(dir.join("objects"))
@@ -205,9 +213,19 @@ impl Store {
     }
 
     /// Stores a whole body (a temp file in `tmp_dir`) and its meta, replacing the entries in
-    /// `replaces`. Blocking: call from a blocking thread.
-    pub fn insert(&self, tmp: tempfile::TempPath, meta: Meta, replaces: &[Id]) -> io::Result<()> {
+    /// `replaces`; `sent`: when its request went to core (not stored if the URL was
+    /// invalidated since). Blocking: call from a blocking thread.
+    pub fn insert(
+        &self,
+        tmp: tempfile::TempPath,
+        meta: Meta,
+        replaces: &[Id],
+        sent: Instant,
+    ) -> io::Result<()> {
         let key = url_key(&meta.host, &meta.path);
+        if self.invalidated_since(&key, sent) {
+            return Ok(());
+        }
         let id = self.new_id(&key);
         let meta_path = self.path_of(&id, "meta");
         std::fs::create_dir_all(meta_path.parent().expect("a parent"))?;
@@ -218,11 +236,20 @@ impl Store {
         }
         let gone = {
             let mut index = self.index.lock();
-            self.insert_locked(&mut index, id, Arc::new(meta), replaces)
+            // Checked again under the index lock, which `remove_url` takes after recording.
+            if self.invalidated_since(&key, sent) {
+                vec![id]
+            } else {
+                self.insert_locked(&mut index, id, Arc::new(meta), replaces)
+            }
         };
         self.unlink(&gone);
         self.report();
         Ok(())
+    }
+
+    fn invalidated_since(&self, key: &str, sent: Instant) -> bool {
+        self.invalidated.lock().get(key).is_some_and(|t| *t >= sent)
     }
 
     /// Replaces the meta of a stored entry (headers updated by a 304). Blocking.
@@ -238,8 +265,16 @@ impl Store {
         Ok(())
     }
 
-    /// Removes every variant of a URL; returns how many there were.
+    /// Removes every variant of a URL, and keeps responses already on their way from
+    /// being stored; returns how many there were.
     pub fn remove_url(&self, host: &str, path: &str) -> usize {
+        {
+            let mut inv = self.invalidated.lock();
+            if inv.len() > 10_000 {
+                inv.retain(|_, t| t.elapsed() < INVALIDATION_MEMORY);
+            }
+            inv.insert(url_key(host, path), Instant::now());
+        }
         let gone: Vec<Id> = {
             let mut index = self.index.lock();
             let ids = index

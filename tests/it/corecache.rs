@@ -942,3 +942,40 @@ async fn the_cache_buster_evicts_a_url_from_the_core_cache() {
     let (_, c, body) = fetch(&edge, "/emoji.png", &[]).await;
     assert_eq!((c.as_str(), body.as_str()), ("MISS", "v2"));
 }
+
+#[tokio::test]
+async fn a_post_while_a_get_is_received_keeps_that_response_out() {
+    let (open_rest, rest_gate) = watch::channel(false);
+    let core = Core::start(move |s, _| match s.method.as_str() {
+        "POST" => reply(200, &[], "posted"),
+        _ => Reply {
+            part: Some((5, rest_gate.clone())),
+            ..reply(
+                200,
+                &[("cache-control", "public, max-age=600")],
+                "0123456789",
+            )
+        },
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Arc::new(edge(dir.path(), &core, "").await);
+    let e = edge.clone();
+    let reader = tokio::spawn(async move { fetch(&e, "/statuses/9", &[]).await });
+    eventually(WAIT, "the GET reached core", || {
+        core.count("/statuses/9") == 1
+    })
+    .await;
+    let r = client()
+        .post(format!("http://{}/statuses/9", edge.running.addr))
+        .header("host", CORE)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    open_rest.send(true).unwrap();
+    assert_eq!(reader.await.unwrap().2, "0123456789");
+    let (_, c, _) = fetch(&edge, "/statuses/9", &[]).await;
+    assert_eq!(c, "MISS", "the response predating the POST was not stored");
+}
