@@ -118,18 +118,41 @@ async fn get_all(edge: &Edge, objects: &[(String, Vec<u8>)], expect: &str, what:
 
 /// Waits until `edge`'s ledger records a copy of every key of `objects` and its write-back
 /// queue is empty. An empty queue alone is not enough: a response may end before its copy is
-/// even queued.
+/// even queued. On timeout, the message lists what is still queued, with each copy's attempts
+/// and last error.
 async fn copied(edge: &Edge, objects: &[(String, Vec<u8>)], what: &str) {
     let ledger = edge.running.ledger.clone();
-    eventually(COPIED, what, || {
-        ledger.with(|c| {
-            objects
-                .iter()
-                .all(|(k, _)| fediedge::ledger::ops::copied(c, k).unwrap().is_some())
-                && fediedge::ledger::ops::pending(c).unwrap() == 0
-        })
-    })
-    .await;
+    let started = Instant::now();
+    while !ledger.with(|c| {
+        objects
+            .iter()
+            .all(|(k, _)| fediedge::ledger::ops::copied(c, k).unwrap().is_some())
+            && fediedge::ledger::ops::pending(c).unwrap() == 0
+    }) {
+        if started.elapsed() > COPIED {
+            let queue = ledger.with(|c| {
+                let mut rows = c
+                    .prepare("SELECT key, attempts, last_error FROM writeback_queue")
+                    .unwrap();
+                rows.query_map([], |r| {
+                    Ok(format!(
+                        "{} attempts {}: {}",
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?.unwrap_or_default()
+                    ))
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+            });
+            panic!(
+                "timed out waiting for: {what}; still queued:\n{}",
+                queue.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn queued(edge: &Edge) -> u64 {
@@ -146,15 +169,20 @@ fn bucket(cluster: &GarageCluster, endpoint: &str) -> fediedge::store::StoreHand
     fediedge::store::open(&config.primary, fediedge::metrics::Metrics::new()).unwrap()
 }
 
-/// Reads `key` from `store`; `None` when absent or unreadable.
-async fn read(store: &fediedge::store::StoreHandle, key: &str) -> Option<Vec<u8>> {
+/// Reads `key` from `store`; why not when absent or unreadable.
+async fn read(store: &fediedge::store::StoreHandle, key: &str) -> Result<Vec<u8>, String> {
     let key = fediedge::key::Key::parse(key).unwrap();
-    let mut obj = store.get(&key).await.ok()??;
+    let mut obj = store
+        .get(&key)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("absent")?;
     let mut out = Vec::new();
     while let Some(chunk) = obj.body.next().await {
-        out.extend_from_slice(&chunk.ok()?);
+        let chunk = chunk.map_err(|e| format!("after {} bytes: {e}", out.len()))?;
+        out.extend_from_slice(&chunk);
     }
-    Some(out)
+    Ok(out)
 }
 
 /// Reads every object back through `endpoint`; returns how many are missing or not whole.
@@ -163,11 +191,11 @@ async fn lost(cluster: &GarageCluster, endpoint: &str, objects: &[(String, Vec<u
     let reads = join_all(objects.iter().map(|(k, _)| read(&store, k))).await;
     let mut lost = 0;
     for ((k, b), r) in objects.iter().zip(reads) {
-        if r.as_deref() != Some(&b[..]) {
+        if r.as_deref() != Ok(&b[..]) {
             eprintln!(
-                "LOST via {endpoint}: {k} ({:?} bytes read of {})",
-                r.map(|r| r.len()),
-                b.len()
+                "LOST via {endpoint}: {k} ({} bytes): {:?}",
+                b.len(),
+                r.map(|r| format!("{} bytes read", r.len()))
             );
             lost += 1;
         }
@@ -182,6 +210,29 @@ fn figures(test: &str, objects: usize, failures: usize, lost: usize, started: In
     );
 }
 
+/// Waits until each node of `nodes` answers an S3 request for the bucket with the test's key
+/// (a HEAD of a key nobody writes: "absent" needs the node to know key and bucket and to
+/// reach a read quorum). Every node reporting every node up is necessary, not proof: this is
+/// what an edge will ask. A bound on the cluster settling, not a timing assertion.
+async fn serving(cluster: &GarageCluster, nodes: &[usize]) {
+    let probe = fediedge::key::Key::parse(&key("probe", 0)).unwrap();
+    for &i in nodes {
+        let store = bucket(cluster, &format!("http://{}", cluster.s3_addr(i)));
+        let started = Instant::now();
+        loop {
+            match store.head(&probe).await {
+                Ok(None) => break,
+                other => assert!(
+                    started.elapsed() < COPIED,
+                    "garage node {i} does not serve the bucket: {other:?} (log: {})",
+                    cluster.log(i).display()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// The rig: cluster, origin, one link per edge, two edges.
 struct Rig {
     cluster: GarageCluster,
@@ -194,7 +245,17 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
+        // The edges' logs (write-back failures with their errors), shown with a failing
+        // test's output; `RUST_LOG` picks the level.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "fediedge=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let cluster = tokio::task::block_in_place(GarageCluster::start);
+        serving(&cluster, &[0, 1, 2]).await;
         let origin = Origin::start().await;
         let links = [
             Link::start(cluster.s3_addr(0)).await,
@@ -281,6 +342,7 @@ async fn a_dead_storage_node_stops_neither_edge_and_loses_nothing() {
     get_all(b, &crashed, "MISS", "B reads what A copied, node 2 down").await;
 
     tokio::task::block_in_place(|| rig.cluster.restart(2));
+    serving(&rig.cluster, &[0, 1, 2]).await;
     let [a, b] = &rig.edges;
     get_all(a, &back, "FALLBACK", "A pulls through, node 2 back").await;
     copied(a, &back, "A's copies, node 2 back").await;
@@ -309,6 +371,7 @@ async fn a_dead_storage_node_stops_neither_edge_and_loses_nothing() {
     })
     .await;
     tokio::task::block_in_place(|| rig.cluster.restart(0));
+    serving(&rig.cluster, &[0, 1, 2]).await;
     copied(&rig.edges[0], &orphans, "A's copies once its node is back").await;
     let all: Vec<_> = [all, orphans].concat();
     lost += rig.lost_via(&[0, 1, 2], &all).await;
@@ -402,10 +465,6 @@ async fn an_edge_cut_off_from_the_cluster_serves_from_cache_and_fallback_and_cat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky, under investigation: in about 1 run of 3 either an edge's write-back queue does \
-            not drain within 2 min or, checked without that wait, every key reads back incomplete \
-            through some node right after the race; run with \
-            `cargo test --test it cluster::migrate_and -- --ignored`"]
 async fn migrate_and_two_edges_copying_the_same_keys_leave_one_whole_object_per_key() {
     let started = Instant::now();
     let rig = Rig::start().await;
@@ -464,12 +523,24 @@ async fn migrate_and_two_edges_copying_the_same_keys_leave_one_whole_object_per_
         assert_eq!(a.status, 200, "{k}");
         assert!(a.body.as_ref() == &b[..], "{k} answered whole");
     }
-    // The edges' own copies may still be queued or under way (migrate put every key first and
-    // an edge whose put fails backs off): an S3 put is atomic and every copier puts the same
-    // verified bytes, so the bucket must hold one whole object per key at any moment, which is
-    // what is checked here, while they may still write. (Waiting for both queues to drain
-    // timed out once under load: a copy backing off past two minutes.)
+    // Every key an edge answered from the old origin is queued for copying by that edge:
+    // each edge's ledger must record those copies and its queue drain (no copy stuck behind
+    // a backoff). Every copier puts the same verified bytes, so the order does not matter.
     let pending = (queued(a), queued(b));
+    for (i, (edge, name)) in [(a, "A"), (b, "B")].into_iter().enumerate() {
+        let fell_back: Vec<_> = objects
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| answers[2 * j + i].cache == "FALLBACK")
+            .map(|(_, o)| o.clone())
+            .collect();
+        copied(
+            edge,
+            &fell_back,
+            &format!("edge {name}'s copies after the race"),
+        )
+        .await;
+    }
 
     // One object per key in the bucket, each whole, and nothing else.
     let store = bucket(&rig.cluster, &format!("http://{}", rig.cluster.s3_addr(2)));
@@ -497,7 +568,7 @@ async fn migrate_and_two_edges_copying_the_same_keys_leave_one_whole_object_per_
     );
     let fallback = answers.iter().filter(|a| a.cache == "FALLBACK").count();
     eprintln!(
-        "cluster figures: race: {raced} of {n} keys read from the old origin by 2 or more copiers at once, {} origin GETs, {fallback} of {} edge answers FALLBACK, copies still queued at A/B when the bucket was checked: {pending:?}, migrate: {}",
+        "cluster figures: race: {raced} of {n} keys read from the old origin by 2 or more copiers at once, {} origin GETs, {fallback} of {} edge answers FALLBACK, copies still queued at A/B when the race ended: {pending:?}, migrate: {}",
         gets.iter().sum::<usize>(),
         answers.len(),
         String::from_utf8_lossy(&out.stdout).trim()

@@ -91,10 +91,7 @@ impl GarageCluster {
             let id = c.cli(i, &["node", "id", "-q"]).unwrap().trim().to_owned();
             c.nodes[i].id = id;
         }
-        for i in 1..3 {
-            let id = c.nodes[i].id.clone();
-            c.cli(0, &["node", "connect", &id]).unwrap();
-        }
+        c.connect_all();
         for i in 0..3 {
             let short = c.nodes[i].id.split('@').next().unwrap().to_owned();
             let zone = format!("dc{i}");
@@ -102,7 +99,7 @@ impl GarageCluster {
                 .unwrap();
         }
         c.cli(0, &["layout", "apply", "--version", "1"]).unwrap();
-        c.wait_all_up(0);
+        c.wait_all_up_everywhere();
         (c.key_id, c.secret) = create_key_and_bucket(|args| c.cli(0, args));
         c
     }
@@ -118,11 +115,48 @@ impl GarageCluster {
             .arg("-c")
             .arg(&node.config)
             .arg("server")
+            // Its own level, whatever the test's `RUST_LOG`: the log shows each S3 request
+            // and each peer connection (what a failing test's message points to).
+            .env("RUST_LOG", "garage=info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("cannot start garage");
         node.child = Some(child);
+    }
+
+    /// Connects every running node to every other one, in both directions.
+    ///
+    /// A node sends RPCs only over connections it opened itself; one it merely accepted does
+    /// not count, and a failed dial is retried 30 s later (Garage's peering). Connecting only
+    /// node 0 to the others left nodes 1 and 2 to dial on their own after start: until they
+    /// had, node 1 answered S3 requests with `503 Could not reach quorum of 2 ... Not
+    /// connected` (seen in its log), and had a dial failed on a loaded machine, that would
+    /// have lasted a retry period or more. This is the likely cause of the migrate race test's
+    /// flakiness (edge B's copies to node 1 failing and backing off, 2, 4, ... 64 s, past the
+    /// test's wait; or reads through one node failing for every key).
+    fn connect_all(&self) {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .collect();
+        for &i in &running {
+            for &j in &running {
+                if i != j {
+                    let peer = self.nodes[j].id.clone();
+                    self.cli(i, &["node", "connect", &peer]).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Waits until every running node reports every storage node up: each node's own view
+    /// (its own outgoing connections), not just node 0's.
+    pub fn wait_all_up_everywhere(&self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_some() {
+                self.wait_all_up(i);
+            }
+        }
     }
 
     /// Waits until node `i` answers on RPC (`garage status` needs the server up).
@@ -199,17 +233,16 @@ impl GarageCluster {
         child.wait().unwrap();
     }
 
-    /// Starts node `i` again on its own dirs and waits until the cluster has it back. The
-    /// node is told to connect to node `(i + 1) % 3` at once (Garage would reconnect by itself
-    /// within about 20 s; `garage node connect` is what an operator would type).
+    /// Starts node `i` again on its own dirs and waits until every running node has it back.
+    /// The nodes are told to connect to each other at once (Garage would reconnect by itself
+    /// on its retry timers; `garage node connect` is what an operator would type), and every
+    /// node's own view is waited for, not one: each sends RPCs only over the connections it
+    /// opened (see [`GarageCluster::connect_all`]).
     pub fn restart(&mut self, i: usize) {
         self.spawn(i);
         self.wait_rpc(i);
-        let other = (i + 1) % 3;
-        let peer = self.nodes[other].id.clone();
-        self.cli(i, &["node", "connect", &peer]).unwrap();
-        self.wait_all_up(i);
-        self.wait_all_up(other);
+        self.connect_all();
+        self.wait_all_up_everywhere();
     }
 
     /// Node `i`'s S3 endpoint address.
