@@ -49,6 +49,7 @@ pub mod migrate;
 pub mod negative;
 pub mod proxy;
 pub mod purge;
+pub mod reload;
 pub mod router;
 pub mod serve;
 pub mod sidekiq;

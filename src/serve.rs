@@ -27,6 +27,7 @@ use crate::listen::tls::{Certificates, TlsError};
 use crate::listen::{self, Listeners};
 use crate::metrics::Metrics;
 use crate::negative::NegativeCache;
+use crate::reload::{ReloadError, Reloader};
 use crate::store;
 use crate::writeback::WriteBack;
 
@@ -60,6 +61,8 @@ pub struct Running {
     drain_timeout: Duration,
     /// The TLS certificates in use, with `[tls]`.
     certificates: Option<Arc<Certificates>>,
+    /// What SIGHUP reads again and swaps in.
+    reloader: Reloader,
     /// `data_dir/lock`, held until the server is dropped (after its tasks ended).
     _lock: DataDirLock,
 }
@@ -115,6 +118,14 @@ impl Running {
         }
     }
 
+    /// What SIGHUP does: reads the config file again; a bad file (or certificate) is logged
+    /// and changes nothing; otherwise every changed value is logged by its dotted key (a
+    /// secret without its value), the certificates and `[core]`'s pools and limits are swapped
+    /// in, and the other changes are logged as applying at restart ([`crate::reload`]).
+    pub fn reload_config(&self) -> Result<Vec<crate::config::Change>, ReloadError> {
+        self.reloader.reload()
+    }
+
     /// Stops accepting, lets the responses, fetches and copies under way finish (up to
     /// `drain_timeout` in all), cuts what is left, and says what was cut.
     pub async fn shutdown(self) -> Stopped {
@@ -161,8 +172,8 @@ impl Running {
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully (see [`Running::shutdown`]). A
-/// second signal during the drain stops at once, with an error. SIGHUP reloads the TLS
-/// certificates ([`Running::reload`]).
+/// second signal during the drain stops at once, with an error. SIGHUP reloads the config
+/// file and the TLS certificates ([`Running::reload_config`]).
 pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let running = start(config).await?;
@@ -174,9 +185,9 @@ pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break "SIGINT",
             _ = term.recv() => break "SIGTERM",
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the TLS certificates");
-                // Logged either way; a failed reload keeps the old certificates.
-                let _ = running.reload();
+                tracing::info!("SIGHUP: reloading the config and the TLS certificates");
+                // Logged either way; a failed reload keeps the old config and certificates.
+                let _ = running.reload_config();
             }
         }
     };
@@ -390,6 +401,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
+    let reloader = Reloader::new(config.clone(), certificates.clone(), proxy.clone());
     let buster = config.cache_buster.as_ref().map(|b| {
         let mut targets: Vec<Arc<dyn crate::purge::Purge>> = Vec::new();
         if let Some(c) = &cache {
@@ -460,6 +472,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         fetches,
         drain_timeout: config.drain_timeout,
         certificates,
+        reloader,
         _lock: lock,
     })
 }

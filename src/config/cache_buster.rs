@@ -5,12 +5,14 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use super::secrets::Secret;
 
 use super::ConfigError;
 
 /// `[cache_buster]` as written.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCacheBuster {
     /// The method Mastodon sends (`CACHE_BUSTER_HTTP_METHOD`). Default `GET`, like Mastodon.
@@ -21,7 +23,7 @@ pub struct RawCacheBuster {
     pub secret_header: String,
     /// The secret (`CACHE_BUSTER_SECRET`); else `secret_file`, else the environment variable
     /// `CACHE_BUSTER_SECRET` (the name Mastodon uses).
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// A file holding the secret (refused if group or others may read it).
     pub secret_file: Option<PathBuf>,
 }
@@ -110,7 +112,7 @@ impl RawCacheBuster {
             ));
         }
         let secret = super::secrets::secret(
-            self.secret.as_deref(),
+            self.secret.as_ref().map(Secret::expose),
             self.secret_file.as_deref(),
             "CACHE_BUSTER_SECRET",
         )

@@ -8,12 +8,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
 /// `[core]` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCore {
     /// Host names routed to core (the media prefix on them stays media). At least one.
@@ -33,6 +33,11 @@ pub struct RawCore {
     /// Default `60s`.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Longest time a streaming connection (a WebSocket tunnel: no byte either way; a
+    /// server-sent events body: no byte from the upstream) may stay silent before it is
+    /// closed. Default `5m`; `0s`: no limit.
+    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// Most requests in flight to one upstream; beyond it another upstream is tried, and 503
     /// when all are full. Default 256.
     #[serde(default = "default_max_connections")]
@@ -66,7 +71,7 @@ pub struct RawCore {
 }
 
 /// `[core.cache]` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCoreCache {
     /// Directory of the stored responses (created if missing; its own, not the media cache's).
@@ -96,6 +101,9 @@ fn default_first_byte_timeout() -> Duration {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_stream_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_max_connections() -> usize {
     256
@@ -128,6 +136,8 @@ pub struct CoreConfig {
     pub first_byte_timeout: Duration,
     /// Idle (between body pieces) timeout.
     pub idle_timeout: Duration,
+    /// Idle timeout of WebSocket tunnels and server-sent events (zero: none).
+    pub stream_idle_timeout: Duration,
     /// Most requests in flight per upstream.
     pub max_connections_per_upstream: usize,
     /// Idle keep-alive connections per upstream.
@@ -272,6 +282,7 @@ impl RawCore {
             connect_timeout: self.connect_timeout,
             first_byte_timeout: self.first_byte_timeout,
             idle_timeout: self.idle_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
             max_connections_per_upstream: self.max_connections_per_upstream,
             max_idle_per_upstream: self.max_idle_per_upstream,
             breaker_failures: self.breaker_failures,

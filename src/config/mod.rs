@@ -14,12 +14,15 @@
 //! - `tls`: `[tls]`, raw and validated.
 //! - `core`: `media_hosts` and `[core]`, the front door's routes and upstreams.
 //! - `cache_buster`: `[cache_buster]`, Mastodon's purge requests.
+//! - `settings`: the reload diff: the values that changed between two configs, secrets
+//!   masked.
 
 mod cache_buster;
 mod core;
 mod destination;
 mod raw;
 mod secrets;
+mod settings;
 mod sidekiq;
 mod status;
 mod tls;
@@ -33,6 +36,7 @@ use std::time::Duration;
 pub use cache_buster::{CacheBusterConfig, RawCacheBuster};
 pub use core::{normalize_host, CoreCacheConfig, CoreConfig, RawCore};
 pub use raw::{RawBackfill, RawCache, RawConfig, RawStore};
+pub use settings::{diff, Change, Settings};
 pub use sidekiq::{RawSidekiq, SidekiqConfig, SidekiqSource};
 pub use status::{AlertsConfig, CanaryConfig, CanaryKeys, RawAlerts, RawCanary};
 pub use tls::{CertificateFiles, RawCertificate, RawTls, TlsConfig};
@@ -118,6 +122,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// The media canary, if any.
     pub canary: Option<CanaryConfig>,
+    /// What the file said, secrets masked: for the reload diff ([`diff`]).
+    pub settings: Settings,
 }
 
 /// Validated `[backfill]`.
@@ -265,7 +271,9 @@ pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         message: parse_message(text, &e),
     })?;
-    raw.validate(path)
+    let mut config = raw.clone().validate(path)?;
+    config.settings = Settings::of(&raw, &config);
+    Ok(config)
 }
 
 /// toml's message with its line and column, but without the line itself: toml's own Display
@@ -298,9 +306,12 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// The `source` of the embedded default config.
+pub const EMBEDDED: &str = "<embedded default>";
+
 /// The embedded default: no config file, `./var/media` served at `127.0.0.1:8080/system/`.
 pub fn embedded_default() -> Config {
-    from_str("", Path::new("<embedded default>")).expect("the embedded default is valid")
+    from_str("", Path::new(EMBEDDED)).expect("the embedded default is valid")
 }
 
 #[cfg(test)]

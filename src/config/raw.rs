@@ -5,10 +5,12 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use super::secrets::Secret;
 
 /// The config file as written. Every field states its default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Address for media requests. Default `127.0.0.1:8080`.
@@ -83,7 +85,7 @@ pub struct RawConfig {
 
 /// `[backfill]`: `fediedge migrate` run inside `serve`, at a low budget, pausing whenever
 /// live misses or write-backs are under way.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackfill {
     /// Name of the `[[fallback]]` to copy from.
@@ -112,7 +114,7 @@ fn default_backfill_bytes() -> bytesize::ByteSize {
 }
 
 /// `[cache]`: the local disk cache.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
     /// Cache directory. Default `<data_dir>/cache`.
@@ -132,7 +134,7 @@ pub struct RawCache {
 /// `[primary]` or one `[[fallback]]`: one store. One flat table for every kind, so that an
 /// unknown key is refused by serde and a key that does not belong to the kind is refused by
 /// [`RawStore::validate`] with its name.
-#[derive(Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     /// Name used in logs, metrics, the ledger and `migrate --from`. Default: `primary`, or
@@ -154,9 +156,9 @@ pub struct RawStore {
     /// `s3`: key prefix inside the bucket (Mastodon's `S3_KEY_PREFIX`). Default none.
     pub prefix: Option<String>,
     /// `s3`: access key id; else `access_key_id_file`, else `AWS_ACCESS_KEY_ID`.
-    pub access_key_id: Option<String>,
+    pub access_key_id: Option<Secret>,
     /// `s3`: secret key; else `secret_access_key_file`, else `AWS_SECRET_ACCESS_KEY`.
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     /// `s3`: file holding the access key id (refused if group/other may read it).
     pub access_key_id_file: Option<PathBuf>,
     /// `s3`: file holding the secret key (refused if group/other may read it).

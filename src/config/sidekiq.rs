@@ -5,17 +5,19 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use super::secrets::Secret;
 
 use super::ConfigError;
 
 /// `[sidekiq]` as written: exactly one of `redis_url` and `mastodon_env`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSidekiq {
     /// Sidekiq's Redis (`redis://`, `rediss://`, `unix://`); may hold a password, which is
     /// never shown.
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
     /// Key namespace with `redis_url` (`REDIS_NAMESPACE` of Mastodon ≤ 4.3). Default none.
     pub namespace: Option<String>,
     /// Sentinels `host[:port],…` with `redis_url` (whose host then names the master).
@@ -92,7 +94,7 @@ impl RawSidekiq {
         if self.interval < Duration::from_secs(1) {
             return Err(invalid("interval", "must be at least 1s"));
         }
-        let source = match (self.redis_url, self.mastodon_env) {
+        let source = match (self.redis_url.map(Secret::into_inner), self.mastodon_env) {
             (Some(url), None) => {
                 let scheme = url::Url::parse(url.trim()).map(|u| u.scheme().to_owned());
                 if !matches!(

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
 /// `[alerts]` as written. Every threshold has a default; the section may be left out.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAlerts {
     /// Time between evaluations. Default `10s`.
@@ -196,7 +196,7 @@ impl RawAlerts {
 }
 
 /// `[canary]` as written: media keys fetched through the edge's own listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCanary {
     /// Keys (without `url_prefix`) of media known to exist, e.g. an old avatar. Default none:

@@ -7,12 +7,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
 /// `[tls]` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     /// Address for HTTPS (HTTP/2 and HTTP/1.1). Default `0.0.0.0:443`.
@@ -32,7 +32,7 @@ pub struct RawTls {
 }
 
 /// One `{ cert = …, key = … }` of `tls.certificates`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     /// PEM file: the certificate, then its intermediates (a `fullchain.pem`).

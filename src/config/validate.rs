@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::secrets::secret;
+use super::secrets::{secret, Secret};
 use super::{
     BackfillConfig, CacheConfig, Config, ConfigError, RawConfig, RawStore, S3Config, StoreConfig,
     StoreKind, StoreType,
@@ -164,6 +164,7 @@ impl RawConfig {
             cache_buster: self.cache_buster.map(|b| b.validate(path)).transpose()?,
             alerts: self.alerts.validate(path)?,
             canary: self.canary.map(|c| c.validate(path)).transpose()?,
+            settings: super::Settings::default(),
         })
     }
 }
@@ -330,13 +331,13 @@ impl RawStore {
             ));
         }
         let access_key_id = secret(
-            self.access_key_id.as_deref(),
+            self.access_key_id.as_ref().map(Secret::expose),
             self.access_key_id_file.as_deref(),
             "AWS_ACCESS_KEY_ID",
         )
         .map_err(|m| invalid("access_key_id", m))?;
         let secret_access_key = secret(
-            self.secret_access_key.as_deref(),
+            self.secret_access_key.as_ref().map(Secret::expose),
             self.secret_access_key_file.as_deref(),
             "AWS_SECRET_ACCESS_KEY",
         )

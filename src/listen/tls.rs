@@ -75,7 +75,7 @@ impl Loaded {
 /// The certificates in use, shared by the TLS listener's config and the reload.
 #[derive(Debug)]
 pub struct Certificates {
-    files: Vec<CertificateFiles>,
+    files: RwLock<Vec<CertificateFiles>>,
     current: RwLock<Arc<Loaded>>,
 }
 
@@ -85,7 +85,7 @@ impl Certificates {
         let loaded = load_all(files)?;
         tracing::info!(names = ?loaded.names, "TLS certificates loaded");
         Ok(Arc::new(Certificates {
-            files: files.to_vec(),
+            files: RwLock::new(files.to_vec()),
             current: RwLock::new(Arc::new(loaded)),
         }))
     }
@@ -94,10 +94,18 @@ impl Certificates {
     /// and the error (naming the file) is returned and logged. Open connections are not
     /// touched.
     pub fn reload(&self) -> Result<Vec<String>, TlsError> {
-        match load_all(&self.files) {
+        let files = self.files.read().clone();
+        self.reload_from(&files)
+    }
+
+    /// As [`Certificates::reload`], from `files` (a reloaded config's list), which are the
+    /// files read from then on.
+    pub fn reload_from(&self, files: &[CertificateFiles]) -> Result<Vec<String>, TlsError> {
+        match load_all(files) {
             Ok(loaded) => {
                 let names = loaded.names.clone();
                 *self.current.write() = Arc::new(loaded);
+                *self.files.write() = files.to_vec();
                 tracing::info!(names = ?names, "TLS certificates reloaded");
                 Ok(names)
             }

@@ -15,6 +15,7 @@ use prometheus_client::metrics::MetricType;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::BreakerState;
+use super::live::Live;
 use super::{Kind, Proxy};
 
 impl Kind {
@@ -37,47 +38,57 @@ impl Kind {
 
 impl Proxy {
     /// The proxy's background work until `stop` (shutdown): health checks every
-    /// `health_check_interval` (unless zero); then the WebSocket tunnels are closed (their
-    /// clients reconnect, to another edge or after the restart).
+    /// `health_check_interval` (unless zero) of the upstreams in use (a reload's new ones from
+    /// its next round); then the WebSocket tunnels are closed (their clients reconnect, to
+    /// another edge or after the restart).
     pub async fn background(self: Arc<Self>, stop: CancellationToken) {
-        match self.health_check_interval {
-            d if d.is_zero() => stop.cancelled().await,
-            d => self.clone().check_health(d, stop).await,
+        loop {
+            let live = self.live();
+            let interval = live.health_check_interval;
+            if !interval.is_zero() {
+                check_health(&live).await;
+            }
+            drop(live);
+            let wait = async {
+                match interval.is_zero() {
+                    true => std::future::pending().await,
+                    false => tokio::time::sleep(interval).await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.changed.notified() => {}
+                _ = wait => {}
+            }
         }
         self.tunnels.cancel();
     }
+}
 
-    /// Checks every upstream every `interval` until `stop`.
-    async fn check_health(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        loop {
-            for kind in [Kind::Web, Kind::Streaming] {
-                for u in &self.pool(kind).upstreams {
-                    let uri = format!("http://{}{}", u.addr, kind.health_path());
-                    let req = http::Request::get(uri)
-                        .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
-                        .expect("a valid request");
-                    let limit = self.first_byte_timeout.min(Duration::from_secs(5));
-                    let up = match tokio::time::timeout(limit, self.client.request(req)).await {
-                        Ok(Ok(resp)) => resp.status().is_success(),
-                        _ => false,
-                    };
-                    if up != u.healthy() {
-                        match up {
-                            true => {
-                                tracing::info!(pool = kind.name(), upstream = %u.addr, "health check passes again")
-                            }
-                            false => {
-                                tracing::warn!(pool = kind.name(), upstream = %u.addr, "health check fails: no requests until it passes")
-                            }
-                        }
+/// Checks every upstream of `live` once.
+async fn check_health(live: &Live) {
+    for kind in [Kind::Web, Kind::Streaming] {
+        for u in &live.pool(kind).upstreams {
+            let uri = format!("http://{}{}", u.addr, kind.health_path());
+            let req = http::Request::get(uri)
+                .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+                .expect("a valid request");
+            let limit = live.first_byte_timeout.min(Duration::from_secs(5));
+            let up = match tokio::time::timeout(limit, live.client.request(req)).await {
+                Ok(Ok(resp)) => resp.status().is_success(),
+                _ => false,
+            };
+            if up != u.healthy() {
+                match up {
+                    true => {
+                        tracing::info!(pool = kind.name(), upstream = %u.addr, "health check passes again")
                     }
-                    u.set_healthy(up);
+                    false => {
+                        tracing::warn!(pool = kind.name(), upstream = %u.addr, "health check fails: no requests until it passes")
+                    }
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
+            u.set_healthy(up);
         }
     }
 }
@@ -100,10 +111,11 @@ impl std::fmt::Debug for UpstreamCollector {
 
 impl Collector for UpstreamCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let live = self.0.live();
         let rows: Vec<_> = [Kind::Web, Kind::Streaming]
             .into_iter()
             .flat_map(|k| {
-                self.0.pool(k).upstreams.iter().map(move |u| {
+                live.pool(k).upstreams.iter().map(move |u| {
                     let labels = UpstreamLabels {
                         pool: k.name(),
                         upstream: u.addr.to_string(),

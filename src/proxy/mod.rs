@@ -17,12 +17,14 @@
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
 //! - `idempotency`: `POST`s with `Idempotency-Key`: one request to core, the others wait for
 //!   it or get its response replayed.
+//! - `live`: the pools, client and limits a reload swaps ([`Proxy::update`]).
 
 mod body;
 pub mod breaker;
 mod headers;
 mod health;
 pub mod idempotency;
+mod live;
 mod upgrade;
 pub mod upstream;
 
@@ -35,14 +37,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::CoreConfig;
 use crate::listen::{Body, ConnInfo};
 pub use health::UpstreamCollector;
-use upstream::{NoUpstream, Pool};
+use live::Live;
+use upstream::NoUpstream;
 
 /// The request body type sent upstream.
 type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
@@ -116,15 +116,10 @@ pub enum Kind {
 
 /// The reverse proxy to core.
 pub struct Proxy {
-    web: Pool,
-    streaming: Pool,
-    client: Client<HttpConnector, UpBody>,
-    first_byte_timeout: Duration,
-    idle_timeout: Duration,
-    max_body: u64,
-    trusted: Vec<ipnet::IpNet>,
-    /// Time between two health checks of an upstream (zero: none).
-    pub health_check_interval: Duration,
+    /// The pools, client and limits of the current `[core]` (swapped by a reload).
+    live: parking_lot::RwLock<Arc<Live>>,
+    /// Told when a reload swapped `live` (the health checks pick up a new interval).
+    changed: tokio::sync::Notify,
     /// Cancelled at shutdown: every WebSocket tunnel closes.
     tunnels: tokio_util::sync::CancellationToken,
     /// `POST`s with `Idempotency-Key`, in flight and answered.
@@ -134,42 +129,26 @@ pub struct Proxy {
 impl Proxy {
     /// Sets up the pools of `[core]`.
     pub fn new(config: &CoreConfig) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.max_idle_per_upstream)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        let pool = |addrs: &[SocketAddr]| {
-            Pool::new(
-                addrs,
-                config.max_connections_per_upstream,
-                config.breaker_failures,
-                config.breaker_cooldown,
-            )
-        };
         Proxy {
-            web: pool(&config.web),
-            streaming: pool(&config.streaming),
-            client,
-            first_byte_timeout: config.first_byte_timeout,
-            idle_timeout: config.idle_timeout,
-            max_body: config.max_request_body,
-            trusted: config.trusted_proxies.clone(),
-            health_check_interval: config.health_check_interval,
+            live: parking_lot::RwLock::new(Arc::new(Live::new(config, None))),
+            changed: tokio::sync::Notify::new(),
             tunnels: tokio_util::sync::CancellationToken::new(),
             idempotency: idempotency::Idempotency::default(),
         }
     }
 
-    /// The pool of a kind.
-    pub fn pool(&self, kind: Kind) -> &Pool {
-        match kind {
-            Kind::Web => &self.web,
-            Kind::Streaming => &self.streaming,
-        }
+    /// Swaps in the pools and limits of a reloaded `[core]`: new requests use them; requests
+    /// under way end on the pools they began with. Upstreams that stay keep their state.
+    pub fn update(&self, config: &CoreConfig) {
+        let mut live = self.live.write();
+        *live = Arc::new(Live::new(config, Some(&live)));
+        drop(live);
+        self.changed.notify_waiters();
+    }
+
+    /// The pools, client and limits in use now.
+    fn live(&self) -> Arc<Live> {
+        self.live.read().clone()
     }
 
     /// Answers one request from the upstreams of `kind`.
@@ -240,7 +219,8 @@ impl Proxy {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let pool = self.pool(kind);
+        let live = self.live();
+        let pool = live.pool(kind);
         if pool.upstreams.is_empty() {
             return Err(ProxyError::NoUpstream);
         }
@@ -249,8 +229,8 @@ impl Proxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            return Err(ProxyError::TooLarge(self.max_body));
+        if declared.is_some_and(|n| n > live.max_body) {
+            return Err(ProxyError::TooLarge(live.max_body));
         }
         // A WebSocket handshake (HTTP/1.1 Upgrade): the protocol asked for is passed on, and
         // a 101 from the upstream joins the two connections into a tunnel.
@@ -260,7 +240,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let info = parts.extensions.get::<ConnInfo>().copied();
         let peer = info.map(|i| i.peer.ip()).unwrap_or([127, 0, 0, 1].into());
-        let trusted = self.trusted.iter().any(|n| n.contains(&peer));
+        let trusted = live.trusted.iter().any(|n| n.contains(&peer));
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/2: the name is in the URI.
             if let Some(v) = parts
@@ -290,7 +270,7 @@ impl Proxy {
             && body.is_end_stream();
         let exceeded = Arc::new(AtomicBool::new(false));
         let mut body =
-            Some(body::LimitedBody::new(body, self.max_body, exceeded.clone()).boxed_unsync());
+            Some(body::LimitedBody::new(body, live.max_body, exceeded.clone()).boxed_unsync());
         let mut tried = Vec::new();
         loop {
             let admission = match pool.pick(&tried) {
@@ -316,7 +296,7 @@ impl Proxy {
                 )
                 .expect("a valid request");
             *up.headers_mut() = parts.headers.clone();
-            let sent = tokio::time::timeout(self.first_byte_timeout, self.client.request(up)).await;
+            let sent = tokio::time::timeout(live.first_byte_timeout, live.client.request(up)).await;
             let resp = match sent {
                 Err(_) => {
                     admission.failure();
@@ -325,7 +305,7 @@ impl Proxy {
                 Ok(Err(e)) => {
                     if exceeded.load(Ordering::Acquire) {
                         admission.neutral();
-                        return Err(ProxyError::TooLarge(self.max_body));
+                        return Err(ProxyError::TooLarge(live.max_body));
                     }
                     if client_body_failed(&e) {
                         admission.neutral();
@@ -346,12 +326,23 @@ impl Proxy {
             if let (StatusCode::SWITCHING_PROTOCOLS, Some(client)) = (resp.status(), client_upgrade)
             {
                 let permit = admission.answered(true);
-                return Ok(upgrade::tunnel(client, resp, permit, self.tunnels.clone()));
+                let idle = live.stream_idle_timeout;
+                return Ok(upgrade::tunnel(
+                    client,
+                    resp,
+                    permit,
+                    idle,
+                    self.tunnels.clone(),
+                ));
             }
             let permit = admission.answered(!matches!(resp.status().as_u16(), 502..=504));
             let (mut rparts, rbody) = resp.into_parts();
             headers::strip_hop_by_hop(&mut rparts.headers);
-            let idle = (kind == Kind::Web).then_some(self.idle_timeout);
+            let idle = match kind {
+                Kind::Web => live.idle_timeout,
+                Kind::Streaming => live.stream_idle_timeout,
+            };
+            let idle = (!idle.is_zero()).then_some(idle);
             let body = body::GuardedBody::new(rbody, idle, permit).boxed_unsync();
             return Ok(Response::from_parts(rparts, body));
         }

@@ -113,10 +113,25 @@ pub struct Pool {
 impl Pool {
     /// One upstream per address, each with `max` requests in flight at most and a breaker.
     pub fn new(addrs: &[SocketAddr], max: usize, failures: u32, cooldown: Duration) -> Pool {
+        Pool::with_kept(addrs, max, failures, cooldown, &[])
+    }
+
+    /// As [`Pool::new`], but an address found in `kept` (the pool before a reload, with the
+    /// same settings) keeps its upstream: its requests in flight, breaker and health.
+    pub fn with_kept(
+        addrs: &[SocketAddr],
+        max: usize,
+        failures: u32,
+        cooldown: Duration,
+        kept: &[Arc<Upstream>],
+    ) -> Pool {
         Pool {
             upstreams: addrs
                 .iter()
                 .map(|&addr| {
+                    if let Some(u) = kept.iter().find(|u| u.addr == addr) {
+                        return u.clone();
+                    }
                     Arc::new(Upstream {
                         addr,
                         permits: Arc::new(Semaphore::new(max)),

@@ -18,6 +18,7 @@ mod proxy_health;
 mod proxy_streaming;
 mod proxy_tls;
 mod purge;
+mod reload;
 mod serve;
 mod serve_s3;
 mod sidekiq;

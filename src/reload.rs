@@ -1,0 +1,113 @@
+//! SIGHUP: the config file is read again and checked; a bad file (or a bad certificate) is
+//! logged and nothing changes. Otherwise every value that changed is logged by its dotted key
+//! ([`crate::config::diff`]; secrets as changed, never their value), what can change live is
+//! swapped in, and the rest is marked "(applies at restart)".
+//!
+//! Live: the `[tls]` certificates (files read again even when the paths did not change: a
+//! renewal) and `[core]` but its `hosts` and `[core.cache]` (the proxy's pools, timeouts and
+//! limits; requests under way end on the pools they began with). The next reload is compared with this file, so
+//! a value that waits for a restart is named once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{self, Change, Config, ConfigError};
+use crate::listen::tls::{Certificates, TlsError};
+use crate::proxy::Proxy;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file could not be read, parsed or validated (the message names the key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A certificate or key file could not be used (the message names the file).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// `serve` started without `--config`.
+    #[error("serve runs on the embedded default config: there is no file to read again")]
+    NoFile,
+}
+
+/// What a reload may touch: the config last read and the parts that change live.
+pub struct Reloader {
+    current: parking_lot::Mutex<Config>,
+    certificates: Option<Arc<Certificates>>,
+    proxy: Option<Arc<Proxy>>,
+}
+
+impl Reloader {
+    /// For a server started from `config`, with its certificates and proxy, if any.
+    pub fn new(
+        config: Config,
+        certificates: Option<Arc<Certificates>>,
+        proxy: Option<Arc<Proxy>>,
+    ) -> Reloader {
+        Reloader {
+            current: parking_lot::Mutex::new(config),
+            certificates,
+            proxy,
+        }
+    }
+
+    /// Reads the config file again; see the module's doc. Returns the changes (also those
+    /// that wait for a restart); every outcome is logged.
+    pub fn reload(&self) -> Result<Vec<Change>, ReloadError> {
+        let mut current = self.current.lock();
+        let path = current.source.clone();
+        let result = self.apply(&mut current, &path);
+        if let Err(e) = &result {
+            tracing::error!(config = %path.display(), error = %e, "config not reloaded: the running config stays");
+        }
+        result
+    }
+
+    fn apply(&self, current: &mut Config, path: &Path) -> Result<Vec<Change>, ReloadError> {
+        if path == Path::new(config::EMBEDDED) {
+            return Err(ReloadError::NoFile);
+        }
+        let new = config::load(path)?;
+        // Certificates before anything else: a bad one refuses the whole reload.
+        if let (Some(certs), Some(tls)) = (&self.certificates, &new.tls) {
+            certs.reload_from(&tls.certificates)?;
+        }
+        let changes = config::diff(&current.settings, &new.settings);
+        let mut later = 0;
+        for c in &changes {
+            match self.live(&c.key, &new) {
+                true => tracing::info!("{c}"),
+                false => {
+                    later += 1;
+                    tracing::warn!("{c} (applies at restart)");
+                }
+            }
+        }
+        if let (Some(proxy), Some(core)) = (&self.proxy, &new.core) {
+            proxy.update(core);
+        }
+        tracing::info!(
+            config = %path.display(),
+            changed = changes.len(),
+            at_restart = later,
+            "config reloaded"
+        );
+        *current = new;
+        Ok(changes)
+    }
+
+    /// Whether a change to `key` took effect now.
+    fn live(&self, key: &str, new: &Config) -> bool {
+        let under = |table: &str| {
+            key.strip_prefix(table)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        };
+        if under("tls.certificates") {
+            return self.certificates.is_some() && new.tls.is_some();
+        }
+        // The router (hosts) and the core cache (opened at start) stay as they are.
+        if under("core") && !under("core.hosts") && !under("core.cache") {
+            return self.proxy.is_some() && new.core.is_some();
+        }
+        false
+    }
+}

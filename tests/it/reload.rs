@@ -1,0 +1,156 @@
+//! The reload diff (issue 8 §7): SIGHUP to the real binary re-reads its config file, logs
+//! every changed value by its dotted key (a secret without its value), moves traffic to new
+//! upstreams, and keeps the old config when the new file is bad.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::listen::{field, kill, spawn_binary};
+use crate::proxy::{Mode, Upstream, CORE, WAIT};
+
+/// The binary's stderr, every line kept.
+struct Log {
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    all: Vec<String>,
+}
+
+impl Log {
+    /// The next line containing `what` (panics if the process ends or WAIT passes first).
+    async fn line_with(&mut self, what: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.rx.recv().await {
+                self.all.push(line.clone());
+                if line.contains(what) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "no log line with {what:?}; log so far:\n{}",
+                self.all.join("\n")
+            ),
+        }
+    }
+
+    /// Every line from the start to the process's end.
+    async fn to_end(mut self) -> Vec<String> {
+        while let Some(line) = self.rx.recv().await {
+            self.all.push(line);
+        }
+        self.all
+    }
+}
+
+fn config(dir: &Path, web: SocketAddr, secret: &str, negative_ttl: &str) -> String {
+    // The S3 fallback is never asked (only core is requested): it carries the secret.
+    format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+         negative_ttl = \"{negative_ttl}\"\n\
+         [[fallback]]\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"media\"\n\
+         access_key_id = \"GK-reload-test\"\nsecret_access_key = \"{secret}\"\n\
+         [core]\nhosts = [\"{CORE}\"]\nweb = [\"{web}\"]\nhealth_check_interval = \"0s\"\n",
+        dir.join("var").display()
+    )
+}
+
+async fn get_core(addr: SocketAddr) -> u16 {
+    crate::common::client()
+        .get(format!("http://{addr}/about"))
+        .header("host", CORE)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_logs_the_diff_moves_traffic_and_keeps_the_old_config_when_the_new_is_bad() {
+    const OLD_SECRET: &str = "old-s3cr3t-Zq9pW2";
+    const NEW_SECRET: &str = "new-s3cr3t-Xv7mK4";
+    let (a, b) = (
+        Upstream::start(Mode::Answer).await,
+        Upstream::start(Mode::Answer).await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    std::fs::write(&file, config(dir.path(), a.addr, OLD_SECRET, "10s")).unwrap();
+    let (child, rx) = spawn_binary(&file);
+    let mut log = Log {
+        rx,
+        all: Vec::new(),
+    };
+    let addr: SocketAddr = field(&log.line_with("serving media").await, "addr")
+        .parse()
+        .unwrap();
+    assert_eq!(get_core(addr).await, 200);
+    assert_eq!((a.requests(), b.requests()), (1, 0));
+
+    // A new upstream, a new secret, and a value that waits for a restart.
+    std::fs::write(&file, config(dir.path(), b.addr, NEW_SECRET, "20s")).unwrap();
+    kill(&child, "HUP");
+    let web = log.line_with("changed `core.web`").await;
+    assert!(
+        web.contains(&format!(
+            "changed `core.web` from [\"{}\"] to [\"{}\"]",
+            a.addr, b.addr
+        )),
+        "{web}"
+    );
+    assert!(!web.contains("restart"), "applied live: {web}");
+    let secret = log
+        .line_with("changed `fallback[0].secret_access_key`")
+        .await;
+    assert!(secret.contains("value not shown"), "{secret}");
+    let ttl = log.line_with("changed `negative_ttl`").await;
+    assert!(
+        ttl.contains("from \"10s\" to \"20s\" (applies at restart)"),
+        "{ttl}"
+    );
+    log.line_with("config reloaded").await;
+    assert_eq!(get_core(addr).await, 200);
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (1, 1),
+        "traffic went to the new upstream"
+    );
+
+    // A bad file: refused, naming the key; the running config stays.
+    std::fs::write(
+        &file,
+        config(dir.path(), a.addr, OLD_SECRET, "10s").replace(&a.addr.to_string(), "nope"),
+    )
+    .unwrap();
+    kill(&child, "HUP");
+    let refused = log.line_with("config not reloaded").await;
+    assert!(refused.contains("core.web"), "{refused}");
+    assert_eq!(get_core(addr).await, 200);
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (1, 2),
+        "still the new upstream"
+    );
+
+    // The same file again: nothing changed since the last good one.
+    std::fs::write(&file, config(dir.path(), b.addr, NEW_SECRET, "20s")).unwrap();
+    kill(&child, "HUP");
+    let same = log.line_with("config reloaded").await;
+    assert!(same.contains("changed=0"), "{same}");
+
+    kill(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.0.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let all = log.to_end().await.join("\n");
+    for s in [OLD_SECRET, NEW_SECRET] {
+        assert!(!all.contains(s), "a secret reached the log:\n{all}");
+    }
+}
