@@ -14,6 +14,7 @@ mod listen_tls;
 mod migrate;
 mod package;
 mod proxy;
+mod proxy_connect;
 mod proxy_health;
 mod proxy_streaming;
 mod proxy_tls;

@@ -165,3 +165,64 @@ async fn server_sent_events_pass_through_one_by_one() {
         "ends when the upstream ends"
     );
 }
+
+#[tokio::test]
+async fn a_silent_websocket_tunnel_is_closed_after_stream_idle_timeout() {
+    let upstream = websocket_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(
+        dir.path(),
+        &[upstream],
+        &format!("streaming = [\"{upstream}\"]\nstream_idle_timeout = \"300ms\"\n"),
+    )
+    .await;
+    let url = format!("ws://{}/api/v1/streaming", edge.running.addr);
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("host", CORE.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    let reply = ws.next().await.expect("a reply").unwrap();
+    assert_eq!(
+        reply.into_text().unwrap().as_str(),
+        "echo /api/v1/streaming: hello"
+    );
+    // Neither side sends anything more (the upstream never pings): the edge closes it.
+    let end = tokio::time::timeout(crate::proxy::WAIT, ws.next()).await;
+    assert!(
+        matches!(end, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))),
+        "the silent tunnel was not closed: {end:?}"
+    );
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_event_stream_is_cut_after_stream_idle_timeout() {
+    let (upstream, mut streams) = sse_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(
+        dir.path(),
+        &[upstream],
+        &format!("streaming = [\"{upstream}\"]\nstream_idle_timeout = \"300ms\"\n"),
+    )
+    .await;
+    let mut resp = get(&edge, CORE, "/api/v1/streaming/public")
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let events = streams
+        .recv()
+        .await
+        .expect("the request reached the upstream");
+    let event = "event: update\ndata: 1\n\n";
+    events.send(Bytes::from(event)).unwrap();
+    let chunk = resp.chunk().await.unwrap().expect("the first event");
+    assert_eq!(&chunk[..], event.as_bytes());
+    // The upstream stays open but silent: the edge cuts the response (not a clean end).
+    let end = tokio::time::timeout(crate::proxy::WAIT, resp.chunk())
+        .await
+        .expect("the silent stream was not cut");
+    assert!(end.is_err(), "cut, not ended as if whole: {end:?}");
+    drop(events);
+    edge.running.shutdown().await;
+}

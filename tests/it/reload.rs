@@ -154,3 +154,86 @@ async fn sighup_logs_the_diff_moves_traffic_and_keeps_the_old_config_when_the_ne
         assert!(!all.contains(s), "a secret reached the log:\n{all}");
     }
 }
+
+/// An upstream that tells when a request arrived and answers `from the old upstream` only once
+/// `release` is notified.
+async fn gated_upstream() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (arrived_tx, r) = (arrived_tx.clone(), r.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let (arrived_tx, r) = (arrived_tx.clone(), r.clone());
+                    async move {
+                        let released = r.notified();
+                        let _ = arrived_tx.send(());
+                        released.await;
+                        let body = Full::new(bytes::Bytes::from("from the old upstream"));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, arrived, release)
+}
+
+#[tokio::test]
+async fn a_request_under_way_ends_on_the_old_pool_while_new_ones_use_the_new() {
+    let (old, mut arrived, release) = gated_upstream().await;
+    let new = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    std::fs::write(&file, config(dir.path(), old, "s", "10s")).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let addr = running.addr;
+    let under_way = tokio::spawn(async move {
+        let r = crate::common::client()
+            .get(format!("http://{addr}/slow"))
+            .header("host", CORE)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    tokio::time::timeout(WAIT, arrived.recv())
+        .await
+        .expect("the request reached the old upstream");
+
+    std::fs::write(&file, config(dir.path(), new.addr, "s", "10s")).unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["core.web"]);
+    assert_eq!(get_core(addr).await, 200);
+    assert_eq!(new.requests(), 1, "a new request goes to the new upstream");
+
+    release.notify_one();
+    let (status, body) = tokio::time::timeout(WAIT, under_way)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "from the old upstream"));
+
+    // A bad file changes nothing and says why.
+    std::fs::write(&file, "[core]\nhosts = [\"a.example\"]\nweb = []\n").unwrap();
+    let err = running.reload_config().unwrap_err().to_string();
+    assert!(err.contains("core.web"), "{err}");
+    assert_eq!(get_core(addr).await, 200);
+    assert_eq!(new.requests(), 2);
+    running.shutdown().await;
+}
