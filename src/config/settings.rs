@@ -26,7 +26,8 @@ impl Settings {
     /// The tree of `raw`, with the S3 keys of the validated `config` masked in (wherever they
     /// were read from).
     pub(super) fn of(raw: &RawConfig, config: &Config) -> Settings {
-        let mut tree = serde_json::to_value(raw).unwrap_or_default();
+        // Plain structs, string keys: serializing cannot fail.
+        let mut tree = serde_json::to_value(raw).expect("the raw config serializes");
         // `None`: the primary; `Some(i)`: `fallback[i]`.
         let stores = std::iter::once((None, &config.primary)).chain(
             config
@@ -188,6 +189,13 @@ mod tests {
         assert_eq!(
             lines("", "[cache]\ndir = \"/c\"\n")[0],
             "changed `cache.dir` from (unset) to \"/c\""
+        );
+        assert_eq!(
+            lines("", "max_flight_memory = \"1GiB\"\nworker_threads = 4\n"),
+            [
+                "changed `max_flight_memory` from \"256.0 MiB\" to \"1.0 GiB\"",
+                "changed `worker_threads` from (unset) to 4",
+            ]
         );
     }
 

@@ -41,7 +41,7 @@ use hyper::body::Incoming;
 use crate::config::CoreConfig;
 use crate::listen::{Body, ConnInfo};
 pub use health::UpstreamCollector;
-use live::Live;
+pub use live::Live;
 use upstream::NoUpstream;
 
 /// The request body type sent upstream.
@@ -146,8 +146,8 @@ impl Proxy {
         self.changed.notify_waiters();
     }
 
-    /// The pools, client and limits in use now.
-    fn live(&self) -> Arc<Live> {
+    /// The pools, client and limits in use now (`live().pool(kind)`: a pool's upstreams).
+    pub fn live(&self) -> Arc<Live> {
         self.live.read().clone()
     }
 
