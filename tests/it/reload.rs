@@ -37,7 +37,7 @@ impl Log {
     }
 
     /// Every line from the start to the process's end.
-    async fn to_end(mut self) -> Vec<String> {
+    async fn until_exit(mut self) -> Vec<String> {
         while let Some(line) = self.rx.recv().await {
             self.all.push(line);
         }
@@ -149,7 +149,7 @@ async fn sighup_logs_the_diff_moves_traffic_and_keeps_the_old_config_when_the_ne
     .await
     .unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
-    let all = log.to_end().await.join("\n");
+    let all = log.until_exit().await.join("\n");
     for s in [OLD_SECRET, NEW_SECRET] {
         assert!(!all.contains(s), "a secret reached the log:\n{all}");
     }
