@@ -105,8 +105,9 @@ impl Running {
         self.listeners.closed()
     }
 
-    /// Reads the TLS certificate files again and swaps them in for new connections (what
-    /// SIGHUP does); open connections are not touched. On an error (logged, naming the file)
+    /// Reads the TLS certificate files again (the paths the server started with, not the
+    /// config file: SIGHUP does [`Running::reload_config`], which includes this) and swaps
+    /// them in for new connections; open connections are not touched. On an error (logged, naming the file)
     /// the certificates in use keep serving. Without `[tls]` there is nothing to do.
     pub fn reload(&self) -> Result<(), TlsError> {
         match &self.certificates {
