@@ -271,7 +271,11 @@ fn report(tests: &[Test], results: &[[Vec<Figure>; 2]], strict: bool) -> bool {
         let median = |runs: &[Figure]| {
             let mut v: Vec<f64> = runs.iter().map(|f| test.value(f)).collect();
             v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(0.0)
+            match v.len() {
+                0 => 0.0,
+                n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+                n => v[n / 2],
+            }
         };
         let (fe, ng) = (best(&results[t][0]), best(&results[t][1]));
         let ratio = test.value(&fe) / test.value(&ng).max(f64::MIN_POSITIVE);
