@@ -5,7 +5,10 @@
 //! values, so every key is named as it is written in the file and a new key needs nothing here.
 //! Secrets are masked by their type ([`super::secrets::Secret`]); an S3 key or the cache
 //! buster's secret that came from a `_file` or the environment is masked into the tree after
-//! it is resolved, so a changed key file shows too. The diff says that a secret changed, never its value.
+//! it is resolved, so a changed key file shows too. The diff says that a secret changed, never
+//! its value. A new secret key must be typed `Secret` in its raw shape (and, if it can come
+//! from a file, be masked in from the validated config in [`Settings::of`]): a plain `String`
+//! would be shown.
 
 use serde_json::{Map, Value};
 
