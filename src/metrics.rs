@@ -131,6 +131,8 @@ struct Inner {
     cache_index_loading: Gauge,
     overloaded: Counter,
     purges: Family<OutcomeLabels, Counter>,
+    purge_forwards: Family<OutcomeLabels, Counter>,
+    purge_forwards_pending: Gauge,
     core_cache: Family<CoreCacheLabels, Counter>,
     core_cache_bytes: Gauge,
     core_cache_objects: Gauge,
@@ -281,6 +283,18 @@ impl Metrics {
             "Mastodon cache-buster requests, by outcome (purged, refused)",
             purges.clone(),
         );
+        let purge_forwards = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "purge_forwards",
+            "Purges passed on to peer edges, by outcome (delivered, failed: retried later, dropped: refused by the peer or given up)",
+            purge_forwards.clone(),
+        );
+        let purge_forwards_pending = Gauge::default();
+        registry.register(
+            "purge_forwards_pending",
+            "Purges waiting to be passed on to peer edges (a peer down holds its own)",
+            purge_forwards_pending.clone(),
+        );
         let core_cache = Family::<CoreCacheLabels, Counter>::default();
         registry.register(
             "core_cache_requests",
@@ -322,6 +336,8 @@ impl Metrics {
             cache_index_loading,
             overloaded,
             purges,
+            purge_forwards,
+            purge_forwards_pending,
         }))
     }
 
@@ -443,6 +459,19 @@ impl Metrics {
             .purges
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// Counts one attempt to pass a purge on to a peer: `delivered`, `failed` or `dropped`.
+    pub fn purge_forward(&self, outcome: &'static str) {
+        self.0
+            .purge_forwards
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Adds `delta` to the purges waiting for peers.
+    pub fn purge_forwards_pending(&self, delta: i64) {
+        self.0.purge_forwards_pending.inc_by(delta);
     }
 
     /// Renders every metric in the Prometheus text format.

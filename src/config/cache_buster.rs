@@ -26,6 +26,10 @@ pub struct RawCacheBuster {
     pub secret: Option<Secret>,
     /// A file holding the secret (refused if group or others may read it).
     pub secret_file: Option<PathBuf>,
+    /// The other edges (base URLs, `http://` or `https://`), to which a purge that came from
+    /// Mastodon is passed on, with the same secret, so every edge drops the URL.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 impl fmt::Debug for RawCacheBuster {
@@ -36,6 +40,7 @@ impl fmt::Debug for RawCacheBuster {
             .field("secret_header", &self.secret_header)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("secret_file", &self.secret_file)
+            .field("peers", &self.peers)
             .finish()
     }
 }
@@ -53,6 +58,8 @@ pub struct CacheBusterConfig {
     pub secret_header: http::HeaderName,
     /// The secret.
     pub secret: String,
+    /// The other edges a purge from Mastodon is passed on to.
+    pub peers: Vec<url::Url>,
 }
 
 impl fmt::Debug for CacheBusterConfig {
@@ -61,6 +68,7 @@ impl fmt::Debug for CacheBusterConfig {
             .field("http_method", &self.http_method)
             .field("secret_header", &self.secret_header)
             .field("secret", &"<redacted>")
+            .field("peers", &self.peers)
             .finish()
     }
 }
@@ -121,12 +129,37 @@ impl RawCacheBuster {
             // Mastodon sends no header at all with an empty secret.
             return Err(invalid("secret", "is empty".into()));
         }
+        let peers = self
+            .peers
+            .iter()
+            .map(|p| peer_url(p).map_err(|m| invalid("peers", format!("{p:?}: {m}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(CacheBusterConfig {
             http_method,
             secret_header,
             secret,
+            peers,
         })
     }
+}
+
+/// A peer's base URL: `http` or `https`, a host, no path beyond `/`, no query or credentials
+/// (the secret travels in the secret header, never in a URL).
+fn peer_url(s: &str) -> Result<url::Url, String> {
+    let u = url::Url::parse(s.trim()).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err("must be http:// or https://".into());
+    }
+    if u.host_str().is_none() {
+        return Err("has no host".into());
+    }
+    if u.path() != "/" || u.query().is_some() || u.fragment().is_some() {
+        return Err("must be a base URL like https://edge2.example.social (no path)".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("must not hold credentials".into());
+    }
+    Ok(u)
 }
 
 #[cfg(test)]
@@ -167,6 +200,28 @@ mod tests {
         assert!(e.contains("cache_buster.secret"), "{e}");
         let e = load("secret = \"a\"\n").unwrap_err();
         assert!(e.contains("secret_header"), "required: {e}");
+    }
+
+    #[test]
+    fn peers_are_base_urls() {
+        let base = "secret_header = \"X\"\nsecret = \"a\"\n";
+        let c = load(&format!(
+            "{base}peers = [\"http://10.0.0.5:8080\", \"https://edge2.example.social/\"]\n"
+        ))
+        .unwrap();
+        let peers = c.cache_buster.unwrap().peers;
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].as_str(), "http://10.0.0.5:8080/");
+        for bad in [
+            "ftp://x",
+            "http://x/system",
+            "http://x/?a=1",
+            "http://u:p@x",
+            "x",
+        ] {
+            let e = load(&format!("{base}peers = [\"{bad}\"]\n")).unwrap_err();
+            assert!(e.contains("cache_buster.peers"), "{bad}: {e}");
+        }
     }
 
     #[test]

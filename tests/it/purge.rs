@@ -3,8 +3,9 @@
 //! nothing; sent to every edge, it empties every edge's cache of that object.
 
 use std::path::Path;
+use std::time::Duration;
 
-use crate::common::{client, eventually, start_edge, TestEdge};
+use crate::common::{client, eventually, start_edge, start_edge_listening, TestEdge};
 use crate::proxy::WAIT;
 use crate::proxy::{Mode, Upstream, CORE};
 
@@ -245,6 +246,80 @@ async fn a_purge_sent_to_every_edge_evicts_the_object_from_all_of_them() {
         );
         cached(e, 1).await;
         assert_eq!(send(get(e, "files.test", &path(keys[1]))).await.1, "HIT");
+    }
+}
+
+/// Issue 11 §3 with `peers`: Mastodon tells one edge; it passes the purge on to the others
+/// (with the secret and the forwarded mark, so peers that name each other do not loop). A
+/// peer that is down gets the purge when it is back, before it serves its stale copy again.
+#[tokio::test]
+async fn a_purge_reaches_every_peer_once_even_one_that_was_down() {
+    let shared = tempfile::tempdir().unwrap();
+    let key = "media_attachments/files/1/original/a.png";
+    write(shared.path(), key, "v1");
+    let ports: Vec<u16> = (0..3).map(|_| crate::common::garage::free_port()).collect();
+    let config = |i: usize| {
+        let peers: Vec<String> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| format!("\"http://127.0.0.1:{}\"", ports[j]))
+            .collect();
+        format!(
+            "media_hosts = [\"files.test\"]\n[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\n{BUSTER}peers = [{}]\n",
+            shared.path().display(),
+            peers.join(", ")
+        )
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let listen = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let mut edges = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        edges.push(start_edge_listening(dir.path(), &listen(i), &config(i)).await);
+    }
+    let path = format!("/{key}");
+    for e in &edges {
+        assert_eq!(send(get(e, "files.test", &path)).await.1, "MISS");
+        cached(e, 1).await;
+        assert_eq!(send(get(e, "files.test", &path)).await.1, "HIT");
+    }
+    // Edge C goes down with v1 in its cache; Mastodon replaces the file and tells edge A.
+    let c = edges.pop().unwrap();
+    c.running.shutdown().await;
+    write(shared.path(), key, "v2");
+    let (a, b) = (&edges[0], &edges[1]);
+    let (status, _, body) = send(bust(a, "files.test", &path, "s3cret")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "purged 1\npassed on to 2 peers\n")
+    );
+    let b_cache = b.running.cache.clone().unwrap();
+    eventually(WAIT, "edge B purged by edge A", || b_cache.usage().1 == 0).await;
+    let a_metrics = || a.running.metrics.render();
+    eventually(WAIT, "a failed send to the edge that is down", || {
+        a_metrics().contains("fediedge_purge_forwards_total{outcome=\"failed\"}")
+    })
+    .await;
+    assert!(a_metrics().contains("fediedge_purge_forwards_total{outcome=\"delivered\"} 1"));
+    // C comes back on its address with its cache on disk; A's retry reaches it.
+    let c = start_edge_listening(dirs[2].path(), &listen(2), &config(2)).await;
+    eventually(
+        Duration::from_secs(60),
+        "the purge delivered to edge C",
+        || a_metrics().contains("fediedge_purge_forwards_total{outcome=\"delivered\"} 2"),
+    )
+    .await;
+    assert!(a_metrics().contains("fediedge_purge_forwards_pending 0"));
+    for e in [a, b, &c] {
+        let (status, cache, body) = send(get(e, "files.test", &path)).await;
+        assert_eq!((status, cache.as_str(), body.as_str()), (200, "MISS", "v2"));
+    }
+    // The peers did not pass the forwarded purge on: no loop.
+    for e in [b, &c] {
+        let m = e.running.metrics.render();
+        assert!(!m.contains("fediedge_purge_forwards_total{"), "{m}");
+        assert!(
+            m.contains("fediedge_cache_buster_requests_total{outcome=\"purged\"} 1"),
+            "{m}"
+        );
     }
 }
 

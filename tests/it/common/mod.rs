@@ -21,8 +21,13 @@ pub struct TestEdge {
 
 /// Writes `extra` (TOML) below the listener/data settings and starts the edge in `dir`.
 pub async fn start_edge(dir: &Path, extra: &str) -> TestEdge {
+    start_edge_listening(dir, "127.0.0.1:0", extra).await
+}
+
+/// [`start_edge`] on a given `listen` address (edges that name each other as peers).
+pub async fn start_edge_listening(dir: &Path, listen: &str, extra: &str) -> TestEdge {
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{extra}",
+        "listen = \"{listen}\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{extra}",
         dir.join("var").display()
     );
     let config =

@@ -14,6 +14,10 @@
 //! - anything else goes on.
 //!
 //! The secret is never logged. Targets are called on a blocking thread (they unlink files).
+//! A purge from Mastodon is then passed on to the other edges (`peers`, [`peers`]); one
+//! passed on by an edge carries [`peers::FORWARDED`] and goes no further.
+
+pub mod peers;
 
 use std::sync::Arc;
 
@@ -70,11 +74,13 @@ pub struct CacheBuster {
     header: http::HeaderName,
     secret: [u8; 32],
     targets: Vec<Arc<dyn Purge>>,
+    peers: peers::Peers,
     metrics: Metrics,
 }
 
 impl CacheBuster {
-    /// From `[cache_buster]`, purging `targets`.
+    /// From `[cache_buster]`, purging `targets`; starts the tasks passing purges on to the
+    /// peers (so it needs a runtime when there are peers).
     pub fn new(
         config: &CacheBusterConfig,
         targets: Vec<Arc<dyn Purge>>,
@@ -85,6 +91,7 @@ impl CacheBuster {
             header: config.secret_header.clone(),
             secret: Sha256::digest(config.secret.as_bytes()).into(),
             targets,
+            peers: peers::Peers::start(config, metrics.clone()),
             metrics,
         }
     }
@@ -141,9 +148,17 @@ impl CacheBuster {
         })
         .await
         .unwrap_or(0);
-        tracing::info!(%host, %path, purged, "cache buster: purged");
+        let forwarded = req.headers().contains_key(peers::FORWARDED);
+        tracing::info!(%host, %path, purged, forwarded, "cache buster: purged");
         self.metrics.cache_buster("purged");
-        Some(answer(StatusCode::OK, format!("purged {purged}\n")))
+        if forwarded || self.peers.is_empty() {
+            return Some(answer(StatusCode::OK, format!("purged {purged}\n")));
+        }
+        self.peers.pass_on(&host, &path);
+        Some(answer(
+            StatusCode::OK,
+            format!("purged {purged}\npassed on to {} peers\n", self.peers.len()),
+        ))
     }
 }
 
@@ -180,6 +195,7 @@ mod tests {
             http_method: Method::from_bytes(method.as_bytes()).unwrap(),
             secret_header: http::HeaderName::from_static("x-buster"),
             secret: "s3cret".into(),
+            peers: Vec::new(),
         };
         let count = Arc::new(Count(Default::default()));
         let b = CacheBuster::new(&config, vec![count.clone()], Metrics::new());
