@@ -25,6 +25,9 @@
 //! - **TLS 1 MiB**: `h2load --h1`, 16 connections, over the 1 MiB objects (bytes/s).
 //! - **proxy**: `wrk --latency`, 64 connections, plain HTTP, one path to the upstream
 //!   (req/s and p99 latency).
+//! - **api** (issue 9 §7, `front/api.rs`): a cached ~10 KB `GET /api/v1/instance` through
+//!   fediedge's `[core.cache]`, nginx `proxy_cache` and Varnish, with the proxy test's `wrk`
+//!   load (req/s, p99; ratio against the better of nginx and Varnish).
 //!
 //! Each measurement runs in rounds; each round measures both servers, starting with a different
 //! one. The best round is reported (the machine is shared: outside load only lowers a figure)
@@ -32,7 +35,12 @@
 //!
 //! Knobs (environment): `FRONT_BENCH_SECS` (default 5), `FRONT_BENCH_ROUNDS` (default 3),
 //! `FRONT_BENCH_STRICT=1` (exit 1 when a target is missed), `FRONT_BENCH_CLIENT_THREADS`
-//! (h2load and wrk threads, default 1), `FEDIEDGE_BIN`, `NGINX_BIN`, `H2LOAD_BIN`, `WRK_BIN`.
+//! (h2load and wrk threads, default 1), `FRONT_BENCH_ONLY` (a comma-separated subset of
+//! `tls-small-h1,tls-small-h2,tls-large,proxy,api`; default all), `FEDIEDGE_BIN`, `NGINX_BIN`,
+//! `H2LOAD_BIN`, `WRK_BIN`, `VARNISHD_BIN`.
+
+#[path = "front/api.rs"]
+mod api;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -81,6 +89,8 @@ struct Settings {
     rounds: usize,
     strict: bool,
     threads: u64,
+    /// The measurements to run (`FRONT_BENCH_ONLY`), by `Test::key` and `api`.
+    only: Vec<String>,
 }
 
 impl Settings {
@@ -96,7 +106,17 @@ impl Settings {
             rounds: num("FRONT_BENCH_ROUNDS", 3).max(1) as usize,
             strict: std::env::var("FRONT_BENCH_STRICT").is_ok_and(|v| v == "1"),
             threads: num("FRONT_BENCH_CLIENT_THREADS", 1).max(1),
+            only: std::env::var("FRONT_BENCH_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .map(|w| w.trim().to_owned())
+                .filter(|w| !w.is_empty())
+                .collect(),
         }
+    }
+
+    fn wants(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|w| w == key)
     }
 }
 
@@ -126,6 +146,23 @@ enum Test {
 }
 
 impl Test {
+    const ALL: [Test; 4] = [
+        Test::TlsSmallH1,
+        Test::TlsSmallH2,
+        Test::TlsLarge,
+        Test::Proxy,
+    ];
+
+    /// The name `FRONT_BENCH_ONLY` knows it by.
+    fn key(self) -> &'static str {
+        match self {
+            Test::TlsSmallH1 => "tls-small-h1",
+            Test::TlsSmallH2 => "tls-small-h2",
+            Test::TlsLarge => "tls-large",
+            Test::Proxy => "proxy",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Test::TlsSmallH1 => "TLS 4 KiB, HTTP/1.1 (req/s)",
@@ -153,10 +190,35 @@ impl Test {
 
 async fn run() -> anyhow::Result<bool> {
     let settings = Settings::from_env();
+    let known: Vec<&str> = Test::ALL.iter().map(|t| t.key()).chain(["api"]).collect();
+    if let Some(w) = settings.only.iter().find(|w| !known.contains(&w.as_str())) {
+        bail!(
+            "FRONT_BENCH_ONLY: unknown measurement {w:?} (known: {})",
+            known.join(",")
+        );
+    }
+    let tests: Vec<Test> = Test::ALL
+        .into_iter()
+        .filter(|t| settings.wants(t.key()))
+        .collect();
+    let tmp = tempfile::Builder::new().prefix("front-bench-").tempdir()?;
+    let mut met = true;
+    if !tests.is_empty() {
+        met &= run_front(&settings, &tests, tmp.path()).await?;
+    }
+    if settings.wants("api") {
+        if !tests.is_empty() {
+            println!();
+        }
+        met &= api::run(&settings, tmp.path()).await?;
+    }
+    Ok(met)
+}
+
+/// The TLS and proxy measurements, fediedge against nginx.
+async fn run_front(settings: &Settings, tests: &[Test], dir: &Path) -> anyhow::Result<bool> {
     let h2load = find_program("H2LOAD_BIN", "h2load")?;
     let wrk = find_program("WRK_BIN", "wrk")?;
-    let tmp = tempfile::Builder::new().prefix("front-bench-").tempdir()?;
-    let dir = tmp.path();
     let media = dir.join("media");
     let (small, large) = write_objects(&media)?;
     let (cert, key) = certificate(dir)?;
@@ -198,12 +260,6 @@ async fn run() -> anyhow::Result<bool> {
     );
     println!();
 
-    let tests = [
-        Test::TlsSmallH1,
-        Test::TlsSmallH2,
-        Test::TlsLarge,
-        Test::Proxy,
-    ];
     // results[test][server] = rounds
     let mut results: Vec<[Vec<Figure>; 2]> = tests.iter().map(|_| Default::default()).collect();
     for round in 0..settings.rounds {
@@ -253,7 +309,7 @@ async fn run() -> anyhow::Result<bool> {
             }
         }
     }
-    Ok(report(&tests, &results, settings.strict))
+    Ok(report(tests, &results, settings.strict))
 }
 
 fn report(tests: &[Test], results: &[[Vec<Figure>; 2]], strict: bool) -> bool {
