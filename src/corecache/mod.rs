@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Empty, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use http_cache_semantics::BeforeRequest;
 use hyper::body::Incoming;
 
@@ -38,7 +38,7 @@ use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
 use crate::proxy::{Kind, Proxy};
 use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
-use store::{Entry, Store};
+use store::{Entry, Store, StoredBody};
 
 /// Largest response body stored (bigger ones are passed on, not kept).
 const MAX_ENTRY: u64 = 8 << 20;
@@ -463,7 +463,7 @@ impl CoreCache {
         head: bool,
         status: CacheStatus,
     ) -> Option<Response<Body>> {
-        let file = self.store.open_body(&e.id).await.ok()?;
+        let stored = self.store.body(&e.id, e.meta.len).await.ok()?;
         self.store.touch(&e.id);
         let now = SystemTime::now();
         let mut headers = e.meta.headers.clone();
@@ -478,7 +478,6 @@ impl CoreCache {
             *resp.headers_mut() = headers;
             return Some(self.finish(resp, status));
         }
-        let mut file = file;
         let (mut start, mut end) = (0, e.meta.len);
         let mut code = code;
         if code == StatusCode::OK {
@@ -502,15 +501,25 @@ impl CoreCache {
         let body = if head {
             Empty::new().map_err(|e| match e {}).boxed_unsync()
         } else {
-            use tokio::io::{AsyncReadExt, AsyncSeekExt};
-            if start > 0 {
-                file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
+            match stored {
+                StoredBody::Memory(bytes) => Full::new(bytes.slice(start as usize..end as usize))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+                StoredBody::File(mut file) => {
+                    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                    if start > 0 {
+                        file.seek(std::io::SeekFrom::Start(start)).await.ok()?;
+                    }
+                    let stream = tokio_util::io::ReaderStream::with_capacity(
+                        file.take(end - start),
+                        64 * 1024,
+                    );
+                    StreamBody::new(futures_util::StreamExt::map(stream, |r| {
+                        r.map(http_body::Frame::data)
+                    }))
+                    .boxed_unsync()
+                }
             }
-            let stream = tokio_util::io::ReaderStream::new(file.take(end - start));
-            StreamBody::new(futures_util::StreamExt::map(stream, |r| {
-                r.map(http_body::Frame::data)
-            }))
-            .boxed_unsync()
         };
         let mut resp = Response::new(body);
         *resp.status_mut() = code;

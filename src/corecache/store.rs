@@ -11,6 +11,10 @@
 //! object, verifies MD5s and keeps a memory tier; here one URL holds several variants (Vary)
 //! and entries carry an HTTP cache policy. The shape is the same (LRU by bytes through the
 //! `lru` crate, no disk I/O under the index lock, temp + rename, `write_atomic`).
+//!
+//! Bodies up to [`MEMORY_MAX_OBJECT`] are kept in memory after their first read (within
+//! [`MEMORY_MAX`], least recently used out): a hit on a hot API response then costs no file
+//! open or read, only a shared `Bytes`. The memory copy is dropped with the entry.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http_cache_semantics::CachePolicy;
 use lru::LruCache;
@@ -60,6 +65,24 @@ pub struct Entry {
     pub meta: Arc<Meta>,
 }
 
+/// The memory tier's bound.
+pub const MEMORY_MAX: u64 = 64 << 20;
+/// The largest body kept in memory.
+pub const MEMORY_MAX_OBJECT: u64 = 256 << 10;
+
+/// A stored body, as a hit reads it.
+pub enum StoredBody {
+    /// The whole body, shared.
+    Memory(Bytes),
+    /// The body's file (too big for memory), at its start.
+    File(tokio::fs::File),
+}
+
+struct Memory {
+    lru: LruCache<Id, Bytes>,
+    bytes: u64,
+}
+
 struct Index {
     lru: LruCache<Id, Arc<Meta>>,
     by_url: HashMap<String, Vec<Id>>,
@@ -71,6 +94,7 @@ pub struct Store {
     dir: PathBuf,
     max_size: u64,
     index: Mutex<Index>,
+    memory: Mutex<Memory>,
     counter: AtomicU64,
     metrics: Metrics,
     /// When each URL was last invalidated or purged: a response whose request was sent
@@ -100,6 +124,10 @@ impl Store {
             index: Mutex::new(Index {
                 lru: LruCache::unbounded(),
                 by_url: HashMap::new(),
+                bytes: 0,
+            }),
+            memory: Mutex::new(Memory {
+                lru: LruCache::unbounded(),
                 bytes: 0,
             }),
             counter: AtomicU64::new(0),
@@ -207,9 +235,38 @@ impl Store {
         self.index.lock().lru.promote(id);
     }
 
-    /// Opens a stored body.
-    pub async fn open_body(&self, id: &str) -> io::Result<tokio::fs::File> {
-        tokio::fs::File::open(self.path_of(id, "body")).await
+    /// A stored body of `len` bytes: from memory, else read whole in one blocking call and
+    /// kept in memory when small, else its file opened.
+    pub async fn body(&self, id: &str, len: u64) -> io::Result<StoredBody> {
+        if let Some(b) = self.memory.lock().lru.get(id) {
+            return Ok(StoredBody::Memory(b.clone()));
+        }
+        let path = self.path_of(id, "body");
+        if len > MEMORY_MAX_OBJECT {
+            return Ok(StoredBody::File(tokio::fs::File::open(path).await?));
+        }
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+            .await
+            .map_err(io::Error::other)??;
+        if bytes.len() as u64 != len {
+            return Err(io::Error::other("a stored body has the wrong length"));
+        }
+        let bytes = Bytes::from(bytes);
+        // Kept only while indexed; one purged meanwhile is served to this client only (its
+        // lookup came first), and never kept.
+        if self.index.lock().lru.peek(id).is_some() {
+            let mut memory = self.memory.lock();
+            if memory.lru.put(id.to_owned(), bytes.clone()).is_none() {
+                memory.bytes += len;
+            }
+            while memory.bytes > MEMORY_MAX {
+                match memory.lru.pop_lru() {
+                    Some((_, b)) => memory.bytes -= b.len() as u64,
+                    None => break,
+                }
+            }
+        }
+        Ok(StoredBody::Memory(bytes))
     }
 
     /// Stores a whole body (a temp file in `tmp_dir`) and its meta, replacing the entries in
@@ -339,6 +396,14 @@ impl Store {
     }
 
     fn unlink(&self, ids: &[Id]) {
+        {
+            let mut memory = self.memory.lock();
+            for id in ids {
+                if let Some(b) = memory.lru.pop(id) {
+                    memory.bytes -= b.len() as u64;
+                }
+            }
+        }
         for id in ids {
             let _ = std::fs::remove_file(self.path_of(id, "meta"));
             let _ = std::fs::remove_file(self.path_of(id, "body"));
