@@ -16,7 +16,7 @@
 //! - **nginx**: one TLS server (`http2`) serving the same directory statically (`sendfile`,
 //!   `open_file_cache`: nginx at its fastest, which is at least as fast as a `proxy_cache`
 //!   hit), and one plain server whose `location /` is `proxy_pass` to the same upstream with
-//!   `keepalive` (per worker) adding up to 32 idle connections, fediedge's
+//!   `keepalive` (per worker) adding up to 256 idle connections, fediedge's
 //!   `max_idle_per_upstream` default, and Mastodon's proxy headers.
 //!
 //! Loads (external clients, sharing the machine's cores with the server under test):
@@ -673,8 +673,8 @@ fn start_nginx(
     let d = dir.display();
     let (m, c, k) = (media.display(), cert.display(), key.display());
     // nginx's `keepalive` is per worker: the same idle connections in all as fediedge's
-    // `max_idle_per_upstream` default (32).
-    let keepalive = (32 / workers).max(1);
+    // `max_idle_per_upstream` default (256).
+    let keepalive = (256 / workers).max(1);
     // TLS: nginx's defaults but for the session cache; http2 on the same listener. The proxy:
     // Mastodon's nginx proxy headers, HTTP/1.1 keep-alive to the upstream.
     let config = format!(
