@@ -7,65 +7,76 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, and the `Proxy-Connection` of old clients).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
+/// Hop-by-hop headers (RFC 9110 §7.6.1, and the `Proxy-Connection` of old clients), as
+/// names made once: removing by a `&str` would parse the name on every request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
 ];
+const PROXY: HeaderName = HeaderName::from_static("proxy");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Removes the hop-by-hop headers, those named in `Connection`, and `Proxy`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
+    // Most requests (HTTP/2, and HTTP/1.1 keep-alive) name nothing: no list is made then.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
-    }
-    headers.remove("proxy");
+    headers.remove(&PROXY);
 }
 
 /// Rewrites a client's request headers for the upstream. `peer` is the client's address,
 /// `tls` whether it came over TLS, `trusted` whether the peer is a trusted proxy.
 pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) {
     strip_hop_by_hop(headers);
-    let ip = peer.to_string();
+    let ip = HeaderValue::from_str(&peer.to_string()).expect("an IP is a value");
     let prior: Vec<&str> = headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
+    // The common case (no prior hop) shares the address's value, made once.
     let xff = match prior.is_empty() {
-        true => ip.clone(),
-        false => format!("{}, {ip}", prior.join(", ")),
+        true => Some(ip.clone()),
+        false => HeaderValue::from_str(&format!(
+            "{}, {}",
+            prior.join(", "),
+            ip.to_str().expect("an IP is ASCII")
+        ))
+        .ok(),
     };
-    headers.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    headers.remove(&X_FORWARDED_FOR);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if !(trusted && headers.contains_key("x-real-ip")) {
-        headers.insert(
-            "x-real-ip",
-            HeaderValue::from_str(&ip).expect("an IP is a value"),
-        );
+    if !(trusted && headers.contains_key(&X_REAL_IP)) {
+        headers.insert(X_REAL_IP, ip);
     }
-    if !(trusted && headers.contains_key("x-forwarded-proto")) {
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         let proto = if tls { "https" } else { "http" };
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
 }
 

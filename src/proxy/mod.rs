@@ -260,11 +260,12 @@ impl Proxy {
         if let Some(protocol) = upgrade {
             upgrade::ask(&mut parts.headers, protocol);
         }
+        // Shared, not copied: each attempt's URI is this and the upstream's authority.
         let path = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // Only a request without a body can be sent again: its body is not kept.
         let resendable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
             && body.is_end_stream();
@@ -286,16 +287,22 @@ impl Proxy {
             };
             let addr = admission.upstream.addr;
             tried.push(addr);
-            let uri = format!("http://{addr}{path}");
-            let mut up = Request::builder()
-                .method(parts.method.clone())
-                .uri(uri)
-                .body(
-                    body.take()
-                        .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
-                )
-                .expect("a valid request");
-            *up.headers_mut() = parts.headers.clone();
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(admission.upstream.authority.clone());
+            uri.path_and_query = Some(path.clone());
+            let mut up = Request::new(
+                body.take()
+                    .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
+            );
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = http::Uri::from_parts(uri).expect("scheme, authority and path");
+            // The headers are copied only when another attempt may need them: a request that
+            // cannot be sent again, or the last upstream, takes them.
+            *up.headers_mut() = match resendable && tried.len() < pool.upstreams.len() {
+                true => parts.headers.clone(),
+                false => std::mem::take(&mut parts.headers),
+            };
             let sent = tokio::time::timeout(live.first_byte_timeout, live.client.request(up)).await;
             let resp = match sent {
                 Err(_) => {

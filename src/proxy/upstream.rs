@@ -16,6 +16,8 @@ use super::breaker::{Breaker, BreakerState};
 pub struct Upstream {
     /// Its address.
     pub addr: SocketAddr,
+    /// Its address as a URI authority, made once (not per request).
+    pub authority: http::uri::Authority,
     /// One permit per request in flight (the response body holds it to its end).
     permits: Arc<Semaphore>,
     max: usize,
@@ -134,6 +136,7 @@ impl Pool {
                     }
                     Arc::new(Upstream {
                         addr,
+                        authority: addr.to_string().parse().expect("a socket address"),
                         permits: Arc::new(Semaphore::new(max)),
                         max,
                         breaker: Breaker::new(failures, cooldown),
