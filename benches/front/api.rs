@@ -323,7 +323,8 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
         false => "",
     };
     let d = dir.display();
-    let keepalive = (32 / workers).max(1);
+    // As the proxy test: fediedge's `max_idle_per_upstream` default (256) in all.
+    let keepalive = (256 / workers).max(1);
     let config = format!(
         r#"{user}
 worker_processes {workers};
