@@ -96,6 +96,9 @@ impl Live {
     }
 }
 
+/// How long an idle keep-alive connection to core is kept.
+const IDLE_UPSTREAM_CONNECTION: Duration = Duration::from_secs(15);
+
 /// The proxy's own HTTP/1.1 client: keep-alive pools per upstream, the connect timeout.
 fn client(config: &CoreConfig) -> Client<HttpConnector, UpBody> {
     let mut connector = HttpConnector::new();
@@ -103,7 +106,10 @@ fn client(config: &CoreConfig) -> Client<HttpConnector, UpBody> {
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(config.max_idle_per_upstream)
-        .pool_idle_timeout(Duration::from_secs(60))
+        // Below puma's `persistent_timeout` (20 s by default): the edge drops an idle
+        // connection before puma would, so a request is not written into a connection puma is
+        // closing. (The streaming server's plain requests are few; its tunnels never idle here.)
+        .pool_idle_timeout(IDLE_UPSTREAM_CONNECTION)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
