@@ -229,6 +229,11 @@ pub fn build(
     headers.remove("surrogate-control");
     Some(Meta {
         host: host.to_owned(),
+        raw_host: req
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         path: path.to_owned(),
         status: code,
         headers,

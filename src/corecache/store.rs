@@ -41,6 +41,10 @@ pub type Id = String;
 pub struct Meta {
     /// Host, lower case, without port.
     pub host: String,
+    /// The `Host` header of the request that stored it, as sent (the policy compares it
+    /// byte for byte; the fast hit path does the same).
+    #[serde(default)]
+    pub raw_host: Option<String>,
     /// Path and query.
     pub path: String,
     /// The response's status.
