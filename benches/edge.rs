@@ -40,7 +40,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,6 +53,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+#[path = "common/process.rs"]
+mod process;
+use process::{descendants, find_program, free_addr, is_root, loadavg, spawn, version, Proc};
 
 const SMALL_SIZE: usize = 4 * 1024;
 const SMALL_COUNT: usize = 256;
@@ -216,12 +220,6 @@ fn source_revision() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|| "unknown (no git)".into())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// CPU used on the machine by processes other than this program and the servers it started,
@@ -504,89 +502,6 @@ fn fnv(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // The servers under test.
 
-/// A child process, stopped when dropped: SIGTERM, then SIGKILL for whatever of its process
-/// tree (nginx workers, Varnish's cache process) is still there after 5 s.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pid = self.child.id();
-        let family: Vec<(u32, String)> = descendants(pid)
-            .into_iter()
-            .filter_map(|p| comm(p).map(|c| (p, c)))
-            .collect();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-            }
-        }
-        for (p, name) in family {
-            let mut waited = 0;
-            while comm(p).as_deref() == Some(name.as_str()) && waited < 40 {
-                std::thread::sleep(Duration::from_millis(50));
-                waited += 1;
-            }
-            if comm(p).as_deref() == Some(name.as_str()) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &p.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
-}
-
-/// The command name of a live (not zombie) process.
-fn comm(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let state = stat[close + 1..].split_whitespace().next()?;
-    (state != "Z").then(|| stat[open + 1..close].to_owned())
-}
-
-fn parent(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let close = stat.rfind(')')?;
-    stat[close + 1..].split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Every process below `root` (not `root` itself).
-fn descendants(root: u32) -> Vec<u32> {
-    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .filter_map(|p| parent(p).map(|pp| (p, pp)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut found = vec![root];
-    let mut i = 0;
-    while i < found.len() {
-        let p = found[i];
-        found.extend(all.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    found.remove(0);
-    found
-}
-
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -658,66 +573,6 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
-}
-
-fn spawn(mut cmd: Command, log: PathBuf) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(&log)?;
-    let err = out.try_clone()?;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
-    Ok(Proc { child, log })
-}
-
-fn find_program(env: &str, name: &str) -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Ok(p.into());
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
-        "/usr/sbin",
-        "/usr/local/sbin",
-        "/sbin",
-    ]) {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} not found (install it, e.g. with scripts/bench-edge.sh, or set {env})")
-}
-
-fn version(program: &Path, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            text.lines().next().unwrap_or_default().trim().to_owned()
-        })
-        .unwrap_or_default()
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn start_fediedge(dir: &Path, origin: SocketAddr) -> anyhow::Result<Server> {

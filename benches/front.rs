@@ -41,16 +41,19 @@
 
 #[path = "front/api.rs"]
 mod api;
+#[path = "common/process.rs"]
+mod process;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::Full;
+use process::{find_program, free_addr, is_root, loadavg, spawn, version, Proc};
 
 const SMALL_SIZE: usize = 4 * 1024;
 const SMALL_COUNT: usize = 256;
@@ -451,31 +454,6 @@ async fn start_upstream() -> anyhow::Result<SocketAddr> {
 
 // The servers.
 
-/// A child process, stopped when dropped: SIGTERM, then SIGKILL after 5 s. nginx's master
-/// stops its workers itself.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Server {
     name: &'static str,
     version: String,
@@ -539,59 +517,6 @@ fn stat_field(pid: u32, n: usize) -> Option<u64> {
 
 fn ticks_per_sec() -> f64 {
     100.0
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn spawn(mut cmd: Command, log: PathBuf) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(&log)?;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
-    Ok(Proc { child, log })
-}
-
-fn find_program(env: &str, name: &str) -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Ok(p.into());
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
-        "/usr/sbin",
-        "/usr/local/sbin",
-        "/sbin",
-    ]) {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} not found (install it, e.g. with scripts/bench-front.sh, or set {env})")
-}
-
-fn version(program: &Path, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            text.lines().next().unwrap_or_default().trim().to_owned()
-        })
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn start_fediedge(
@@ -666,7 +591,7 @@ fn start_nginx(
         std::fs::create_dir_all(dir.join(d))?;
     }
     let (plain, tls) = (free_addr()?, free_addr()?);
-    let user = match stat_uid_is_root() {
+    let user = match is_root() {
         true => "user root root;",
         false => "",
     };
@@ -763,17 +688,6 @@ http {{
         plain,
         proc,
     })
-}
-
-fn stat_uid_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// GETs every object over fediedge's plain listener until each answers from the cache.

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::{
-    find_program, free_addr, loadavg, spawn, stat_uid_is_root, ticks_per_sec, version, wrk_run,
-    Figure, Server, Settings,
+    find_program, free_addr, is_root, loadavg, spawn, ticks_per_sec, version, wrk_run, Figure,
+    Server, Settings,
 };
 
 /// The target: fediedge ≥ 1.3× the better of nginx and Varnish (req/s).
@@ -318,7 +318,7 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
         std::fs::create_dir_all(dir.join(d))?;
     }
     let plain = free_addr()?;
-    let user = match stat_uid_is_root() {
+    let user = match is_root() {
         true => "user root root;",
         false => "",
     };
