@@ -11,6 +11,10 @@
 # The upstream is one nginx worker answering every request with a ~930-byte JSON body,
 # keep-alive; `[core]` sends everything outside the media prefix to it. EXTRA_CORE adds lines
 # to `[core]` (e.g. EXTRA_CORE='max_idle_per_upstream = 32'). Needs nginx, wrk, curl, valgrind.
+# EXTRA_TOP adds top-level lines (e.g. EXTRA_TOP='worker_threads = 1'); CG_TOP=40 prints the 40 functions
+# costing most instructions per request (callgrind mode). URL_PATH=/api/v1/instance asks for a
+# URL the upstream marks cacheable (`public, max-age=300`): with EXTRA_CORE adding a
+# `[core.cache]` table, that measures a core cache hit instead of a proxied request.
 # Figures and method: docs/benchmarks.md ("Proxy CPU per request, A/B").
 set -euo pipefail
 
@@ -39,6 +43,9 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/ng/t
   scgi_temp_path $D/ng/tmp;
   server { listen 127.0.0.1:$UP;
     location = /nginx_status { stub_status; }
+    location = /api/v1/instance { default_type application/json;
+      add_header Cache-Control "public, max-age=300, stale-while-revalidate=30" always;
+      return 200 '$BODY'; }
     location / { default_type application/json; return 200 '$BODY'; } } }
 NG
 nginx -c "$D/ng/nginx.conf" -p "$D/ng"
@@ -47,6 +54,7 @@ listen = "127.0.0.1:$FE"
 admin_listen = "127.0.0.1:$AD"
 url_prefix = "/system/"
 data_dir = "$D/var"
+${EXTRA_TOP:-}
 [cache]
 dir = "$D/cache"
 max_size = "1GiB"
@@ -60,7 +68,7 @@ web = ["127.0.0.1:$UP"]
 health_check_interval = "0s"
 ${EXTRA_CORE:-}
 FE
-URL=http://127.0.0.1:$FE/api/v1/timelines/public
+URL=http://127.0.0.1:$FE${URL_PATH:-/api/v1/timelines/public}
 up() {
     for _ in $(seq 300); do
         curl -sf -o /dev/null "$URL" && return 0
@@ -110,6 +118,8 @@ callgrind)
     for _ in $(seq 50); do compgen -G "$D/cg.out.*" >/dev/null && break; sleep 0.2; done
     sleep 0.5
     IR=$(grep -h "^summary:" "$D"/cg.out.* | awk '{s+=$2} END{print s}')
+    # CG_TOP=N: the N functions with the most instructions of their own, per request.
+    [ -n "${CG_TOP:-}" ] && python3 "$(dirname "$0")/callgrind-self.py" "$D"/cg.out.* "$N" "$CG_TOP"
     echo "statuses: $CODES"
     echo "instructions=$IR requests=$N per_request=$((IR / N))"
     ;;
