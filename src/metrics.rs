@@ -42,6 +42,9 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    /// The header it is sent in, parsed once (a `&str` name is parsed on every insert).
+    pub const HEADER: http::HeaderName = http::HeaderName::from_static("x-cache-status");
+
     /// The header value: `HIT`, `MISS`, `FALLBACK`, `BYPASS`, `ERROR`, `BUSY`, `REPLAY`,
     /// `STALE` or `REVALIDATED`.
     pub fn as_str(self) -> &'static str {

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often a hit is recorded in the body's mtime (the LRU order used after a restart).
@@ -59,12 +59,18 @@ pub struct Hit {
     pub meta: Arc<ObjectMeta>,
     /// Its body.
     pub body: HitBody,
+    /// The head of a full `200` answer for this entry, built by the edge on the entry's first
+    /// plain hit and kept (and dropped) with the entry: later hits clone it instead of
+    /// rebuilding every header. The cache never reads it.
+    pub head: Arc<OnceLock<http::HeaderMap>>,
 }
 
 struct Entry {
     meta: Arc<CachedMeta>,
     /// `meta` as store metadata, converted once rather than on every hit.
     object: Arc<ObjectMeta>,
+    /// See [`Hit::head`].
+    head: Arc<OnceLock<http::HeaderMap>>,
     /// MD5 checked since this process loaded the entry.
     verified: bool,
     /// When this process last recorded a use of the entry on disk (None: not yet).
@@ -75,6 +81,7 @@ impl Entry {
     fn new(meta: CachedMeta, verified: bool) -> Entry {
         Entry {
             object: Arc::new(meta.to_object_meta()),
+            head: Arc::default(),
             meta: Arc::new(meta),
             verified,
             touched: None,
@@ -197,8 +204,8 @@ impl Cache {
     pub async fn lookup(self: &Arc<Self>, key: &Key) -> Option<Hit> {
         match self.indexed(key) {
             Indexed::Memory(hit) => return Some(hit),
-            Indexed::Disk(record, meta, verified) => {
-                return self.open_hit(key, record, meta, verified).await
+            Indexed::Disk(record, meta, head, verified) => {
+                return self.open_hit(key, record, meta, head, verified).await
             }
             Indexed::Absent if !self.is_loading() => return None,
             Indexed::Absent => {}
@@ -223,8 +230,8 @@ impl Cache {
         self.publish();
         match self.indexed(key) {
             Indexed::Memory(hit) => Some(hit),
-            Indexed::Disk(record, meta, verified) => {
-                self.open_hit(key, record, meta, verified).await
+            Indexed::Disk(record, meta, head, verified) => {
+                self.open_hit(key, record, meta, head, verified).await
             }
             Indexed::Absent => None,
         }
@@ -253,8 +260,14 @@ impl Cache {
             Some(bytes) => Indexed::Memory(Hit {
                 meta: entry.object.clone(),
                 body: HitBody::Memory(bytes.clone()),
+                head: entry.head.clone(),
             }),
-            None => Indexed::Disk(entry.meta.clone(), entry.object.clone(), entry.verified),
+            None => Indexed::Disk(
+                entry.meta.clone(),
+                entry.object.clone(),
+                entry.head.clone(),
+                entry.verified,
+            ),
         }
     }
 
@@ -265,6 +278,7 @@ impl Cache {
         key: &Key,
         record: Arc<CachedMeta>,
         meta: Arc<ObjectMeta>,
+        head: Arc<OnceLock<http::HeaderMap>>,
         mut verified: bool,
     ) -> Option<Hit> {
         let to_memory =
@@ -281,7 +295,7 @@ impl Cache {
             match self.indexed(key) {
                 Indexed::Memory(hit) => return Some(hit),
                 Indexed::Absent => return None,
-                Indexed::Disk(_, _, v) => verified = v,
+                Indexed::Disk(_, _, _, v) => verified = v,
             }
             Some(guard)
         } else {
@@ -296,7 +310,7 @@ impl Cache {
             self.verifying.lock().remove(key);
         }
         match opened {
-            Ok(body) => Some(Hit { meta, body }),
+            Ok(body) => Some(Hit { meta, body, head }),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "cache: damaged body removed; refetching");
                 let (this, k) = (self.clone(), key.clone());
@@ -550,7 +564,12 @@ impl Cache {
 enum Indexed {
     Absent,
     Memory(Hit),
-    Disk(Arc<CachedMeta>, Arc<ObjectMeta>, bool),
+    Disk(
+        Arc<CachedMeta>,
+        Arc<ObjectMeta>,
+        Arc<OnceLock<http::HeaderMap>>,
+        bool,
+    ),
 }
 
 /// Writes `bytes` to `path` through a temp file and a rename.

@@ -116,12 +116,12 @@ impl Edge {
 
         if let Some(cache) = &self.cache {
             if let Some(hit) = cache.lookup(&key).await {
-                let meta = meta_for(&key, &hit.meta);
                 let source = match hit.body {
                     HitBody::Memory(b) => Source::Memory(b),
                     HitBody::File(f) => Source::File(f),
                 };
-                return respond::object(headers, head, meta, source, CacheStatus::Hit);
+                let meta = || meta_for(&key, &hit.meta);
+                return respond::hit(headers, head, hit.meta.size, meta, source, &hit.head);
             }
         }
         if self.flights.negative().contains(&key) {

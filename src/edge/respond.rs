@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -86,7 +86,7 @@ pub fn status(code: StatusCode, cache_status: CacheStatus, cache_control: &'stat
         HeaderValue::from_static(cache_control),
     );
     h.insert(
-        "x-cache-status",
+        CacheStatus::HEADER,
         HeaderValue::from_static(cache_status.as_str()),
     );
     h.insert(
@@ -166,12 +166,7 @@ pub fn object(
     let body = if head {
         empty()
     } else {
-        match source {
-            Source::Memory(bytes) => full(bytes.slice(start as usize..end as usize)),
-            Source::File(file) => stream(read_range(file, start, end, None)),
-            Source::Flight(body, rx) => stream(read_flight(body, start, end, rx)),
-            Source::Stream(s) => stream(slice_stream(s, start, end)),
-        }
+        body_of(source, start, end)
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = code;
@@ -180,6 +175,58 @@ pub fn object(
         resp,
         body_bytes: if head { 0 } else { len },
         cache_status,
+    }
+}
+
+/// A cache hit. A request for the whole body without conditions (no `Range`, `If-None-Match`
+/// or `If-Modified-Since`: nearly every hit) gets a clone of the head `memo` keeps for the
+/// entry, built on its first such hit; any other is answered by [`object`]. `meta` is called
+/// only when the head is built (it may guess a Content-Type).
+pub fn hit<'a>(
+    req: &HeaderMap,
+    head: bool,
+    size: u64,
+    meta: impl FnOnce() -> Meta<'a>,
+    source: Source,
+    memo: &OnceLock<HeaderMap>,
+) -> Answer {
+    // One pass over the request's few header names (standard names compare as small
+    // integers) rather than three hashed lookups.
+    let conditional = req.keys().any(|name| {
+        name == header::RANGE || name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE
+    });
+    if conditional {
+        return object(req, head, meta(), source, CacheStatus::Hit);
+    }
+    let headers = memo
+        .get_or_init(|| {
+            let mut h = HeaderMap::with_capacity(16);
+            media_headers(&mut h, &meta(), CacheStatus::Hit);
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+            h
+        })
+        .clone();
+    let body = if head {
+        empty()
+    } else {
+        body_of(source, 0, size)
+    };
+    let mut resp = Response::new(body);
+    *resp.headers_mut() = headers;
+    Answer {
+        resp,
+        body_bytes: if head { 0 } else { size },
+        cache_status: CacheStatus::Hit,
+    }
+}
+
+/// The bytes `start..end` of `source`.
+fn body_of(source: Source, start: u64, end: u64) -> Body {
+    match source {
+        Source::Memory(bytes) => full(bytes.slice(start as usize..end as usize)),
+        Source::File(file) => stream(read_range(file, start, end, None)),
+        Source::Flight(body, rx) => stream(read_flight(body, start, end, rx)),
+        Source::Stream(s) => stream(slice_stream(s, start, end)),
     }
 }
 
@@ -215,7 +262,7 @@ fn media_headers(h: &mut HeaderMap, meta: &Meta, cache_status: CacheStatus) {
         HeaderValue::from_static(CSP),
     );
     h.insert(
-        "x-cache-status",
+        CacheStatus::HEADER,
         HeaderValue::from_static(cache_status.as_str()),
     );
 }
@@ -320,6 +367,39 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    /// A plain hit answers exactly what `object` answers; a conditional or ranged one is
+    /// answered by `object` itself, never from the kept head.
+    #[test]
+    fn a_hit_reuses_the_kept_head_only_for_plain_requests() {
+        let memo = OnceLock::new();
+        let body = || Source::Memory(Bytes::from_static(b"0123456789"));
+        let built = std::cell::Cell::new(0);
+        let m = || {
+            built.set(built.get() + 1);
+            meta(10)
+        };
+        let slow = object(&req(&[]), false, meta(10), body(), CacheStatus::Hit);
+        for _ in 0..3 {
+            let fast = hit(&req(&[("accept", "*/*")]), false, 10, m, body(), &memo);
+            assert_eq!(fast.resp.status(), StatusCode::OK);
+            assert_eq!(fast.resp.headers(), slow.resp.headers());
+            assert_eq!(fast.body_bytes, 10);
+        }
+        assert_eq!(built.get(), 1, "the head is built once");
+        let head = hit(&req(&[]), true, 10, m, body(), &memo);
+        assert_eq!(head.resp.headers(), slow.resp.headers());
+        assert_eq!(head.body_bytes, 0);
+        let ranged = hit(&req(&[("range", "bytes=0-3")]), false, 10, m, body(), &memo);
+        assert_eq!(ranged.resp.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(ranged.resp.headers()[header::CONTENT_LENGTH], "4");
+        let cond = [("if-none-match", "\"abc\"")];
+        let revalidated = hit(&req(&cond), false, 10, m, body(), &memo);
+        assert_eq!(revalidated.resp.status(), StatusCode::NOT_MODIFIED);
+        let since = [("if-modified-since", "Wed, 15 Nov 2023 00:00:00 GMT")];
+        let revalidated = hit(&req(&since), false, 10, m, body(), &memo);
+        assert_eq!(revalidated.resp.status(), StatusCode::NOT_MODIFIED);
     }
 
     #[test]
