@@ -133,6 +133,7 @@ struct Inner {
     cache_verifications: Counter,
     cache_index_loading: Gauge,
     overloaded: Counter,
+    backfill_held: Counter,
     purges: Family<OutcomeLabels, Counter>,
     purge_forwards: Family<OutcomeLabels, Counter>,
     purge_forwards_pending: Gauge,
@@ -280,6 +281,12 @@ impl Metrics {
             "Requests answered 503 because the flight or temp-disk limits stayed full",
             overloaded.clone(),
         );
+        let backfill_held = Counter::default();
+        registry.register(
+            "backfill_held",
+            "Checks of the live-work gate (every 200 ms) that found the background backfill holding an object back for live misses or copies",
+            backfill_held.clone(),
+        );
         let purges = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "cache_buster_requests",
@@ -338,6 +345,7 @@ impl Metrics {
             cache_verifications,
             cache_index_loading,
             overloaded,
+            backfill_held,
             purges,
             purge_forwards,
             purge_forwards_pending,
@@ -454,6 +462,11 @@ impl Metrics {
     /// Counts a request answered 503 because the edge was at its limits.
     pub fn overloaded(&self) {
         self.0.overloaded.inc();
+    }
+
+    /// Counts one check of the live-work gate that held the backfill back.
+    pub fn backfill_held(&self) {
+        self.0.backfill_held.inc();
     }
 
     /// Counts one cache-buster request: `purged` or `refused`.

@@ -310,12 +310,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )));
     if let Some(backfill) = &config.backfill {
         let (busy_tx, busy_rx) = tokio::sync::watch::channel(true);
-        tasks.push(tokio::spawn(watch_live_work(
-            flights.clone(),
-            writeback.clone(),
-            busy_tx,
-            stop.clone(),
-        )));
         // The edge's own handles: the fallback's max_concurrency is one limit for live reads
         // and the backfill together.
         let source = chain
@@ -336,6 +330,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         job.max_ops_per_sec = Some(backfill.max_ops_per_sec);
         job.max_bytes_per_sec = Some(backfill.max_bytes_per_sec);
         job.gate = Some(busy_rx);
+        tasks.push(tokio::spawn(watch_live_work(
+            LiveWork {
+                flights: flights.clone(),
+                writeback: writeback.clone(),
+                backfill: job.counters.clone(),
+                metrics: metrics.clone(),
+            },
+            busy_tx,
+            stop.clone(),
+        )));
         tasks.push(tokio::spawn(run_backfill(job, stop.clone())));
     }
     let direct = (cache.is_none() && primary.kind() == crate::config::StoreType::Fs)
@@ -534,18 +538,30 @@ fn front_door(
     })
 }
 
-/// Publishes whether live work is under way (misses being fetched, copies due for the
-/// primary; not copies waiting out a backoff), for the backfill to pause on. Checked every
-/// 200 ms.
-async fn watch_live_work(
+/// What [`watch_live_work`] looks at, and where it counts the checks that held the backfill.
+struct LiveWork {
     flights: Arc<Flights>,
     writeback: Arc<WriteBack>,
+    backfill: Arc<crate::migrate::progress::Counters>,
+    metrics: Metrics,
+}
+
+/// Publishes whether live work is under way (misses being fetched, copies due for the
+/// primary; not copies waiting out a backoff), for the backfill to pause on. Checked every
+/// 200 ms; a check that finds live work while a backfill object waits at the gate counts in
+/// `fediedge_backfill_held_total`.
+async fn watch_live_work(
+    live: LiveWork,
     busy: tokio::sync::watch::Sender<bool>,
     stop: CancellationToken,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     loop {
-        let now_busy = flights.in_flight() > 0 || writeback.due().await > 0;
+        let now_busy = live.flights.in_flight() > 0 || live.writeback.due().await > 0;
         busy.send_if_modified(|b| std::mem::replace(b, now_busy) != now_busy);
+        if now_busy && live.backfill.held_at_gate.load(Relaxed) > 0 {
+            live.metrics.backfill_held();
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}

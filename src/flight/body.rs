@@ -206,3 +206,52 @@ impl Limits {
         self.memory.clone().try_acquire_many_owned(n).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Paused time: the queue's wait runs on tokio's clock, advanced by the runtime when
+    // every task waits, so these take no real time and no machine load can change them.
+
+    #[tokio::test(start_paused = true)]
+    async fn past_max_flights_a_flight_waits_the_queue_time_then_gives_up() {
+        let limits = Limits::new(1, 1 << 20, 1 << 20, Duration::from_secs(2));
+        let _held = limits.flight().await.expect("a free slot");
+        let asked = tokio::time::Instant::now();
+        assert!(limits.flight().await.is_none());
+        assert_eq!(asked.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_freed_while_a_flight_queues_is_taken() {
+        let limits = Arc::new(Limits::new(1, 1 << 20, 1 << 20, Duration::from_secs(2)));
+        let held = limits.flight().await.expect("a free slot");
+        let waiter = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.flight().await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+        assert!(
+            waiter.await.unwrap(),
+            "the freed slot went to the queued flight"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn temp_bytes_wait_the_queue_time_and_a_huge_body_takes_the_whole_budget() {
+        let limits = Limits::new(4, 100 * 1024, 1 << 20, Duration::from_secs(2));
+        let first = limits.temp(80 * 1024).await.expect("room");
+        assert!(
+            limits.temp(80 * 1024).await.is_none(),
+            "no room past the cap"
+        );
+        drop(first);
+        // Larger than the whole budget: takes all of it rather than never running.
+        let huge = limits.temp(10 << 20).await.expect("all of the budget");
+        assert!(limits.temp(1).await.is_none());
+        drop(huge);
+        assert!(limits.temp(1).await.is_some());
+    }
+}

@@ -81,14 +81,14 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(350));
     }
 
-    #[tokio::test]
-    async fn unlimited_does_not_wait() {
+    #[test]
+    fn unlimited_does_not_wait() {
+        use futures_util::FutureExt;
+        // Ready at the first poll: no timer, no clock involved.
         let b = Budget::new(None, None);
-        let start = Instant::now();
         for _ in 0..1000 {
-            b.op().await;
-            b.bytes(1 << 20).await;
+            assert!(b.op().now_or_never().is_some());
+            assert!(b.bytes(1 << 20).now_or_never().is_some());
         }
-        assert!(start.elapsed() < Duration::from_millis(500));
     }
 }

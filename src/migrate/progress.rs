@@ -33,6 +33,8 @@ pub struct Counters {
     pub skipped_bytes: AtomicU64,
     /// Keys this run gave up on.
     pub failed: AtomicU64,
+    /// Objects waiting now at the live-work gate of a backfill inside `serve`.
+    pub held_at_gate: AtomicU64,
 }
 
 impl Counters {

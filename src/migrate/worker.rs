@@ -49,6 +49,23 @@ pub struct Ctx {
     pub gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
+/// Counts one object waiting at the live-work gate until dropped (also when the wait is
+/// cancelled).
+struct HeldAtGate<'a>(&'a Counters);
+
+impl<'a> HeldAtGate<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.held_at_gate.fetch_add(1, Relaxed);
+        HeldAtGate(counters)
+    }
+}
+
+impl Drop for HeldAtGate<'_> {
+    fn drop(&mut self) {
+        self.0.held_at_gate.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Why an attempt did not finish.
 #[derive(Debug)]
 pub enum AttemptError {
@@ -139,6 +156,7 @@ impl Ctx {
     ) -> Result<Done, AttemptError> {
         if let Some(gate) = &self.gate {
             let mut gate = gate.clone();
+            let _waiting = HeldAtGate::new(&self.counters);
             tokio::select! {
                 open = gate.wait_for(|busy| !busy) => {
                     if open.is_err() {

@@ -127,6 +127,13 @@ async fn refetch_until_cached(edge: &TestEdge, key: &str, objects: usize) {
     panic!("{key} never cached again");
 }
 
+/// A counter's value (0 before it was first counted).
+fn metric_count(edge: &TestEdge, name: &str) -> u64 {
+    metric(edge, &format!("{name} "))
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0)
+}
+
 fn metric(edge: &TestEdge, line_start: &str) -> Option<String> {
     edge.running
         .metrics
@@ -154,18 +161,20 @@ async fn a_full_cache_disk_serves_exact_bytes_shares_fetches_and_recovers_also_a
         assert_ne!(cache, "HIT");
         assert!(got == body, "bytes differ from the source's");
     }
-    // A herd on a full disk still shares one source fetch (the body is held in memory).
+    // A herd on a full disk still shares one source fetch (the body is held in memory). The
+    // origin holds the body after 50,000 bytes until every request of the herd has joined.
     let herd_body = bytes(200_000, 2);
+    let (open, gate) = tokio::sync::watch::channel(false);
     origin.put_with(
         "herd.png",
         herd_body.clone(),
         Behaviour {
-            delay: Duration::from_millis(500),
             pause_after: Some(50_000),
-            stall_for: Duration::from_secs(2),
+            gate: Some(gate),
             ..Behaviour::default()
         },
     );
+    let joined_before = metric_count(&edge, "fediedge_coalesced_requests_total");
     let herd: Vec<_> = (0..20)
         .map(|_| {
             let url = format!("{}herd.png", edge.base);
@@ -176,6 +185,13 @@ async fn a_full_cache_disk_serves_exact_bytes_shares_fetches_and_recovers_also_a
             })
         })
         .collect();
+    eventually(
+        Duration::from_secs(60),
+        "the other 19 requests joined the fetch",
+        || metric_count(&edge, "fediedge_coalesced_requests_total") == joined_before + 19,
+    )
+    .await;
+    open.send(true).unwrap();
     for t in herd {
         assert!(
             t.await.unwrap() == herd_body,
@@ -579,6 +595,84 @@ async fn a_read_only_cache_disk_serves_exact_bytes_and_caching_resumes_when_writ
     );
     let (_, status, got) = get(&edge, "r.png").await;
     assert_eq!(status, "HIT");
+    assert!(got == body);
+    edge.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cache_disk_that_fills_during_a_miss_serves_exact_bytes_and_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 15);
+    // The origin sends the first 100,000 bytes, then holds the rest until the test has
+    // filled the disk.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    origin.put_with(
+        "f.png",
+        body.clone(),
+        Behaviour {
+            pause_after: Some(100_000),
+            gate: Some(gate),
+            ..Behaviour::default()
+        },
+    );
+    let cache_fs = Tmpfs::mount(&dir.path().join("cache"), "2m");
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+    let first = tokio::spawn({
+        let url = format!("{}f.png", edge.base);
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+            (r.status(), cache, r.bytes().await.expect("a whole body"))
+        }
+    });
+    // The miss has its temp file (its room reserved when it started) and is under way.
+    let tmp = dir.path().join("cache/tmp");
+    eventually(Duration::from_secs(30), "the miss's temp file", || {
+        origin.gets("f.png") == 1 && files_under(&tmp).len() == 1
+    })
+    .await;
+    // Now the disk fills: the rest of the miss (the body's record in the cache) finds no room.
+    cache_fs.fill();
+    open.send(true).unwrap();
+    let (status, cache_status, got) = first.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(cache_status, "FALLBACK");
+    assert!(got == body, "bytes differ from the source's");
+    eventually(Duration::from_secs(30), "the fetch ended", || {
+        edge.running.fetches_under_way() == 0
+    })
+    .await;
+    // Nothing partial kept: no temp file, no body without its record, nothing indexed.
+    let cache = edge.running.cache.clone().unwrap();
+    assert_eq!(cache.usage(), (0, 0));
+    let kept: Vec<_> = files_under(&dir.path().join("cache"))
+        .into_iter()
+        .filter(|p| !p.ends_with("fill"))
+        .collect();
+    assert!(kept.is_empty(), "partial files left: {kept:?}");
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state{dir=\"cache\"}").as_deref(),
+        Some("1"),
+        "full"
+    );
+    // The copy for the primary was staged in data_dir (another disk) all the same.
+    let copied = dir.path().join("primary/f.png");
+    eventually(Duration::from_secs(30), "the copy in the primary", || {
+        copied.exists()
+    })
+    .await;
+    assert!(std::fs::read(&copied).unwrap() == body);
+    // A later request is served right: from the primary now, exact bytes.
+    let (status, _, got) = get(&edge, "f.png").await;
+    assert_eq!(status, 200);
+    assert!(got == body);
+    // Space returns: it is cached again, by itself, and served from the cache.
+    cache_fs.free();
+    refetch_until_cached(&edge, "f.png", 1).await;
+    let (_, cache_status, got) = get(&edge, "f.png").await;
+    assert_eq!(cache_status, "HIT");
     assert!(got == body);
     edge.running.shutdown().await;
 }

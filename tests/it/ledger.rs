@@ -305,3 +305,76 @@ async fn an_fs_put_into_new_directories_is_whole_and_leaves_no_temp_file() {
     let tmp = root.join(".fediedge-tmp");
     assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn a_claim_left_by_a_stopped_worker_is_taken_over_when_its_lease_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let primary = dir.path().join("primary");
+    let edge = start_edge(dir.path(), &fs_primary_http_fallback(&primary, &origin)).await;
+    // A worker claimed this copy and stopped before it recorded anything (its bookkeeping
+    // failed, or it was cut off): the row stays claimed until the lease ends, 3 s here. Queued
+    // and claimed in one transaction, so no worker of the edge can take it in between.
+    let key = "media_attachments/files/9/original/left.png";
+    let body = bytes(5000, 9);
+    let staged = dir.path().join("var/staging/left-behind");
+    std::fs::write(&staged, &body).unwrap();
+    let other = Ledger::open(&dir.path().join("var")).unwrap();
+    let claimed_until = other.with(|c| {
+        let tx = c.unchecked_transaction().unwrap();
+        ops::enqueue(
+            &tx,
+            &fediedge::ledger::Queued {
+                key: key.into(),
+                staged: staged.clone(),
+                size: body.len() as u64,
+                md5: hex::encode(<md5::Md5 as md5::Digest>::digest(&body)),
+                content_type: Some("image/png".into()),
+                source: "old-origin".into(),
+                attempts: 0,
+            },
+        )
+        .unwrap();
+        let until = fediedge::ledger::now() + 3;
+        tx.execute(
+            "UPDATE writeback_queue SET claimed_until = ?2 WHERE key = ?1",
+            rusqlite::params![key, until],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        until
+    });
+    // A live miss queues another copy and wakes the idle workers: they copy that one, find
+    // the claimed row not yet due, and wait for its lease to end.
+    let other_key = "media_attachments/files/9/original/fresh.png";
+    origin.put(other_key, bytes(4000, 8));
+    let got = client()
+        .get(format!("{}{other_key}", edge.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.as_ref(), bytes(4000, 8));
+    let ledger = edge.running.ledger.clone();
+    eventually(Duration::from_secs(60), "the left claim taken over", || {
+        ledger.with(|c| ops::copied(c, key)).unwrap().is_some()
+    })
+    .await;
+    let copy = ledger.with(|c| ops::copied(c, key)).unwrap().unwrap();
+    // Recorded after the lease ended, never while it held (the clock only moves on).
+    assert!(
+        copy.copied_at >= claimed_until,
+        "copied at {} while the lease held until {claimed_until}",
+        copy.copied_at
+    );
+    assert_eq!(copy.via, "pull-through");
+    assert_eq!(std::fs::read(primary.join(key)).unwrap(), body);
+    eventually(Duration::from_secs(60), "the queue empty", || {
+        ledger.with(ops::pending).unwrap() == 0
+    })
+    .await;
+    assert!(!staged.exists(), "the staged body removed once recorded");
+    edge.running.shutdown().await;
+}

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
@@ -25,6 +25,9 @@ pub struct Behaviour {
     pub truncate: bool,
     /// Never answer.
     pub hang: bool,
+    /// Before the headers, wait until this reads `true`: a request the origin holds until the
+    /// test releases it (an event, not a timer).
+    pub hold: Option<tokio::sync::watch::Receiver<bool>>,
     /// Send this Content-MD5 (base64) instead of none.
     pub content_md5: Option<String>,
     /// At `pause_after`, wait until this reads `true` (after `stall_for`): a pause that the
@@ -45,6 +48,7 @@ pub struct Origin {
     gets: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
     in_flight: Arc<InFlight>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -83,16 +87,18 @@ impl Origin {
         let gets: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let total = Arc::new(AtomicUsize::new(0));
         let in_flight: Arc<InFlight> = Arc::default();
+        let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
         let (o, g, t) = (objects.clone(), gets.clone(), total.clone());
-        let f = in_flight.clone();
+        let (f, a) = (in_flight.clone(), arrivals.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (o, g, t, f) = (o.clone(), g.clone(), t.clone(), f.clone());
+                let (o, g, t, f, a) = (o.clone(), g.clone(), t.clone(), f.clone(), a.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
+                        a.lock().push(Instant::now());
                         let (o, g, t, f) = (o.clone(), g.clone(), t.clone(), f.clone());
                         async move {
                             let _in_flight = InFlightGuard::new(&f);
@@ -111,6 +117,7 @@ impl Origin {
             gets,
             total,
             in_flight,
+            arrivals,
             _task: task,
         }
     }
@@ -157,6 +164,11 @@ impl Origin {
         self.total.load(Ordering::SeqCst)
     }
 
+    /// When each request arrived (its headers read), in order of arrival.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals.lock().clone()
+    }
+
     /// The most requests the origin was answering at once (counted until the headers are
     /// ready, so a `delay` makes requests overlap).
     pub fn max_in_flight(&self) -> usize {
@@ -199,6 +211,9 @@ async fn answer(
     };
     if b.hang {
         std::future::pending::<()>().await;
+    }
+    if let Some(mut hold) = b.hold.clone() {
+        let _ = hold.wait_for(|released| *released).await;
     }
     tokio::time::sleep(b.delay).await;
     let len = body.len();
