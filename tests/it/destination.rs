@@ -174,7 +174,11 @@ async fn after_the_primary_changes_serve_backfills_the_new_one() {
 async fn live_misses_and_the_backfill_share_the_fallbacks_max_concurrency() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
+    // Every read is held at the origin until the test releases them, then takes a second
+    // more, so reads let through past the limit would overlap.
+    let (release, hold) = tokio::sync::watch::channel(false);
     let slow = Behaviour {
+        hold: Some(hold),
         delay: Duration::from_millis(1000),
         ..Behaviour::default()
     };
@@ -203,7 +207,7 @@ async fn live_misses_and_the_backfill_share_the_fallbacks_max_concurrency() {
     eventually(
         Duration::from_secs(30),
         "two backfill reads at the origin",
-        || origin.total() >= 2,
+        || origin.in_flight_now() == 2,
     )
     .await;
     // ...when live misses arrive: they wait for a slot instead of adding to the load.
@@ -214,6 +218,16 @@ async fn live_misses_and_the_backfill_share_the_fallbacks_max_concurrency() {
             tokio::spawn(async move { client().get(url).send().await.unwrap().bytes().await })
         })
         .collect();
+    // The live misses are at the edge (their connections open) while the origin holds the
+    // backfill's two reads; then the origin lets everything go.
+    eventually(
+        Duration::from_secs(30),
+        "the live misses at the edge",
+        || edge.running.open_connections() >= live.len(),
+    )
+    .await;
+    assert_eq!(origin.in_flight_now(), 2);
+    release.send(true).unwrap();
     for (i, r) in requests.into_iter().enumerate() {
         let body = r.await.unwrap().unwrap();
         assert_eq!(body.as_ref(), bytes(1000, 100 + i as u8));

@@ -115,7 +115,9 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// request may still join the flight that served the disk-less one before).
 async fn refetch_until_cached(edge: &TestEdge, key: &str, objects: usize) {
     let cache = edge.running.cache.clone().unwrap();
-    for _ in 0..200 {
+    // Polled with a deadline (a bound for failure only).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         get(edge, key).await;
         if cache.usage().1 == objects
             && metric(edge, "fediedge_disk_state{dir=\"cache\"}").as_deref() == Some("0")

@@ -121,12 +121,14 @@ async fn shutdown_waits_for_a_fetch_whose_client_left() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
     let body = bytes(200_000, 9);
+    // The origin holds the rest of the body until the shutdown has begun.
+    let (open, gate) = tokio::sync::watch::channel(false);
     origin.put_with(
         KEY,
         body.clone(),
         Behaviour {
             pause_after: Some(10_000),
-            stall_for: Duration::from_secs(3),
+            gate: Some(gate),
             ..Behaviour::default()
         },
     );
@@ -150,9 +152,14 @@ async fn shutdown_waits_for_a_fetch_whose_client_left() {
     let key = fediedge::key::Key::parse(KEY).unwrap();
     assert!(
         cache.lookup(&key).await.is_none(),
-        "the fetch is still under way (the origin pauses 3 s)"
+        "the fetch is still under way (the origin holds the rest)"
     );
-    let stopped = edge.running.shutdown().await;
+    let closed = edge.running.listeners_closed();
+    let shutdown = tokio::spawn(edge.running.shutdown());
+    closed.cancelled().await;
+    assert!(!shutdown.is_finished());
+    open.send(true).unwrap();
+    let stopped = shutdown.await.unwrap();
     assert!(stopped.clean(), "{stopped:?}");
     // Shutdown returned after the fetch had verified, staged and cached the body.
     let hit = cache

@@ -10,9 +10,9 @@ use fediedge::key::Key;
 use fediedge::ledger::{ops, Ledger};
 use fediedge::migrate;
 
-use crate::common::bytes;
 use crate::common::garage::Garage;
 use crate::common::origin::{Behaviour, Origin};
+use crate::common::{bytes, eventually};
 
 #[derive(Parser)]
 struct Cmd {
@@ -486,15 +486,30 @@ async fn concurrency_bounds_requests_in_flight_at_the_source() {
     let base = tempfile::tempdir().unwrap();
     let s = Setup::http_to_fs(&origin, &base.path().join("new"));
     let keys: Vec<String> = (0..10).map(key).collect();
+    // Every request is held at the origin until two are there at once (an event: the origin's
+    // own count), then each still takes 150 ms, so a third one let through would overlap.
+    let (release, hold) = tokio::sync::watch::channel(false);
     for (i, k) in keys.iter().enumerate() {
         let slow = Behaviour {
+            hold: Some(hold.clone()),
             delay: Duration::from_millis(150),
             ..Behaviour::default()
         };
         origin.put_with(k, bytes(2000, i as u8), slow);
     }
     let file = s.keys_file(&keys.iter().map(String::as_str).collect::<Vec<_>>());
-    let report = s.run(&["--keys", &file, "--concurrency", "2"]).await;
+    let run = tokio::spawn(run_until(
+        s.args(&["--keys", &file, "--concurrency", "2"]),
+        std::future::pending(),
+    ));
+    eventually(
+        Duration::from_secs(60),
+        "two requests at the origin",
+        || origin.in_flight_now() == 2,
+    )
+    .await;
+    release.send(true).unwrap();
+    let report = run.await.unwrap();
     assert_eq!((report.code, report.copied), (0, 10), "{report:?}");
     assert_eq!(origin.max_in_flight(), 2, "two at once, never more");
 }

@@ -688,7 +688,9 @@ async fn a_running_edge_shows_migration_progress_from_the_ledger() {
     let edge = start_edge(dir.path(), &stores).await;
     let metrics_url = format!("{}/metrics", edge.admin);
     let mut text = String::new();
-    for _ in 0..100 {
+    // Published at start and every few seconds: polled with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         text = client()
             .get(&metrics_url)
             .send()

@@ -169,6 +169,11 @@ impl Origin {
         self.arrivals.lock().clone()
     }
 
+    /// Requests being answered now (until their headers are ready).
+    pub fn in_flight_now(&self) -> usize {
+        self.in_flight.now.load(Ordering::SeqCst)
+    }
+
     /// The most requests the origin was answering at once (counted until the headers are
     /// ready, so a `delay` makes requests overlap).
     pub fn max_in_flight(&self) -> usize {
