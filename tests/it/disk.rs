@@ -354,13 +354,13 @@ async fn a_full_data_dir_serves_the_client_and_retries_the_copy_when_it_can_be_s
     edge.running.shutdown().await;
 }
 
-/// An origin object that sends its first bytes and then holds the rest for a minute.
-fn held(n: usize, seed: u8) -> (Vec<u8>, Behaviour) {
+/// An origin object that sends its first bytes and then holds the rest until `gate` opens.
+fn held(n: usize, seed: u8, gate: &tokio::sync::watch::Receiver<bool>) -> (Vec<u8>, Behaviour) {
     (
         bytes(n, seed),
         Behaviour {
             pause_after: Some(1000),
-            stall_for: Duration::from_secs(60),
+            gate: Some(gate.clone()),
             ..Behaviour::default()
         },
     )
@@ -370,8 +370,9 @@ fn held(n: usize, seed: u8) -> (Vec<u8>, Behaviour) {
 async fn past_max_flights_a_new_key_waits_briefly_then_gets_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
+    let (release, gate) = tokio::sync::watch::channel(false);
     for k in ["h1.png", "h2.png"] {
-        let (b, behaviour) = held(50_000, 6);
+        let (b, behaviour) = held(50_000, 6, &gate);
         origin.put_with(k, b, behaviour);
     }
     origin.put("free.png", "free");
@@ -401,17 +402,20 @@ async fn past_max_flights_a_new_key_waits_briefly_then_gets_503_with_retry_after
         metric(&edge, "fediedge_overloaded_requests_total").as_deref(),
         Some("1")
     );
+    // Released: the held fetches end whole, and the edge stops cleanly.
+    release.send(true).unwrap();
     for h in holders {
-        h.abort();
+        assert_eq!(h.await.unwrap().unwrap().as_ref(), bytes(50_000, 6));
     }
-    // No shutdown: it would wait for the fetches the origin holds; the test's end drops them.
+    assert!(edge.running.shutdown().await.clean());
 }
 
 #[tokio::test]
 async fn past_max_flight_temp_bytes_a_new_body_gets_503_and_the_disk_does_not_grow() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start().await;
-    let (b, behaviour) = held(80_000, 7);
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let (b, behaviour) = held(80_000, 7, &gate);
     origin.put_with("held.png", b, behaviour);
     origin.put("next.png", bytes(80_000, 8));
     let config = format!(
@@ -437,8 +441,9 @@ async fn past_max_flight_temp_bytes_a_new_body_gets_503_and_the_disk_does_not_gr
     // Only the held body's temp file exists.
     let tmp = files_under(&dir.path().join("cache/tmp"));
     assert_eq!(tmp.len(), 1, "{tmp:?}");
-    holder.abort();
-    // No shutdown: it would wait for the fetch the origin holds; the test's end drops it.
+    release.send(true).unwrap();
+    assert_eq!(holder.await.unwrap().unwrap().as_ref(), bytes(80_000, 7));
+    assert!(edge.running.shutdown().await.clean());
 }
 
 #[tokio::test]
