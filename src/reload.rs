@@ -4,9 +4,11 @@
 //! swapped in, and the rest is marked "(applies at restart)".
 //!
 //! Live: the `[tls]` certificates (files read again even when the paths did not change: a
-//! renewal) and `[core]` but its `hosts` and `[core.cache]` (the proxy's pools, timeouts and
-//! limits; requests under way end on the pools they began with). The next reload is compared with this file, so
-//! a value that waits for a restart is named once.
+//! renewal), `[core]` but `[core.cache]` (the proxy's pools, timeouts and limits; requests
+//! under way end on the pools they began with), and the routes: `[core] hosts` and
+//! `media_hosts` (a new [`Router`] for the requests that arrive from then on), unless `[core]`
+//! itself appeared or went (the proxy is made at start). The next reload is compared with this
+//! file, so a value that waits for a restart is named once.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use crate::config::{self, Change, Config, ConfigError};
 use crate::listen::tls::{Certificates, TlsError};
 use crate::proxy::Proxy;
+use crate::router::{Router, SharedRouter};
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -34,19 +37,23 @@ pub struct Reloader {
     current: parking_lot::Mutex<Config>,
     certificates: Option<Arc<Certificates>>,
     proxy: Option<Arc<Proxy>>,
+    routes: SharedRouter,
 }
 
 impl Reloader {
-    /// For a server started from `config`, with its certificates and proxy, if any.
+    /// For a server started from `config`, with its certificates and proxy, if any, and the
+    /// routes in use.
     pub fn new(
         config: Config,
         certificates: Option<Arc<Certificates>>,
         proxy: Option<Arc<Proxy>>,
+        routes: SharedRouter,
     ) -> Reloader {
         Reloader {
             current: parking_lot::Mutex::new(config),
             certificates,
             proxy,
+            routes,
         }
     }
 
@@ -85,6 +92,14 @@ impl Reloader {
         if let (Some(proxy), Some(core)) = (&self.proxy, &new.core) {
             proxy.update(core);
         }
+        if self.routes_live(&new) {
+            let routes = Router::of(&new);
+            let routes = self
+                .routes
+                .get()
+                .with_hosts(routes.media_hosts().to_vec(), routes.core_hosts().to_vec());
+            self.routes.set(routes);
+        }
         tracing::info!(
             config = %path.display(),
             changed = changes.len(),
@@ -104,10 +119,20 @@ impl Reloader {
         if under("tls.certificates") {
             return self.certificates.is_some() && new.tls.is_some();
         }
-        // The router (hosts) and the core cache (opened at start) stay as they are.
-        if under("core") && !under("core.hosts") && !under("core.cache") {
+        if under("core.hosts") || under("media_hosts") {
+            return self.routes_live(new);
+        }
+        // The core cache (opened at start) stays as it is.
+        if under("core") && !under("core.cache") {
             return self.proxy.is_some() && new.core.is_some();
         }
         false
+    }
+
+    /// Whether the new hosts can route now: the proxy (made at start, or not) still matches
+    /// whether there is a `[core]`; adding or removing it waits for a restart, and so do its
+    /// hosts.
+    fn routes_live(&self, new: &Config) -> bool {
+        self.proxy.is_some() == new.core.is_some()
     }
 }

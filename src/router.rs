@@ -8,6 +8,11 @@
 //!
 //! With neither `[core]` nor `media_hosts`, every request is a media request, as before the
 //! front door.
+//!
+//! The router in use is a [`SharedRouter`]: a reload (SIGHUP) swaps in one built from the new
+//! `[core] hosts` and `media_hosts`; a request is routed by the one in place when it arrives.
+
+use std::sync::Arc;
 
 use http::Request;
 
@@ -47,6 +52,35 @@ impl Router {
             core_hosts,
             prefix,
         }
+    }
+
+    /// The router of a config: its `media_hosts`, `[core] hosts` and `url_prefix`.
+    pub fn of(config: &crate::config::Config) -> Router {
+        let core_hosts = config
+            .core
+            .as_ref()
+            .map(|c| c.hosts.clone())
+            .unwrap_or_default();
+        Router::new(
+            config.media_hosts.clone(),
+            core_hosts,
+            config.url_prefix.clone(),
+        )
+    }
+
+    /// The same `url_prefix` with other hosts (a reload; `url_prefix` applies at restart).
+    pub fn with_hosts(&self, media_hosts: Vec<String>, core_hosts: Vec<String>) -> Router {
+        Router::new(media_hosts, core_hosts, self.prefix.clone())
+    }
+
+    /// The names routed to core.
+    pub fn core_hosts(&self) -> &[String] {
+        &self.core_hosts
+    }
+
+    /// The media hosts.
+    pub fn media_hosts(&self) -> &[String] {
+        &self.media_hosts
     }
 
     /// Routes a request by its Host (the `Host` header, or the URI's authority in HTTP/2).
@@ -92,6 +126,33 @@ impl Router {
             return Route::Media;
         }
         Route::Misdirected
+    }
+}
+
+/// The router in use, shared by the front door, the cache buster's media target and the
+/// reload that replaces it.
+#[derive(Debug, Clone, Default)]
+pub struct SharedRouter(Arc<parking_lot::RwLock<Arc<Router>>>);
+
+impl SharedRouter {
+    /// Shares `router`.
+    pub fn new(router: Router) -> SharedRouter {
+        SharedRouter(Arc::new(parking_lot::RwLock::new(Arc::new(router))))
+    }
+
+    /// The router in use now.
+    pub fn get(&self) -> Arc<Router> {
+        self.0.read().clone()
+    }
+
+    /// Routes with the router in use now ([`Router::route`]).
+    pub fn route<B>(&self, req: &Request<B>) -> Route {
+        self.0.read().route(req)
+    }
+
+    /// Puts `router` in use for the requests that arrive from now on.
+    pub fn set(&self, router: Router) {
+        *self.0.write() = Arc::new(router);
     }
 }
 

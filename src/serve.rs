@@ -217,8 +217,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map(|c| Arc::new(crate::proxy::Proxy::new(c)));
     // Alerts, the canary and the status page (`/healthz`, `/` on admin_listen).
     let status = crate::status::Status::new(&config.alerts, config.canary.as_ref());
-    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
-        vec![Box::new(status.collector())];
+    // `max_connections`: one cap over the public listeners (not the admin listener).
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(listen::cap::default_max_connections);
+    let cap = listen::cap::ConnectionCap::new(max_connections);
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
+        Box::new(status.collector()),
+        Box::new(listen::cap::ConnectionCollector(cap.clone())),
+    ];
     if sidekiq.is_some() {
         collectors.push(Box::new(sidekiq_collector.clone()));
     }
@@ -344,18 +351,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let direct = (cache.is_none() && primary.kind() == crate::config::StoreType::Fs)
         .then(|| primary.clone());
-    // A media host's paths are whole keys (bucket root): its own media handler.
-    let edge_root = (!config.media_hosts.is_empty()).then(|| {
-        let (cache, direct) = (cache.clone(), direct.clone());
-        Arc::new(Edge::new(
-            "/".into(),
-            cache,
-            direct,
-            chain.clone(),
-            flights.clone(),
-            metrics.clone(),
-        ))
-    });
+    // A media host's paths are whole keys (bucket root): its own media handler (also
+    // without `media_hosts`: a reload may add some).
+    let edge_root = Arc::new(Edge::new(
+        "/".into(),
+        cache.clone(),
+        direct.clone(),
+        chain.clone(),
+        flights.clone(),
+        metrics.clone(),
+    ));
     let edge = Arc::new(Edge::new(
         config.url_prefix.clone(),
         cache.clone(),
@@ -390,7 +395,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
-    let listeners = Listeners::new();
+    let listeners = Listeners::with_cap(cap);
     if let Some(p) = proxy.clone() {
         // Health checks; at shutdown, the WebSocket tunnels are closed.
         tasks.push(tokio::spawn(p.background(stop.clone())));
@@ -406,12 +411,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
-    let reloader = Reloader::new(config.clone(), certificates.clone(), proxy.clone());
+    // The routes in use: a reload may swap in new hosts.
+    let routes = crate::router::SharedRouter::new(crate::router::Router::of(&config));
+    let reloader = Reloader::new(
+        config.clone(),
+        certificates.clone(),
+        proxy.clone(),
+        routes.clone(),
+    );
     let buster = config.cache_buster.as_ref().map(|b| {
         let mut targets: Vec<Arc<dyn crate::purge::Purge>> = Vec::new();
         if let Some(c) = &cache {
             targets.push(Arc::new(crate::purge::MediaPurge {
-                router: router(&config),
+                router: routes.clone(),
                 prefix: config.url_prefix.clone(),
                 cache: c.clone(),
             }));
@@ -421,10 +433,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         Arc::new(crate::purge::CacheBuster::new(b, targets, metrics.clone()))
     });
-    let media_handler = front_door(&config, edge, edge_root, proxy, buster, core_cache.clone());
+    let media_handler = front_door(
+        routes.clone(),
+        edge,
+        edge_root,
+        proxy,
+        buster,
+        core_cache.clone(),
+    );
     listeners.serve(media, media_handler.clone());
     let (m, st) = (metrics.clone(), status.clone());
-    listeners.serve(
+    listeners.serve_admin(
         admin,
         listen::handler(move |req| std::future::ready(crate::admin::handle(&m, &st, req))),
     );
@@ -438,6 +457,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks.push(tokio::spawn(crate::status::canary::run(
             c,
             target,
+            routes.clone(),
             primary.clone(),
             status.clone(),
             stop.clone(),
@@ -461,7 +481,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(a) = redirect_addr {
         tracing::info!(addr = %a, "redirecting http to https");
     }
-    tracing::info!(%addr, %admin_addr, primary = ?config.primary.kind, fallbacks = config.fallbacks.len(), cache = cache.is_some(), "serving media");
+    tracing::info!(%addr, %admin_addr, max_connections, primary = ?config.primary.kind, fallbacks = config.fallbacks.len(), cache = cache.is_some(), "serving media");
     Ok(Running {
         addr,
         admin_addr,
@@ -482,34 +502,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// The front door's router for `config`.
-fn router(config: &Config) -> crate::router::Router {
-    let core_hosts = config
-        .core
-        .as_ref()
-        .map(|c| c.hosts.clone())
-        .unwrap_or_default();
-    crate::router::Router::new(
-        config.media_hosts.clone(),
-        core_hosts,
-        config.url_prefix.clone(),
-    )
-}
-
 /// The handler of the `listen` and `[tls]` listeners: the [`crate::router`] sends each
 /// request to the media handler or to the [`crate::proxy`] (or answers 421). With
 /// `[cache_buster]`, a purge request to a media or core route is answered first
 /// ([`crate::purge`]): it never reaches the media handler or core.
 fn front_door(
-    config: &Config,
+    router: crate::router::SharedRouter,
     edge: Arc<Edge>,
-    edge_root: Option<Arc<Edge>>,
+    edge_root: Arc<Edge>,
     proxy: Option<Arc<crate::proxy::Proxy>>,
     buster: Option<Arc<crate::purge::CacheBuster>>,
     core_cache: Option<Arc<crate::corecache::CoreCache>>,
 ) -> listen::Handler {
     use crate::router::Route;
-    let router = Arc::new(router(config));
     listen::handler(move |req| {
         let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
         let buster = buster.clone();
@@ -524,7 +529,7 @@ fn front_door(
             }
             match (route, proxy) {
                 (Route::Media, _) => edge.handle(req).await,
-                (Route::MediaRoot, _) => edge_root.as_ref().unwrap_or(&edge).handle(req).await,
+                (Route::MediaRoot, _) => edge_root.handle(req).await,
                 (Route::Core, Some(p)) => match core_cache {
                     Some(c) => c.handle(&p, req).await,
                     None => p.handle(Kind::Web, req).await,

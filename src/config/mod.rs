@@ -94,6 +94,9 @@ pub struct Config {
     pub writeback_concurrency: usize,
     /// Request-serving threads (None: one per core).
     pub worker_threads: Option<usize>,
+    /// Most client connections open at once on the public listeners (None: from
+    /// `RLIMIT_NOFILE`, see `listen::cap::default_max_connections`).
+    pub max_connections: Option<usize>,
     /// Most fetches (flights) under way at once.
     pub max_flights: usize,
     /// Most bytes of temp files held by fetches under way.
@@ -364,6 +367,8 @@ mod tests {
             ("listen = \"nope\"", "listen"),
             ("url_prefix = \"system\"", "url_prefix"),
             ("worker_threads = 0", "worker_threads"),
+            ("max_connections = 0", "max_connections"),
+            ("max_connections = -1", "max_connections"),
             ("[cache]\nmax_size = \"10 XB\"", "max_size"),
             (
                 "[[fallback]]\ntype = \"http\"\nurl = \"ftp://x\"",

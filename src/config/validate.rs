@@ -46,6 +46,12 @@ impl RawConfig {
         if self.worker_threads == Some(0) {
             return Err(invalid("worker_threads", "must be at least 1".into()));
         }
+        if self.max_connections == Some(0) {
+            return Err(invalid(
+                "max_connections",
+                "must be at least 1 (leave it out for a default from the descriptor limit)".into(),
+            ));
+        }
         if self.max_flights == 0 {
             return Err(invalid("max_flights", "must be at least 1".into()));
         }
@@ -147,6 +153,7 @@ impl RawConfig {
             drain_timeout: self.drain_timeout,
             writeback_concurrency: self.writeback_concurrency,
             worker_threads: self.worker_threads,
+            max_connections: self.max_connections,
             max_flights: self.max_flights,
             max_flight_temp_bytes: self.max_flight_temp_bytes.as_u64(),
             max_flight_memory: self.max_flight_memory.as_u64(),

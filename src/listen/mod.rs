@@ -11,8 +11,12 @@
 //! SIGHUP) with HTTP/2 or HTTP/1.1 as ALPN chose. [`redirect`] is the plain-HTTP handler that
 //! sends clients to https.
 //!
+//! The public listeners share one cap on open connections ([`cap`], `max_connections`); at the
+//! cap they stop accepting. The admin listener ([`Listeners::serve_admin`]) is not capped.
+//!
 //! The listener knows nothing of media: it serves a [`Handler`] that [`crate::serve`] gives it.
 
+pub mod cap;
 pub mod redirect;
 pub mod tls;
 
@@ -63,8 +67,17 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// A client that sends no complete header block in this time is dropped.
+/// A client that sends no complete header block in this time is dropped. In hyper the timer
+/// also runs while an HTTP/1.1 keep-alive connection waits for its next request, so this is
+/// the idle timeout of HTTP/1.1 too: a slow or idle client does not hold its slot under
+/// `max_connections` for longer.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// HTTP/2: a connection that received nothing for this long is sent a PING ...
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// ... and closed if the answer does not come within this (a client gone without a FIN).
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// After closing a connection, how long to read and discard what the client still sends
 /// before the socket is closed.
@@ -110,6 +123,8 @@ pub struct Listeners {
     cut: CancellationToken,
     /// One task per open connection.
     connections: TaskTracker,
+    /// The cap on the public listeners' connections, if any.
+    cap: Option<Arc<cap::ConnectionCap>>,
 }
 
 impl Default for Listeners {
@@ -128,17 +143,35 @@ impl Listeners {
             drain: CancellationToken::new(),
             cut: CancellationToken::new(),
             connections: TaskTracker::new(),
+            cap: None,
+        }
+    }
+
+    /// No listener yet; the public listeners ([`Listeners::serve`], [`Listeners::serve_tls`])
+    /// will share `cap`.
+    pub fn with_cap(cap: Arc<cap::ConnectionCap>) -> Self {
+        Listeners {
+            cap: Some(cap),
+            ..Self::new()
         }
     }
 
     /// Accepts plain-TCP connections on `listener` and serves HTTP/1.1 on them with `handler`
     /// until [`Listeners::stop_accepting`].
+    /// A public listener: its connections count under the cap.
     pub fn serve(&self, listener: TcpListener, handler: Handler) {
-        self.accept(listener, Transport::Plain, handler);
+        self.accept(listener, Transport::Plain, handler, self.cap.clone());
+    }
+
+    /// Like [`Listeners::serve`], outside the cap: for the admin listener, which the operator
+    /// must reach while the public listeners are full.
+    pub fn serve_admin(&self, listener: TcpListener, handler: Handler) {
+        self.accept(listener, Transport::Plain, handler, None);
     }
 
     /// Accepts TLS connections on `listener` and serves HTTP/2 or HTTP/1.1 (as the client
-    /// chose by ALPN) on them with `handler` until [`Listeners::stop_accepting`].
+    /// chose by ALPN) on them with `handler` until [`Listeners::stop_accepting`]. A public
+    /// listener: its connections count under the cap.
     pub fn serve_tls(
         &self,
         listener: TcpListener,
@@ -146,15 +179,32 @@ impl Listeners {
         handler: Handler,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        self.accept(listener, Transport::Tls(acceptor), handler);
+        self.accept(
+            listener,
+            Transport::Tls(acceptor),
+            handler,
+            self.cap.clone(),
+        );
     }
 
-    fn accept(&self, listener: TcpListener, transport: Transport, handler: Handler) {
+    fn accept(
+        &self,
+        listener: TcpListener,
+        transport: Transport,
+        handler: Handler,
+        cap: Option<Arc<cap::ConnectionCap>>,
+    ) {
         let stop = self.stop_accept.clone();
         let conns = self.conn_signals();
         let tracker = self.connections.clone();
         self.accepting.spawn(async move {
             loop {
+                // At the cap: stop accepting (see `cap` for why not accept and close).
+                if let Some(cap) = &cap {
+                    if !cap.room(&stop).await {
+                        break;
+                    }
+                }
                 let (stream, peer) = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
@@ -168,6 +218,13 @@ impl Listeners {
                         }
                     },
                 };
+                let slot = match &cap {
+                    Some(cap) => match cap.slot(&stop).await {
+                        Some(slot) => Some(slot),
+                        None => break,
+                    },
+                    None => None,
+                };
                 let _ = stream.set_nodelay(true);
                 let (stream, lingering) = match with_linger_handle(stream) {
                     Ok(handles) => handles,
@@ -178,7 +235,10 @@ impl Listeners {
                 };
                 let (handler, conns) = (handler.clone(), conns.clone());
                 let transport = transport.clone();
+                // The slot is held by the socket and by this task (the lingering close).
+                let stream = cap::Capped::new(stream, slot.clone());
                 tracker.spawn(async move {
+                    let _slot = slot;
                     let cut = conns.cut.clone();
                     let upgraded = match transport {
                         Transport::Plain => {
@@ -292,13 +352,16 @@ async fn linger(mut socket: TcpStream, cut: &CancellationToken) {
 }
 
 /// Completes the TLS handshake, then serves the protocol ALPN chose.
-async fn serve_tls(
-    stream: TcpStream,
+async fn serve_tls<I>(
+    stream: I,
     acceptor: tokio_rustls::TlsAcceptor,
     handler: Handler,
     signals: ConnSignals,
     info: ConnInfo,
-) -> bool {
+) -> bool
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let tls = tokio::select! {
         done = handshake => match done {
@@ -353,7 +416,11 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = match protocol {
         Protocol::Http1 => builder.http1_only(),
         Protocol::Http2 => builder.http2_only(),

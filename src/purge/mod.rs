@@ -32,7 +32,7 @@ use crate::config::CacheBusterConfig;
 use crate::key::Key;
 use crate::listen::Body;
 use crate::metrics::Metrics;
-use crate::router::{Route, Router};
+use crate::router::{Route, SharedRouter};
 
 /// A cache that can drop a URL. The media cache implements it ([`MediaPurge`]); the core
 /// cache plugs in the same way.
@@ -45,8 +45,8 @@ pub trait Purge: Send + Sync {
 /// The media cache as a purge target: the URL is mapped to its key as the media handler
 /// maps it (the router's media routes, the prefix, percent-decoding).
 pub struct MediaPurge {
-    /// The front door's router.
-    pub router: Router,
+    /// The front door's router (the one in use: a reload may change the hosts).
+    pub router: SharedRouter,
     /// `url_prefix`.
     pub prefix: String,
     /// The cache.
@@ -56,7 +56,7 @@ pub struct MediaPurge {
 impl Purge for MediaPurge {
     fn purge(&self, host: &str, path_and_query: &str) -> usize {
         let path = path_and_query.split('?').next().unwrap_or_default();
-        let prefix = match self.router.route_to(Some(host), path) {
+        let prefix = match self.router.get().route_to(Some(host), path) {
             Route::Media => self.prefix.as_str(),
             Route::MediaRoot => "/",
             _ => return 0,

@@ -29,6 +29,8 @@ pub struct Target {
     pub host: Option<String>,
     /// Put before the key in the path: `url_prefix`, or `/` on a media host.
     pub prefix: String,
+    /// `url_prefix`, for [`Target::for_hosts`].
+    url_prefix: String,
 }
 
 impl Target {
@@ -42,18 +44,29 @@ impl Target {
                 SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
             });
         }
-        let core_host = config.core.as_ref().and_then(|c| c.hosts.first().cloned());
-        match (config.media_hosts.first(), core_host) {
-            (Some(h), _) => Target {
-                addr,
-                host: Some(h.clone()),
-                prefix: "/".into(),
-            },
-            (None, host) => Target {
-                addr,
-                host,
-                prefix: config.url_prefix.clone(),
-            },
+        let core_hosts = config.core.as_ref().map(|c| &c.hosts[..]).unwrap_or(&[]);
+        let url_prefix = config.url_prefix.clone();
+        Target {
+            addr,
+            host: None,
+            prefix: url_prefix.clone(),
+            url_prefix,
+        }
+        .for_hosts(&config.media_hosts, core_hosts)
+    }
+
+    /// This target with the Host names of `media_hosts` and `core_hosts` (a reload may have
+    /// changed them): the first media host, else the first core host, else none.
+    pub fn for_hosts(&self, media_hosts: &[String], core_hosts: &[String]) -> Target {
+        let (host, prefix) = match (media_hosts.first(), core_hosts.first()) {
+            (Some(h), _) => (Some(h.clone()), "/".to_owned()),
+            (None, host) => (host.cloned(), self.url_prefix.clone()),
+        };
+        Target {
+            addr: self.addr,
+            host,
+            prefix,
+            url_prefix: self.url_prefix.clone(),
         }
     }
 
@@ -62,10 +75,11 @@ impl Target {
     }
 }
 
-/// Runs the canary until `stop`.
+/// Runs the canary until `stop`; each round asks with the Host names `router` routes then.
 pub async fn run(
     config: CanaryConfig,
-    target: Target,
+    start: Target,
+    router: crate::router::SharedRouter,
     primary: StoreHandle,
     status: Status,
     stop: CancellationToken,
@@ -83,6 +97,8 @@ pub async fn run(
     };
     let mut previous_probe: Option<Key> = None;
     loop {
+        let routes = router.get();
+        let target = start.for_hosts(routes.media_hosts(), routes.core_hosts());
         match &config.keys {
             CanaryKeys::Configured(keys) => {
                 for k in keys {

@@ -459,3 +459,62 @@ async fn a_bad_certificate_stops_the_start_naming_the_file() {
     assert!(err.contains(&good.key.display().to_string()), "{err}");
     assert!(!err.contains("PRIVATE KEY"), "no key material: {err}");
 }
+
+#[tokio::test]
+async fn the_tls_and_plain_listeners_share_max_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let leaf = ca.leaf(dir.path(), "site", &["edge.test"]);
+    let extra = format!(
+        "max_connections = 1\n{}",
+        tls_config(dir.path(), &[&leaf], None)
+    );
+    let edge = start_edge(dir.path(), &extra).await;
+    let admin = edge.running.admin_addr;
+    let https = edge.running.https_addr.unwrap();
+
+    // One plain keep-alive connection, served and left open: the cap is reached.
+    let mut plain = tokio::net::TcpStream::connect(edge.running.addr)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"HEAD /system/a.png HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 256];
+        let n = plain.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed");
+        head.extend_from_slice(&b[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(
+        crate::listen_cap::metric(admin, "fediedge_connections_open").await,
+        1.0
+    );
+
+    // An HTTPS request waits: the TLS listener counts under the same cap.
+    let client = tls_client(&ca, "edge.test", https, false);
+    let url = format!("https://edge.test:{}/system/a.png", https.port());
+    let waiting = tokio::spawn(async move {
+        let r = client.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.bytes().await.unwrap().len())
+    });
+    for _ in 0..3 {
+        assert_eq!(
+            crate::listen_cap::metric(admin, "fediedge_connections_open").await,
+            1.0
+        );
+    }
+    assert!(!waiting.is_finished(), "served over the cap");
+    // The plain connection closes: the HTTPS request is served.
+    drop(plain);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("served once the plain connection closed")
+        .unwrap();
+    assert_eq!(got, (200, 100_000));
+    edge.running.shutdown().await;
+}

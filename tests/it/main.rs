@@ -10,6 +10,7 @@ mod doctor;
 mod idempotency;
 mod ledger;
 mod listen;
+mod listen_cap;
 mod listen_tls;
 mod migrate;
 mod package;

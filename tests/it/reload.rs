@@ -237,3 +237,97 @@ async fn a_request_under_way_ends_on_the_old_pool_while_new_ones_use_the_new() {
     assert_eq!(new.requests(), 2);
     running.shutdown().await;
 }
+
+/// A GET of `/about` with `Host: host`; the status.
+async fn get_as(addr: SocketAddr, host: &str) -> u16 {
+    crate::common::client()
+        .get(format!("http://{addr}/about"))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_new_core_hosts_and_logs_them() {
+    const NEW: &str = "new.example.test";
+    let up = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let old = config(dir.path(), up.addr, "s", "10s");
+    std::fs::write(&file, &old).unwrap();
+    let (child, rx) = spawn_binary(&file);
+    let mut log = Log {
+        rx,
+        all: Vec::new(),
+    };
+    let addr: SocketAddr = field(&log.line_with("serving media").await, "addr")
+        .parse()
+        .unwrap();
+    assert_eq!(get_as(addr, CORE).await, 200);
+    assert_eq!(get_as(addr, NEW).await, 421, "not a core host yet");
+    assert_eq!(up.requests(), 1);
+
+    // The instance's names change: NEW routes to core, CORE no longer does.
+    let hosts = format!("hosts = [\"{CORE}\"]");
+    std::fs::write(&file, old.replace(&hosts, &format!("hosts = [\"{NEW}\"]"))).unwrap();
+    kill(&child, "HUP");
+    let line = log.line_with("changed `core.hosts`").await;
+    assert!(
+        line.contains(&format!(
+            "changed `core.hosts` from [\"{CORE}\"] to [\"{NEW}\"]"
+        )),
+        "{line}"
+    );
+    assert!(!line.contains("restart"), "applied live: {line}");
+    let done = log.line_with("config reloaded").await;
+    assert!(done.contains("at_restart=0"), "{done}");
+    assert_eq!(get_as(addr, NEW).await, 200);
+    assert_eq!(up.requests(), 2, "the new name reached core");
+    assert_eq!(
+        get_as(addr, CORE).await,
+        421,
+        "the old name is no longer served"
+    );
+    assert_eq!(up.requests(), 2);
+
+    kill(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.0.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_reload_that_adds_core_leaves_the_routes_for_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let media_only = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+        dir.path().join("var").display()
+    );
+    std::fs::write(&file, &media_only).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let up = Upstream::start(Mode::Answer).await;
+    std::fs::write(
+        &file,
+        format!(
+            "{media_only}[core]\nhosts = [\"{CORE}\"]\nweb = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    assert!(changes.iter().any(|c| c.key == "core.hosts"), "{changes:?}");
+    // No proxy was made at start: the new core host is not routed (media, as before: 404).
+    assert_eq!(get_as(running.addr, CORE).await, 404);
+    assert_eq!(up.requests(), 0);
+    running.shutdown().await;
+}

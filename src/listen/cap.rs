@@ -1,0 +1,278 @@
+//! `max_connections`: the cap on open client connections, one count across the public
+//! listeners (`listen`, `[tls] listen`, `tls.redirect_listen`); the admin listener is not
+//! counted, so the operator can still reach `/metrics` and the status page at the cap.
+//!
+//! At the cap an accept loop stops accepting: new connections wait in the kernel's listen
+//! backlog (then the client's SYN retries) until a connection closes, as haproxy's `maxconn`
+//! does. Closing them at once instead would turn a short burst into errors for real clients
+//! (and a TLS client retries at once, adding load), while waiting costs the edge nothing: a
+//! connection in the backlog holds no descriptor and no memory of this process.
+//!
+//! A connection's slot is held by its task (which lingers on a second descriptor after hyper
+//! is done) and by its socket ([`Capped`]): a WebSocket handed to the proxy's tunnel keeps its
+//! slot until the tunnel drops the socket.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Descriptors kept for everything but client connections (files, upstreams, the ledger).
+const RESERVED_FDS: u64 = 256;
+
+/// Descriptors one client connection may take at worst: its socket, the duplicate kept for
+/// the lingering close, a connection to core or a store, a file being sent.
+const FDS_PER_CONNECTION: u64 = 4;
+
+/// The default `max_connections`: what the process's descriptor limit (`RLIMIT_NOFILE`, the
+/// soft limit; systemd's `LimitNOFILE`) allows at [`FDS_PER_CONNECTION`] each, after
+/// [`RESERVED_FDS`]; at least 64.
+pub fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given and nothing else.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 if limit.rlim_cur != libc::RLIM_INFINITY => limit.rlim_cur,
+        // Unlimited or unknown: as if 65536 (the packaged unit's `LimitNOFILE`).
+        _ => 65536,
+    };
+    let n = soft.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION;
+    usize::try_from(n).unwrap_or(usize::MAX).max(64)
+}
+
+/// How often, at most, reaching the cap is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The count of open client connections and its limit. Shared by the public listeners; also
+/// what [`ConnectionCollector`] shows on `/metrics`.
+#[derive(Debug)]
+pub struct ConnectionCap {
+    max: usize,
+    permits: Arc<Semaphore>,
+    /// Times an accept loop found the cap reached and stopped accepting.
+    waits: AtomicU64,
+    last_warned: parking_lot::Mutex<Option<Instant>>,
+}
+
+/// One open connection's place under the cap, freed when the last holder drops it.
+pub(super) type Slot = Arc<OwnedSemaphorePermit>;
+
+impl ConnectionCap {
+    /// At most `max` (at least 1) connections open at once.
+    pub fn new(max: usize) -> Arc<ConnectionCap> {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Arc::new(ConnectionCap {
+            max,
+            permits: Arc::new(Semaphore::new(max)),
+            waits: AtomicU64::new(0),
+            last_warned: parking_lot::Mutex::new(None),
+        })
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Client connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// Times an accept loop stopped accepting at the cap.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// Returns once a connection may be accepted (false: `stop` came first). Nothing is
+    /// reserved: with several listeners, [`ConnectionCap::slot`] may still have to wait.
+    pub(super) async fn room(&self, stop: &CancellationToken) -> bool {
+        if self.permits.available_permits() > 0 {
+            return true;
+        }
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.warn();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            // Taken and given back at once: only the wake-up is wanted.
+            p = self.permits.acquire() => p.is_ok(),
+        }
+    }
+
+    /// A slot for a connection just accepted. Normally there at once; when another listener
+    /// took the last one between [`ConnectionCap::room`] and the accept, the accepted
+    /// connection waits (unserved) for the next one, in turn with the other listeners.
+    pub(super) async fn slot(&self, stop: &CancellationToken) -> Option<Slot> {
+        tokio::select! {
+            biased;
+            p = self.permits.clone().acquire_owned() => p.ok().map(Arc::new),
+            _ = stop.cancelled() => None,
+        }
+    }
+
+    fn warn(&self) {
+        let mut last = self.last_warned.lock();
+        if last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::warn!(
+            max_connections = self.max,
+            "max_connections reached: new connections wait in the kernel's backlog until one closes"
+        );
+    }
+}
+
+/// The `/metrics` collector of `fediedge_connections_open`, `fediedge_connections_max` and
+/// `fediedge_connection_cap_waits_total`.
+#[derive(Debug)]
+pub struct ConnectionCollector(pub Arc<ConnectionCap>);
+
+impl Collector for ConnectionCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let cap = &self.0;
+        for (name, help, value) in [
+            (
+                "connections_open",
+                "Client connections open on the public listeners (not the admin listener)",
+                cap.open(),
+            ),
+            (
+                "connections_max",
+                "max_connections: the cap on client connections open at once",
+                cap.max,
+            ),
+        ] {
+            let gauge = prometheus_client::metrics::gauge::ConstGauge::new(value as i64);
+            let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            gauge.encode(m)?;
+        }
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(cap.waits());
+        let m = enc.encode_descriptor(
+            "connection_cap_waits",
+            "Times a public listener stopped accepting because max_connections were open \
+             (new connections waited in the kernel's backlog)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter.encode(m)
+    }
+}
+
+/// A client socket that holds its connection's [`Slot`] until it is dropped (also inside a
+/// WebSocket tunnel, after hyper handed it over).
+pub(super) struct Capped<S> {
+    io: S,
+    _slot: Option<Slot>,
+}
+
+impl<S> Capped<S> {
+    pub(super) fn new(io: S, slot: Option<Slot>) -> Capped<S> {
+        Capped { io, _slot: slot }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_follows_the_descriptor_limit() {
+        let n = default_max_connections();
+        assert!(n >= 64, "{n}");
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        if limit.rlim_cur != libc::RLIM_INFINITY && limit.rlim_cur > 512 {
+            assert_eq!(
+                n as u64,
+                (limit.rlim_cur - RESERVED_FDS) / FDS_PER_CONNECTION
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_count_follows_the_slots_and_a_full_cap_waits() {
+        let cap = ConnectionCap::new(1);
+        let stop = CancellationToken::new();
+        assert!(cap.room(&stop).await);
+        let slot = cap.slot(&stop).await.unwrap();
+        let shared = slot.clone();
+        assert_eq!((cap.open(), cap.waits()), (1, 0));
+        let waiting = {
+            let (cap, stop) = (cap.clone(), stop.clone());
+            tokio::spawn(async move { cap.room(&stop).await })
+        };
+        while cap.waits() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(slot);
+        assert_eq!(cap.open(), 1, "the socket still holds it");
+        drop(shared);
+        assert!(waiting.await.unwrap());
+        assert_eq!((cap.open(), cap.waits()), (0, 1));
+        let held = cap.slot(&stop).await.unwrap();
+        stop.cancel();
+        assert!(!cap.room(&stop).await);
+        drop(held);
+    }
+}

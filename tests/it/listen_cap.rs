@@ -1,0 +1,118 @@
+//! `max_connections` (issue 8, the front door): at the cap the public listeners stop
+//! accepting, a waiting connection is served once another closes, the admin listener still
+//! answers, and `/metrics` counts it all.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{client, start_edge};
+use crate::listen::fs_primary;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A keep-alive HTTP/1.1 request for `small.txt` on `s`.
+async fn ask(s: &mut TcpStream) {
+    s.write_all(b"GET /system/small.txt HTTP/1.1\r\nHost: edge\r\n\r\n")
+        .await
+        .unwrap();
+}
+
+/// Reads one whole response to [`ask`] (its body is `small`).
+async fn answer(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(WAIT, async {
+        while !got.ends_with(b"small") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the response ended");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("a response");
+    String::from_utf8(got).unwrap()
+}
+
+/// A series' value on the admin listener's `/metrics` (fetched over HTTP).
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let text = client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("the admin listener answers")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// Polls `name` on `/metrics` until it equals `want` (WAIT at most).
+async fn metric_becomes(admin: SocketAddr, name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = metric(admin, name).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {got}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn at_the_cap_a_new_connection_waits_until_one_closes_and_admin_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("max_connections = 2\n{}", fs_primary(dir.path()));
+    let edge = start_edge(dir.path(), &extra).await;
+    let (addr, admin) = (edge.running.addr, edge.running.admin_addr);
+    assert_eq!(metric(admin, "fediedge_connections_max").await, 2.0);
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 0.0);
+
+    // Two keep-alive connections, served and left open: the cap is reached.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    ask(&mut first).await;
+    assert!(answer(&mut first).await.starts_with("HTTP/1.1 200"));
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    ask(&mut second).await;
+    assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+    // The admin listener answers at the cap, and is not counted.
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 2.0);
+    // The accept loop stopped at the cap.
+    metric_becomes(admin, "fediedge_connection_cap_waits_total", 1.0).await;
+
+    // A third connects (the kernel's backlog takes it) but is not served.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    ask(&mut third).await;
+    // The accept loop is stopped (the count above), so nothing can answer it: still two open
+    // and not a byte for the third.
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 2.0);
+    let mut buf = [0u8; 16];
+    match third.try_read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the third connection got an answer at the cap: {other:?}"),
+    }
+    // The first closes: the third is accepted and served, and the count stays at the cap.
+    drop(first);
+    assert!(answer(&mut third).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 2.0);
+    // Both close: the gauge goes back to zero.
+    drop((second, third));
+    metric_becomes(admin, "fediedge_connections_open", 0.0).await;
+    assert!(edge.running.shutdown().await.clean());
+}
+
+#[tokio::test]
+async fn max_connections_zero_is_refused_naming_the_key() {
+    let err = fediedge::config::from_str("max_connections = 0\n", std::path::Path::new("t.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`max_connections`"), "{err}");
+}
