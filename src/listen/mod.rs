@@ -17,6 +17,7 @@
 //! The listener knows nothing of media: it serves a [`Handler`] that [`crate::serve`] gives it.
 
 pub mod cap;
+mod idle;
 pub mod redirect;
 pub mod tls;
 
@@ -399,15 +400,23 @@ where
 {
     let upgraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upgraded_flag = upgraded.clone();
+    // HTTP/2: what is under way, for the idle timeout (see `idle`).
+    let activity = matches!(protocol, Protocol::Http2).then(Arc::<idle::Activity>::default);
+    let requests = activity.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(info);
         let handler = handler.clone();
         let upgraded = upgraded_flag.clone();
+        let active = requests.as_ref().map(|a| a.start());
         async move {
             let resp = handler(req).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 upgraded.store(true, std::sync::atomic::Ordering::Release);
             }
+            let resp = match active {
+                Some(active) => resp.map(|body| idle::hold(body, active)),
+                None => resp,
+            };
             Ok::<_, Infallible>(resp)
         }
     });
@@ -428,6 +437,12 @@ where
     // With upgrades: a WebSocket handshake hands the connection to the handler's tunnel.
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let idle = async {
+        match &activity {
+            Some(a) => idle::idle(a).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         ended = conn.as_mut() => {
             if let Err(e) = ended {
@@ -436,9 +451,10 @@ where
             return upgraded.load(std::sync::atomic::Ordering::Acquire);
         }
         _ = signals.drain.cancelled() => {}
+        _ = idle => tracing::debug!("HTTP/2 connection idle: closing it"),
     }
     // HTTP/1.1: a response under way completes, then (or at once, when idle) the connection
-    // closes. HTTP/2: GOAWAY; streams under way complete.
+    // closes. HTTP/2: GOAWAY; streams under way complete (none, when idle).
     conn.as_mut().graceful_shutdown();
     tokio::select! {
         _ = conn.as_mut() => {}

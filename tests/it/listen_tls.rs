@@ -518,3 +518,65 @@ async fn the_tls_and_plain_listeners_share_max_connections() {
     assert_eq!(got, (200, 100_000));
     edge.running.shutdown().await;
 }
+
+/// Idle clients do not keep their connection (and their place under `max_connections`): an
+/// HTTP/2 connection with nothing under way and an idle HTTP/1.1 keep-alive connection are
+/// closed by the edge. Paused time: the runtime's clock jumps ahead whenever everything waits.
+#[tokio::test(start_paused = true)]
+async fn idle_h2_and_http1_connections_are_closed_by_the_edge() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let leaf = ca.leaf(dir.path(), "site", &["edge.test"]);
+    let edge = start_edge(dir.path(), &tls_config(dir.path(), &[&leaf], None)).await;
+    let admin = edge.running.admin_addr;
+    let https = edge.running.https_addr.unwrap();
+    let open = || crate::listen_cap::metric(admin, "fediedge_connections_open");
+
+    // HTTP/2, kept open by the client for as long as the edge allows.
+    let h2 = reqwest::Client::builder()
+        .tls_certs_only([ca.root()])
+        .resolve("edge.test", https)
+        .pool_idle_timeout(None)
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("https://edge.test:{}/system/a.png", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.bytes().await.unwrap().len(), 100_000);
+    assert_eq!(open().await, 1.0);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+    while open().await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle HTTP/2 connection stays open"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+
+    // HTTP/1.1: one request, then silence; the edge closes the connection.
+    let mut plain = tokio::net::TcpStream::connect(edge.running.addr)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"HEAD /system/a.png HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read_all = plain.read_to_end(&mut got);
+    tokio::time::timeout(std::time::Duration::from_secs(600), read_all)
+        .await
+        .expect("the idle HTTP/1.1 connection is closed by the edge")
+        .unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    // The edge's side lingers until the client closes too.
+    drop(plain);
+    while open().await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "still counted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    edge.running.shutdown().await;
+}
