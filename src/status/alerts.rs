@@ -126,6 +126,18 @@ pub fn evaluate(i: &Inputs) -> Active {
     }
     sidekiq(i, &mut out, &window);
     core(now, &mut out);
+    let waits = delta(now, then, "fediedge_connection_cap_waits_total", |_| true);
+    if waits > 0.0 {
+        out.insert(
+            "connection_cap".into(),
+            format!(
+                "the listeners reached max_connections ({}) {waits} time(s) in the last {window}: \
+                 new clients waited to connect (raise max_connections with LimitNOFILE, or look \
+                 for a flood of idle connections)",
+                now.value("fediedge_connections_max")
+            ),
+        );
+    }
     out
 }
 
@@ -330,6 +342,20 @@ mod tests {
         assert_eq!(
             a["sidekiq_unreachable"],
             "Sidekiq's Redis could not be read for the last 5m"
+        );
+    }
+
+    #[test]
+    fn reaching_max_connections_in_the_window_alerts() {
+        let then = "fediedge_connections_max 100\nfediedge_connection_cap_waits_total 3\n";
+        assert!(eval_text(then, then).is_empty());
+        let now = "fediedge_connections_max 100\nfediedge_connection_cap_waits_total 5\n";
+        let a = eval_text(now, then);
+        assert!(
+            a["connection_cap"].starts_with(
+                "the listeners reached max_connections (100) 2 time(s) in the last 5m"
+            ),
+            "{a:?}"
         );
     }
 

@@ -70,7 +70,10 @@ async fn metric_becomes(admin: SocketAddr, name: &str, want: f64) {
 #[tokio::test]
 async fn at_the_cap_a_new_connection_waits_until_one_closes_and_admin_still_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("max_connections = 2\n{}", fs_primary(dir.path()));
+    let extra = format!(
+        "max_connections = 2\n{}[alerts]\ninterval = \"1s\"\n",
+        fs_primary(dir.path())
+    );
     let edge = start_edge(dir.path(), &extra).await;
     let (addr, admin) = (edge.running.addr, edge.running.admin_addr);
     assert_eq!(metric(admin, "fediedge_connections_max").await, 2.0);
@@ -87,6 +90,22 @@ async fn at_the_cap_a_new_connection_waits_until_one_closes_and_admin_still_answ
     assert_eq!(metric(admin, "fediedge_connections_open").await, 2.0);
     // The accept loop stopped at the cap.
     metric_becomes(admin, "fediedge_connection_cap_waits_total", 1.0).await;
+    // ... which `/healthz` (on the admin listener) names.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = client()
+            .get(format!("http://{admin}/healthz"))
+            .send()
+            .await
+            .unwrap();
+        let (status, text) = (r.status().as_u16(), r.text().await.unwrap());
+        if text.contains("connection_cap: the listeners reached max_connections (2)") {
+            assert_eq!(status, 503, "{text}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no alert: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A third connects (the kernel's backlog takes it) but is not served.
     let mut third = TcpStream::connect(addr).await.unwrap();
