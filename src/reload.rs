@@ -7,13 +7,15 @@
 //! renewal), `[core]` but `[core.cache]` (the proxy's pools, timeouts and limits; requests
 //! under way end on the pools they began with), and the routes: `[core] hosts` and
 //! `media_hosts` (a new [`Router`] for the requests that arrive from then on), unless `[core]`
-//! itself appeared or went (the proxy is made at start). The next reload is compared with this
+//! itself appeared or went (the proxy is made at start), and `max_connections`
+//! ([`ConnectionCap::resize`]). The next reload is compared with this
 //! file, so a value that waits for a restart is named once.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{self, Change, Config, ConfigError};
+use crate::listen::cap::ConnectionCap;
 use crate::listen::tls::{Certificates, TlsError};
 use crate::proxy::Proxy;
 use crate::router::{Router, SharedRouter};
@@ -38,22 +40,25 @@ pub struct Reloader {
     certificates: Option<Arc<Certificates>>,
     proxy: Option<Arc<Proxy>>,
     routes: SharedRouter,
+    cap: Arc<ConnectionCap>,
 }
 
 impl Reloader {
-    /// For a server started from `config`, with its certificates and proxy, if any, and the
-    /// routes in use.
+    /// For a server started from `config`, with its certificates and proxy, if any, the
+    /// routes in use and the connection cap of the public listeners.
     pub fn new(
         config: Config,
         certificates: Option<Arc<Certificates>>,
         proxy: Option<Arc<Proxy>>,
         routes: SharedRouter,
+        cap: Arc<ConnectionCap>,
     ) -> Reloader {
         Reloader {
             current: parking_lot::Mutex::new(config),
             certificates,
             proxy,
             routes,
+            cap,
         }
     }
 
@@ -92,6 +97,10 @@ impl Reloader {
         if let (Some(proxy), Some(core)) = (&self.proxy, &new.core) {
             proxy.update(core);
         }
+        self.cap.resize(
+            new.max_connections
+                .unwrap_or_else(crate::listen::cap::default_max_connections),
+        );
         if self.routes_live(&new) {
             let routes = Router::of(&new);
             let routes = self
@@ -118,6 +127,9 @@ impl Reloader {
         };
         if under("tls.certificates") {
             return self.certificates.is_some() && new.tls.is_some();
+        }
+        if key == "max_connections" {
+            return true;
         }
         if under("core.hosts") || under("media_hosts") {
             return self.routes_live(new);

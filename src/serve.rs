@@ -395,7 +395,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
-    let listeners = Listeners::with_cap(cap);
+    let listeners = Listeners::with_cap(cap.clone());
     if let Some(p) = proxy.clone() {
         // Health checks; at shutdown, the WebSocket tunnels are closed.
         tasks.push(tokio::spawn(p.background(stop.clone())));
@@ -418,6 +418,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         certificates.clone(),
         proxy.clone(),
         routes.clone(),
+        cap.clone(),
     );
     let buster = config.cache_buster.as_ref().map(|b| {
         let mut targets: Vec<Arc<dyn crate::purge::Purge>> = Vec::new();

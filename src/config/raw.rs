@@ -44,7 +44,7 @@ pub struct RawConfig {
     /// Most client connections open at once on the public listeners (`listen`, `[tls] listen`,
     /// `tls.redirect_listen`; not `admin_listen`). At the cap new connections wait in the
     /// kernel's backlog until one closes. Default: the process's descriptor limit
-    /// (`RLIMIT_NOFILE`) less 256, divided by 4, at least 64. Applies at restart.
+    /// (`RLIMIT_NOFILE`) less 256, divided by 4, at least 64. A reload applies it.
     pub max_connections: Option<usize>,
     /// Most fetches of missing keys under way at once (one per key, however many clients
     /// ask). Past it a new key's fetch waits up to 2 s for a slot, then is answered 503 with

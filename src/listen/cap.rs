@@ -11,10 +11,14 @@
 //! A connection's slot is held by its task (which lingers on a second descriptor after hyper
 //! is done) and by its socket ([`Capped`]): a WebSocket handed to the proxy's tunnel keeps its
 //! slot until the tunnel drops the socket.
+//!
+//! A reload may change the cap ([`ConnectionCap::resize`]): a higher one applies at once; a
+//! lower one takes the free places at once and the rest as connections close (no open
+//! connection is dropped), and nothing new is accepted until the count is under it.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,23 +63,40 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// what [`ConnectionCollector`] shows on `/metrics`.
 #[derive(Debug)]
 pub struct ConnectionCap {
-    max: usize,
+    max: AtomicUsize,
+    /// One permit per place; a lower cap forgets permits.
     permits: Arc<Semaphore>,
+    /// Connections holding a slot.
+    open: AtomicUsize,
     /// Times an accept loop found the cap reached and stopped accepting.
     waits: AtomicU64,
     last_warned: parking_lot::Mutex<Option<Instant>>,
 }
 
 /// One open connection's place under the cap, freed when the last holder drops it.
-pub(super) type Slot = Arc<OwnedSemaphorePermit>;
+pub(super) type Slot = Arc<Place>;
+
+/// What a [`Slot`] holds.
+#[derive(Debug)]
+pub(super) struct Place {
+    _permit: OwnedSemaphorePermit,
+    cap: Arc<ConnectionCap>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.cap.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl ConnectionCap {
     /// At most `max` (at least 1) connections open at once.
     pub fn new(max: usize) -> Arc<ConnectionCap> {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(ConnectionCap {
-            max,
+            max: AtomicUsize::new(max),
             permits: Arc::new(Semaphore::new(max)),
+            open: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
             last_warned: parking_lot::Mutex::new(None),
         })
@@ -83,12 +104,35 @@ impl ConnectionCap {
 
     /// The cap.
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Relaxed)
     }
 
     /// Client connections open now.
     pub fn open(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Changes the cap to `max` (at least 1; a reload). Open connections are never dropped:
+    /// a lower cap takes the places that are free now, and the others as connections close
+    /// (a task waits for them, ahead of new connections).
+    pub fn resize(&self, max: usize) {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        let old = self.max.swap(max, Ordering::Relaxed);
+        if max > old {
+            self.permits.add_permits(max - old);
+            return;
+        }
+        let fewer = old - max;
+        let later = fewer - self.permits.forget_permits(fewer);
+        if later > 0 {
+            let permits = self.permits.clone();
+            let n = u32::try_from(later).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
     }
 
     /// Times an accept loop stopped accepting at the cap.
@@ -115,12 +159,17 @@ impl ConnectionCap {
     /// A slot for a connection just accepted. Normally there at once; when another listener
     /// took the last one between [`ConnectionCap::room`] and the accept, the accepted
     /// connection waits (unserved) for the next one, in turn with the other listeners.
-    pub(super) async fn slot(&self, stop: &CancellationToken) -> Option<Slot> {
-        tokio::select! {
+    pub(super) async fn slot(self: &Arc<Self>, stop: &CancellationToken) -> Option<Slot> {
+        let permit = tokio::select! {
             biased;
-            p = self.permits.clone().acquire_owned() => p.ok().map(Arc::new),
-            _ = stop.cancelled() => None,
-        }
+            p = self.permits.clone().acquire_owned() => p.ok()?,
+            _ = stop.cancelled() => return None,
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::new(Place {
+            _permit: permit,
+            cap: self.clone(),
+        }))
     }
 
     fn warn(&self) {
@@ -130,7 +179,7 @@ impl ConnectionCap {
         }
         *last = Some(Instant::now());
         tracing::warn!(
-            max_connections = self.max,
+            max_connections = self.max(),
             "max_connections reached: new connections wait in the kernel's backlog until one closes"
         );
     }
@@ -153,7 +202,7 @@ impl Collector for ConnectionCollector {
             (
                 "connections_max",
                 "max_connections: the cap on client connections open at once",
-                cap.max,
+                cap.max(),
             ),
         ] {
             let gauge = prometheus_client::metrics::gauge::ConstGauge::new(value as i64);
@@ -271,8 +320,39 @@ mod tests {
         assert!(waiting.await.unwrap());
         assert_eq!((cap.open(), cap.waits()), (0, 1));
         let held = cap.slot(&stop).await.unwrap();
-        stop.cancel();
-        assert!(!cap.room(&stop).await);
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        assert!(
+            !cap.room(&stopping).await,
+            "at the cap, a stop ends the wait"
+        );
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_lower_cap_waits_for_connections_to_close_and_a_higher_one_applies_at_once() {
+        let cap = ConnectionCap::new(2);
+        let stop = CancellationToken::new();
+        let (a, b) = (
+            cap.slot(&stop).await.unwrap(),
+            cap.slot(&stop).await.unwrap(),
+        );
+        cap.resize(1);
+        assert_eq!((cap.max(), cap.open()), (1, 2));
+        drop(a);
+        // The freed place goes to the lower cap (its task), not to a new connection.
+        for _ in 0..100 {
+            if cap.permits.available_permits() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!((cap.open(), cap.permits.available_permits()), (1, 0));
+        drop(b);
+        assert_eq!((cap.open(), cap.permits.available_permits()), (0, 1));
+        cap.resize(3);
+        assert_eq!(cap.permits.available_permits(), 3);
+        cap.resize(2);
+        assert_eq!((cap.max(), cap.permits.available_permits()), (2, 2));
     }
 }

@@ -135,3 +135,62 @@ async fn max_connections_zero_is_refused_naming_the_key() {
         .to_string();
     assert!(err.contains("`max_connections`"), "{err}");
 }
+
+#[tokio::test]
+async fn a_reload_raises_and_lowers_max_connections_without_dropping_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let text = |max: usize| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             max_connections = {max}\n{}",
+            dir.path().join("var").display(),
+            fs_primary(dir.path())
+        )
+    };
+    std::fs::write(&file, text(1)).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let (addr, admin) = (running.addr, running.admin_addr);
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    ask(&mut first).await;
+    answer(&mut first).await;
+    metric_becomes(admin, "fediedge_connection_cap_waits_total", 1.0).await;
+
+    // Raised: the waiting accept goes on, a second connection is served next to the first.
+    std::fs::write(&file, text(2)).unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["max_connections"]);
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    ask(&mut second).await;
+    assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(metric(admin, "fediedge_connections_max").await, 2.0);
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 2.0);
+
+    // Lowered to 1 with 2 open: both keep being served; a third is not, not even after one
+    // of the two closes (2 → 1 open is not under the new cap), only after both did.
+    std::fs::write(&file, text(1)).unwrap();
+    running.reload_config().expect("a good config reloads");
+    assert_eq!(metric(admin, "fediedge_connections_max").await, 1.0);
+    ask(&mut first).await;
+    assert!(answer(&mut first).await.starts_with("HTTP/1.1 200"));
+    drop(first);
+    metric_becomes(admin, "fediedge_connections_open", 1.0).await;
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    ask(&mut third).await;
+    ask(&mut second).await;
+    assert!(answer(&mut second).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 1.0);
+    let mut buf = [0u8; 16];
+    match third.try_read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("served over the lowered cap: {other:?}"),
+    }
+    drop(second);
+    assert!(answer(&mut third).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(metric(admin, "fediedge_connections_open").await, 1.0);
+    drop(third);
+    running.shutdown().await;
+}
