@@ -331,3 +331,51 @@ async fn a_reload_that_adds_core_leaves_the_routes_for_the_restart() {
     assert_eq!(up.requests(), 0);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_adds_a_media_host() {
+    const FILES: &str = "files.example.test";
+    let up = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("media");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    std::fs::write(root.join("a/b.png"), "png").unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let text = |media_hosts: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             media_hosts = [{media_hosts}]\n[primary]\ntype = \"fs\"\nroot = \"{}\"\n\
+             [core]\nhosts = [\"{CORE}\"]\nweb = [\"{}\"]\nhealth_check_interval = \"0s\"\n",
+            dir.path().join("var").display(),
+            root.display(),
+            up.addr
+        )
+    };
+    std::fs::write(&file, text("")).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let get = |host: &'static str| {
+        let addr = running.addr;
+        async move {
+            let r = crate::common::client()
+                .get(format!("http://{addr}/a/b.png"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get(FILES).await.0, 421, "not a media host yet");
+
+    std::fs::write(&file, text(&format!("\"{FILES}\""))).unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["media_hosts"]);
+    assert_eq!(get(FILES).await, (200, "png".to_owned()));
+    // The instance's own name still goes to core.
+    assert_eq!(get(CORE).await.0, 200);
+    assert_eq!(up.requests(), 1);
+    running.shutdown().await;
+}
