@@ -78,16 +78,16 @@ where
 }
 
 /// An upstream's response body on its way to the client.
-pub struct GuardedBody {
-    inner: Incoming,
+pub struct GuardedBody<B = Incoming> {
+    inner: B,
     idle: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl GuardedBody {
+impl<B> GuardedBody<B> {
     /// `idle`: longest silence allowed between two pieces (None for streaming).
-    pub fn new(inner: Incoming, idle: Option<Duration>, permit: OwnedSemaphorePermit) -> Self {
+    pub fn new(inner: B, idle: Option<Duration>, permit: OwnedSemaphorePermit) -> Self {
         GuardedBody {
             inner,
             idle,
@@ -97,7 +97,11 @@ impl GuardedBody {
     }
 }
 
-impl Body for GuardedBody {
+impl<B> Body for GuardedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = Bytes;
     type Error = std::io::Error;
 

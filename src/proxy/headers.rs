@@ -7,49 +7,94 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, and the `Proxy-Connection` of old clients), as
-/// names made once: removing by a `&str` would parse the name on every request.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-];
-const PROXY: HeaderName = HeaderName::from_static("proxy");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// Whether a header is hop-by-hop (RFC 9110 §7.6.1, and the `Proxy-Connection` of old
+/// clients), or `Proxy` (httpoxy). A match on the name's text: no hashing.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy"
+    )
+}
+
 /// Removes the hop-by-hop headers, those named in `Connection`, and `Proxy`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests (HTTP/2, and HTTP/1.1 keep-alive) name nothing: no list is made then.
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names finds what is there (usually nothing, or a response's
+    // `Connection: keep-alive`); only those are removed, each removal being a hash lookup.
+    let mut found: [Option<HeaderName>; 9] = Default::default();
+    let mut n = 0;
+    for name in headers.keys() {
+        if hop_by_hop(name) && n < found.len() {
+            found[n] = Some(name.clone());
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return;
+    }
+    if found.contains(&Some(header::CONNECTION)) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            // `keep-alive` (the usual value) is hop-by-hop, so in `found` if it is there.
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
-        for n in named {
-            headers.remove(n);
+        for name in named {
+            headers.remove(name);
         }
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
+    for name in found.into_iter().flatten() {
+        headers.remove(name);
     }
-    headers.remove(&PROXY);
+}
+
+/// An address as a header value. IPv4 (nearly every peer) is written by hand into a buffer:
+/// `IpAddr`'s `Display` goes through `core::fmt` and a `String`, on every request.
+fn ip_value(peer: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = peer else {
+        return HeaderValue::from_str(&peer.to_string()).expect("an IP is a value");
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&buf[..len]).expect("digits and dots are a value")
 }
 
 /// Rewrites a client's request headers for the upstream. `peer` is the client's address,
 /// `tls` whether it came over TLS, `trusted` whether the peer is a trusted proxy.
 pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) {
     strip_hop_by_hop(headers);
-    let ip = HeaderValue::from_str(&peer.to_string()).expect("an IP is a value");
+    let ip = ip_value(peer);
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -67,9 +112,10 @@ pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) 
         ))
         .ok(),
     };
-    headers.remove(&X_FORWARDED_FOR);
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+    // `insert` replaces every prior value.
+    match xff {
+        Some(v) => drop(headers.insert(X_FORWARDED_FOR, v)),
+        None => drop(headers.remove(&X_FORWARDED_FOR)),
     }
     if !(trusted && headers.contains_key(&X_REAL_IP)) {
         headers.insert(X_REAL_IP, ip);
@@ -133,5 +179,20 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.5");
         assert_eq!(h["x-real-ip"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.9",
+            "192.168.255.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let peer: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(peer), peer.to_string().as_str());
+        }
     }
 }

@@ -39,9 +39,23 @@ impl Kind {
 impl Proxy {
     /// The proxy's background work until `stop` (shutdown): health checks every
     /// `health_check_interval` (unless zero) of the upstreams in use (a reload's new ones from
-    /// its next round); then the WebSocket tunnels are closed (their clients reconnect, to
+    /// its next round), and idle upstream connections too old to use dropped; then the WebSocket tunnels are closed (their clients reconnect, to
     /// another edge or after the restart).
     pub async fn background(self: Arc<Self>, stop: CancellationToken) {
+        let upstreams = || {
+            let live = self.live();
+            let mut all = live.pool(Kind::Web).upstreams.clone();
+            all.extend(live.pool(Kind::Streaming).upstreams.iter().cloned());
+            all
+        };
+        tokio::select! {
+            _ = self.check_health_until(&stop) => {}
+            _ = super::conns::reap(upstreams) => {}
+        }
+        self.tunnels.cancel();
+    }
+
+    async fn check_health_until(&self, stop: &CancellationToken) {
         loop {
             let live = self.live();
             let interval = live.health_check_interval;
@@ -61,7 +75,6 @@ impl Proxy {
                 _ = wait => {}
             }
         }
-        self.tunnels.cancel();
     }
 }
 

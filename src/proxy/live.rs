@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::conns::IDLE_UPSTREAM_CONNECTION;
 use super::upstream::{Pool, Upstream};
 use super::{Kind, UpBody};
 use crate::config::CoreConfig;
@@ -31,9 +32,10 @@ pub struct Live {
     pub(super) max_body: u64,
     pub(super) trusted: Vec<ipnet::IpNet>,
     pub(super) health_check_interval: Duration,
-    /// What decides whether the client and upstreams can be carried over.
-    connect_timeout: Duration,
-    max_idle: usize,
+    /// Connect timeout and idle connections kept per upstream (also decide whether the
+    /// client is carried over).
+    pub(super) connect_timeout: Duration,
+    pub(super) max_idle: usize,
     upstream_settings: (usize, u32, Duration),
 }
 
@@ -96,19 +98,15 @@ impl Live {
     }
 }
 
-/// How long an idle keep-alive connection to core is kept.
-const IDLE_UPSTREAM_CONNECTION: Duration = Duration::from_secs(15);
-
-/// The proxy's own HTTP/1.1 client: keep-alive pools per upstream, the connect timeout.
+/// hyper-util's HTTP/1.1 client, for WebSocket handshakes and health checks (every other
+/// request goes through `conns`): keep-alive pools per upstream, the connect timeout.
 fn client(config: &CoreConfig) -> Client<HttpConnector, UpBody> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(config.max_idle_per_upstream)
-        // Below puma's `persistent_timeout` (20 s by default): the edge drops an idle
-        // connection before puma would, so a request is not written into a connection puma is
-        // closing. (The streaming server's plain requests are few; its tunnels never idle here.)
+        // See `IDLE_UPSTREAM_CONNECTION` for why.
         .pool_idle_timeout(IDLE_UPSTREAM_CONNECTION)
         .pool_timer(TokioTimer::new())
         .build(connector)

@@ -10,6 +10,7 @@
 //! sent).
 //!
 //! - `breaker`: the circuit breaker of one upstream.
+//! - `conns`: our keep-alive connections to the upstreams, driven by the request's own task.
 //! - `upstream`: the upstreams of a pool, their caps, the least-connections pick.
 //! - `headers`: hop-by-hop removal, `X-Forwarded-*`, `X-Real-IP`.
 //! - `upgrade`: WebSocket handshakes and the tunnels after them.
@@ -21,6 +22,7 @@
 
 mod body;
 pub mod breaker;
+mod conns;
 mod headers;
 mod health;
 pub mod idempotency;
@@ -287,73 +289,151 @@ impl Proxy {
             };
             let addr = admission.upstream.addr;
             tried.push(addr);
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(admission.upstream.authority.clone());
-            uri.path_and_query = Some(path.clone());
             let mut up = Request::new(
                 body.take()
                     .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
             );
             *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = http::Uri::from_parts(uri).expect("scheme, authority and path");
             // The headers are copied only when another attempt may need them: a request that
             // cannot be sent again, or the last upstream, takes them.
             *up.headers_mut() = match resendable && tried.len() < pool.upstreams.len() {
                 true => parts.headers.clone(),
                 false => std::mem::take(&mut parts.headers),
             };
-            let sent = tokio::time::timeout(live.first_byte_timeout, live.client.request(up)).await;
-            let resp = match sent {
-                Err(_) => {
-                    admission.failure();
-                    return Err(ProxyError::Timeout(addr));
+            if client_upgrade.is_none() {
+                // Our own connections (`conns`): origin-form URI, `Host` always set.
+                *up.uri_mut() = http::Uri::from(path.clone());
+                if !up.headers().contains_key(header::HOST) {
+                    let host = HeaderValue::from_str(admission.upstream.authority.as_str());
+                    up.headers_mut()
+                        .insert(header::HOST, host.expect("an address is a value"));
                 }
-                Ok(Err(e)) => {
-                    if exceeded.load(Ordering::Acquire) {
-                        admission.neutral();
-                        return Err(ProxyError::TooLarge(live.max_body));
-                    }
-                    if client_body_failed(&e) {
-                        admission.neutral();
-                        return Err(ProxyError::ClientBody(e.to_string()));
-                    }
-                    admission.failure();
-                    if e.is_connect() && resendable {
-                        tracing::debug!(%addr, error = %e, "proxy: connect failed; trying another upstream");
-                        continue;
-                    }
-                    return Err(ProxyError::Upstream {
-                        addr,
-                        message: error_chain(&e),
-                    });
+                let sent = tokio::time::timeout(
+                    live.first_byte_timeout,
+                    conns::send(&admission.upstream, up, live.connect_timeout, live.max_idle),
+                )
+                .await;
+                let failed = match sent {
+                    Ok(Ok(resp)) => return Ok(self.answered(kind, &live, admission, resp)),
+                    Err(_) => Failed::Timeout,
+                    Ok(Err(conns::SendError::Connect(e))) => Failed::Connect(e.to_string()),
+                    Ok(Err(conns::SendError::Http(e))) => match e.is_user() {
+                        true => Failed::ClientBody(e.to_string()),
+                        false => Failed::Other(error_chain(&e)),
+                    },
+                };
+                match self.failed(failed, admission, addr, resendable, &exceeded, &live) {
+                    Some(err) => return Err(err),
+                    None => continue,
                 }
-                Ok(Ok(resp)) => resp,
-            };
-            if let (StatusCode::SWITCHING_PROTOCOLS, Some(client)) = (resp.status(), client_upgrade)
-            {
-                let permit = admission.answered(true);
-                let idle = live.stream_idle_timeout;
-                return Ok(upgrade::tunnel(
-                    client,
-                    resp,
-                    permit,
-                    idle,
-                    self.tunnels.clone(),
-                ));
             }
-            let permit = admission.answered(!matches!(resp.status().as_u16(), 502..=504));
-            let (mut rparts, rbody) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut rparts.headers);
-            let idle = match kind {
-                Kind::Web => live.idle_timeout,
-                Kind::Streaming => live.stream_idle_timeout,
+            // A WebSocket handshake: hyper-util's client, whose connections can be upgraded.
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(admission.upstream.authority.clone());
+            uri.path_and_query = Some(path.clone());
+            *up.uri_mut() = http::Uri::from_parts(uri).expect("scheme, authority and path");
+            let sent = tokio::time::timeout(live.first_byte_timeout, live.client.request(up)).await;
+            let failed = match sent {
+                Ok(Ok(resp)) => {
+                    if let (StatusCode::SWITCHING_PROTOCOLS, Some(client)) =
+                        (resp.status(), client_upgrade)
+                    {
+                        let permit = admission.answered(true);
+                        let idle = live.stream_idle_timeout;
+                        return Ok(upgrade::tunnel(
+                            client,
+                            resp,
+                            permit,
+                            idle,
+                            self.tunnels.clone(),
+                        ));
+                    }
+                    return Ok(self.answered(kind, &live, admission, resp));
+                }
+                Err(_) => Failed::Timeout,
+                Ok(Err(e)) if client_body_failed(&e) => Failed::ClientBody(e.to_string()),
+                Ok(Err(e)) if e.is_connect() => Failed::Connect(error_chain(&e)),
+                Ok(Err(e)) => Failed::Other(error_chain(&e)),
             };
-            let idle = (!idle.is_zero()).then_some(idle);
-            let body = body::GuardedBody::new(rbody, idle, permit).boxed_unsync();
-            return Ok(Response::from_parts(rparts, body));
+            if let Some(err) = self.failed(failed, admission, addr, resendable, &exceeded, &live) {
+                return Err(err);
+            }
         }
     }
+
+    /// The upstream's response on its way to the client: the breaker told, hop-by-hop
+    /// headers removed, the body under the idle timeout and holding the connection permit.
+    fn answered<B>(
+        &self,
+        kind: Kind,
+        live: &Live,
+        admission: upstream::Admission,
+        resp: Response<B>,
+    ) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let permit = admission.answered(!matches!(resp.status().as_u16(), 502..=504));
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut rparts.headers);
+        let idle = match kind {
+            Kind::Web => live.idle_timeout,
+            Kind::Streaming => live.stream_idle_timeout,
+        };
+        let idle = (!idle.is_zero()).then_some(idle);
+        let body = body::GuardedBody::new(rbody, idle, permit).boxed_unsync();
+        Response::from_parts(rparts, body)
+    }
+
+    /// What a failed attempt answers (the breaker told), or None to try another upstream: the
+    /// connection could not be opened and the request can be sent again.
+    fn failed(
+        &self,
+        failed: Failed,
+        admission: upstream::Admission,
+        addr: SocketAddr,
+        resendable: bool,
+        exceeded: &AtomicBool,
+        live: &Live,
+    ) -> Option<ProxyError> {
+        if let Failed::Timeout = failed {
+            admission.failure();
+            return Some(ProxyError::Timeout(addr));
+        }
+        if exceeded.load(Ordering::Acquire) {
+            admission.neutral();
+            return Some(ProxyError::TooLarge(live.max_body));
+        }
+        let message = match failed {
+            Failed::ClientBody(message) => {
+                admission.neutral();
+                return Some(ProxyError::ClientBody(message));
+            }
+            Failed::Connect(message) if resendable => {
+                admission.failure();
+                tracing::debug!(%addr, error = %message, "proxy: connect failed; trying another upstream");
+                return None;
+            }
+            Failed::Connect(message) | Failed::Other(message) => message,
+            Failed::Timeout => unreachable!("answered above"),
+        };
+        admission.failure();
+        Some(ProxyError::Upstream { addr, message })
+    }
+}
+
+/// How one attempt to send a request upstream failed.
+enum Failed {
+    /// No response head within the first-byte timeout.
+    Timeout,
+    /// The connection could not be opened (nothing was sent).
+    Connect(String),
+    /// The client's request body could not be read.
+    ClientBody(String),
+    /// Anything else (refused, reset, closed before answering).
+    Other(String),
 }
 
 /// Whether a client error came from reading the client's own request body.

@@ -10,6 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, BreakerState};
+use super::conns::IdleConns;
 
 /// One upstream server.
 #[derive(Debug)]
@@ -29,6 +30,8 @@ pub struct Upstream {
     pub requests: AtomicU64,
     /// Of those, failures (refused, reset, timed out, 502/503/504), for metrics.
     pub errors: AtomicU64,
+    /// Its idle keep-alive connections (kept across a reload with the upstream).
+    pub idle: IdleConns,
 }
 
 impl Upstream {
@@ -143,6 +146,7 @@ impl Pool {
                         healthy: AtomicBool::new(true),
                         requests: AtomicU64::new(0),
                         errors: AtomicU64::new(0),
+                        idle: IdleConns::default(),
                     })
                 })
                 .collect(),

@@ -17,6 +17,7 @@ mod package;
 mod proxy;
 mod proxy_connect;
 mod proxy_health;
+mod proxy_pool;
 mod proxy_streaming;
 mod proxy_tls;
 mod purge;

@@ -1,0 +1,318 @@
+//! The proxy's own keep-alive connections to the upstreams, for every request but WebSocket
+//! handshakes (those go through hyper-util's client, see `upgrade`).
+//!
+//! Why not hyper-util's pooled client: per request it hashes its pool key (SipHash of the
+//! authority), compares authorities, checks a connection out through a waiter queue and hops
+//! over a channel to a spawned task that drives the connection, then wakes it back: about a
+//! tenth of the CPU of a proxied request. Here each upstream has a small LIFO stack of idle
+//! HTTP/1.1 connections ([`IdleConns`], in [`Upstream`]), and a connection's future is driven
+//! by the task of the request that uses it: while waiting for the response head
+//! ([`send`]), then by the response body ([`PooledBody`]) until its end, when the connection
+//! goes back to the stack if it is still good for another request.
+//!
+//! Idle connections are not polled: a connection that the upstream closed while idle is found
+//! out when it is checked out (polling it once reads the close) and dropped; one closed just
+//! as a request is written fails before the request leaves (hyper gives the request back) and
+//! the request is sent again on another connection, whatever its method, as nothing was sent.
+//! Idle connections older than [`IDLE_UPSTREAM_CONNECTION`] are dropped at checkout and by
+//! [`reap`], so that closed sockets do not linger.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::upstream::Upstream;
+use super::UpBody;
+
+/// How long an idle keep-alive connection to core is kept: below puma's `persistent_timeout`
+/// (20 s by default), so the edge drops an idle connection before puma would and a request is
+/// seldom written into a connection puma is closing.
+pub const IDLE_UPSTREAM_CONNECTION: Duration = Duration::from_secs(15);
+
+/// Boxed once when opened: hyper's connection state is large, and it moves between the idle
+/// stack, the request and the response body (each move would copy it).
+type Conn = Pin<Box<Connection<TokioIo<TcpStream>, UpBody>>>;
+
+/// One idle connection: its request sender, the connection, and since when it is idle.
+struct Idle {
+    send: SendRequest<UpBody>,
+    conn: Conn,
+    since: Instant,
+}
+
+/// An upstream's idle connections, newest on top (LIFO: the warmest socket is reused, the
+/// oldest age out at the bottom).
+#[derive(Default)]
+pub struct IdleConns(parking_lot::Mutex<Vec<Idle>>);
+
+impl std::fmt::Debug for IdleConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdleConns({})", self.0.lock().len())
+    }
+}
+
+impl IdleConns {
+    /// The newest idle connection, unless it is too old (then every one is, and all go).
+    fn pop(&self, now: Instant) -> Option<Idle> {
+        let mut stack = self.0.lock();
+        let top = stack.pop()?;
+        if now.saturating_duration_since(top.since) < IDLE_UPSTREAM_CONNECTION {
+            return Some(top);
+        }
+        let old = std::mem::take(&mut *stack);
+        drop(stack);
+        drop((top, old)); // Sockets are closed outside the lock.
+        None
+    }
+
+    /// Keeps an idle connection, unless `max` are kept already.
+    fn push(&self, idle: Idle, max: usize) {
+        let mut stack = self.0.lock();
+        if stack.len() < max {
+            stack.push(idle);
+        }
+    }
+
+    /// Drops the connections idle longer than [`IDLE_UPSTREAM_CONNECTION`].
+    pub fn reap(&self, now: Instant) {
+        let mut stack = self.0.lock();
+        let fresh = stack
+            .iter()
+            .position(|i| now.saturating_duration_since(i.since) < IDLE_UPSTREAM_CONNECTION)
+            .unwrap_or(stack.len());
+        let old: Vec<Idle> = stack.drain(..fresh).collect();
+        drop(stack);
+        drop(old);
+    }
+
+    /// Idle connections kept now.
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+/// Why [`send`] got no response.
+#[derive(Debug)]
+pub enum SendError {
+    /// The connection could not be opened (nothing was sent).
+    Connect(std::io::Error),
+    /// The exchange failed (the request may have been sent).
+    Http(hyper::Error),
+}
+
+/// A connection in use by one request, with what it needs to go back to its stack.
+struct Lease {
+    send: SendRequest<UpBody>,
+    /// None once the connection ended (closed, failed).
+    conn: Option<Conn>,
+    upstream: Arc<Upstream>,
+    max_idle: usize,
+}
+
+impl Lease {
+    /// Drives the connection (reads, writes the request body); drops it when it ended.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn {
+            if conn.as_mut().poll(cx).is_ready() {
+                self.conn = None;
+            }
+        }
+    }
+
+    /// The response has been read to its end: the connection goes back to the stack if it
+    /// is ready for another request (not closed, no `Connection: close`).
+    fn check_in(mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // One poll lets hyper see the exchange finished and ask for the next request. The
+        // no-op waker replaces the request task's: an idle connection wakes no one (it is
+        // polled again at checkout).
+        let mut cx = Context::from_waker(Waker::noop());
+        if conn.as_mut().poll(&mut cx).is_pending() && self.send.is_ready() {
+            let idle = Idle {
+                send: self.send,
+                conn,
+                since: Instant::now(),
+            };
+            self.upstream.idle.push(idle, self.max_idle);
+        }
+    }
+}
+
+/// An idle connection of `upstream` that is still usable, or a new one.
+async fn checkout(
+    upstream: &Arc<Upstream>,
+    connect_timeout: Duration,
+) -> Result<(Lease, bool), SendError> {
+    let now = Instant::now();
+    while let Some(mut idle) = upstream.idle.pop(now) {
+        // Polled once here: a close (or stray bytes) from the upstream while idle ends it.
+        let usable = std::future::poll_fn(|cx| {
+            let open = idle.conn.as_mut().poll(cx).is_pending();
+            Poll::Ready(open && idle.send.is_ready())
+        })
+        .await;
+        if usable {
+            let lease = Lease {
+                send: idle.send,
+                conn: Some(idle.conn),
+                upstream: upstream.clone(),
+                max_idle: 0,
+            };
+            return Ok((lease, true));
+        }
+    }
+    let addr: SocketAddr = upstream.addr;
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(SendError::Connect(e)),
+        Err(_) => {
+            return Err(SendError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )))
+        }
+    };
+    stream.set_nodelay(true).map_err(SendError::Connect)?;
+    let (send, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(SendError::Http)?;
+    let lease = Lease {
+        send,
+        conn: Some(Box::pin(conn)),
+        upstream: upstream.clone(),
+        max_idle: 0,
+    };
+    Ok((lease, false))
+}
+
+/// Sends `req` (origin-form URI, `Host` set) to `upstream` on an idle connection or a new
+/// one, and returns the response head; its body drives the connection to its end.
+/// `max_idle`: the most idle connections the upstream keeps.
+pub async fn send(
+    upstream: &Arc<Upstream>,
+    mut req: Request<UpBody>,
+    connect_timeout: Duration,
+    max_idle: usize,
+) -> Result<Response<PooledBody>, SendError> {
+    loop {
+        let (mut lease, reused) = checkout(upstream, connect_timeout).await?;
+        lease.max_idle = max_idle;
+        let mut answer = std::pin::pin!(lease.send.try_send_request(req));
+        // The connection and the response are polled together in this task. When the
+        // connection ends, dropping it hands its error (or the unsent request) to `answer`.
+        let answered = std::future::poll_fn(|cx| {
+            lease.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await;
+        match answered {
+            Ok(resp) => {
+                return Ok(resp.map(|inner| PooledBody {
+                    inner,
+                    lease: Some(lease),
+                    done: false,
+                }))
+            }
+            Err(mut e) => match e.take_message() {
+                // A kept connection that closed before the request left: again, on another.
+                Some(unsent) if reused => {
+                    tracing::debug!(upstream = %upstream.addr, "proxy: idle connection closed; sending on another");
+                    req = unsent;
+                }
+                _ => return Err(SendError::Http(e.into_error())),
+            },
+        }
+    }
+}
+
+/// An upstream's response body that drives its connection, and gives the connection back to
+/// its upstream's idle stack once read to the end (a body dropped before its end, or an
+/// error, closes the connection: the rest of the response is never read into another
+/// request's).
+pub struct PooledBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+    done: bool,
+}
+
+impl PooledBody {
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(lease) = self.lease.take() {
+            lease.check_in();
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if frame.is_pending() {
+            if let Some(lease) = &mut this.lease {
+                // The connection reads the next piece into `inner`: look again at once
+                // rather than after a wake.
+                lease.drive(cx);
+                frame = Pin::new(&mut this.inner).poll_frame(cx);
+            }
+        }
+        match &frame {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A response without a body (HEAD, 204, 304) is never polled: it ended all the same.
+        if self.lease.is_some() && self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}
+
+/// Every `IDLE_UPSTREAM_CONNECTION / 3`, drops the idle connections too old to be used, of
+/// the upstreams `upstreams` returns (the pools in use), until the future is dropped.
+pub async fn reap<F: Fn() -> Vec<Arc<Upstream>>>(upstreams: F) {
+    let mut tick = tokio::time::interval(IDLE_UPSTREAM_CONNECTION / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for u in upstreams() {
+            u.idle.reap(now);
+        }
+    }
+}

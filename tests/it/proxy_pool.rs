@@ -1,0 +1,285 @@
+//! The proxy's own keep-alive connections to core (`proxy::conns`): reused one request after
+//! another, a connection the upstream closed is never an error for the client, a response
+//! left before its end never leaves its rest for the next request, a POST is sent once, and
+//! concurrent responses never cross. Against real upstreams that count their connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::eventually;
+use crate::proxy::{edge_with_core, get, CORE, WAIT};
+
+/// What a counting upstream saw.
+#[derive(Default)]
+struct Seen {
+    accepts: AtomicUsize,
+    /// Connections that ended (closed by either side).
+    closed: AtomicUsize,
+    /// Method, path and body length of each request.
+    requests: Mutex<Vec<(String, String, usize)>>,
+}
+
+/// The body every upstream answers for a path: the path, repeated to `n` bytes.
+fn body_for(path: &str, n: usize) -> Vec<u8> {
+    path.bytes().cycle().take(n).collect()
+}
+
+/// A keep-alive HTTP/1.1 upstream (hyper): `/big` streams without end; any other path gets
+/// `body_for(path, 20_000)`; a request body is read and counted first.
+async fn keep_alive_upstream() -> (SocketAddr, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            s.accepts.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let s2 = s.clone();
+                let service = hyper::service::service_fn(move |req| answer(s2.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                s.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+async fn answer(
+    s: Arc<Seen>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let len = body.collect().await.unwrap().to_bytes().len();
+    let path = parts.uri.path().to_owned();
+    s.requests
+        .lock()
+        .push((parts.method.to_string(), path.clone(), len));
+    let body = match path.as_str() {
+        "/big" => {
+            let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+            let endless = futures_util::stream::repeat_with(move || {
+                Ok::<_, Infallible>(hyper::body::Frame::data(chunk.clone()))
+            });
+            StreamBody::new(endless).boxed_unsync()
+        }
+        _ => Full::new(Bytes::from(body_for(&path, 20_000))).boxed_unsync(),
+    };
+    Ok(http::Response::new(body))
+}
+
+/// An upstream that answers one request per connection and closes it a moment later without
+/// having said so (no `Connection: close`), like puma when its keep-alive timeout passes: a
+/// kept connection to it is stale once `closed` counts it. Answers `<method> <path> <body
+/// length>`.
+async fn closing_upstream() -> (SocketAddr, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            s.accepts.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let Some((method, path, len)) = read_request(&mut stream).await else {
+                    return;
+                };
+                s.requests.lock().push((method.clone(), path.clone(), len));
+                let body = format!("{method} {path} {len}");
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+                // After the answer has gone (so the edge has kept the connection).
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                drop(stream);
+                s.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads one request (head and a `content-length` body): method, path, body length.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, String, usize)> {
+    let mut buf = Vec::new();
+    let end = loop {
+        let mut piece = [0u8; 4096];
+        let n = stream.read(&mut piece).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&piece[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let mut words = head.split_whitespace();
+    let (method, path) = (words.next()?.to_owned(), words.next()?.to_owned());
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() - end < len {
+        let mut piece = [0u8; 4096];
+        let n = stream.read(&mut piece).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&piece[..n]);
+    }
+    Some((method, path, len))
+}
+
+fn post(edge: &crate::common::TestEdge, path: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    crate::common::client()
+        .post(format!("http://{}{path}", edge.running.addr))
+        .header("host", CORE)
+        .body(body)
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let (addr, seen) = keep_alive_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    for i in 0..20 {
+        let path = format!("/seq/{i}");
+        let r = get(&edge, CORE, &path).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap(), body_for(&path, 20_000));
+    }
+    // A HEAD's response has no body: its connection goes back all the same.
+    let r = crate::common::client()
+        .head(format!("http://{}/head", edge.running.addr))
+        .header("host", CORE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = get(&edge, CORE, "/after-head").send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), body_for("/after-head", 20_000));
+    assert_eq!(seen.requests.lock().len(), 22);
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        1,
+        "one connection for all"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_its_connections_costs_the_client_nothing_and_a_post_goes_once() {
+    let (addr, seen) = closing_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    for i in 0..6 {
+        let path = format!("/closing/{i}");
+        let r = match i % 2 {
+            0 => get(&edge, CORE, &path).send().await.unwrap(),
+            _ => post(&edge, &path, vec![b'p'; 100_000 + i])
+                .send()
+                .await
+                .unwrap(),
+        };
+        assert_eq!(r.status(), 200, "request {i}");
+        let want = match i % 2 {
+            0 => format!("GET {path} 0"),
+            _ => format!("POST {path} {}", 100_000 + i),
+        };
+        assert_eq!(r.text().await.unwrap(), want);
+        // The next request finds the kept connection closed by the upstream.
+        eventually(WAIT, "the upstream closed its connection", || {
+            seen.closed.load(Ordering::SeqCst) == i + 1
+        })
+        .await;
+    }
+    // Each request reached the upstream exactly once (a POST is never sent twice), each on
+    // its own connection (the upstream closed every one after its answer).
+    let requests = seen.requests.lock().clone();
+    assert_eq!(requests.len(), 6, "{requests:?}");
+    for (i, (method, path, _)) in requests.iter().enumerate() {
+        assert_eq!(path, &format!("/closing/{i}"));
+        assert_eq!(method, if i % 2 == 0 { "GET" } else { "POST" });
+    }
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn a_response_left_before_its_end_closes_its_upstream_connection() {
+    let (addr, seen) = keep_alive_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/ok").send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), body_for("/ok", 20_000));
+    // The endless body: read a little, then leave.
+    let mut r = get(&edge, CORE, "/big").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().expect("a first piece");
+    assert!(first.iter().all(|&b| b == b'x'));
+    drop(r);
+    // The edge drops that upstream connection instead of keeping it (its rest unread).
+    eventually(WAIT, "the upstream connection closed", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let r = get(&edge, CORE, "/next").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), body_for("/next", 20_000));
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 2, "a new connection");
+    let r = post(&edge, "/posted", vec![b'q'; 300_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), body_for("/posted", 20_000));
+    let posts: Vec<_> = seen
+        .requests
+        .lock()
+        .iter()
+        .filter(|(m, ..)| m == "POST")
+        .cloned()
+        .collect();
+    assert_eq!(posts, [("POST".to_owned(), "/posted".to_owned(), 300_000)]);
+}
+
+#[tokio::test]
+async fn concurrent_responses_never_cross() {
+    let (addr, seen) = keep_alive_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    for round in 0..4 {
+        let requests = (0..16).map(|i| {
+            let path = format!("/round/{round}/path-{i}");
+            let req = get(&edge, CORE, &path);
+            async move {
+                let r = req.send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                (path, r.bytes().await.unwrap())
+            }
+        });
+        for (path, body) in futures_util::future::join_all(requests).await {
+            assert!(body == body_for(&path, 20_000), "{path} got another body");
+        }
+    }
+    assert_eq!(seen.requests.lock().len(), 64);
+    // Connections were reused across rounds (at most one per request in flight).
+    assert!(seen.accepts.load(Ordering::SeqCst) <= 16);
+}
