@@ -160,12 +160,10 @@ async fn checkout(
     let now = Instant::now();
     while let Some(mut idle) = upstream.idle.pop(now) {
         // Polled once here: a close (or stray bytes) from the upstream while idle ends it.
-        let usable = std::future::poll_fn(|cx| {
-            let open = idle.conn.as_mut().poll(cx).is_pending();
-            Poll::Ready(open && idle.send.is_ready())
-        })
-        .await;
-        if usable {
+        // No waker: `send` drives the connection with the task's right after.
+        let mut noop = Context::from_waker(Waker::noop());
+        let open = idle.conn.as_mut().poll(&mut noop).is_pending();
+        if open && idle.send.is_ready() {
             let lease = Lease {
                 send: idle.send,
                 conn: Some(idle.conn),
@@ -214,18 +212,33 @@ pub async fn send(
         let mut answer = std::pin::pin!(lease.send.try_send_request(req));
         // The connection and the response are polled together in this task. When the
         // connection ends, dropping it hands its error (or the unsent request) to `answer`.
+        // Only `drive` can complete `answer`, and `answer` is polled right after it: it needs
+        // no waker of its own (with the task's, the connection would wake the task it runs
+        // in for nothing, one extra poll of the whole connection per request).
         let answered = std::future::poll_fn(|cx| {
             lease.drive(cx);
-            answer.as_mut().poll(cx)
+            answer
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
         })
         .await;
         match answered {
             Ok(resp) => {
+                // The connection now waits for the body to be wanted, with the task's waker;
+                // the body's first poll would wake the task it runs in. Polled once more
+                // without a waker instead: the body drives it (with the task's) before it
+                // ever returns `Pending`.
+                if let Some(conn) = &mut lease.conn {
+                    let mut noop = Context::from_waker(Waker::noop());
+                    if conn.as_mut().poll(&mut noop).is_ready() {
+                        lease.conn = None;
+                    }
+                }
                 return Ok(resp.map(|inner| PooledBody {
                     inner,
                     lease: Some(lease),
                     done: false,
-                }))
+                }));
             }
             Err(mut e) => match e.take_message() {
                 // A kept connection that closed before the request left: again, on another.
@@ -267,15 +280,21 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let mut frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if frame.is_pending() {
-            if let Some(lease) = &mut this.lease {
-                // The connection reads the next piece into `inner`: look again at once
-                // rather than after a wake.
-                lease.drive(cx);
-                frame = Pin::new(&mut this.inner).poll_frame(cx);
+        let frame = match &mut this.lease {
+            Some(lease) if lease.conn.is_some() => {
+                // Only the connection feeds `inner`, and `inner` is polled again right after
+                // driving it: as for `answer` in `send`, `inner` needs no waker of its own.
+                let mut noop = Context::from_waker(Waker::noop());
+                match Pin::new(&mut this.inner).poll_frame(&mut noop) {
+                    Poll::Pending => {
+                        lease.drive(cx);
+                        Pin::new(&mut this.inner).poll_frame(&mut noop)
+                    }
+                    ready => ready,
+                }
             }
-        }
+            _ => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match &frame {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
