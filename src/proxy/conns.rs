@@ -335,3 +335,55 @@ pub async fn reap<F: Fn() -> Vec<Arc<Upstream>>>(upstreams: F) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::upstream::Pool;
+
+    /// Idle connections age out: at checkout past the idle time, and by `reap` (oldest first).
+    #[tokio::test]
+    async fn idle_connections_age_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                held.push(listener.accept().await.unwrap().0);
+            }
+        });
+        let pool = Pool::new(&[addr], 4, 5, Duration::from_secs(1));
+        let up = pool.upstreams[0].clone();
+        let mut leases = Vec::new();
+        for _ in 0..2 {
+            let (mut lease, reused) = checkout(&up, Duration::from_secs(5)).await.unwrap();
+            assert!(!reused);
+            lease.max_idle = 4;
+            leases.push(lease);
+        }
+        // Connected: from here on, the clock moves only when told.
+        tokio::time::pause();
+        leases.pop().unwrap().check_in();
+        assert_eq!(up.idle.len(), 1, "a fresh connection is kept");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        leases.pop().unwrap().check_in();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        up.idle.reap(Instant::now());
+        assert_eq!(
+            up.idle.len(),
+            1,
+            "the older one (16 s idle) went, the newer stays"
+        );
+        let idle = up
+            .idle
+            .pop(Instant::now())
+            .expect("6 s idle is still usable");
+        up.idle.push(idle, 4);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            up.idle.pop(Instant::now()).is_none(),
+            "16 s idle is too old"
+        );
+        assert_eq!(up.idle.len(), 0);
+    }
+}

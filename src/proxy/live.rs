@@ -4,9 +4,9 @@
 //! it began with while new requests use the new ones.
 //!
 //! A reload carries over what did not change: an upstream whose address stays (and whose cap
-//! and breaker settings stay) keeps its in-flight count, breaker and health; the client (its
-//! idle keep-alive connections) is kept unless `connect_timeout` or `max_idle_per_upstream`
-//! changed.
+//! and breaker settings stay) keeps its in-flight count, breaker, health and idle keep-alive
+//! connections (`conns`); hyper-util's client (WebSocket handshakes, health checks) is kept
+//! unless `connect_timeout` or `max_idle_per_upstream` changed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
