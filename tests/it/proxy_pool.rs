@@ -1,7 +1,8 @@
 //! The proxy's own keep-alive connections to core (`proxy::conns`): reused one request after
 //! another, a connection the upstream closed is never an error for the client, a response
-//! left before its end never leaves its rest for the next request, a POST is sent once, and
-//! concurrent responses never cross. Against real upstreams that count their connections.
+//! left before its end never leaves its rest for the next request, a POST is sent once,
+//! concurrent responses never cross, a reload keeps an upstream's idle connections. Against
+//! real upstreams that count their connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -282,4 +283,45 @@ async fn concurrent_responses_never_cross() {
     assert_eq!(seen.requests.lock().len(), 64);
     // Connections were reused across rounds (at most one per request in flight).
     assert!(seen.accepts.load(Ordering::SeqCst) <= 16);
+}
+
+#[tokio::test]
+async fn a_reload_that_keeps_an_upstream_keeps_its_idle_connection() {
+    let (addr, seen) = keep_alive_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let config = |timeout: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [primary]\ntype = \"fs\"\nroot = \"{}\"\n\
+             [core]\nhosts = [\"{CORE}\"]\nweb = [\"{addr}\"]\nhealth_check_interval = \"0s\"\n\
+             first_byte_timeout = \"{timeout}\"\n",
+            dir.path().join("var").display(),
+            dir.path().display(),
+        )
+    };
+    std::fs::write(&file, config("30s")).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let fetch = |path: &'static str| {
+        crate::common::client()
+            .get(format!("http://{}{path}", running.addr))
+            .header("host", CORE)
+            .send()
+    };
+    let r = fetch("/before").await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), body_for("/before", 20_000));
+    std::fs::write(&file, config("40s")).unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["core.first_byte_timeout"]);
+    let r = fetch("/after").await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), body_for("/after", 20_000));
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        1,
+        "the kept connection served both"
+    );
+    running.shutdown().await;
 }
