@@ -16,8 +16,6 @@ use std::sync::Arc;
 
 use http::Request;
 
-use crate::config::normalize_host;
-
 /// Where a request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -98,14 +96,16 @@ impl Router {
         if self.media_hosts.is_empty() && self.core_hosts.is_empty() {
             return Route::Media;
         }
-        let host = host.map(|h| normalize_host(strip_port(h)));
-        let Some(host) = host else {
+        // `normalize_host` without a String of its own: the names here are lower case, so
+        // comparing without case is comparing with the lower-cased host.
+        let Some(host) = host.map(|h| strip_port(h).trim_end_matches('.')) else {
             return Route::Misdirected;
         };
-        if self.media_hosts.contains(&host) {
+        let named = |names: &[String]| names.iter().any(|n| n.eq_ignore_ascii_case(host));
+        if named(&self.media_hosts) {
             return Route::MediaRoot;
         }
-        if self.core_hosts.contains(&host) {
+        if named(&self.core_hosts) {
             // `url_prefix = "/"` is the bucket-root layout, served on the media hosts: on
             // the instance's own names only a real prefix is media.
             if self.prefix != "/" && path.starts_with(&self.prefix) {

@@ -18,8 +18,10 @@
 //! - `policy`: what may be stored and served stale, privacy rules, 304 header updates.
 //! - `store`: bodies and metas on disk, the index, LRU by bytes.
 //! - `fill`: one request per URL, the body teed into the cache.
+//! - `hit`: what a hit needs of an entry, made once (the policy's clock, the response head).
 
 mod fill;
+mod hit;
 mod policy;
 mod store;
 
@@ -27,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use http_cache_semantics::BeforeRequest;
@@ -38,10 +40,64 @@ use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
 use crate::proxy::{Kind, Proxy};
 use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
+use hit::{age_value, SURROGATE_CONTROL, X_CACHE_STATUS};
 use store::{Entry, Store, StoredBody};
 
 /// Largest response body stored (bigger ones are passed on, not kept).
 const MAX_ENTRY: u64 = 8 << 20;
+
+/// `Surrogate-Capability`, sent to core.
+const SURROGATE_CAPABILITY: HeaderName = HeaderName::from_static("surrogate-capability");
+
+/// A request's URL as the index knows it ([`store::url_key`]: host, lower case and without
+/// port, a newline, path and query), made once; host and path are read from it.
+struct Url {
+    key: String,
+    host_len: usize,
+}
+
+impl Url {
+    fn of(req: &Request<Incoming>) -> Url {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .map(|h| crate::router::strip_port(h).trim_end_matches('.'))
+            .unwrap_or_default();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let mut key = String::with_capacity(host.len() + 1 + path.len());
+        key.push_str(host);
+        // As `normalize_host`, without a String of its own.
+        key.make_ascii_lowercase();
+        key.push('\n');
+        key.push_str(path);
+        Url {
+            key,
+            host_len: host.len(),
+        }
+    }
+
+    fn host(&self) -> &str {
+        &self.key[..self.host_len]
+    }
+
+    fn path(&self) -> &str {
+        &self.key[self.host_len + 1..]
+    }
+}
+
+/// Announces this edge as a surrogate to core (on every request that goes there).
+fn announce(req: &mut Request<Incoming>) {
+    req.headers_mut().insert(
+        SURROGATE_CAPABILITY,
+        HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
+    );
+}
 
 /// The core cache.
 pub struct CoreCache {
@@ -87,40 +143,29 @@ impl CoreCache {
         proxy: &Arc<Proxy>,
         mut req: Request<Incoming>,
     ) -> Response<Body> {
-        req.headers_mut().insert(
-            "surrogate-capability",
-            HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
-        );
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .map(|h| normalize_host(crate::router::strip_port(h)))
-            .unwrap_or_default();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        let method = req.method().clone();
+        let url = Url::of(&req);
+        let (host, path) = (url.host(), url.path());
+        let get = req.method() == Method::GET;
         if req.headers().contains_key(header::UPGRADE) {
             // A WebSocket handshake: the proxy's tunnel, nothing to cache.
+            announce(&mut req);
             let resp = proxy.handle(Kind::Web, req).await;
             return self.finish(resp, CacheStatus::Bypass);
         }
-        if method != Method::GET && method != Method::HEAD {
-            return self.pass_other(proxy, req, &host, &path).await;
+        if !get && req.method() != Method::HEAD {
+            announce(&mut req);
+            return self.pass_other(proxy, req, host, path).await;
         }
         let private = policy::private_request(req.headers());
         if private.is_some() || !req.body().is_end_stream() {
-            let store = method == Method::GET && req.body().is_end_stream();
-            let preq = policy::policy_request(&path, req.headers());
+            announce(&mut req);
+            let store = get && req.body().is_end_stream();
+            let preq = policy::policy_request(path, req.headers());
             let sent = Instant::now();
             let result = proxy.send(Kind::Web, req).await;
             let ctx = Ctx {
-                host: &host,
-                path: &path,
+                host,
+                path,
                 preq: &preq,
                 private,
                 sent,
@@ -130,22 +175,24 @@ impl CoreCache {
                 other => self.finish(proxy.answer(other), CacheStatus::Bypass),
             };
         }
-        self.lookup(proxy, req, host, path).await
+        self.lookup(proxy, req, &url).await
     }
 
     async fn lookup(
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
-        req: Request<Incoming>,
-        host: String,
-        path: String,
+        mut req: Request<Incoming>,
+        url: &Url,
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
-        if let Some(r) = self.fresh_without_vary(&req, &host, &path, head).await {
+        if let Some(r) = self.fresh_without_vary(&req, url, head).await {
             return r;
         }
-        let preq = policy::policy_request(&path, req.headers());
-        let key = store::url_key(&host, &path);
+        // Not needed by the fast path (it reads no header this one could be): set from here.
+        announce(&mut req);
+        let (host, path) = (url.host(), url.path());
+        let preq = policy::policy_request(path, req.headers());
+        let key = &url.key;
         let only_if_cached = policy::directive(req.headers(), "only-if-cached").is_some();
         let no_cache = policy::directive(req.headers(), "no-cache").is_some()
             || req
@@ -154,8 +201,8 @@ impl CoreCache {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("no-cache"));
         let ctx = Ctx {
-            host: &host,
-            path: &path,
+            host,
+            path,
             preq: &preq,
             private: None,
             sent: Instant::now(),
@@ -164,7 +211,7 @@ impl CoreCache {
         loop {
             let now = SystemTime::now();
             let mut stale = None;
-            for e in self.store.variants(&host, &path) {
+            for e in self.store.variants(host, path) {
                 match e.meta.policy.before_request(&preq, now) {
                     BeforeRequest::Fresh(_) => {
                         if let Some(r) = self.serve(&e, req.headers(), head, CacheStatus::Hit).await
@@ -191,7 +238,7 @@ impl CoreCache {
             if let Some((e, _)) = &stale {
                 if !no_cache && e.meta.stale_while_revalidate(now) {
                     let e = e.clone();
-                    if let Some(guard) = self.flights.try_lead(&key) {
+                    if let Some(guard) = self.flights.try_lead(key) {
                         let conn = req.extensions().get::<ConnInfo>().copied();
                         let (cache, proxy, e) = (self.clone(), proxy.clone(), e.clone());
                         let request = stale.take().expect("checked").1;
@@ -214,7 +261,7 @@ impl CoreCache {
                 let result = proxy.send(Kind::Web, req).await;
                 return self.finish(proxy.answer(result), CacheStatus::Miss);
             }
-            let guard = match self.flights.join(&key) {
+            let guard = match self.flights.join(key) {
                 Join::Leader(g) => Some(g),
                 Join::Follower(mut rx) if !followed => {
                     self.metrics.coalesced();
@@ -464,13 +511,13 @@ impl CoreCache {
     /// sets no freshness of its own (no `Cache-Control`, no `Pragma`), its `Host` header is
     /// the stored request's, byte for byte (as the crate compares it), and the stored
     /// responses, in the order the full path tries them, carry no `Vary` until a fresh one
-    /// (`is_stale` covers the response's `no-cache` and `max-age=0`). Anything else goes the
-    /// full way.
+    /// (`is_stale`, read back once per entry by [`hit::Hot`], covers the response's
+    /// `no-cache` and `max-age=0`). Anything else goes the full way. One index lookup (the
+    /// URL's key hashed once), one clock read, the head cloned from the entry's.
     async fn fresh_without_vary(
         &self,
         req: &Request<Incoming>,
-        host: &str,
-        path: &str,
+        url: &Url,
         head: bool,
     ) -> Option<Response<Body>> {
         let h = req.headers();
@@ -479,17 +526,10 @@ impl CoreCache {
         }
         let raw_host = h.get(header::HOST).map(|v| v.as_bytes());
         let now = SystemTime::now();
-        for e in self.store.variants(host, path) {
-            if e.meta.headers.contains_key(header::VARY)
-                || raw_host != e.meta.raw_host.as_deref().map(str::as_bytes)
-            {
-                return None;
-            }
-            if !e.meta.policy.is_stale(now) {
-                return self.serve(&e, h, head, CacheStatus::Hit).await;
-            }
-        }
-        None
+        let e = self.store.fresh_hit(&url.key, raw_host, now)?;
+        let stored = self.store.body(&e.id, e.meta.len).await.ok()?;
+        self.answer(&e, stored, h, head, CacheStatus::Hit, now)
+            .await
     }
 
     /// A stored response for a client (None if its body is gone meanwhile).
@@ -502,18 +542,38 @@ impl CoreCache {
     ) -> Option<Response<Body>> {
         let stored = self.store.body(&e.id, e.meta.len).await.ok()?;
         self.store.touch(&e.id);
-        let now = SystemTime::now();
-        let mut headers = e.meta.headers.clone();
-        headers.insert(
-            header::AGE,
-            HeaderValue::from(e.meta.policy.age(now).as_secs()),
-        );
+        self.answer(e, stored, req, head, status, SystemTime::now())
+            .await
+    }
+
+    /// The answer from a stored response and its body, `Age` as of `now`.
+    async fn answer(
+        &self,
+        e: &Entry,
+        stored: StoredBody,
+        req: &HeaderMap,
+        head: bool,
+        status: CacheStatus,
+        now: SystemTime,
+    ) -> Option<Response<Body>> {
+        let mut headers = match e.meta.hot(now) {
+            Some(hot) => {
+                let mut h = hot.head.clone();
+                h.insert(header::AGE, age_value(hot.age(now).as_secs()));
+                h
+            }
+            None => {
+                let mut h = hit::whole_head(&e.meta);
+                h.insert(header::AGE, age_value(e.meta.policy.age(now).as_secs()));
+                h
+            }
+        };
         let code = StatusCode::from_u16(e.meta.status).unwrap_or(StatusCode::OK);
         if code == StatusCode::OK && policy::not_modified(req, &e.meta.headers) {
             headers.remove(header::CONTENT_LENGTH);
             let mut resp = status_only(StatusCode::NOT_MODIFIED);
             *resp.headers_mut() = headers;
-            return Some(self.finish(resp, status));
+            return Some(self.count(resp, status));
         }
         let (mut start, mut end) = (0, e.meta.len);
         let mut code = code;
@@ -524,6 +584,7 @@ impl CoreCache {
                     (start, end, code) = (s, n, StatusCode::PARTIAL_CONTENT);
                     let range = format!("bytes {s}-{}/{}", n - 1, e.meta.len);
                     headers.insert(header::CONTENT_RANGE, range.parse().ok()?);
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
                 }
                 Err(()) => {
                     let mut resp = status_only(StatusCode::RANGE_NOT_SATISFIABLE);
@@ -534,7 +595,6 @@ impl CoreCache {
                 }
             }
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
         let body = if head {
             Empty::new().map_err(|e| match e {}).boxed_unsync()
         } else {
@@ -561,7 +621,7 @@ impl CoreCache {
         let mut resp = Response::new(body);
         *resp.status_mut() = code;
         *resp.headers_mut() = headers;
-        Some(self.finish(resp, status))
+        Some(self.count(resp, status))
     }
 
     /// Any method but GET and HEAD: passed on through the proxy's own handling (a `POST`
@@ -589,10 +649,10 @@ impl CoreCache {
                 }
             }
         }
-        if resp.headers().contains_key("x-cache-status") {
+        if resp.headers().contains_key(X_CACHE_STATUS) {
             // The proxy's own (REPLAY): counted, kept.
             self.metrics.core_cache(CacheStatus::Bypass);
-            resp.headers_mut().remove("surrogate-control");
+            resp.headers_mut().remove(SURROGATE_CONTROL);
             return resp;
         }
         self.finish(resp, CacheStatus::Bypass)
@@ -601,9 +661,20 @@ impl CoreCache {
     fn finish(&self, mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
         self.metrics.core_cache(status);
         // Meant for surrogates (this edge), not for clients.
-        resp.headers_mut().remove("surrogate-control");
+        resp.headers_mut().remove(SURROGATE_CONTROL);
         resp.headers_mut()
-            .insert("x-cache-status", HeaderValue::from_static(status.as_str()));
+            .insert(X_CACHE_STATUS, HeaderValue::from_static(status.as_str()));
+        resp
+    }
+
+    /// [`Self::finish`] for a head made by [`hit::whole_head`] (no `Surrogate-Control`,
+    /// `X-Cache-Status: HIT`).
+    fn count(&self, mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
+        self.metrics.core_cache(status);
+        if status != CacheStatus::Hit {
+            resp.headers_mut()
+                .insert(X_CACHE_STATUS, HeaderValue::from_static(status.as_str()));
+        }
         resp
     }
 }

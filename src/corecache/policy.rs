@@ -9,6 +9,9 @@ use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use super::store::Meta;
 
+/// The `Signature` request header (authorized fetch).
+const SIGNATURE: HeaderName = HeaderName::from_static("signature");
+
 /// Cookies that carry a Mastodon (Rails/Devise) session.
 const SESSION_COOKIES: [&str; 3] = ["_session_id", "_mastodon_session", "remember_user_token"];
 
@@ -103,7 +106,7 @@ pub fn private_request(headers: &HeaderMap) -> Option<&'static str> {
     if headers.contains_key(header::AUTHORIZATION) {
         return Some("authorization");
     }
-    if headers.contains_key("signature") {
+    if headers.contains_key(SIGNATURE) {
         return Some("signature");
     }
     let session = headers
@@ -240,6 +243,7 @@ pub fn build(
         fresh_until: now + policy.time_to_live(now),
         policy,
         len: 0,
+        hot: Default::default(),
     })
 }
 

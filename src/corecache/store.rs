@@ -31,10 +31,11 @@ use md5::{Digest, Md5};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::hit::HotCell;
 use crate::metrics::Metrics;
 
-/// An entry's name on disk: 32 hex digits.
-pub type Id = String;
+/// An entry's name on disk: 32 hex digits (shared: a hit clones it).
+pub type Id = Arc<str>;
 
 /// What is stored beside a body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +59,9 @@ pub struct Meta {
     pub len: u64,
     /// When it stops being fresh.
     pub fresh_until: SystemTime,
+    /// What a hit needs of it, made at the first hit (see [`super::hit`]).
+    #[serde(skip)]
+    pub hot: HotCell,
 }
 
 /// A stored response as the index holds it.
@@ -89,7 +93,9 @@ struct Memory {
 
 struct Index {
     lru: LruCache<Id, Arc<Meta>>,
-    by_url: HashMap<String, Vec<Id>>,
+    /// By [`url_key`]; foldhash (seeded per process) rather than SipHash: a hit hashes its
+    /// key here once.
+    by_url: HashMap<String, Vec<Id>, foldhash::fast::RandomState>,
     bytes: u64,
 }
 
@@ -127,7 +133,7 @@ impl Store {
             max_size,
             index: Mutex::new(Index {
                 lru: LruCache::unbounded(),
-                by_url: HashMap::new(),
+                by_url: HashMap::default(),
                 bytes: 0,
             }),
             memory: Mutex::new(Memory {
@@ -156,7 +162,7 @@ impl Store {
                 match (loaded, body_meta) {
                     (Some(m), Some(b)) if b.len() == m.len => {
                         let t = b.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                        found.push((t, id.to_owned(), m));
+                        found.push((t, id.into(), m));
                     }
                     _ => {
                         let _ = std::fs::remove_file(p);
@@ -214,7 +220,7 @@ impl Store {
         );
         h.update(self.counter.fetch_add(1, Ordering::Relaxed).to_le_bytes());
         h.update(std::process::id().to_le_bytes());
-        hex::encode(h.finalize())
+        hex::encode(h.finalize()).into()
     }
 
     /// The variants stored for a URL, most recently stored first.
@@ -239,9 +245,37 @@ impl Store {
         self.index.lock().lru.promote(id);
     }
 
+    /// The fast hit (see `CoreCache::fresh_without_vary`): under one lock, the first stored
+    /// variant of `key` (most recently stored first) that is fresh at `now`, marked used;
+    /// None, for the full way, as soon as one has `Vary`, was stored for another `Host`
+    /// value (`raw_host`, as sent) or cannot be judged here.
+    pub fn fresh_hit(&self, key: &str, raw_host: Option<&[u8]>, now: SystemTime) -> Option<Entry> {
+        let mut index = self.index.lock();
+        let index = &mut *index;
+        let ids = index.by_url.get(key)?;
+        for id in ids.iter().rev() {
+            let Some(meta) = index.lru.peek(id) else {
+                continue;
+            };
+            let hot = meta.hot(now)?;
+            if hot.vary || raw_host != meta.raw_host.as_deref().map(str::as_bytes) {
+                return None;
+            }
+            if hot.fresh(now) {
+                let e = Entry {
+                    id: id.clone(),
+                    meta: meta.clone(),
+                };
+                index.lru.promote(id);
+                return Some(e);
+            }
+        }
+        None
+    }
+
     /// A stored body of `len` bytes: from memory, else read whole in one blocking call and
     /// kept in memory when small, else its file opened.
-    pub async fn body(&self, id: &str, len: u64) -> io::Result<StoredBody> {
+    pub async fn body(&self, id: &Id, len: u64) -> io::Result<StoredBody> {
         if let Some(b) = self.memory.lock().lru.get(id) {
             return Ok(StoredBody::Memory(b.clone()));
         }
@@ -260,7 +294,7 @@ impl Store {
         // lookup came first), and never kept.
         if self.index.lock().lru.peek(id).is_some() {
             let mut memory = self.memory.lock();
-            if memory.lru.put(id.to_owned(), bytes.clone()).is_none() {
+            if memory.lru.put(id.clone(), bytes.clone()).is_none() {
                 memory.bytes += len;
             }
             while memory.bytes > MEMORY_MAX {

@@ -1,0 +1,158 @@
+//! What a hit needs of a stored response, worked out once per entry ([`Hot`]): the policy's
+//! clock read back into plain numbers, and the response head ready for hyper.
+//!
+//! `http-cache-semantics` answers `is_stale` and `age` by parsing the stored headers again
+//! on every call (Cache-Control in a SipHash map, `Age`, `Vary`, `Set-Cookie` by name); both
+//! depend only on what the entry holds and on `now`, so they are read back once through the
+//! crate's public answers at fixed times (see [`Timing`]) and give the same results.
+
+use std::sync::{LazyLock, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::store::Meta;
+
+/// `X-Cache-Status`, what this edge did.
+pub const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
+/// `Surrogate-Control`: meant for this edge, never sent on.
+pub const SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
+
+/// An entry's [`Hot`], made at its first hit. A clone starts empty: a meta is cloned only
+/// to be changed (a 304's headers), and must not carry the head of the one it came from.
+#[derive(Debug, Default)]
+pub struct HotCell(OnceLock<Hot>);
+
+impl Clone for HotCell {
+    fn clone(&self) -> Self {
+        HotCell::default()
+    }
+}
+
+/// The hit's view of an entry.
+#[derive(Debug)]
+pub struct Hot {
+    timing: Timing,
+    /// The head of a whole answer: the stored headers (without `Surrogate-Control`), an
+    /// `Age` to overwrite, `Content-Length` and `X-Cache-Status: HIT`.
+    pub head: HeaderMap,
+    /// The stored response has `Vary`.
+    pub vary: bool,
+}
+
+/// The policy's clock. The crate computes `age(now) = age_header + (now - received)` (the
+/// difference floored at zero) and `is_stale(now) = max_age <= age(now)`, where `received`,
+/// `age_header` and `max_age` are fixed for a policy. Asked at the Unix epoch (before any
+/// response), `age` is `age_header` and `time_to_live` is `max_age - age_header` (floored):
+/// then fresh ⇔ `now - received < fresh_for`, exactly.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    received: SystemTime,
+    initial_age: Duration,
+    fresh_for: Duration,
+}
+
+impl Timing {
+    /// None when `now` is not after the response's receipt (a clock set back): `received`
+    /// cannot be read back then.
+    fn of(meta: &Meta, now: SystemTime) -> Option<Timing> {
+        let initial_age = meta.policy.age(SystemTime::UNIX_EPOCH);
+        let fresh_for = meta.policy.time_to_live(SystemTime::UNIX_EPOCH);
+        let resident = meta.policy.age(now).checked_sub(initial_age)?;
+        if resident.is_zero() {
+            return None;
+        }
+        Some(Timing {
+            received: now.checked_sub(resident)?,
+            initial_age,
+            fresh_for,
+        })
+    }
+
+    fn resident(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.received).unwrap_or_default()
+    }
+}
+
+impl Hot {
+    fn of(meta: &Meta, now: SystemTime) -> Option<Hot> {
+        Some(Hot {
+            timing: Timing::of(meta, now)?,
+            head: whole_head(meta),
+            vary: meta.headers.contains_key(header::VARY),
+        })
+    }
+
+    /// `!policy.is_stale(now)`.
+    pub fn fresh(&self, now: SystemTime) -> bool {
+        self.timing.resident(now) < self.timing.fresh_for
+    }
+
+    /// `policy.age(now)`.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.timing
+            .initial_age
+            .saturating_add(self.timing.resident(now))
+    }
+}
+
+impl Meta {
+    /// Its [`Hot`] (None while the clock is behind the response's receipt: then the policy
+    /// decides, as for any other request).
+    pub fn hot(&self, now: SystemTime) -> Option<&Hot> {
+        if let Some(h) = self.hot.0.get() {
+            return Some(h);
+        }
+        let h = Hot::of(self, now)?;
+        Some(self.hot.0.get_or_init(|| h))
+    }
+}
+
+/// The head of a whole answer from a stored response: its headers without
+/// `Surrogate-Control`, then `Age` (0, to be set), `Content-Length`, `X-Cache-Status: HIT`.
+pub fn whole_head(meta: &Meta) -> HeaderMap {
+    let mut head = meta.headers.clone();
+    head.remove(SURROGATE_CONTROL);
+    head.insert(header::AGE, HeaderValue::from_static("0"));
+    head.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len));
+    head.insert(X_CACHE_STATUS, HeaderValue::from_static("HIT"));
+    head
+}
+
+/// Ages below this are served from one table of static values (no allocation per hit).
+const AGES: u64 = 4096;
+
+/// An `Age` value.
+pub fn age_value(secs: u64) -> HeaderValue {
+    // One string of every number below AGES, leaked once: `from_static` values clone and
+    // drop without touching a reference count.
+    static TABLE: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
+        let all: String = (0..AGES).map(|n| n.to_string()).collect();
+        let all: &'static str = Box::leak(all.into_boxed_str());
+        let mut at = 0;
+        (0..AGES)
+            .map(|n| {
+                let len = n.to_string().len();
+                let v = HeaderValue::from_static(&all[at..at + len]);
+                at += len;
+                v
+            })
+            .collect()
+    });
+    match usize::try_from(secs).ok().and_then(|i| TABLE.get(i)) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(secs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn age_values_are_the_numbers() {
+        for n in [0, 1, 9, 10, 99, 100, 4095, 4096, 1 << 40] {
+            assert_eq!(age_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
+}
