@@ -4,7 +4,7 @@
 //! One cheap-to-clone [`Metrics`] handle is passed to every room that counts something; the
 //! rooms never read metrics back, so nothing here may call any other room.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -138,6 +138,9 @@ struct Inner {
     purge_forwards: Family<OutcomeLabels, Counter>,
     purge_forwards_pending: Gauge,
     core_cache: Family<CoreCacheLabels, Counter>,
+    /// `core_cache`'s HIT counter, kept at the first hit (the hit path then takes no lock
+    /// and hashes no label).
+    core_cache_hit: OnceLock<Counter>,
     core_cache_bytes: Gauge,
     core_cache_objects: Gauge,
 }
@@ -323,6 +326,7 @@ impl Metrics {
         );
         Metrics(Arc::new(Inner {
             core_cache,
+            core_cache_hit: OnceLock::new(),
             core_cache_bytes,
             core_cache_objects,
             registry,
@@ -354,10 +358,16 @@ impl Metrics {
 
     /// Counts one request seen by the core cache.
     pub fn core_cache(&self, cache_status: CacheStatus) {
-        self.0
-            .core_cache
-            .get_or_create(&CoreCacheLabels { cache_status })
-            .inc();
+        let counter = || {
+            self.0
+                .core_cache
+                .get_or_create(&CoreCacheLabels { cache_status })
+                .clone()
+        };
+        match cache_status {
+            CacheStatus::Hit => self.0.core_cache_hit.get_or_init(counter).inc(),
+            _ => counter().inc(),
+        };
     }
 
     /// Sets the core cache's size.

@@ -324,15 +324,18 @@ pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
         let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
         return inm.trim() == "*" || inm.split(',').any(|t| bare(t) == bare(etag));
     }
-    let since = req
+    let Some(since) = req
         .get(header::IF_MODIFIED_SINCE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    else {
+        return false;
+    };
     let modified = stored
         .get(header::LAST_MODIFIED)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok());
-    matches!((since, modified), (Some(s), Some(m)) if m <= s)
+    modified.is_some_and(|m| m <= since)
 }
 
 #[cfg(test)]
