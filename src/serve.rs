@@ -524,7 +524,9 @@ fn front_door(
         async move {
             use crate::proxy::Kind;
             if let (Some(b), Route::Media | Route::MediaRoot | Route::Core) = (&buster, route) {
-                if let Some(resp) = b.intercept(&req).await {
+                // Boxed, as the proxy's futures below: this future is moved whole on every
+                // request, and sized by its largest part.
+                if let Some(resp) = Box::pin(b.intercept(&req)).await {
                     return resp;
                 }
             }
@@ -533,9 +535,9 @@ fn front_door(
                 (Route::MediaRoot, _) => edge_root.handle(req).await,
                 (Route::Core, Some(p)) => match core_cache {
                     Some(c) => c.handle(&p, req).await,
-                    None => p.handle(Kind::Web, req).await,
+                    None => Box::pin(p.handle(Kind::Web, req)).await,
                 },
-                (Route::Streaming, Some(p)) => p.handle(Kind::Streaming, req).await,
+                (Route::Streaming, Some(p)) => Box::pin(p.handle(Kind::Streaming, req)).await,
                 (Route::Core | Route::Streaming | Route::Misdirected, _) => {
                     crate::router::misdirected()
                 }

@@ -91,14 +91,6 @@ impl Url {
     }
 }
 
-/// Announces this edge as a surrogate to core (on every request that goes there).
-fn announce(req: &mut Request<Incoming>) {
-    req.headers_mut().insert(
-        SURROGATE_CAPABILITY,
-        HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
-    );
-}
-
 /// The core cache.
 pub struct CoreCache {
     store: Arc<Store>,
@@ -141,24 +133,39 @@ impl CoreCache {
     pub async fn handle(
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Response<Body> {
         let url = Url::of(&req);
+        if let Some(r) = self.fresh_without_vary(&req, &url).await {
+            return r;
+        }
+        // Everything else in a future of its own: the hit's stays small (a future is moved
+        // whole into its caller's, and boxed by the listener, on every request).
+        Box::pin(self.handle_full(proxy, req, url)).await
+    }
+
+    async fn handle_full(
+        self: &Arc<Self>,
+        proxy: &Arc<Proxy>,
+        mut req: Request<Incoming>,
+        url: Url,
+    ) -> Response<Body> {
+        req.headers_mut().insert(
+            SURROGATE_CAPABILITY,
+            HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
+        );
         let (host, path) = (url.host(), url.path());
         let get = req.method() == Method::GET;
         if req.headers().contains_key(header::UPGRADE) {
             // A WebSocket handshake: the proxy's tunnel, nothing to cache.
-            announce(&mut req);
             let resp = proxy.handle(Kind::Web, req).await;
             return self.finish(resp, CacheStatus::Bypass);
         }
         if !get && req.method() != Method::HEAD {
-            announce(&mut req);
             return self.pass_other(proxy, req, host, path).await;
         }
         let private = policy::private_request(req.headers());
         if private.is_some() || !req.body().is_end_stream() {
-            announce(&mut req);
             let store = get && req.body().is_end_stream();
             let preq = policy::policy_request(path, req.headers());
             let sent = Instant::now();
@@ -181,15 +188,10 @@ impl CoreCache {
     async fn lookup(
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         url: &Url,
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
-        if let Some(r) = self.fresh_without_vary(&req, url, head).await {
-            return r;
-        }
-        // Not needed by the fast path (it reads no header this one could be): set from here.
-        announce(&mut req);
         let (host, path) = (url.host(), url.path());
         let preq = policy::policy_request(path, req.headers());
         let key = &url.key;
@@ -507,7 +509,9 @@ impl CoreCache {
 
     /// The hit of a hot URL without the policy's bookkeeping: `before_request` builds (and
     /// copies the headers of) a request and a response on every call, which a fresh hit
-    /// throws away. Taken only where its answer is `before_request`'s `Fresh`: the request
+    /// throws away. Taken only where the full way would ask the policy (a GET or HEAD
+    /// without `Upgrade`, credentials or a body: see [`Self::handle_full`]) and its answer is
+    /// `before_request`'s `Fresh`: the request
     /// sets no freshness of its own (no `Cache-Control`, no `Pragma`), its `Host` header is
     /// the stored request's, byte for byte (as the crate compares it), and the stored
     /// responses, in the order the full path tries them, carry no `Vary` until a fresh one
@@ -518,12 +522,22 @@ impl CoreCache {
         &self,
         req: &Request<Incoming>,
         url: &Url,
-        head: bool,
     ) -> Option<Response<Body>> {
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return None,
+        };
         let h = req.headers();
-        if h.contains_key(header::CACHE_CONTROL) || h.contains_key(header::PRAGMA) {
+        if h.contains_key(header::UPGRADE)
+            || policy::private_request(h).is_some()
+            || !req.body().is_end_stream()
+            || h.contains_key(header::CACHE_CONTROL)
+            || h.contains_key(header::PRAGMA)
+        {
             return None;
         }
+        // The Surrogate-Capability the full way adds changes none of what is read here.
         let raw_host = h.get(header::HOST).map(|v| v.as_bytes());
         let now = SystemTime::now();
         let e = self.store.fresh_hit(&url.key, raw_host, now)?;
