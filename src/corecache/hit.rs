@@ -148,6 +148,82 @@ pub fn age_value(secs: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderName, StatusCode};
+
+    /// Read back once, the clock gives the policy's own answers at any time.
+    #[test]
+    fn hot_timing_is_the_policys() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let date = httpdate::fmt_http_date(t0);
+        let later = httpdate::fmt_http_date(t0 + Duration::from_secs(90));
+        let earlier = httpdate::fmt_http_date(t0 - Duration::from_secs(1000));
+        let cases: Vec<Vec<(&str, &str)>> = vec![
+            vec![("cache-control", "max-age=60")],
+            vec![("cache-control", "public, max-age=60"), ("age", "30")],
+            vec![("cache-control", "max-age=60"), ("age", "75")],
+            vec![("cache-control", "max-age=60"), ("age", "x")],
+            vec![("cache-control", "max-age=0")],
+            vec![("cache-control", "no-cache, max-age=60")],
+            vec![("cache-control", "s-maxage=10, max-age=100")],
+            vec![("date", &date), ("expires", &later)],
+            vec![("date", &date), ("last-modified", &earlier)],
+            vec![
+                ("surrogate-control", "max-age=20"),
+                ("cache-control", "max-age=5"),
+            ],
+        ];
+        let req = super::super::policy::policy_request("/x", &HeaderMap::new());
+        for case in cases {
+            let mut headers = HeaderMap::new();
+            for (k, v) in &case {
+                headers.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let meta =
+                super::super::policy::build("h", "/x", &req, None, StatusCode::OK, &headers, t0)
+                    .unwrap_or_else(|| panic!("{case:?} storable"));
+            let hot = meta
+                .hot(t0 + Duration::from_millis(1))
+                .unwrap_or_else(|| panic!("{case:?}: read back"));
+            for ms in [
+                0, 1, 999, 1000, 4_999, 5_000, 9_999, 10_000, 19_999, 20_000, 29_999, 30_000,
+            ]
+            .into_iter()
+            .chain([59_999, 60_000, 60_001, 89_999, 90_000, 100_000, 10_000_000])
+            {
+                for now in [
+                    t0 + Duration::from_millis(ms),
+                    t0 - Duration::from_millis(ms),
+                ] {
+                    assert_eq!(
+                        hot.fresh(now),
+                        !meta.policy.is_stale(now),
+                        "{case:?} at {ms} ms"
+                    );
+                    assert_eq!(hot.age(now), meta.policy.age(now), "{case:?} at {ms} ms");
+                }
+            }
+        }
+    }
+
+    /// Not before the response was received: no read-back (the policy decides).
+    #[test]
+    fn no_hot_before_the_receipt() {
+        let t0 = SystemTime::now();
+        let req = super::super::policy::policy_request("/x", &HeaderMap::new());
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CACHE_CONTROL, "max-age=60".parse().unwrap());
+        let meta = super::super::policy::build("h", "/x", &req, None, StatusCode::OK, &headers, t0)
+            .unwrap();
+        assert!(meta.hot(t0).is_none());
+        assert!(meta.hot(t0 - Duration::from_secs(5)).is_none());
+        let hot = meta.hot(t0 + Duration::from_secs(1)).expect("read back");
+        assert_eq!(hot.head[header::CONTENT_LENGTH], "0");
+        assert_eq!(hot.head[X_CACHE_STATUS], "HIT");
+        assert!(meta.clone().hot.0.get().is_none(), "a clone starts without");
+    }
 
     #[test]
     fn age_values_are_the_numbers() {

@@ -16,7 +16,7 @@ use crate::proxy::{edge_with_core, CORE, WAIT};
 
 /// What core answers to one request.
 #[derive(Clone, Default)]
-struct Reply {
+pub struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -30,7 +30,7 @@ struct Reply {
     part: Option<(usize, watch::Receiver<bool>)>,
 }
 
-fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
+pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
     Reply {
         status,
         headers: headers
@@ -44,16 +44,16 @@ fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
 
 /// A request as core saw it: method, path, headers (lower-case names).
 #[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
 }
 
 type Script = Arc<dyn Fn(&Seen, usize) -> Reply + Send + Sync>;
 
 /// A scripted core. `script(request, n)` answers the n-th request (1-based) to its path.
-struct Core {
+pub struct Core {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     script: Arc<Mutex<Script>>,
@@ -61,7 +61,7 @@ struct Core {
 }
 
 impl Core {
-    async fn start(script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Core {
+    pub async fn start(script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Core {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -85,7 +85,7 @@ impl Core {
     }
 
     /// Requests that reached core for `path`.
-    fn count(&self, path: &str) -> usize {
+    pub fn count(&self, path: &str) -> usize {
         self.seen.lock().iter().filter(|s| s.path == path).count()
     }
 
@@ -213,7 +213,7 @@ fn cache_conf(dir: &std::path::Path, max_size: &str, extra: &str) -> String {
     )
 }
 
-async fn edge(dir: &std::path::Path, core: &Core, extra: &str) -> TestEdge {
+pub async fn edge(dir: &std::path::Path, core: &Core, extra: &str) -> TestEdge {
     edge_with_core(dir, &[core.addr], &cache_conf(dir, "16MiB", extra)).await
 }
 
@@ -233,7 +233,7 @@ async fn fetch(edge: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, S
     (status, cache, resp.text().await.unwrap())
 }
 
-fn hs<'a>(s: &'a Seen, name: &str) -> &'a str {
+pub fn hs<'a>(s: &'a Seen, name: &str) -> &'a str {
     s.headers.get(name).map(String::as_str).unwrap_or("")
 }
 

@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod common;
 mod corecache;
+mod corecache_hit;
 mod destination;
 mod disk;
 mod doctor;
