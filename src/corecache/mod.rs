@@ -510,14 +510,14 @@ impl CoreCache {
     /// The hit of a hot URL without the policy's bookkeeping: `before_request` builds (and
     /// copies the headers of) a request and a response on every call, which a fresh hit
     /// throws away. Taken only where the full way would ask the policy (a GET or HEAD
-    /// without `Upgrade`, credentials or a body: see [`Self::handle_full`]) and its answer is
-    /// `before_request`'s `Fresh`: the request
-    /// sets no freshness of its own (no `Cache-Control`, no `Pragma`), its `Host` header is
-    /// the stored request's, byte for byte (as the crate compares it), and the stored
-    /// responses, in the order the full path tries them, carry no `Vary` until a fresh one
-    /// (`is_stale`, read back once per entry by [`hit::Hot`], covers the response's
-    /// `no-cache` and `max-age=0`). Anything else goes the full way. One index lookup (the
-    /// URL's key hashed once), one clock read, the head cloned from the entry's.
+    /// without `Upgrade`, credentials or a body: see [`Self::handle_full`]) and its answer
+    /// is `before_request`'s `Fresh`: the request sets no freshness of its own (no
+    /// `Cache-Control`, no `Pragma`), its `Host` header is the stored request's, byte for
+    /// byte (as the crate compares it), and the stored responses, in the order the full
+    /// path tries them, carry no `Vary` until a fresh one (`is_stale`, read back once per
+    /// entry by [`hit::Hot`], covers the response's `no-cache` and `max-age=0`). Anything
+    /// else goes the full way. One index lookup (the URL's key hashed once), one clock
+    /// read, the head cloned from the entry's. Tests: `tests/it/corecache_hit.rs`.
     async fn fresh_without_vary(
         &self,
         req: &Request<Incoming>,
