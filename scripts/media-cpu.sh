@@ -8,6 +8,7 @@
 #
 # knobs: PROTO=--http1.1 (default) | --http2     PLAIN=1: fediedge's plain listener, no TLS
 #        STRACE=1: system calls per request instead of instructions   TOP=30: functions listed
+#        CG_KEEP=FILE: keep the callgrind dump (e.g. for callers of a function)
 # fediedge answers from its cache's memory tier (the file is warmed first), nginx with
 # `sendfile` and `open_file_cache`, both with one ECDSA P-256 certificate (openssl) and TLS 1.3.
 # The handshake of the measured connection is included (amortised over N; use N ≥ 1000).
@@ -99,4 +100,5 @@ fi
 callgrind_control -d "$PID" >/dev/null
 for _ in $(seq 50); do compgen -G "$D/cg.out.*" >/dev/null && break; sleep 0.2; done
 sleep 0.5
+[ -n "${CG_KEEP:-}" ] && cp "$D"/cg.out.* "$CG_KEEP"
 python3 "$(dirname "$0")/callgrind-self.py" "$D"/cg.out.* "$N" "${TOP:-30}"
