@@ -279,6 +279,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.max_flight_memory,
         std::time::Duration::from_secs(2),
     );
+    // Shared with the core cache's fills: one bound on the memory bodies take while received.
+    let flight_memory = limits.memory_budget();
     let stop = CancellationToken::new();
     let fetches = TaskTracker::new();
     let writeback = WriteBack::open(
@@ -406,8 +408,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .and_then(|c| c.cache.as_ref().map(|k| (c, k)))
     {
         Some((core, c)) => Some(
-            crate::corecache::CoreCache::open(c, core.first_byte_timeout, metrics.clone())
-                .with_context(|| format!("cannot open core.cache.dir {}", c.dir.display()))?,
+            crate::corecache::CoreCache::open(
+                c,
+                core.first_byte_timeout,
+                metrics.clone(),
+                flight_memory.clone(),
+            )
+            .with_context(|| format!("cannot open core.cache.dir {}", c.dir.display()))?,
         ),
         None => None,
     };

@@ -19,9 +19,10 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::store::{Id, Meta, Store};
+use crate::flight::MemoryBudget;
 use crate::listen::Body;
 
 /// The requests to core under way for cacheable URLs.
@@ -99,8 +100,9 @@ pub struct Commit {
 }
 
 impl Commit {
-    /// Writes the body to a temp file and stores it (blocking).
-    fn store(mut self, chunks: Vec<Bytes>, len: u64) {
+    /// Writes the body to a temp file and stores it (blocking). `_room`: the memory the
+    /// chunks hold, given back once they are written.
+    fn store(mut self, chunks: Vec<Bytes>, len: u64, _room: Option<OwnedSemaphorePermit>) {
         self.meta.len = len;
         let result = (|| -> std::io::Result<()> {
             let mut tmp = tempfile::NamedTempFile::new_in(self.store.tmp_dir())?;
@@ -123,7 +125,9 @@ impl Commit {
 }
 
 /// A response body on its way to the client, copied in memory for the cache; stored only
-/// when it ended whole (no error, the announced length, under the size limit).
+/// when it ended whole (no error, the announced length, under the size limit) and the copy
+/// always had room in the memory budget (else the copy is dropped and the body only passed
+/// on).
 pub struct TeeBody {
     inner: Body,
     chunks: Vec<Bytes>,
@@ -131,6 +135,9 @@ pub struct TeeBody {
     limit: u64,
     expected: Option<u64>,
     commit: Option<Commit>,
+    memory: MemoryBudget,
+    /// Room for `len` bytes, taken from `memory`.
+    room: Option<OwnedSemaphorePermit>,
 }
 
 impl TeeBody {
@@ -143,7 +150,9 @@ impl TeeBody {
         expected: Option<u64>,
         commit: Commit,
         bodiless: bool,
+        memory: MemoryBudget,
     ) -> TeeBody {
+        let room = memory.take(0);
         let mut tee = TeeBody {
             inner,
             chunks: Vec::new(),
@@ -151,6 +160,8 @@ impl TeeBody {
             limit,
             expected,
             commit: Some(commit),
+            memory,
+            room,
         };
         if bodiless {
             tee.commit_now();
@@ -163,9 +174,16 @@ impl TeeBody {
     fn commit_now(&mut self) {
         if let Some(commit) = self.commit.take() {
             let chunks = std::mem::take(&mut self.chunks);
-            let len = self.len;
-            tokio::task::spawn_blocking(move || commit.store(chunks, len));
+            let (len, room) = (self.len, self.room.take());
+            tokio::task::spawn_blocking(move || commit.store(chunks, len, room));
         }
+    }
+
+    /// Stops copying: nothing of this body is stored (the followers go to core).
+    fn give_up(&mut self) {
+        self.commit = None;
+        self.chunks = Vec::new();
+        self.room = None;
     }
 }
 
@@ -182,10 +200,14 @@ impl http_body::Body for TeeBody {
         match &frame {
             Some(Ok(f)) => {
                 if let (Some(data), true) = (f.data_ref(), this.commit.is_some()) {
+                    let from = this.len;
                     this.len += data.len() as u64;
-                    if this.len > this.limit {
-                        this.commit = None;
-                        this.chunks = Vec::new();
+                    let room = match &mut this.room {
+                        Some(held) => this.memory.grow(held, from, this.len),
+                        None => false,
+                    };
+                    if this.len > this.limit || !room {
+                        this.give_up();
                     } else {
                         this.chunks.push(data.clone());
                         // hyper stops polling once the announced length is written: the
@@ -196,15 +218,12 @@ impl http_body::Body for TeeBody {
                     }
                 }
             }
-            Some(Err(_)) => {
-                this.commit = None;
-                this.chunks = Vec::new();
-            }
+            Some(Err(_)) => this.give_up(),
             None => {
                 if this.expected.is_none_or(|n| n == this.len) {
                     this.commit_now();
                 }
-                this.commit = None;
+                this.give_up();
             }
         }
         Poll::Ready(frame)
@@ -226,6 +245,8 @@ pub struct Shared {
     pub meta: Arc<Meta>,
     state: Mutex<SharedState>,
     tick: watch::Sender<()>,
+    /// Room for the whole body in the memory budget, given back when the last reader is done.
+    _room: OwnedSemaphorePermit,
 }
 
 #[derive(Default)]
@@ -237,12 +258,19 @@ struct SharedState {
 
 impl Shared {
     /// Receives `body` in a task of its own (to the end, whoever still reads), then stores it
-    /// and releases `guard`. Returns the buffer, already published to the followers.
-    pub fn start(commit: Commit, body: Body, guard: FlightGuard) -> Arc<Shared> {
+    /// and releases `guard`. Returns the buffer, already published to the followers. `room`:
+    /// the memory the whole body may take.
+    pub fn start(
+        commit: Commit,
+        body: Body,
+        guard: FlightGuard,
+        room: OwnedSemaphorePermit,
+    ) -> Arc<Shared> {
         let shared = Arc::new(Shared {
             meta: Arc::new(commit.meta.clone()),
             state: Mutex::default(),
             tick: watch::channel(()).0,
+            _room: room,
         });
         guard.publish(shared.clone());
         let s = shared.clone();
@@ -275,7 +303,7 @@ impl Shared {
                 chunks.push(last.clone());
                 let mut commit = commit;
                 commit.guard = Some(guard);
-                let _ = tokio::task::spawn_blocking(move || commit.store(chunks, len)).await;
+                let _ = tokio::task::spawn_blocking(move || commit.store(chunks, len, None)).await;
             }
             let mut st = s.state.lock();
             if end.is_ok() && !last.is_empty() {

@@ -36,6 +36,7 @@ use http_cache_semantics::BeforeRequest;
 use hyper::body::Incoming;
 
 use crate::config::{normalize_host, CoreCacheConfig};
+use crate::flight::MemoryBudget;
 use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
 use crate::proxy::{Kind, Proxy};
@@ -98,15 +99,20 @@ pub struct CoreCache {
     metrics: Metrics,
     /// Longest wait of a follower for the leader's response.
     follow_wait: Duration,
+    /// Memory for bodies being received (`max_flight_memory`, shared with media fetches).
+    memory: MemoryBudget,
 }
 
 impl CoreCache {
     /// Opens the cache directory (indexing what a previous run stored). `follow_wait`: how
-    /// long a request waits for another one's response to the same URL.
+    /// long a request waits for another one's response to the same URL. `memory`: what the
+    /// bodies being received for the cache may hold; a response that does not fit is passed
+    /// to its client and not stored.
     pub fn open(
         config: &CoreCacheConfig,
         follow_wait: Duration,
         metrics: Metrics,
+        memory: MemoryBudget,
     ) -> std::io::Result<Arc<CoreCache>> {
         let store = Store::open(&config.dir, config.max_size, metrics.clone())?;
         Ok(Arc::new(CoreCache {
@@ -114,6 +120,7 @@ impl CoreCache {
             flights: Arc::default(),
             metrics,
             follow_wait,
+            memory,
         }))
     }
 
@@ -453,17 +460,24 @@ impl CoreCache {
         };
         let bodiless = resp.status() == StatusCode::NO_CONTENT || expected == Some(0);
         if let (Some(n), false) = (expected, bodiless) {
-            if n <= limit && commit.guard.is_some() {
+            let room = (n <= limit && commit.guard.is_some())
+                .then(|| self.memory.take(n))
+                .flatten();
+            if let Some(room) = room {
                 // Received by a task of its own, read by this client and the followers.
                 let mut commit = commit;
                 commit.meta.len = n;
                 let guard = commit.guard.take().expect("checked");
                 let (parts, body) = resp.into_parts();
-                let shared = Shared::start(commit, body, guard);
+                let shared = Shared::start(commit, body, guard, room);
                 return self.finish(Response::from_parts(parts, shared.body()), status);
             }
         }
-        let resp = resp.map(|b| TeeBody::new(b, limit, expected, commit, bodiless).boxed_unsync());
+        // Unknown length, or no memory left for the whole body now: copied as it goes to
+        // this client, within the memory it can get chunk by chunk.
+        let memory = self.memory.clone();
+        let resp =
+            resp.map(|b| TeeBody::new(b, limit, expected, commit, bodiless, memory).boxed_unsync());
         self.finish(resp, status)
     }
 

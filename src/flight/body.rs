@@ -151,9 +151,58 @@ pub struct Limits {
     flights: Arc<Semaphore>,
     temp: Arc<Semaphore>,
     temp_total: u32,
-    memory: Arc<Semaphore>,
-    memory_total: u32,
+    memory: MemoryBudget,
     queue_wait: Duration,
+}
+
+/// `max_flight_memory`: the bytes of bodies held in memory while they are received, shared by
+/// media fetches whose disk failed and the core cache's fills, in whole KiB. Taken now or
+/// never: a body that does not fit is passed on without being held (streamed to each client
+/// on its own, not cached).
+#[derive(Clone, Debug)]
+pub struct MemoryBudget {
+    sem: Arc<Semaphore>,
+    total: u32,
+}
+
+impl MemoryBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> MemoryBudget {
+        MemoryBudget {
+            sem: Arc::new(Semaphore::new(kib(bytes) as usize)),
+            total: kib(bytes),
+        }
+    }
+
+    /// Room for `bytes`, if that much is free now.
+    pub fn take(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = kib(bytes);
+        if n > self.total {
+            return None;
+        }
+        self.sem.clone().try_acquire_many_owned(n).ok()
+    }
+
+    /// Grows `held` (room for `from` bytes, taken from this budget) to room for `to` bytes;
+    /// false when that much is not free now (`held` is then unchanged).
+    pub fn grow(&self, held: &mut OwnedSemaphorePermit, from: u64, to: u64) -> bool {
+        let more = kib(to).saturating_sub(kib(from));
+        if more == 0 {
+            return true;
+        }
+        match self.sem.clone().try_acquire_many_owned(more) {
+            Ok(p) => {
+                held.merge(p);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Bytes (whole KiB) free now.
+    pub fn available(&self) -> u64 {
+        self.sem.available_permits() as u64 * 1024
+    }
 }
 
 /// Budgets count whole KiB (a semaphore counts in `u32`).
@@ -170,8 +219,7 @@ impl Limits {
             flights: Arc::new(Semaphore::new(max_flights)),
             temp: Arc::new(Semaphore::new(kib(max_temp) as usize)),
             temp_total: kib(max_temp),
-            memory: Arc::new(Semaphore::new(kib(max_memory) as usize)),
-            memory_total: kib(max_memory),
+            memory: MemoryBudget::new(max_memory),
             queue_wait,
         }
     }
@@ -199,11 +247,12 @@ impl Limits {
     /// Memory for `size` bytes of body, now or never (a body that does not fit is streamed
     /// to each client on its own instead).
     pub fn memory(&self, size: u64) -> Option<OwnedSemaphorePermit> {
-        let n = kib(size);
-        if n > self.memory_total {
-            return None;
-        }
-        self.memory.clone().try_acquire_many_owned(n).ok()
+        self.memory.take(size)
+    }
+
+    /// The memory budget, for the core cache's fills to share.
+    pub fn memory_budget(&self) -> MemoryBudget {
+        self.memory.clone()
     }
 }
 
@@ -213,6 +262,28 @@ mod tests {
 
     // Paused time: the queue's wait runs on tokio's clock, advanced by the runtime when
     // every task waits, so these take no real time and no machine load can change them.
+
+    #[test]
+    fn the_memory_budget_grows_a_hold_in_whole_kib_and_takes_it_back_on_drop() {
+        let budget = MemoryBudget::new(8 * 1024);
+        let mut held = budget.take(0).expect("nothing is always free");
+        assert!(budget.grow(&mut held, 0, 1));
+        assert!(budget.grow(&mut held, 1, 1024), "the same KiB");
+        assert_eq!(budget.available(), 7 * 1024);
+        assert!(budget.grow(&mut held, 1024, 8 * 1024));
+        assert!(
+            !budget.grow(&mut held, 8 * 1024, 8 * 1024 + 1),
+            "past the budget"
+        );
+        assert_eq!(budget.available(), 0, "a refused growth takes nothing");
+        assert!(budget.take(1).is_none());
+        drop(held);
+        assert_eq!(budget.available(), 8 * 1024);
+        assert!(
+            budget.take(8 * 1024 + 1).is_none(),
+            "larger than the whole budget"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn past_max_flights_a_flight_waits_the_queue_time_then_gives_up() {

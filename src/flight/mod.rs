@@ -42,7 +42,7 @@ use crate::negative::NegativeCache;
 use crate::store::{BodyCheck, BodyError, ByteStream, ObjectMeta, StoreError, StoreHandle};
 use crate::writeback::{Fetched, WriteBack, WriteBackError};
 
-pub use body::{FlightBody, Limits, Part};
+pub use body::{FlightBody, Limits, MemoryBudget, Part};
 pub use disk::DiskHealth;
 
 /// A fetch that found its object and started keeping it.

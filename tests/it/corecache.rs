@@ -84,6 +84,11 @@ impl Core {
         }
     }
 
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Requests that reached core for `path`.
     pub fn count(&self, path: &str) -> usize {
         self.seen.lock().iter().filter(|s| s.path == path).count()
