@@ -317,8 +317,8 @@ async fn run_front(settings: &Settings, tests: &[Test], dir: &Path) -> anyhow::R
 
 fn report(tests: &[Test], results: &[[Vec<Figure>; 2]], strict: bool) -> bool {
     println!();
-    println!("| test | fediedge best | nginx best | ratio best | ratio median | target | met |");
-    println!("|---|---:|---:|---:|---:|---:|---|");
+    println!("| test | fediedge best | nginx best | ratio best | ratio median | target | met | CPU per request, nginx ÷ fediedge (medians) |");
+    println!("|---|---:|---:|---:|---:|---:|---|---:|");
     let mut all_met = true;
     for (t, &test) in tests.iter().enumerate() {
         let best = |runs: &[Figure]| {
@@ -336,6 +336,14 @@ fn report(tests: &[Test], results: &[[Vec<Figure>; 2]], strict: bool) -> bool {
                 n => v[n / 2],
             }
         };
+        // What each request costs the server itself, whatever the client's share of the cores
+        // (the clients run on the same cores; see docs/benchmarks.md).
+        let cpu = |runs: &[Figure]| {
+            let mut v: Vec<f64> = runs.iter().map(|f| f.cpu_us_per_req).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        let cpu_ratio = cpu(&results[t][1]) / cpu(&results[t][0]).max(f64::MIN_POSITIVE);
         let (fe, ng) = (best(&results[t][0]), best(&results[t][1]));
         let ratio = test.value(&fe) / test.value(&ng).max(f64::MIN_POSITIVE);
         let ratio_median = median(&results[t][0]) / median(&results[t][1]).max(f64::MIN_POSITIVE);
@@ -358,7 +366,7 @@ fn report(tests: &[Test], results: &[[Vec<Figure>; 2]], strict: bool) -> bool {
         }
         all_met &= met;
         println!(
-            "| {} | {:.1} | {:.1} | {:.2}× | {:.2}× | ≥ {:.1}×{} | {} |",
+            "| {} | {:.1} | {:.1} | {:.2}× | {:.2}× | ≥ {:.1}×{} | {} | {:.2}× |",
             test.name(),
             test.value(&fe),
             test.value(&ng),
@@ -366,7 +374,8 @@ fn report(tests: &[Test], results: &[[Vec<Figure>; 2]], strict: bool) -> bool {
             ratio_median,
             test.target(),
             extra,
-            if met { "yes" } else { "**no**" }
+            if met { "yes" } else { "**no**" },
+            cpu_ratio
         );
     }
     println!();

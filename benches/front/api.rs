@@ -209,6 +209,17 @@ fn report(results: &[Vec<Figure>; 3], upstream_hits: u64, strict: bool) -> bool 
         if met { "met" } else { "missed" },
         if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
     );
+    // What each hit costs the server itself, whatever the client's share of the cores.
+    let cpu = |runs: &[Figure]| {
+        let mut v: Vec<f64> = runs.iter().map(|f| f.cpu_us_per_req).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!(
+        "CPU per hit (median round), {} ÷ fediedge: {:.2}×",
+        NAMES[other],
+        cpu(&results[other]) / cpu(&results[0]).max(f64::MIN_POSITIVE)
+    );
     if upstream_hits > 0 {
         // max-age is 300 s: a long run may revalidate; anything else means a server did not
         // answer from its cache.
