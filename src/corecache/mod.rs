@@ -217,9 +217,15 @@ impl CoreCache {
             sent: Instant::now(),
         };
         let mut followed = false;
+        // An entry replaced (or purged) between the lookup and the read of its body has no
+        // body any more: the lookup is made once more, which finds what replaced it, rather
+        // than sending the client to core (a stale entry's client would wait for core, which
+        // `stale-while-revalidate` is there to spare it).
+        let mut looked_again = false;
         loop {
             let now = SystemTime::now();
             let mut stale = None;
+            let mut vanished = false;
             for e in self.store.variants(host, path) {
                 match e.meta.policy.before_request(&preq, now) {
                     BeforeRequest::Fresh(_) => {
@@ -227,6 +233,7 @@ impl CoreCache {
                         {
                             return r;
                         }
+                        vanished = true;
                     }
                     BeforeRequest::Stale {
                         request,
@@ -263,7 +270,12 @@ impl CoreCache {
                     {
                         return r;
                     }
+                    vanished = true;
                 }
+            }
+            if vanished && !looked_again {
+                looked_again = true;
+                continue;
             }
             if head && stale.is_none() {
                 // Not stored from a HEAD: passed on.

@@ -325,3 +325,159 @@ async fn a_reload_that_keeps_an_upstream_keeps_its_idle_connection() {
     );
     running.shutdown().await;
 }
+
+/// A raw upstream that keeps its connections open, for answers hyper's server would not give:
+/// `/204`, `/304` (no body), `/close` (`Connection: close`, yet the socket stays open and no
+/// other request on it is ever answered), `/upload` (413 as soon as the head is read, the
+/// body left unread; nothing else on that connection is ever answered); any other path gets
+/// its path as the body. `closed` counts connections the edge closed.
+async fn raw_upstream() -> (SocketAddr, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            s.accepts.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut dead = false;
+                loop {
+                    let mut piece = [0u8; 16 * 1024];
+                    let n = stream.read(&mut piece).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    if dead {
+                        continue; // Never answered again: read to the end.
+                    }
+                    buf.extend_from_slice(&piece[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
+                    let mut words = head.split_whitespace();
+                    let method = words.next().unwrap().to_owned();
+                    let path = words.next().unwrap().to_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    s.requests.lock().push((method, path.clone(), len));
+                    let answer = match path.as_str() {
+                        "/204" => "HTTP/1.1 204 No Content\r\nx-n: 204\r\n\r\n".to_owned(),
+                        "/304" => "HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\n\r\n".to_owned(),
+                        "/close" => {
+                            dead = true;
+                            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose"
+                                .to_owned()
+                        }
+                        "/upload" => {
+                            dead = true;
+                            "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large"
+                                .to_owned()
+                        }
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                            path.len()
+                        ),
+                    };
+                    if !dead {
+                        // The request's body, read before the answer.
+                        while buf.len() < end + 4 + len {
+                            let n = stream.read(&mut piece).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            buf.extend_from_slice(&piece[..n]);
+                        }
+                        buf.drain(..end + 4 + len);
+                    }
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                s.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// 204 and 304 answers (no body, never polled by the client side) give their connection back;
+/// an answer with `Connection: close` does not, even when the upstream keeps the socket open.
+#[tokio::test]
+async fn bodiless_answers_keep_their_connection_and_connection_close_gives_it_up() {
+    let (addr, seen) = raw_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/204").send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["x-n"], "204");
+    let r = get(&edge, CORE, "/304").send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    let r = get(&edge, CORE, "/a").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "/a");
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 1, "one connection");
+    let r = get(&edge, CORE, "/close").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "close");
+    // Reused, that connection would never answer: the edge closes it and opens another.
+    eventually(WAIT, "the edge closed the connection core said to close", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let r = get(&edge, CORE, "/b").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "/b");
+    let r = get(&edge, CORE, "/c").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "/c");
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 2);
+    let paths: Vec<String> = seen.requests.lock().iter().map(|r| r.1.clone()).collect();
+    assert_eq!(paths, ["/204", "/304", "/a", "/close", "/b", "/c"]);
+}
+
+/// Core answers 413 while the request body is still coming (the client holds the rest): the
+/// connection, whose request was never wholly sent, is closed rather than kept, and the next
+/// request goes on a new one and gets its own answer.
+#[tokio::test]
+async fn an_answer_before_the_whole_request_body_closes_its_connection() {
+    let (addr, seen) = raw_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/first").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "/first");
+    // A raw client: announces 1 MiB, sends 64 KiB, then holds the rest.
+    let mut client = tokio::net::TcpStream::connect(edge.running.addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {CORE}\r\ncontent-length: {}\r\n\r\n",
+        1 << 20
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(&[b'u'; 64 * 1024]).await.unwrap();
+    let mut got = Vec::new();
+    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"too large")) {
+        let mut piece = [0u8; 4096];
+        let n = client.read(&mut piece).await.unwrap();
+        assert!(n > 0, "the edge closed before the answer: {got:?}");
+        got.extend_from_slice(&piece[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&got));
+    eventually(WAIT, "the edge closed the half-sent connection", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let r = get(&edge, CORE, "/next").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "/next");
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 2, "a new connection");
+    let paths: Vec<String> = seen.requests.lock().iter().map(|r| r.1.clone()).collect();
+    assert_eq!(paths, ["/first", "/upload", "/next"]);
+    drop(client);
+}
