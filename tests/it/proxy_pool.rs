@@ -428,9 +428,11 @@ async fn bodiless_answers_keep_their_connection_and_connection_close_gives_it_up
     let r = get(&edge, CORE, "/close").send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "close");
     // Reused, that connection would never answer: the edge closes it and opens another.
-    eventually(WAIT, "the edge closed the connection core said to close", || {
-        seen.closed.load(Ordering::SeqCst) == 1
-    })
+    eventually(
+        WAIT,
+        "the edge closed the connection core said to close",
+        || seen.closed.load(Ordering::SeqCst) == 1,
+    )
     .await;
     let r = get(&edge, CORE, "/b").send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "/b");
@@ -468,7 +470,11 @@ async fn an_answer_before_the_whole_request_body_closes_its_connection() {
         assert!(n > 0, "the edge closed before the answer: {got:?}");
         got.extend_from_slice(&piece[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     eventually(WAIT, "the edge closed the half-sent connection", || {
         seen.closed.load(Ordering::SeqCst) == 1
     })

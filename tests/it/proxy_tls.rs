@@ -88,3 +88,78 @@ async fn the_tls_listener_routes_like_the_plain_one_over_h2_and_http1() {
         assert_eq!(up.requests(), before);
     }
 }
+
+/// Full duplex through the proxy's own upstream connections: core answers at once and echoes
+/// the request body as it comes, and the client sends each piece only once the previous one
+/// came back. The request body's progress comes from the client's connection after the answer
+/// has arrived (over HTTP/2, from another task than the request's): it must still wake the
+/// upstream connection, driven by the request's task. A lost wake-up hangs here.
+#[tokio::test]
+async fn a_request_body_still_coming_after_the_answer_reaches_core_over_h2_and_http1() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let echo =
+                    hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| {
+                        let (_, body) = req.into_parts();
+                        async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), echo)
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = tls(dir.path(), &[CORE]);
+    let edge = edge_with_core(dir.path(), &[up], &table).await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    for http1 in [false, true] {
+        let c = client(&root, addr, http1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let pieces = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        });
+        tx.send(bytes::Bytes::from_static(b"piece 0;"))
+            .await
+            .unwrap();
+        let exchange = async move {
+            let mut r = c
+                .post(format!("https://{CORE}:{}/api/v1/echo", addr.port()))
+                .body(reqwest::Body::wrap_stream(pieces))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let mut got = Vec::new();
+            for n in 1..5 {
+                let want = format!("piece {};", n - 1);
+                while !got.ends_with(want.as_bytes()) {
+                    let chunk = r.chunk().await.unwrap().expect("the echo goes on");
+                    got.extend_from_slice(&chunk);
+                }
+                // Only now the next piece.
+                tx.send(format!("piece {n};").into()).await.unwrap();
+            }
+            drop(tx); // The request body ends: so does the echo.
+            while let Some(chunk) = r.chunk().await.unwrap() {
+                got.extend_from_slice(&chunk);
+            }
+            got
+        };
+        let got = tokio::time::timeout(crate::proxy::WAIT, exchange)
+            .await
+            .unwrap_or_else(|_| panic!("stuck (HTTP/1.1 only: {http1})"));
+        let want: String = (0..5).map(|n| format!("piece {n};")).collect();
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            want,
+            "HTTP/1.1 only: {http1}"
+        );
+    }
+}
