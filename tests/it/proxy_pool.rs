@@ -327,7 +327,7 @@ async fn a_reload_that_keeps_an_upstream_keeps_its_idle_connection() {
 }
 
 /// A raw upstream that keeps its connections open, for answers hyper's server would not give:
-/// `/204`, `/304` (no body), `/close` (`Connection: close`, yet the socket stays open and no
+/// `/204`, `/304` (no body), `/1xx` (100 and 103 before the 200), `/close` (`Connection: close`, yet the socket stays open and no
 /// other request on it is ever answered), `/upload` (413 as soon as the head is read, the
 /// body left unread; nothing else on that connection is ever answered); any other path gets
 /// its path as the body. `closed` counts connections the edge closed.
@@ -373,6 +373,10 @@ async fn raw_upstream() -> (SocketAddr, Arc<Seen>) {
                     let answer = match path.as_str() {
                         "/204" => "HTTP/1.1 204 No Content\r\nx-n: 204\r\n\r\n".to_owned(),
                         "/304" => "HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\n\r\n".to_owned(),
+                        "/1xx" => "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\
+                                   link: </a>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n\
+                                   content-length: 4\r\n\r\n/1xx"
+                            .to_owned(),
                         "/close" => {
                             dead = true;
                             "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose"
@@ -410,7 +414,8 @@ async fn raw_upstream() -> (SocketAddr, Arc<Seen>) {
     (addr, seen)
 }
 
-/// 204 and 304 answers (no body, never polled by the client side) give their connection back;
+/// 204 and 304 answers (no body, never polled by the client side) and a 200 after 1xx
+/// interim answers give their connection back;
 /// an answer with `Connection: close` does not, even when the upstream keeps the socket open.
 #[tokio::test]
 async fn bodiless_answers_keep_their_connection_and_connection_close_gives_it_up() {
@@ -422,6 +427,9 @@ async fn bodiless_answers_keep_their_connection_and_connection_close_gives_it_up
     assert_eq!(r.headers()["x-n"], "204");
     let r = get(&edge, CORE, "/304").send().await.unwrap();
     assert_eq!(r.status(), 304);
+    let r = get(&edge, CORE, "/1xx").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "/1xx");
     let r = get(&edge, CORE, "/a").send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "/a");
     assert_eq!(seen.accepts.load(Ordering::SeqCst), 1, "one connection");
@@ -440,7 +448,7 @@ async fn bodiless_answers_keep_their_connection_and_connection_close_gives_it_up
     assert_eq!(r.text().await.unwrap(), "/c");
     assert_eq!(seen.accepts.load(Ordering::SeqCst), 2);
     let paths: Vec<String> = seen.requests.lock().iter().map(|r| r.1.clone()).collect();
-    assert_eq!(paths, ["/204", "/304", "/a", "/close", "/b", "/c"]);
+    assert_eq!(paths, ["/204", "/304", "/1xx", "/a", "/close", "/b", "/c"]);
 }
 
 /// Core answers 413 while the request body is still coming (the client holds the rest): the
