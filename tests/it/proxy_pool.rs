@@ -35,26 +35,15 @@ fn body_for(path: &str, n: usize) -> Vec<u8> {
 /// A keep-alive HTTP/1.1 upstream (hyper): `/big` streams without end; any other path gets
 /// `body_for(path, 20_000)`; a request body is read and counted first.
 async fn keep_alive_upstream() -> (SocketAddr, Arc<Seen>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Seen::default());
-    let s = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            s.accepts.fetch_add(1, Ordering::SeqCst);
-            let s = s.clone();
-            tokio::spawn(async move {
-                let s2 = s.clone();
-                let service = hyper::service::service_fn(move |req| answer(s2.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-                s.closed.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (addr, seen)
+    server(|stream, s| async move {
+        let s2 = s.clone();
+        let service = hyper::service::service_fn(move |req| answer(s2.clone(), req));
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+        s.closed.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -87,32 +76,58 @@ async fn answer(
 /// kept connection to it is stale once `closed` counts it. Answers `<method> <path> <body
 /// length>`.
 async fn closing_upstream() -> (SocketAddr, Arc<Seen>) {
+    server(|mut stream, s| async move {
+        let Some((method, path, len)) = read_request(&mut stream).await else {
+            return;
+        };
+        s.requests.lock().push((method.clone(), path.clone(), len));
+        let body = format!("{method} {path} {len}");
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        // After the answer has gone (so the edge has kept the connection).
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(stream);
+        s.closed.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
+}
+
+/// A server on a free port that counts the connections it accepts (`accepts`) and runs
+/// `conn` for each.
+async fn server<F, Fut>(conn: F) -> (SocketAddr, Arc<Seen>)
+where
+    F: Fn(tokio::net::TcpStream, Arc<Seen>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
     let s = seen.clone();
     tokio::spawn(async move {
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
             s.accepts.fetch_add(1, Ordering::SeqCst);
-            let s = s.clone();
-            tokio::spawn(async move {
-                let Some((method, path, len)) = read_request(&mut stream).await else {
-                    return;
-                };
-                s.requests.lock().push((method.clone(), path.clone(), len));
-                let body = format!("{method} {path} {len}");
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-                // After the answer has gone (so the edge has kept the connection).
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                drop(stream);
-                s.closed.fetch_add(1, Ordering::SeqCst);
-            });
+            tokio::spawn(conn(stream, s.clone()));
         }
     });
     (addr, seen)
+}
+
+/// Method, path and `content-length` of a request head.
+fn parse_head(head: &[u8]) -> Option<(String, String, usize)> {
+    let head = String::from_utf8_lossy(head);
+    let mut words = head.split_whitespace();
+    let (method, path) = (words.next()?.to_owned(), words.next()?.to_owned());
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    Some((method, path, len))
 }
 
 /// Reads one request (head and a `content-length` body): method, path, body length.
@@ -129,17 +144,7 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, Str
             break i + 4;
         }
     };
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let mut words = head.split_whitespace();
-    let (method, path) = (words.next()?.to_owned(), words.next()?.to_owned());
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
+    let (method, path, len) = parse_head(&buf[..end])?;
     while buf.len() - end < len {
         let mut piece = [0u8; 4096];
         let n = stream.read(&mut piece).await.ok()?;
@@ -332,86 +337,64 @@ async fn a_reload_that_keeps_an_upstream_keeps_its_idle_connection() {
 /// body left unread; nothing else on that connection is ever answered); any other path gets
 /// its path as the body. `closed` counts connections the edge closed.
 async fn raw_upstream() -> (SocketAddr, Arc<Seen>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Seen::default());
-    let s = seen.clone();
-    tokio::spawn(async move {
+    server(|mut stream, s| async move {
+        let mut buf = Vec::new();
+        let mut dead = false;
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            s.accepts.fetch_add(1, Ordering::SeqCst);
-            let s = s.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut dead = false;
-                loop {
-                    let mut piece = [0u8; 16 * 1024];
+            let mut piece = [0u8; 16 * 1024];
+            let n = stream.read(&mut piece).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            if dead {
+                continue; // Never answered again: read to the end.
+            }
+            buf.extend_from_slice(&piece[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let (method, path, len) = parse_head(&buf[..end + 4]).expect("a request head");
+            s.requests.lock().push((method, path.clone(), len));
+            let answer = match path.as_str() {
+                "/204" => "HTTP/1.1 204 No Content\r\nx-n: 204\r\n\r\n".to_owned(),
+                "/304" => "HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\n\r\n".to_owned(),
+                "/1xx" => "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\
+                           link: </a>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n\
+                           content-length: 4\r\n\r\n/1xx"
+                    .to_owned(),
+                "/close" => {
+                    dead = true;
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose"
+                        .to_owned()
+                }
+                "/upload" => {
+                    dead = true;
+                    "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large"
+                        .to_owned()
+                }
+                _ => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                    path.len()
+                ),
+            };
+            if !dead {
+                // The request's body, read before the answer.
+                while buf.len() < end + 4 + len {
                     let n = stream.read(&mut piece).await.unwrap_or(0);
                     if n == 0 {
                         break;
                     }
-                    if dead {
-                        continue; // Never answered again: read to the end.
-                    }
                     buf.extend_from_slice(&piece[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
-                    let mut words = head.split_whitespace();
-                    let method = words.next().unwrap().to_owned();
-                    let path = words.next().unwrap().to_owned();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    s.requests.lock().push((method, path.clone(), len));
-                    let answer = match path.as_str() {
-                        "/204" => "HTTP/1.1 204 No Content\r\nx-n: 204\r\n\r\n".to_owned(),
-                        "/304" => "HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\n\r\n".to_owned(),
-                        "/1xx" => "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\
-                                   link: </a>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n\
-                                   content-length: 4\r\n\r\n/1xx"
-                            .to_owned(),
-                        "/close" => {
-                            dead = true;
-                            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nclose"
-                                .to_owned()
-                        }
-                        "/upload" => {
-                            dead = true;
-                            "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large"
-                                .to_owned()
-                        }
-                        _ => format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
-                            path.len()
-                        ),
-                    };
-                    if !dead {
-                        // The request's body, read before the answer.
-                        while buf.len() < end + 4 + len {
-                            let n = stream.read(&mut piece).await.unwrap_or(0);
-                            if n == 0 {
-                                break;
-                            }
-                            buf.extend_from_slice(&piece[..n]);
-                        }
-                        buf.drain(..end + 4 + len);
-                    }
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        break;
-                    }
                 }
-                s.closed.fetch_add(1, Ordering::SeqCst);
-            });
+                buf.drain(..end + 4 + len);
+            }
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                break;
+            }
         }
-    });
-    (addr, seen)
+        s.closed.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
 }
 
 /// 204 and 304 answers (no body, never polled by the client side) and a 200 after 1xx
