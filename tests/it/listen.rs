@@ -226,6 +226,17 @@ pub fn field(line: &str, name: &str) -> String {
         .to_owned()
 }
 
+/// Waits for the child to exit and checks it exited 0 (after a SIGTERM: a clean drain).
+pub async fn exits_0(child: Child) {
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.0.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 /// Sends `signal` (e.g. `TERM`) to the child.
 pub fn kill(child: &Child, signal: &str) {
     let status = Command::new("kill")
@@ -267,11 +278,5 @@ async fn the_binary_drains_on_sigterm_and_exits_0() {
     let got = read_rest(slow, first.to_vec()).await;
     assert_eq!(got.len(), BIG);
     line_with(&mut lines, "everything under way finished").await;
-    let status = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        child.0.wait().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(child).await;
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 use crate::common::{bytes, start_edge};
-use crate::listen::{assert_refused, field, kill, line_with, read_rest, spawn_binary, BIG};
+use crate::listen::{
+    assert_refused, exits_0, field, kill, line_with, read_rest, spawn_binary, BIG,
+};
 
 /// A test certificate authority.
 struct Ca {
@@ -429,13 +431,7 @@ async fn the_binary_reloads_certificates_on_sighup() {
     assert!(peer_cert(&get().await) == renewed.der);
 
     kill(&child, "TERM");
-    let status = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        child.0.wait().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(child).await;
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::listen::{field, kill, spawn_binary};
+use crate::listen::{exits_0, field, kill, spawn_binary};
 use crate::proxy::{Mode, Upstream, CORE, WAIT};
 
 /// The binary's stderr, every line kept.
@@ -142,13 +142,7 @@ async fn sighup_logs_the_diff_moves_traffic_and_keeps_the_old_config_when_the_ne
     assert!(same.contains("changed=0"), "{same}");
 
     kill(&child, "TERM");
-    let status = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        child.0.wait().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(child).await;
     let all = log.until_exit().await.join("\n");
     for s in [OLD_SECRET, NEW_SECRET] {
         assert!(!all.contains(s), "a secret reached the log:\n{all}");
@@ -294,13 +288,7 @@ async fn sighup_applies_new_core_hosts_and_logs_them() {
     assert_eq!(up.requests(), 2);
 
     kill(&child, "TERM");
-    let status = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        child.0.wait().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    exits_0(child).await;
 }
 
 #[tokio::test]
