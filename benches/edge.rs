@@ -54,9 +54,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "common/nginx.rs"]
+mod nginx;
 #[path = "common/process.rs"]
 mod process;
-use process::{descendants, find_program, free_addr, is_root, loadavg, spawn, version, Proc};
+use process::{descendants, find_program, free_addr, loadavg, spawn, version, Proc};
 
 const SMALL_SIZE: usize = 4 * 1024;
 const SMALL_COUNT: usize = 256;
@@ -630,30 +632,13 @@ fn start_nginx(dir: &Path, origin: SocketAddr, workers: usize) -> anyhow::Result
     for d in ["cache", "tmp", "logs"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
-    let user = if is_root() { "user root root;" } else { "" };
     let d = dir.display();
     // The cache location follows Mastodon's "object storage proxy" doc (proxy_cache,
     // proxy_cache_lock, the media headers), with a keep-alive upstream.
     let config = format!(
-        r#"{user}
-worker_processes {workers};
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-  default_type application/octet-stream;
+        r#"{head}  default_type application/octet-stream;
   sendfile on;
   tcp_nopush on;
-  tcp_nodelay on;
-  keepalive_timeout 65;
-  keepalive_requests 1000000;
-  client_body_temp_path {d}/tmp/client;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
   proxy_cache_path {d}/cache levels=1:2 keys_zone=CACHE:10m inactive=7d max_size=4g;
   upstream origin {{
     server {origin};
@@ -683,34 +668,10 @@ http {{
     }}
   }}
 }}
-"#
+"#,
+        head = nginx::config_head(dir, workers),
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config)?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&path)
-        .arg("-e")
-        .arg(dir.join("logs/error.log"))
-        .args(["-g", "daemon off;"]);
-    let check = Command::new(&bin)
-        .arg("-t")
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&path)
-        .arg("-e")
-        .arg(dir.join("logs/error.log"))
-        .output()?;
-    if !check.status.success() {
-        bail!(
-            "nginx -t refused the generated config: {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-    }
-    let proc = spawn(cmd, dir.join("nginx.out"))?;
+    let proc = nginx::start(&bin, dir, &config)?;
     Ok(Server {
         name: "nginx".into(),
         version: format!("{}, {workers} workers", version(&bin, "-v")),

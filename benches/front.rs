@@ -41,6 +41,8 @@
 
 #[path = "front/api.rs"]
 mod api;
+#[path = "common/nginx.rs"]
+mod nginx;
 #[path = "common/process.rs"]
 mod process;
 
@@ -53,7 +55,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::Full;
-use process::{find_program, free_addr, is_root, loadavg, spawn, version, Proc};
+use process::{find_program, free_addr, loadavg, spawn, version, Proc};
 
 const SMALL_SIZE: usize = 4 * 1024;
 const SMALL_COUNT: usize = 256;
@@ -600,11 +602,6 @@ fn start_nginx(
         std::fs::create_dir_all(dir.join(d))?;
     }
     let (plain, tls) = (free_addr()?, free_addr()?);
-    let user = match is_root() {
-        true => "user root root;",
-        false => "",
-    };
-    let d = dir.display();
     let (m, c, k) = (media.display(), cert.display(), key.display());
     // nginx's `keepalive` is per worker: the same idle connections in all as fediedge's
     // `max_idle_per_upstream` default (256).
@@ -612,26 +609,10 @@ fn start_nginx(
     // TLS: nginx's defaults but for the session cache; http2 on the same listener. The proxy:
     // Mastodon's nginx proxy headers, HTTP/1.1 keep-alive to the upstream.
     let config = format!(
-        r#"{user}
-worker_processes {workers};
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-  default_type application/octet-stream;
+        r#"{head}  default_type application/octet-stream;
   sendfile on;
   tcp_nopush on;
-  tcp_nodelay on;
-  keepalive_timeout 65;
-  keepalive_requests 1000000;
   open_file_cache max=1000 inactive=60s;
-  client_body_temp_path {d}/tmp/client;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:SSL:10m;
   upstream core {{
@@ -651,45 +632,15 @@ http {{
   server {{
     listen {plain} backlog=4096;
     location / {{
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Real-IP $remote_addr;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme;
-      proxy_set_header Proxy "";
-      proxy_pass_header Server;
-      proxy_buffering on;
-      proxy_redirect off;
-      proxy_pass http://core;
+{MASTODON_PROXY}      proxy_pass http://core;
     }}
   }}
 }}
-"#
+"#,
+        head = nginx::config_head(dir, workers),
+        MASTODON_PROXY = nginx::MASTODON_PROXY,
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config)?;
-    let args = |cmd: &mut Command| {
-        cmd.arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&path)
-            .arg("-e")
-            .arg(dir.join("logs/error.log"));
-    };
-    let mut check = Command::new(&bin);
-    args(&mut check);
-    let check = check.arg("-t").output()?;
-    if !check.status.success() {
-        bail!(
-            "nginx -t refused the generated config: {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-    }
-    let mut cmd = Command::new(&bin);
-    args(&mut cmd);
-    cmd.args(["-g", "daemon off;"]);
-    let proc = spawn(cmd, dir.join("nginx.out"))?;
+    let proc = nginx::start(&bin, dir, &config)?;
     Ok(Server {
         name: "nginx",
         version: format!("{}, {workers} workers", version(&bin, "-v")),

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::{
-    find_program, free_addr, is_root, loadavg, spawn, ticks_per_sec, version, wrk_run, Figure,
+    find_program, free_addr, loadavg, nginx, spawn, ticks_per_sec, version, wrk_run, Figure,
     Server, Settings,
 };
 
@@ -329,31 +329,10 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
         std::fs::create_dir_all(dir.join(d))?;
     }
     let plain = free_addr()?;
-    let user = match is_root() {
-        true => "user root root;",
-        false => "",
-    };
-    let d = dir.display();
     // As the proxy test: fediedge's `max_idle_per_upstream` default (256) in all.
     let keepalive = (256 / workers).max(1);
     let config = format!(
-        r#"{user}
-worker_processes {workers};
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-  tcp_nodelay on;
-  keepalive_timeout 65;
-  keepalive_requests 1000000;
-  client_body_temp_path {d}/tmp/client;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
-  proxy_cache_path {d}/cache levels=1:2 keys_zone=CACHE:10m inactive=7d max_size=1g;
+        r#"{head}  proxy_cache_path {d}/cache levels=1:2 keys_zone=CACHE:10m inactive=7d max_size=1g;
   upstream core {{
     server {upstream};
     keepalive {keepalive};
@@ -361,17 +340,7 @@ http {{
   server {{
     listen {plain} backlog=4096;
     location / {{
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Real-IP $remote_addr;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme;
-      proxy_set_header Proxy "";
-      proxy_pass_header Server;
-      proxy_buffering on;
-      proxy_redirect off;
-      proxy_cache CACHE;
+{MASTODON_PROXY}      proxy_cache CACHE;
       proxy_cache_valid 200 7d;
       proxy_cache_valid 410 24h;
       proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
@@ -382,31 +351,12 @@ http {{
     }}
   }}
 }}
-"#
+"#,
+        head = nginx::config_head(dir, workers),
+        d = dir.display(),
+        MASTODON_PROXY = nginx::MASTODON_PROXY,
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config)?;
-    let args = |cmd: &mut std::process::Command| {
-        cmd.arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&path)
-            .arg("-e")
-            .arg(dir.join("logs/error.log"));
-    };
-    let mut check = std::process::Command::new(&bin);
-    args(&mut check);
-    let check = check.arg("-t").output()?;
-    if !check.status.success() {
-        bail!(
-            "nginx -t refused the generated config: {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-    }
-    let mut cmd = std::process::Command::new(&bin);
-    args(&mut cmd);
-    cmd.args(["-g", "daemon off;"]);
-    let proc = spawn(cmd, dir.join("nginx.out"))?;
+    let proc = nginx::start(&bin, dir, &config)?;
     Ok(Server {
         name: "nginx",
         version: format!("{}, {workers} workers, proxy_cache", version(&bin, "-v")),
