@@ -128,17 +128,25 @@ async fn sse_upstream() -> (
     (addr, streams_rx)
 }
 
-#[tokio::test]
-async fn server_sent_events_pass_through_one_by_one() {
+/// An edge whose streaming pool is an [`sse_upstream`] (`extra`: more `[core]` lines), an
+/// event stream opened through it, and the channel that sends that stream's events.
+async fn event_stream(
+    extra: &str,
+) -> (
+    tempfile::TempDir,
+    crate::common::TestEdge,
+    reqwest::Response,
+    mpsc::UnboundedSender<Bytes>,
+) {
     let (upstream, mut streams) = sse_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = edge_with_core(
         dir.path(),
         &[upstream],
-        &format!("streaming = [\"{upstream}\"]\nidle_timeout = \"1s\"\n"),
+        &format!("streaming = [\"{upstream}\"]\n{extra}"),
     )
     .await;
-    let mut resp = get(&edge, CORE, "/api/v1/streaming/public")
+    let resp = get(&edge, CORE, "/api/v1/streaming/public")
         .header("accept", "text/event-stream")
         .send()
         .await
@@ -147,6 +155,12 @@ async fn server_sent_events_pass_through_one_by_one() {
         .recv()
         .await
         .expect("the request reached the upstream");
+    (dir, edge, resp, events)
+}
+
+#[tokio::test]
+async fn server_sent_events_pass_through_one_by_one() {
+    let (_dir, _edge, mut resp, events) = event_stream("idle_timeout = \"1s\"\n").await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     for n in 0..3 {
         let event = format!("event: update\ndata: {n}\n\n");
@@ -197,23 +211,7 @@ async fn a_silent_websocket_tunnel_is_closed_after_stream_idle_timeout() {
 
 #[tokio::test]
 async fn a_silent_event_stream_is_cut_after_stream_idle_timeout() {
-    let (upstream, mut streams) = sse_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let edge = edge_with_core(
-        dir.path(),
-        &[upstream],
-        &format!("streaming = [\"{upstream}\"]\nstream_idle_timeout = \"300ms\"\n"),
-    )
-    .await;
-    let mut resp = get(&edge, CORE, "/api/v1/streaming/public")
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let events = streams
-        .recv()
-        .await
-        .expect("the request reached the upstream");
+    let (_dir, edge, mut resp, events) = event_stream("stream_idle_timeout = \"300ms\"\n").await;
     let event = "event: update\ndata: 1\n\n";
     events.send(Bytes::from(event)).unwrap();
     let chunk = resp.chunk().await.unwrap().expect("the first event");
