@@ -57,15 +57,21 @@ fn config(dir: &Path, web: SocketAddr, secret: &str, negative_ttl: &str) -> Stri
     )
 }
 
-async fn get_core(addr: SocketAddr) -> u16 {
+/// A GET of `/about` with `Host: host`; the status.
+async fn get_as(addr: SocketAddr, host: &str) -> u16 {
     crate::common::client()
         .get(format!("http://{addr}/about"))
-        .header("host", CORE)
+        .header("host", host)
         .send()
         .await
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// [`get_as`] the instance's host.
+async fn get_core(addr: SocketAddr) -> u16 {
+    get_as(addr, CORE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,18 +236,6 @@ async fn a_request_under_way_ends_on_the_old_pool_while_new_ones_use_the_new() {
     assert_eq!(get_core(addr).await, 200);
     assert_eq!(new.requests(), 2);
     running.shutdown().await;
-}
-
-/// A GET of `/about` with `Host: host`; the status.
-async fn get_as(addr: SocketAddr, host: &str) -> u16 {
-    crate::common::client()
-        .get(format!("http://{addr}/about"))
-        .header("host", host)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
