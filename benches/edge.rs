@@ -54,11 +54,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[path = "common/nginx.rs"]
-mod nginx;
 #[path = "common/process.rs"]
 mod process;
-use process::{descendants, find_program, free_addr, loadavg, spawn, version, Proc};
+#[path = "common/servers.rs"]
+mod servers;
+use process::{descendants, find_program, free_addr, loadavg, version, Proc};
 
 const SMALL_SIZE: usize = 4 * 1024;
 const SMALL_COUNT: usize = 256;
@@ -609,14 +609,7 @@ first_byte_timeout = "10s"
         cache = dir.join("cache").display(),
         media = dir.join("media").display(),
     );
-    let path = dir.join("fediedge.toml");
-    std::fs::write(&path, config)?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("RUST_LOG");
-    let proc = spawn(cmd, dir.join("fediedge.log"))?;
+    let proc = servers::start_fediedge(&bin, dir, &config)?;
     Ok(Server {
         name: "fediedge".into(),
         version: format!("{} (release build)", bin.display()),
@@ -669,9 +662,9 @@ fn start_nginx(dir: &Path, origin: SocketAddr, workers: usize) -> anyhow::Result
   }}
 }}
 "#,
-        head = nginx::config_head(dir, workers),
+        head = servers::nginx_config_head(dir, workers),
     );
-    let proc = nginx::start(&bin, dir, &config)?;
+    let proc = servers::start_nginx(&bin, dir, &config)?;
     Ok(Server {
         name: "nginx".into(),
         version: format!("{}, {workers} workers", version(&bin, "-v")),
@@ -725,22 +718,7 @@ sub vcl_deliver {{
         host = origin.ip(),
         port = origin.port(),
     );
-    let path = dir.join("default.vcl");
-    std::fs::write(&path, vcl)?;
-    let workdir = dir.join("work");
-    std::fs::create_dir_all(&workdir)?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("-F")
-        .arg("-n")
-        .arg(&workdir)
-        .arg("-a")
-        .arg(addr.to_string())
-        .arg("-T")
-        .arg("127.0.0.1:0")
-        .arg("-f")
-        .arg(&path)
-        .args(["-s", "malloc,256m", "-j", "none"]);
-    let proc = spawn(cmd, dir.join("varnishd.log"))?;
+    let proc = servers::start_varnishd(&bin, dir, addr, &vcl)?;
     Ok(Server {
         name: "varnish".into(),
         version: version(&bin, "-V"),

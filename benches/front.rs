@@ -41,10 +41,10 @@
 
 #[path = "front/api.rs"]
 mod api;
-#[path = "common/nginx.rs"]
-mod nginx;
 #[path = "common/process.rs"]
 mod process;
+#[path = "common/servers.rs"]
+mod servers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::Full;
-use process::{find_program, free_addr, loadavg, spawn, version, Proc};
+use process::{find_program, free_addr, loadavg, version, Proc};
 
 const SMALL_SIZE: usize = 4 * 1024;
 const SMALL_COUNT: usize = 256;
@@ -572,14 +572,7 @@ health_check_interval = "0s"
         cert = cert.display(),
         key = key.display(),
     );
-    let path = dir.join("fediedge.toml");
-    std::fs::write(&path, config)?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("RUST_LOG");
-    let proc = spawn(cmd, dir.join("fediedge.log"))?;
+    let proc = servers::start_fediedge(&bin, dir, &config)?;
     Ok(Server {
         name: "fediedge",
         version: format!("{} (release build)", bin.display()),
@@ -637,10 +630,10 @@ fn start_nginx(
   }}
 }}
 "#,
-        head = nginx::config_head(dir, workers),
-        MASTODON_PROXY = nginx::MASTODON_PROXY,
+        head = servers::nginx_config_head(dir, workers),
+        MASTODON_PROXY = servers::MASTODON_PROXY,
     );
-    let proc = nginx::start(&bin, dir, &config)?;
+    let proc = servers::start_nginx(&bin, dir, &config)?;
     Ok(Server {
         name: "nginx",
         version: format!("{}, {workers} workers", version(&bin, "-v")),

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::{
-    find_program, free_addr, loadavg, nginx, spawn, ticks_per_sec, version, wrk_run, Figure,
-    Server, Settings,
+    find_program, free_addr, loadavg, servers, ticks_per_sec, version, wrk_run, Figure, Server,
+    Settings,
 };
 
 /// The target: fediedge ≥ 1.3× the better of nginx and Varnish (req/s).
@@ -302,14 +302,7 @@ max_size = "1GiB"
         media = media.display(),
         core_cache = dir.join("core-cache").display(),
     );
-    let path = dir.join("fediedge.toml");
-    std::fs::write(&path, config)?;
-    let mut cmd = std::process::Command::new(&bin);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("RUST_LOG");
-    let proc = spawn(cmd, dir.join("fediedge.log"))?;
+    let proc = servers::start_fediedge(&bin, dir, &config)?;
     Ok(Server {
         name: "fediedge",
         version: format!("{}, [core.cache]", bin.display()),
@@ -352,11 +345,11 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
   }}
 }}
 "#,
-        head = nginx::config_head(dir, workers),
+        head = servers::nginx_config_head(dir, workers),
         d = dir.display(),
-        MASTODON_PROXY = nginx::MASTODON_PROXY,
+        MASTODON_PROXY = servers::MASTODON_PROXY,
     );
-    let proc = nginx::start(&bin, dir, &config)?;
+    let proc = servers::start_nginx(&bin, dir, &config)?;
     Ok(Server {
         name: "nginx",
         version: format!("{}, {workers} workers, proxy_cache", version(&bin, "-v")),
@@ -372,27 +365,12 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
 fn start_varnish(dir: &Path, upstream: SocketAddr) -> anyhow::Result<Server> {
     let bin = find_program("VARNISHD_BIN", "varnishd")?;
     let plain = free_addr()?;
-    let workdir = dir.join("work");
-    std::fs::create_dir_all(&workdir)?;
     let vcl = format!(
         "vcl 4.1;\n\nbackend core {{\n  .host = \"{}\";\n  .port = \"{}\";\n}}\n",
         upstream.ip(),
         upstream.port()
     );
-    let path = dir.join("default.vcl");
-    std::fs::write(&path, vcl)?;
-    let mut cmd = std::process::Command::new(&bin);
-    cmd.arg("-F")
-        .arg("-n")
-        .arg(&workdir)
-        .arg("-a")
-        .arg(plain.to_string())
-        .arg("-T")
-        .arg("127.0.0.1:0")
-        .arg("-f")
-        .arg(&path)
-        .args(["-s", "malloc,256m", "-j", "none"]);
-    let proc = spawn(cmd, dir.join("varnishd.log"))?;
+    let proc = servers::start_varnishd(&bin, dir, plain, &vcl)?;
     Ok(Server {
         name: "varnish",
         version: version(&bin, "-V"),

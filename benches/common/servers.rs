@@ -1,9 +1,10 @@
-//! What the benchmark programs' nginx servers share: the top of the config (workers, logs,
-//! limits, temp paths, keep-alive to clients), Mastodon's proxy headers, and starting nginx on
-//! a generated config after `nginx -t` accepts it.
+//! Starting the servers the benchmark programs compare, on a generated config: fediedge,
+//! nginx (after `nginx -t` accepts it; with the config head and Mastodon's proxy settings the
+//! nginx servers share) and Varnish.
 // Each benchmark program uses what it needs of this module.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -14,7 +15,7 @@ use super::process::{is_root, spawn, Proc};
 /// The config from its first line to the `http` block's shared settings (left open: the
 /// caller adds its own settings, upstreams and servers, and closes it). `dir` holds the pid,
 /// the logs and `tmp/`.
-pub fn config_head(dir: &Path, workers: usize) -> String {
+pub fn nginx_config_head(dir: &Path, workers: usize) -> String {
     let user = if is_root() { "user root root;" } else { "" };
     let d = dir.display();
     format!(
@@ -51,9 +52,49 @@ pub const MASTODON_PROXY: &str = r#"      proxy_http_version 1.1;
       proxy_redirect off;
 "#;
 
+/// Writes `config` to `dir/fediedge.toml` and starts `fediedge serve` on it (its log in
+/// `dir/fediedge.log`, at the default level).
+pub fn start_fediedge(bin: &Path, dir: &Path, config: &str) -> anyhow::Result<Proc> {
+    let path = dir.join("fediedge.toml");
+    std::fs::write(&path, config)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG");
+    spawn(cmd, dir.join("fediedge.log"))
+}
+
+/// Writes `vcl` to `dir/default.vcl` and starts varnishd in the foreground on `listen`
+/// (working directory `dir/work`, 256 MiB of malloc storage, no jail; its output in
+/// `dir/varnishd.log`).
+pub fn start_varnishd(
+    bin: &Path,
+    dir: &Path,
+    listen: SocketAddr,
+    vcl: &str,
+) -> anyhow::Result<Proc> {
+    let workdir = dir.join("work");
+    std::fs::create_dir_all(&workdir)?; // `dir` too
+    let path = dir.join("default.vcl");
+    std::fs::write(&path, vcl)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-F")
+        .arg("-n")
+        .arg(&workdir)
+        .arg("-a")
+        .arg(listen.to_string())
+        .arg("-T")
+        .arg("127.0.0.1:0")
+        .arg("-f")
+        .arg(&path)
+        .args(["-s", "malloc,256m", "-j", "none"]);
+    spawn(cmd, dir.join("varnishd.log"))
+}
+
 /// Writes `config` to `dir/nginx.conf`, checks it with `nginx -t` and starts nginx on it in
 /// the foreground (its output in `dir/nginx.out`).
-pub fn start(bin: &Path, dir: &Path, config: &str) -> anyhow::Result<Proc> {
+pub fn start_nginx(bin: &Path, dir: &Path, config: &str) -> anyhow::Result<Proc> {
     let path = dir.join("nginx.conf");
     std::fs::write(&path, config)?;
     let command = || {
