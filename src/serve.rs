@@ -453,7 +453,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (m, st) = (metrics.clone(), status.clone());
     listeners.serve_admin(
         admin,
-        listen::handler(move |req| std::future::ready(crate::admin::handle(&m, &st, req))),
+        listen::handler(move |req, _| std::future::ready(crate::admin::handle(&m, &st, req))),
     );
     tasks.push(tokio::spawn(status.clone().run(
         metrics.clone(),
@@ -477,7 +477,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some((listener, handler)) = redirect {
         listeners.serve(
             listener,
-            listen::handler(move |req| {
+            listen::handler(move |req, _| {
                 let handler = handler.clone();
                 async move { handler.handle(req).await }
             }),
@@ -523,11 +523,15 @@ fn front_door(
     core_cache: Option<Arc<crate::corecache::CoreCache>>,
 ) -> listen::Handler {
     use crate::router::Route;
-    listen::handler(move |req| {
+    listen::handler(move |mut req, info| {
         let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
         let buster = buster.clone();
         let core_cache = core_cache.clone();
         let route = router.route(&req);
+        if let Route::Core | Route::Streaming = route {
+            // The proxy reads who sent the request (X-Forwarded-For, X-Forwarded-Proto) here.
+            req.extensions_mut().insert(info);
+        }
         async move {
             use crate::proxy::Kind;
             if let (Some(b), Route::Media | Route::MediaRoot | Route::Core) = (&buster, route) {

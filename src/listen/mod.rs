@@ -45,21 +45,25 @@ use tokio_util::task::TaskTracker;
 /// The same type as [`crate::edge::Body`].
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// What a listener serves: a request in, a response out.
+/// What a listener serves: a request and who sent it in, a response out.
 pub type Handler = Arc<
-    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+    dyn Fn(Request<Incoming>, ConnInfo) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// Wraps an async function as a [`Handler`].
 pub fn handler<F, Fut>(f: F) -> Handler
 where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, ConnInfo) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    Arc::new(move |req| Box::pin(f(req)))
+    Arc::new(move |req, info| Box::pin(f(req, info)))
 }
 
-/// Set on every request as an extension: who is at the other end of the connection.
+/// Who is at the other end of a connection: given to the [`Handler`] with each request.
+/// (An argument, not a request extension: inserting one allocates the extension map on every
+/// request, and only the proxy's routes need it.)
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     /// The peer's address.
@@ -67,12 +71,6 @@ pub struct ConnInfo {
     /// True on a TLS listener.
     pub tls: bool,
 }
-
-/// A client that sends no complete header block in this time is dropped. In hyper the timer
-/// also runs while an HTTP/1.1 keep-alive connection waits for its next request, so this is
-/// the idle timeout of HTTP/1.1 too: a slow or idle client does not hold its slot under
-/// `max_connections` for longer.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// HTTP/2: a connection that received nothing for this long is sent a PING ...
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -400,31 +398,24 @@ where
 {
     let upgraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upgraded_flag = upgraded.clone();
-    // HTTP/2: what is under way, for the idle timeout (see `idle`).
-    let activity = matches!(protocol, Protocol::Http2).then(Arc::<idle::Activity>::default);
+    // What is under way, for the idle timeout and the slow-client guard (see `idle`).
+    let activity = Arc::<idle::Activity>::default();
     let requests = activity.clone();
-    let service = service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(info);
+    let service = service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
         let upgraded = upgraded_flag.clone();
-        let active = requests.as_ref().map(|a| a.start());
+        let active = requests.start();
         async move {
-            let resp = handler(req).await;
+            let resp = handler(req, info).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 upgraded.store(true, std::sync::atomic::Ordering::Release);
             }
-            let resp = match active {
-                Some(active) => resp.map(|body| idle::hold(body, active)),
-                None => resp,
-            };
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|body| idle::Held::new(body, active)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // `idle` stands for hyper's header read timeout (which costs a timer per request).
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -437,12 +428,6 @@ where
     // With upgrades: a WebSocket handshake hands the connection to the handler's tunnel.
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let idle = async {
-        match &activity {
-            Some(a) => idle::idle(a).await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         ended = conn.as_mut() => {
             if let Err(e) = ended {
@@ -451,7 +436,16 @@ where
             return upgraded.load(std::sync::atomic::Ordering::Acquire);
         }
         _ = signals.drain.cancelled() => {}
-        _ = idle => tracing::debug!("HTTP/2 connection idle: closing it"),
+        _ = idle::idle(&activity) => match protocol {
+            // Nothing under way: the client waits between requests or is still sending a
+            // header block after a whole period. Closed at once (hyper's graceful shutdown
+            // would wait for a header block that has begun).
+            Protocol::Http1 => {
+                tracing::debug!("HTTP/1.1 connection idle or too slow: closing it");
+                return false;
+            }
+            Protocol::Http2 => tracing::debug!("HTTP/2 connection idle: closing it"),
+        },
     }
     // HTTP/1.1: a response under way completes, then (or at once, when idle) the connection
     // closes. HTTP/2: GOAWAY; streams under way complete (none, when idle).

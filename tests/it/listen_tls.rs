@@ -576,3 +576,46 @@ async fn idle_h2_and_http1_connections_are_closed_by_the_edge() {
     }
     edge.running.shutdown().await;
 }
+
+/// The slow-client guard: an HTTP/1.1 client that takes longer than the idle timeout to send
+/// its header block (or sends nothing at all) is dropped without an answer, so it does not
+/// hold its place under `max_connections`. Paused time, as above.
+#[tokio::test(start_paused = true)]
+async fn a_client_too_slow_to_send_its_header_block_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let leaf = ca.leaf(dir.path(), "site", &["edge.test"]);
+    let edge = start_edge(dir.path(), &tls_config(dir.path(), &[&leaf], None)).await;
+    let connect = || tokio::net::TcpStream::connect(edge.running.addr);
+    let mut partial = connect().await.unwrap();
+    partial
+        .write_all(b"GET /system/a.png HTTP/1.1\r\nHost: edge.te")
+        .await
+        .unwrap();
+    let mut silent = connect().await.unwrap();
+    for (what, conn) in [
+        ("half a header block", &mut partial),
+        ("nothing", &mut silent),
+    ] {
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(600),
+            conn.read_to_end(&mut got),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("a client that sent {what} keeps its connection"))
+        .unwrap();
+        assert!(got.is_empty(), "{what}: answered {got:?}");
+    }
+    // A client that finishes its request in time is answered on a connection as old.
+    let mut prompt = connect().await.unwrap();
+    prompt
+        .write_all(b"HEAD /system/a.png HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    prompt.read_to_end(&mut got).await.unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    edge.running.shutdown().await;
+}
