@@ -101,6 +101,10 @@ impl Reloader {
             new.max_connections
                 .unwrap_or_else(crate::listen::cap::default_max_connections),
         );
+        self.cap.per_ip.set(
+            new.max_connections_per_ip,
+            crate::serve::per_ip_exempt(&new),
+        );
         if self.routes_live(&new) {
             let routes = Router::of(&new);
             let routes = self
@@ -128,7 +132,7 @@ impl Reloader {
         if under("tls.certificates") {
             return self.certificates.is_some() && new.tls.is_some();
         }
-        if key == "max_connections" {
+        if key == "max_connections" || key == "max_connections_per_ip" {
             return true;
         }
         if under("core.hosts") || under("media_hosts") {

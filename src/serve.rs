@@ -222,6 +222,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .max_connections
         .unwrap_or_else(listen::cap::default_max_connections);
     let cap = listen::cap::ConnectionCap::new(max_connections);
+    cap.per_ip
+        .set(config.max_connections_per_ip, per_ip_exempt(&config));
     let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
         Box::new(status.collector()),
         Box::new(listen::cap::ConnectionCollector(cap.clone())),
@@ -644,4 +646,13 @@ async fn publish_migration_progress(
             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
         }
     }
+}
+
+/// The client addresses `max_connections_per_ip` does not limit: `[core] trusted_proxies`.
+pub(crate) fn per_ip_exempt(config: &Config) -> Vec<ipnet::IpNet> {
+    config
+        .core
+        .as_ref()
+        .map(|c| c.trusted_proxies.clone())
+        .unwrap_or_default()
 }

@@ -97,6 +97,8 @@ pub struct Config {
     /// Most client connections open at once on the public listeners (None: from
     /// `RLIMIT_NOFILE`, see `listen::cap::default_max_connections`).
     pub max_connections: Option<usize>,
+    /// Most connections open at once per client address (None: no limit).
+    pub max_connections_per_ip: Option<usize>,
     /// Most fetches (flights) under way at once.
     pub max_flights: usize,
     /// Most bytes of temp files held by fetches under way.
@@ -369,6 +371,7 @@ mod tests {
             ("worker_threads = 0", "worker_threads"),
             ("max_connections = 0", "max_connections"),
             ("max_connections = -1", "max_connections"),
+            ("max_connections_per_ip = 0", "max_connections_per_ip"),
             ("[cache]\nmax_size = \"10 XB\"", "max_size"),
             (
                 "[[fallback]]\ntype = \"http\"\nurl = \"ftp://x\"",

@@ -46,6 +46,10 @@ pub struct RawConfig {
     /// kernel's backlog until one closes. Default: the process's descriptor limit
     /// (`RLIMIT_NOFILE`) less 256, divided by 4, at least 64. A reload applies it.
     pub max_connections: Option<usize>,
+    /// Most connections one client address (IPv6: one /64) may hold open at once on the
+    /// public listeners; past it a new connection is closed at accept. Addresses in
+    /// `[core] trusted_proxies` are not limited. Default: no limit. A reload applies it.
+    pub max_connections_per_ip: Option<usize>,
     /// Most fetches of missing keys under way at once (one per key, however many clients
     /// ask). Past it a new key's fetch waits up to 2 s for a slot, then is answered 503 with
     /// `Retry-After`. Default 256.

@@ -52,6 +52,12 @@ impl RawConfig {
                 "must be at least 1 (leave it out for a default from the descriptor limit)".into(),
             ));
         }
+        if self.max_connections_per_ip == Some(0) {
+            return Err(invalid(
+                "max_connections_per_ip",
+                "must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
         if self.max_flights == 0 {
             return Err(invalid("max_flights", "must be at least 1".into()));
         }
@@ -154,6 +160,7 @@ impl RawConfig {
             writeback_concurrency: self.writeback_concurrency,
             worker_threads: self.worker_threads,
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             max_flights: self.max_flights,
             max_flight_temp_bytes: self.max_flight_temp_bytes.as_u64(),
             max_flight_memory: self.max_flight_memory.as_u64(),

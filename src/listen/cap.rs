@@ -71,6 +71,8 @@ pub struct ConnectionCap {
     /// Times an accept loop found the cap reached and stopped accepting.
     waits: AtomicU64,
     last_warned: parking_lot::Mutex<Option<Instant>>,
+    /// `max_connections_per_ip`, checked at accept before a place is taken.
+    pub per_ip: Arc<super::per_ip::PerIp>,
 }
 
 /// One open connection's place under the cap, freed when the last holder drops it.
@@ -81,6 +83,8 @@ pub(super) type Slot = Arc<Place>;
 pub(super) struct Place {
     _permit: OwnedSemaphorePermit,
     cap: Arc<ConnectionCap>,
+    /// The connection's place in its address's count, if that is limited.
+    _per_ip: Option<super::per_ip::Hold>,
 }
 
 impl Drop for Place {
@@ -99,6 +103,7 @@ impl ConnectionCap {
             open: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
             last_warned: parking_lot::Mutex::new(None),
+            per_ip: super::per_ip::PerIp::new(None, Vec::new()),
         })
     }
 
@@ -156,10 +161,15 @@ impl ConnectionCap {
         }
     }
 
-    /// A slot for a connection just accepted. Normally there at once; when another listener
-    /// took the last one between [`ConnectionCap::room`] and the accept, the accepted
-    /// connection waits (unserved) for the next one, in turn with the other listeners.
-    pub(super) async fn slot(self: &Arc<Self>, stop: &CancellationToken) -> Option<Slot> {
+    /// A slot for a connection just accepted, holding `per_ip` (its place in its address's
+    /// count). Normally there at once; when another listener took the last one between
+    /// [`ConnectionCap::room`] and the accept, the accepted connection waits (unserved) for
+    /// the next one, in turn with the other listeners.
+    pub(super) async fn slot(
+        self: &Arc<Self>,
+        stop: &CancellationToken,
+        per_ip: Option<super::per_ip::Hold>,
+    ) -> Option<Slot> {
         let permit = tokio::select! {
             biased;
             p = self.permits.clone().acquire_owned() => p.ok()?,
@@ -169,6 +179,7 @@ impl ConnectionCap {
         Some(Arc::new(Place {
             _permit: permit,
             cap: self.clone(),
+            _per_ip: per_ip,
         }))
     }
 
@@ -185,8 +196,8 @@ impl ConnectionCap {
     }
 }
 
-/// The `/metrics` collector of `fediedge_connections_open`, `fediedge_connections_max` and
-/// `fediedge_connection_cap_waits_total`.
+/// The `/metrics` collector of `fediedge_connections_open`, `fediedge_connections_max`,
+/// `fediedge_connection_cap_waits_total` and `fediedge_connections_refused_per_ip_total`.
 #[derive(Debug)]
 pub struct ConnectionCollector(pub Arc<ConnectionCap>);
 
@@ -209,15 +220,25 @@ impl Collector for ConnectionCollector {
             let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             gauge.encode(m)?;
         }
-        let counter = prometheus_client::metrics::counter::ConstCounter::new(cap.waits());
-        let m = enc.encode_descriptor(
-            "connection_cap_waits",
-            "Times a public listener stopped accepting because max_connections were open \
-             (new connections waited in the kernel's backlog)",
-            None,
-            MetricType::Counter,
-        )?;
-        counter.encode(m)
+        for (name, help, value) in [
+            (
+                "connection_cap_waits",
+                "Times a public listener stopped accepting because max_connections were open \
+                 (new connections waited in the kernel's backlog)",
+                cap.waits(),
+            ),
+            (
+                "connections_refused_per_ip",
+                "Connections closed at accept because their client address already held \
+                 max_connections_per_ip",
+                cap.per_ip.refused(),
+            ),
+        ] {
+            let counter = prometheus_client::metrics::counter::ConstCounter::new(value);
+            let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            counter.encode(m)?;
+        }
+        Ok(())
     }
 }
 
@@ -304,7 +325,7 @@ mod tests {
         let cap = ConnectionCap::new(1);
         let stop = CancellationToken::new();
         assert!(cap.room(&stop).await);
-        let slot = cap.slot(&stop).await.unwrap();
+        let slot = cap.slot(&stop, None).await.unwrap();
         let shared = slot.clone();
         assert_eq!((cap.open(), cap.waits()), (1, 0));
         let waiting = {
@@ -319,7 +340,7 @@ mod tests {
         drop(shared);
         assert!(waiting.await.unwrap());
         assert_eq!((cap.open(), cap.waits()), (0, 1));
-        let held = cap.slot(&stop).await.unwrap();
+        let held = cap.slot(&stop, None).await.unwrap();
         let stopping = CancellationToken::new();
         stopping.cancel();
         assert!(
@@ -334,8 +355,8 @@ mod tests {
         let cap = ConnectionCap::new(2);
         let stop = CancellationToken::new();
         let (a, b) = (
-            cap.slot(&stop).await.unwrap(),
-            cap.slot(&stop).await.unwrap(),
+            cap.slot(&stop, None).await.unwrap(),
+            cap.slot(&stop, None).await.unwrap(),
         );
         cap.resize(1);
         assert_eq!((cap.max(), cap.open()), (1, 2));

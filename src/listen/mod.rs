@@ -18,6 +18,7 @@
 
 pub mod cap;
 mod idle;
+pub mod per_ip;
 pub mod redirect;
 pub mod tls;
 
@@ -217,8 +218,14 @@ impl Listeners {
                         }
                     },
                 };
+                // Past `max_connections_per_ip`: closed at once (the stream is dropped).
+                let per_ip = match cap.as_ref().map(|c| c.per_ip.admit(peer.ip())) {
+                    Some(Err(())) => continue,
+                    Some(Ok(hold)) => hold,
+                    None => None,
+                };
                 let slot = match &cap {
-                    Some(cap) => match cap.slot(&stop).await {
+                    Some(cap) => match cap.slot(&stop, per_ip).await {
                         Some(slot) => Some(slot),
                         None => break,
                     },

@@ -194,3 +194,83 @@ async fn a_reload_raises_and_lowers_max_connections_without_dropping_one() {
     drop(third);
     running.shutdown().await;
 }
+
+/// Connects to `addr` from the local address `from` (any of 127.0.0.0/8 on Linux).
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Reads until the edge closes `s` (a refused connection) and returns what came.
+async fn closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    match tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await {
+        Ok(Ok(_)) => {}
+        // Closed with our request unread: the kernel resets it.
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Err(_) => panic!("the edge kept a connection over max_connections_per_ip"),
+    }
+    got
+}
+
+#[tokio::test]
+async fn max_connections_per_ip_closes_one_address_extra_connections_and_a_reload_lifts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let text = |limit: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             {limit}{}",
+            dir.path().join("var").display(),
+            fs_primary(dir.path())
+        )
+    };
+    std::fs::write(&file, text("max_connections_per_ip = 2\n")).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let (addr, admin) = (running.addr, running.admin_addr);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.1", addr).await;
+        ask(&mut s).await;
+        assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third from the same address is closed unanswered; another address is served.
+    let mut third = connect_from("127.0.0.1", addr).await;
+    ask(&mut third).await;
+    assert_eq!(closed(&mut third).await, b"");
+    assert_eq!(
+        metric(admin, "fediedge_connections_refused_per_ip_total").await,
+        1.0
+    );
+    let mut other = connect_from("127.0.0.2", addr).await;
+    ask(&mut other).await;
+    assert!(answer(&mut other).await.starts_with("HTTP/1.1 200"));
+    // A place given back is taken again.
+    drop(held.pop());
+    metric_becomes(admin, "fediedge_connections_open", 2.0).await;
+    let mut again = connect_from("127.0.0.1", addr).await;
+    ask(&mut again).await;
+    assert!(answer(&mut again).await.starts_with("HTTP/1.1 200"));
+
+    // Reloaded without the key: no limit.
+    std::fs::write(&file, text("")).unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["max_connections_per_ip"]);
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.1", addr).await;
+        ask(&mut s).await;
+        assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    assert_eq!(
+        metric(admin, "fediedge_connections_refused_per_ip_total").await,
+        1.0
+    );
+    drop((held, other, again));
+    running.shutdown().await;
+}
