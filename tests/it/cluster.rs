@@ -186,9 +186,27 @@ async fn read(store: &fediedge::store::StoreHandle, key: &str) -> Result<Vec<u8>
 }
 
 /// Reads every object back through `endpoint`; returns how many are missing or not whole.
+/// A read that fails (the node busy, a quorum not reached yet: no answer about the object)
+/// is asked again until [`COPIED`] has passed; "absent" and wrong bytes count at once.
 async fn lost(cluster: &GarageCluster, endpoint: &str, objects: &[(String, Vec<u8>)]) -> usize {
     let store = bucket(cluster, endpoint);
-    let reads = join_all(objects.iter().map(|(k, _)| read(&store, k))).await;
+    let started = Instant::now();
+    let read_settled = |k: &str| {
+        let store = &store;
+        let k = k.to_owned();
+        async move {
+            loop {
+                match read(store, &k).await {
+                    Err(e) if e != "absent" && started.elapsed() < COPIED => {
+                        eprintln!("read of {k} via {endpoint} failed, asking again: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    r => return r,
+                }
+            }
+        }
+    };
+    let reads = join_all(objects.iter().map(|(k, _)| read_settled(k))).await;
     let mut lost = 0;
     for ((k, b), r) in objects.iter().zip(reads) {
         if r.as_deref() != Ok(&b[..]) {
