@@ -11,15 +11,28 @@
 //! timer on every request, about 7 % of the instructions of a small cached hit; one sleep per
 //! period per connection costs nothing per request. The same check also drops a client that
 //! sends its header block too slowly (it starts no request): the slow-client guard.
+//!
+//! And the send timeout: a client that reads nothing (its receive window stays full) while a
+//! response waits to be written would hold its connection, and the response's upstream or
+//! cache work, for ever; hyper has no write timeout. [`Watched`] marks the connection blocked
+//! when a write cannot go on and unblocked when one goes on (only those rare moments cost
+//! anything), and [`idle`] reports [`Stop::Stalled`] once a write has been blocked for a
+//! whole period (so after one to two) while the kernel's send queue of the socket did not
+//! shrink either: a client that reads, however slowly or in bursts, keeps its connection
+//! (the kernel wakes a blocked writer only once half its queue is free, which on a large
+//! queue and a slow reader can take longer than a period). The caller cuts the connection.
 
+use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Body;
 
@@ -35,7 +48,22 @@ const STARTED: u64 = 1 << 32;
 /// ended; the high 32 bits count the requests started (wrapping), so a change between two
 /// checks is activity.
 #[derive(Debug, Default)]
-pub(super) struct Activity(AtomicU64);
+pub(super) struct Activity {
+    requests: AtomicU64,
+    /// A write could not go on (the client reads nothing) and none has gone on since.
+    blocked: AtomicBool,
+    /// Times `blocked` was cleared: a change between two checks is progress.
+    unblocked: AtomicU64,
+}
+
+/// Why [`idle`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// Nothing under way and nothing started for a whole period.
+    Idle,
+    /// A write blocked for a whole period: the client reads nothing.
+    Stalled,
+}
 
 /// One request under way; dropped when its response body ends or is dropped.
 pub(super) struct Active(Arc<Activity>);
@@ -43,7 +71,7 @@ pub(super) struct Active(Arc<Activity>);
 impl Activity {
     /// A request starts.
     pub(super) fn start(self: &Arc<Self>) -> Active {
-        self.0.fetch_add(STARTED + 1, Ordering::AcqRel);
+        self.requests.fetch_add(STARTED + 1, Ordering::AcqRel);
         Active(self.clone())
     }
 
@@ -55,21 +83,121 @@ impl Activity {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+        self.0.requests.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// Returns once `activity` shows no request under way and none started for a whole
-/// [`IDLE_TIMEOUT`] (so after one to two periods of idleness).
-pub(super) async fn idle(activity: &Activity) {
-    let mut seen = activity.0.load(Ordering::Acquire);
+/// Returns once `activity` shows no request under way, none started and no write waiting
+/// for a whole [`IDLE_TIMEOUT`], or a write blocked for as long with nothing leaving the
+/// send queue of `socket` (so after one to two periods).
+pub(super) async fn idle(activity: &Activity, socket: Option<RawFd>) -> Stop {
+    let mut seen = activity.requests.load(Ordering::Acquire);
+    let mut seen_unblocked = activity.unblocked.load(Ordering::Acquire);
+    let mut was_blocked = false;
+    let mut seen_unsent = None;
     loop {
         tokio::time::sleep(IDLE_TIMEOUT).await;
-        let now = activity.0.load(Ordering::Acquire);
-        if now == seen && Activity::under_way(now) == 0 {
-            return;
+        let now = activity.requests.load(Ordering::Acquire);
+        let unblocked = activity.unblocked.load(Ordering::Acquire);
+        let blocked = activity.blocked.load(Ordering::Acquire);
+        // A response body may have ended (handed whole to hyper) while its bytes still wait
+        // to be written: blocked, that is not idle (but may be stalled).
+        if now == seen && Activity::under_way(now) == 0 && !blocked {
+            return Stop::Idle;
         }
-        seen = now;
+        let unsent = socket.and_then(unsent);
+        let drained = matches!((seen_unsent, unsent), (Some(before), Some(now)) if now < before);
+        if blocked && was_blocked && unblocked == seen_unblocked && !drained {
+            return Stop::Stalled;
+        }
+        (seen, seen_unblocked, was_blocked) = (now, unblocked, blocked);
+        seen_unsent = unsent;
+    }
+}
+
+/// Bytes in the send queue of `socket` that the peer has not acknowledged yet (`TIOCOUTQ`),
+/// if the kernel says.
+fn unsent(socket: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int into `n`. `socket` is the connection's own socket,
+    // open for as long as the connection task that calls this runs.
+    let done = unsafe { libc::ioctl(socket, libc::TIOCOUTQ, &mut n) };
+    (done == 0).then(|| u64::try_from(n).unwrap_or(0))
+}
+
+/// A connection's socket (or TLS stream) that tells its [`Activity`] when writes block and
+/// when they go on again.
+pub(super) struct Watched<S> {
+    io: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Watched<S> {
+    pub(super) fn new(io: S, activity: Arc<Activity>) -> Watched<S> {
+        Watched { io, activity }
+    }
+
+    /// Notes how a write or flush went: pending marks the connection blocked, anything else
+    /// (done or failed) unblocks it. A relaxed load in the usual case.
+    fn note<T>(&self, polled: Poll<T>) -> Poll<T> {
+        let a = &self.activity;
+        match polled {
+            Poll::Pending => {
+                if !a.blocked.load(Ordering::Relaxed) {
+                    a.blocked.store(true, Ordering::Release);
+                }
+            }
+            Poll::Ready(_) => {
+                if a.blocked.load(Ordering::Relaxed) {
+                    a.blocked.store(false, Ordering::Release);
+                    a.unblocked.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -131,7 +259,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let watch = {
             let a = activity.clone();
-            tokio::spawn(async move { idle(&a).await })
+            tokio::spawn(async move { idle(&a, None).await })
         };
         // A response under way: never idle.
         tokio::time::sleep(IDLE_TIMEOUT * 5).await;
@@ -139,8 +267,11 @@ mod tests {
         // The body read to its end frees the connection.
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(&got[..], b"x");
-        assert_eq!(Activity::under_way(activity.0.load(Ordering::Acquire)), 0);
-        watch.await.unwrap();
+        assert_eq!(
+            Activity::under_way(activity.requests.load(Ordering::Acquire)),
+            0
+        );
+        assert_eq!(watch.await.unwrap(), Stop::Idle);
         assert!(started.elapsed() >= IDLE_TIMEOUT * 5);
     }
 }

@@ -241,6 +241,8 @@ impl Listeners {
                 };
                 let (handler, conns) = (handler.clone(), conns.clone());
                 let transport = transport.clone();
+                // For the send timeout (`idle`): open while the connection task runs.
+                let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
                 // The slot is held by the socket and by this task (the lingering close).
                 let stream = cap::Capped::new(stream, slot.clone());
                 tracker.spawn(async move {
@@ -249,11 +251,13 @@ impl Listeners {
                     let upgraded = match transport {
                         Transport::Plain => {
                             let info = ConnInfo { peer, tls: false };
-                            serve_connection(stream, Protocol::Http1, handler, conns, info).await
+                            let conn = Conn { info, socket };
+                            serve_connection(stream, Protocol::Http1, handler, conns, conn).await
                         }
                         Transport::Tls(acceptor) => {
                             let info = ConnInfo { peer, tls: true };
-                            serve_tls(stream, acceptor, handler, conns, info).await
+                            let conn = Conn { info, socket };
+                            serve_tls(stream, acceptor, handler, conns, conn).await
                         }
                     };
                     // An upgraded connection (a WebSocket) was handed to the handler's tunnel,
@@ -316,6 +320,13 @@ impl Listeners {
     }
 }
 
+/// One accepted connection: who, and its socket's descriptor (valid while its task runs).
+#[derive(Clone, Copy)]
+struct Conn {
+    info: ConnInfo,
+    socket: std::os::fd::RawFd,
+}
+
 /// What a connection task listens to.
 #[derive(Clone)]
 struct ConnSignals {
@@ -363,7 +374,7 @@ async fn serve_tls<I>(
     acceptor: tokio_rustls::TlsAcceptor,
     handler: Handler,
     signals: ConnSignals,
-    info: ConnInfo,
+    conn: Conn,
 ) -> bool
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -388,7 +399,7 @@ where
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    serve_connection(tls, protocol, handler, signals, info).await
+    serve_connection(tls, protocol, handler, signals, conn).await
 }
 
 /// Serves HTTP on one connection until the client leaves, a drain closes it, or a cut drops
@@ -398,11 +409,12 @@ async fn serve_connection<I>(
     protocol: Protocol,
     handler: Handler,
     signals: ConnSignals,
-    info: ConnInfo,
+    conn: Conn,
 ) -> bool
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let info = conn.info;
     let upgraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upgraded_flag = upgraded.clone();
     // What is under way, for the idle timeout and the slow-client guard (see `idle`).
@@ -433,32 +445,40 @@ where
         Protocol::Http2 => builder.http2_only(),
     };
     // With upgrades: a WebSocket handshake hands the connection to the handler's tunnel.
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let io = TokioIo::new(idle::Watched::new(io, activity.clone()));
+    let http = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(http);
     tokio::select! {
-        ended = conn.as_mut() => {
+        ended = http.as_mut() => {
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             return upgraded.load(std::sync::atomic::Ordering::Acquire);
         }
         _ = signals.drain.cancelled() => {}
-        _ = idle::idle(&activity) => match protocol {
+        stop = idle::idle(&activity, Some(conn.socket)) => match (stop, protocol) {
+            // The client has read nothing for a whole period: what is under way cannot end.
+            (idle::Stop::Stalled, _) => {
+                tracing::debug!(peer = %info.peer, "client reads nothing: cutting its connection");
+                return false;
+            }
             // Nothing under way: the client waits between requests or is still sending a
             // header block after a whole period. Closed at once (hyper's graceful shutdown
             // would wait for a header block that has begun).
-            Protocol::Http1 => {
+            (idle::Stop::Idle, Protocol::Http1) => {
                 tracing::debug!("HTTP/1.1 connection idle or too slow: closing it");
                 return false;
             }
-            Protocol::Http2 => tracing::debug!("HTTP/2 connection idle: closing it"),
+            (idle::Stop::Idle, Protocol::Http2) => {
+                tracing::debug!("HTTP/2 connection idle: closing it")
+            }
         },
     }
     // HTTP/1.1: a response under way completes, then (or at once, when idle) the connection
     // closes. HTTP/2: GOAWAY; streams under way complete (none, when idle).
-    conn.as_mut().graceful_shutdown();
+    http.as_mut().graceful_shutdown();
     tokio::select! {
-        _ = conn.as_mut() => {}
+        _ = http.as_mut() => {}
         _ = signals.cut.cancelled() => {}
     }
     upgraded.load(std::sync::atomic::Ordering::Acquire)
