@@ -224,6 +224,11 @@ impl Limits {
         }
     }
 
+    /// A flight slot if one is free now.
+    pub fn flight_now(&self) -> Option<OwnedSemaphorePermit> {
+        self.flights.clone().try_acquire_owned().ok()
+    }
+
     /// A flight slot, waiting briefly; `None` when none freed up in time.
     pub async fn flight(&self) -> Option<OwnedSemaphorePermit> {
         let acquire = self.flights.clone().acquire_owned();
@@ -231,6 +236,12 @@ impl Limits {
             .await
             .ok()?
             .ok()
+    }
+
+    /// Temp-disk room for a body of `size` if that much is free now.
+    pub fn temp_now(&self, size: u64) -> Option<OwnedSemaphorePermit> {
+        let n = kib(size).min(self.temp_total);
+        self.temp.clone().try_acquire_many_owned(n).ok()
     }
 
     /// Temp-disk room for a body of `size`, waiting briefly. A body larger than the whole

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::cache::{Cache, CachedMeta};
 use crate::key::Key;
@@ -213,10 +213,25 @@ impl Flights {
         Ok(Some((meta, index > 0, body)))
     }
 
+    /// `now` (a slot or temp room taken at once), else waits for `later`, counted in
+    /// `fediedge_flights_waiting` while it waits.
+    async fn queue_for(
+        &self,
+        now: Option<OwnedSemaphorePermit>,
+        later: impl std::future::Future<Output = Option<OwnedSemaphorePermit>>,
+    ) -> Option<OwnedSemaphorePermit> {
+        if now.is_some() {
+            return now;
+        }
+        let _queued = self.metrics.flight_queued();
+        later.await
+    }
+
     async fn fetch(&self, key: &Key, tx: &watch::Sender<FlightState>) -> Result<End, StoreError> {
         // Before the stores are asked: a purge from now on keeps this body out of the cache.
         let started = std::time::Instant::now();
-        let Some(_slot) = self.limits.flight().await else {
+        let slot = self.limits.flight_now();
+        let Some(_slot) = self.queue_for(slot, self.limits.flight()).await else {
             tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
             return Ok(End::Busy);
         };
@@ -233,7 +248,8 @@ impl Flights {
         let size = meta.size;
         let tmp_dir = self.dirs.tmp_health.dir();
         // The disk first (room reserved up front), else memory, else each client on its own.
-        let Some(temp_room) = self.limits.temp(size).await else {
+        let room = self.limits.temp_now(size);
+        let Some(temp_room) = self.queue_for(room, self.limits.temp(size)).await else {
             tracing::warn!(key = %key, size, "temp-disk budget full (max_flight_temp_bytes): 503");
             return Ok(End::Busy);
         };

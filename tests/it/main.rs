@@ -9,6 +9,7 @@ mod corecache_memory;
 mod destination;
 mod disk;
 mod doctor;
+mod flight_cap;
 mod idempotency;
 mod ledger;
 mod listen;
