@@ -100,26 +100,35 @@ impl FlightBody {
     }
 
     /// Writes the whole (verified) body into `out`: the file's part, then memory's.
-    pub fn copy_to(&self, out: &mut File) -> io::Result<()> {
+    pub fn copy_to(&self, out: &mut File) -> Result<(), CopyError> {
         let at = self.spill.get().map_or(u64::MAX, |s| s.at);
         if let (Some(f), true) = (&self.file, at > 0) {
             let mut pos = 0;
             let mut buf = vec![0u8; 256 * 1024];
             while pos < at {
-                let n = f.read_at(&mut buf, pos)?;
+                let n = f.read_at(&mut buf, pos).map_err(CopyError::Read)?;
                 if n == 0 {
                     break;
                 }
                 let n = n.min((at - pos) as usize);
-                out.write_all(&buf[..n])?;
+                out.write_all(&buf[..n]).map_err(CopyError::Write)?;
                 pos += n as u64;
             }
         }
         if let Some(s) = self.spill.get() {
-            out.write_all(&s.buf.lock())?;
+            out.write_all(&s.buf.lock()).map_err(CopyError::Write)?;
         }
-        out.sync_data()
+        out.sync_data().map_err(CopyError::Write)
     }
+}
+
+/// Why [`FlightBody::copy_to`] failed: each side is a different disk.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the body's part in its temp file (a disk that failed mid-body).
+    Read(io::Error),
+    /// Writing the copy.
+    Write(io::Error),
 }
 
 /// Reserves `size` bytes of disk for `file` (`posix_fallocate`), so that a full disk shows

@@ -8,6 +8,7 @@ mod corecache_hit;
 mod corecache_memory;
 mod destination;
 mod disk;
+mod disk_midbody;
 mod doctor;
 mod flight_cap;
 mod idempotency;
