@@ -309,6 +309,7 @@ mod tests {
     async fn past_max_flights_a_flight_waits_the_queue_time_then_gives_up() {
         let limits = Limits::new(1, 1 << 20, 1 << 20, Duration::from_secs(2));
         let _held = limits.flight().await.expect("a free slot");
+        assert!(limits.flight_now().is_none(), "none free now");
         let asked = tokio::time::Instant::now();
         assert!(limits.flight().await.is_none());
         assert_eq!(asked.elapsed(), Duration::from_secs(2));
@@ -334,6 +335,8 @@ mod tests {
     async fn temp_bytes_wait_the_queue_time_and_a_huge_body_takes_the_whole_budget() {
         let limits = Limits::new(4, 100 * 1024, 1 << 20, Duration::from_secs(2));
         let first = limits.temp(80 * 1024).await.expect("room");
+        assert!(limits.temp_now(80 * 1024).is_none(), "no room now");
+        assert!(limits.temp_now(20 * 1024).is_some(), "what is left");
         assert!(
             limits.temp(80 * 1024).await.is_none(),
             "no room past the cap"
