@@ -8,14 +8,14 @@ use crate::common::origin::{Behaviour, Origin};
 use crate::common::{bytes, client, eventually, start_edge, TestEdge};
 
 /// A tmpfs mounted for one test, unmounted when dropped (a panic included).
-pub(crate) struct Tmpfs {
+struct Tmpfs {
     dir: PathBuf,
 }
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. "2m") at `dir`. Fails the test, never skips it, when
     /// mounting is not possible.
-    pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -34,7 +34,7 @@ impl Tmpfs {
     }
 
     /// Fills the filesystem until a write fails: no room left.
-    pub(crate) fn fill(&self) {
+    fn fill(&self) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
