@@ -133,6 +133,8 @@ struct Inner {
     cache_verifications: Counter,
     cache_index_loading: Gauge,
     overloaded: Counter,
+    flight_waits: Counter,
+    flights_waiting: Gauge,
     backfill_held: Counter,
     purges: Family<OutcomeLabels, Counter>,
     purge_forwards: Family<OutcomeLabels, Counter>,
@@ -284,6 +286,17 @@ impl Metrics {
             "Requests answered 503 because the flight or temp-disk limits stayed full",
             overloaded.clone(),
         );
+        let flight_waits = Counter::default();
+        registry.register(
+            "flight_waits",
+            "Fetches that found max_flights or max_flight_temp_bytes full and queued for room",
+            flight_waits.clone(),
+        );
+        let flights_waiting = gauge(
+            &mut registry,
+            "flights_waiting",
+            "Fetches queued now for a flight slot or temp-disk room",
+        );
         let backfill_held = Counter::default();
         registry.register(
             "backfill_held",
@@ -349,6 +362,8 @@ impl Metrics {
             cache_verifications,
             cache_index_loading,
             overloaded,
+            flight_waits,
+            flights_waiting,
             backfill_held,
             purges,
             purge_forwards,
@@ -474,6 +489,14 @@ impl Metrics {
         self.0.overloaded.inc();
     }
 
+    /// Counts a fetch queued for a flight slot or temp-disk room; it shows in
+    /// `fediedge_flights_waiting` until the guard is dropped.
+    pub fn flight_queued(&self) -> FlightQueued {
+        self.0.flight_waits.inc();
+        self.0.flights_waiting.inc();
+        FlightQueued(self.0.flights_waiting.clone())
+    }
+
     /// Counts one check of the live-work gate that held the backfill back.
     pub fn backfill_held(&self) {
         self.0.backfill_held.inc();
@@ -506,5 +529,14 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// A fetch queued for room (see [`Metrics::flight_queued`]): leaves the gauge when dropped.
+pub struct FlightQueued(Gauge);
+
+impl Drop for FlightQueued {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

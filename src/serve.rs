@@ -279,7 +279,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.max_flights,
         config.max_flight_temp_bytes,
         config.max_flight_memory,
-        std::time::Duration::from_secs(2),
+        config.flight_queue_wait,
     );
     // Shared with the core cache's fills: one bound on the memory bodies take while received.
     let flight_memory = limits.memory_budget();

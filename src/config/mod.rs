@@ -105,6 +105,8 @@ pub struct Config {
     pub max_flight_temp_bytes: u64,
     /// Most bytes of bodies held in memory by fetches whose disk failed.
     pub max_flight_memory: u64,
+    /// How long a fetch waits for a flight slot or temp-disk room before its 503.
+    pub flight_queue_wait: Duration,
     /// The local cache, if any.
     pub cache: Option<CacheConfig>,
     /// The primary store.

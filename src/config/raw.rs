@@ -51,12 +51,13 @@ pub struct RawConfig {
     /// `[core] trusted_proxies` are not limited. Default: no limit. A reload applies it.
     pub max_connections_per_ip: Option<usize>,
     /// Most fetches of missing keys under way at once (one per key, however many clients
-    /// ask). Past it a new key's fetch waits up to 2 s for a slot, then is answered 503 with
-    /// `Retry-After`. Default 256.
+    /// ask). Past it a new key's fetch waits up to `flight_queue_wait` for a slot, then is
+    /// answered 503 with `Retry-After`. Default 256.
     #[serde(default = "default_max_flights")]
     pub max_flights: usize,
     /// Most bytes of temp files that fetches under way may hold (each reserves its body's
-    /// length). Past it a fetch waits up to 2 s, then is answered 503. Default `1GiB`.
+    /// length). Past it a fetch waits up to `flight_queue_wait`, then is answered 503.
+    /// Default `1GiB`.
     #[serde(default = "default_max_flight_temp_bytes")]
     pub max_flight_temp_bytes: bytesize::ByteSize,
     /// Most bytes of bodies held in memory by fetches whose disk is full, read-only or
@@ -64,6 +65,10 @@ pub struct RawConfig {
     /// streamed to each of its clients on its own. Default `256MiB`.
     #[serde(default = "default_max_flight_memory")]
     pub max_flight_memory: bytesize::ByteSize,
+    /// How long a fetch past `max_flights` or `max_flight_temp_bytes` waits for room before
+    /// it is answered 503. Default `2s`.
+    #[serde(default = "default_flight_queue_wait", with = "humantime_serde")]
+    pub flight_queue_wait: Duration,
     /// Optional local disk cache.
     pub cache: Option<RawCache>,
     /// Where media lives from now on. Default: `fs` at `var/media`.
@@ -237,6 +242,9 @@ fn default_max_flight_temp_bytes() -> bytesize::ByteSize {
 }
 fn default_max_flight_memory() -> bytesize::ByteSize {
     bytesize::ByteSize::mib(256)
+}
+fn default_flight_queue_wait() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_cache_max_size() -> bytesize::ByteSize {
     bytesize::ByteSize::gib(10)

@@ -164,6 +164,7 @@ impl RawConfig {
             max_flights: self.max_flights,
             max_flight_temp_bytes: self.max_flight_temp_bytes.as_u64(),
             max_flight_memory: self.max_flight_memory.as_u64(),
+            flight_queue_wait: self.flight_queue_wait,
             cache,
             primary,
             fallbacks,
@@ -383,8 +384,9 @@ mod tests {
         assert_eq!(c.max_flights, 256);
         assert_eq!(c.max_flight_temp_bytes, 1 << 30);
         assert_eq!(c.max_flight_memory, 256 << 20);
+        assert_eq!(c.flight_queue_wait, std::time::Duration::from_secs(2));
         let c = super::super::from_str(
-            "max_flights = 8\nmax_flight_temp_bytes = \"64MiB\"\nmax_flight_memory = \"0\"\n",
+            "max_flights = 8\nmax_flight_temp_bytes = \"64MiB\"\nmax_flight_memory = \"0\"\nflight_queue_wait = \"250ms\"\n",
             Path::new("t.toml"),
         )
         .unwrap();
@@ -392,6 +394,7 @@ mod tests {
             (c.max_flights, c.max_flight_temp_bytes, c.max_flight_memory),
             (8, 64 << 20, 0)
         );
+        assert_eq!(c.flight_queue_wait, std::time::Duration::from_millis(250));
         for (text, key) in [
             ("max_flights = 0\n", "max_flights"),
             ("max_flight_temp_bytes = \"10\"\n", "max_flight_temp_bytes"),

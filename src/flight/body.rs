@@ -100,26 +100,35 @@ impl FlightBody {
     }
 
     /// Writes the whole (verified) body into `out`: the file's part, then memory's.
-    pub fn copy_to(&self, out: &mut File) -> io::Result<()> {
+    pub fn copy_to(&self, out: &mut File) -> Result<(), CopyError> {
         let at = self.spill.get().map_or(u64::MAX, |s| s.at);
         if let (Some(f), true) = (&self.file, at > 0) {
             let mut pos = 0;
             let mut buf = vec![0u8; 256 * 1024];
             while pos < at {
-                let n = f.read_at(&mut buf, pos)?;
+                let n = f.read_at(&mut buf, pos).map_err(CopyError::Read)?;
                 if n == 0 {
                     break;
                 }
                 let n = n.min((at - pos) as usize);
-                out.write_all(&buf[..n])?;
+                out.write_all(&buf[..n]).map_err(CopyError::Write)?;
                 pos += n as u64;
             }
         }
         if let Some(s) = self.spill.get() {
-            out.write_all(&s.buf.lock())?;
+            out.write_all(&s.buf.lock()).map_err(CopyError::Write)?;
         }
-        out.sync_data()
+        out.sync_data().map_err(CopyError::Write)
     }
+}
+
+/// Why [`FlightBody::copy_to`] failed: each side is a different disk.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the body's part in its temp file (a disk that failed mid-body).
+    Read(io::Error),
+    /// Writing the copy.
+    Write(io::Error),
 }
 
 /// Reserves `size` bytes of disk for `file` (`posix_fallocate`), so that a full disk shows
@@ -224,6 +233,11 @@ impl Limits {
         }
     }
 
+    /// A flight slot if one is free now.
+    pub fn flight_now(&self) -> Option<OwnedSemaphorePermit> {
+        self.flights.clone().try_acquire_owned().ok()
+    }
+
     /// A flight slot, waiting briefly; `None` when none freed up in time.
     pub async fn flight(&self) -> Option<OwnedSemaphorePermit> {
         let acquire = self.flights.clone().acquire_owned();
@@ -231,6 +245,12 @@ impl Limits {
             .await
             .ok()?
             .ok()
+    }
+
+    /// Temp-disk room for a body of `size` if that much is free now.
+    pub fn temp_now(&self, size: u64) -> Option<OwnedSemaphorePermit> {
+        let n = kib(size).min(self.temp_total);
+        self.temp.clone().try_acquire_many_owned(n).ok()
     }
 
     /// Temp-disk room for a body of `size`, waiting briefly. A body larger than the whole
@@ -289,6 +309,7 @@ mod tests {
     async fn past_max_flights_a_flight_waits_the_queue_time_then_gives_up() {
         let limits = Limits::new(1, 1 << 20, 1 << 20, Duration::from_secs(2));
         let _held = limits.flight().await.expect("a free slot");
+        assert!(limits.flight_now().is_none(), "none free now");
         let asked = tokio::time::Instant::now();
         assert!(limits.flight().await.is_none());
         assert_eq!(asked.elapsed(), Duration::from_secs(2));
@@ -314,6 +335,8 @@ mod tests {
     async fn temp_bytes_wait_the_queue_time_and_a_huge_body_takes_the_whole_budget() {
         let limits = Limits::new(4, 100 * 1024, 1 << 20, Duration::from_secs(2));
         let first = limits.temp(80 * 1024).await.expect("room");
+        assert!(limits.temp_now(80 * 1024).is_none(), "no room now");
+        assert!(limits.temp_now(20 * 1024).is_some(), "what is left");
         assert!(
             limits.temp(80 * 1024).await.is_none(),
             "no room past the cap"

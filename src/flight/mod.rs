@@ -16,7 +16,8 @@
 //!
 //! A full, read-only or failing disk does not fail a request: the flight keeps the body (or
 //! the rest of it, from the failed write on) in memory within `max_flight_memory` and the
-//! herd still shares it, uncached; a body that does not fit there is streamed to each of its
+//! herd still shares it, uncached (a flight whose disk failed mid-body takes no new followers:
+//! its first part may be unreadable, so later requests start a flight of their own); a body that does not fit there is streamed to each of its
 //! requesters on its own ([`Flights::stream_through`]), so those do not share a fetch. The
 //! work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
 //! past them a flight waits briefly, then answers 503.
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::cache::{Cache, CachedMeta};
 use crate::key::Key;
@@ -42,7 +43,7 @@ use crate::negative::NegativeCache;
 use crate::store::{BodyCheck, BodyError, ByteStream, ObjectMeta, StoreError, StoreHandle};
 use crate::writeback::{Fetched, WriteBack, WriteBackError};
 
-pub use body::{FlightBody, Limits, MemoryBudget, Part};
+pub use body::{CopyError, FlightBody, Limits, MemoryBudget, Part};
 pub use disk::DiskHealth;
 
 /// A fetch that found its object and started keeping it.
@@ -140,6 +141,15 @@ impl Flights {
         }
     }
 
+    /// Takes `key` out of the table if its entry is the flight `own` follows (it may have left
+    /// already, and a new flight taken its place).
+    fn leave(&self, key: &Key, own: &watch::Receiver<FlightState>) {
+        let mut map = self.map.lock();
+        if map.get(key).is_some_and(|rx| rx.same_channel(own)) {
+            map.remove(key);
+        }
+    }
+
     /// The memory of recent misses.
     pub fn negative(&self) -> &NegativeCache {
         &self.negative
@@ -165,7 +175,7 @@ impl Flights {
         self.tasks.spawn(async move {
             // Removes the entry however the task ends, a panic included: a dead entry would
             // answer 502 for its key until restart.
-            let _unregister = Unregister(this.clone(), key.clone());
+            let _unregister = Unregister(this.clone(), key.clone(), tx.subscribe());
             let end = match this.fetch(&key, &tx).await {
                 Ok(end) => end,
                 Err(e) => {
@@ -213,10 +223,25 @@ impl Flights {
         Ok(Some((meta, index > 0, body)))
     }
 
+    /// `now` (a slot or temp room taken at once), else waits for `later`, counted in
+    /// `fediedge_flights_waiting` while it waits.
+    async fn queue_for(
+        &self,
+        now: Option<OwnedSemaphorePermit>,
+        later: impl std::future::Future<Output = Option<OwnedSemaphorePermit>>,
+    ) -> Option<OwnedSemaphorePermit> {
+        if now.is_some() {
+            return now;
+        }
+        let _queued = self.metrics.flight_queued();
+        later.await
+    }
+
     async fn fetch(&self, key: &Key, tx: &watch::Sender<FlightState>) -> Result<End, StoreError> {
         // Before the stores are asked: a purge from now on keeps this body out of the cache.
         let started = std::time::Instant::now();
-        let Some(_slot) = self.limits.flight().await else {
+        let slot = self.limits.flight_now();
+        let Some(_slot) = self.queue_for(slot, self.limits.flight()).await else {
             tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
             return Ok(End::Busy);
         };
@@ -233,7 +258,8 @@ impl Flights {
         let size = meta.size;
         let tmp_dir = self.dirs.tmp_health.dir();
         // The disk first (room reserved up front), else memory, else each client on its own.
-        let Some(temp_room) = self.limits.temp(size).await else {
+        let room = self.limits.temp_now(size);
+        let Some(temp_room) = self.queue_for(room, self.limits.temp(size)).await else {
             tracing::warn!(key = %key, size, "temp-disk budget full (max_flight_temp_bytes): 503");
             return Ok(End::Busy);
         };
@@ -286,8 +312,11 @@ impl Flights {
                     .await
                     .unwrap_or_else(|e| Err(io::Error::other(e)));
                 if let Err(e) = wrote {
-                    // The disk gave out mid-body: the rest goes to memory if it fits there.
+                    // The disk gave out mid-body. The part before `at` may be unreadable
+                    // (EIO): requests from now on start a flight of their own.
+                    self.leave(key, &tx.subscribe());
                     self.dirs.tmp_health.failed(&e);
+                    // The rest goes to memory if it fits there.
                     let Some(permit) = self.limits.memory(size - at) else {
                         return Err(StoreError::local(tmp_dir, e));
                     };
@@ -376,18 +405,22 @@ impl Flights {
             Some(tmp) => self.writeback.stage(tmp.path(), fetched).await,
             None => {
                 let (dir, b) = (self.dirs.data_tmp.clone(), body.clone());
-                let data_tmp = dir.clone();
                 let written = tokio::task::spawn_blocking(move || {
-                    let mut out = tempfile::NamedTempFile::new_in(dir)?;
+                    let mut out = tempfile::NamedTempFile::new_in(dir).map_err(CopyError::Write)?;
                     b.copy_to(out.as_file_mut())?;
-                    Ok::<_, io::Error>(out)
+                    Ok(out)
                 })
                 .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                .unwrap_or_else(|e| Err(CopyError::Write(io::Error::other(e))));
                 match written {
                     Ok(out) => self.writeback.stage(out.path(), fetched).await,
-                    Err(source) => Err(WriteBackError::Staging {
-                        dir: data_tmp,
+                    Err(CopyError::Write(source)) => Err(WriteBackError::Staging {
+                        dir: self.dirs.data_tmp.clone(),
+                        source,
+                    }),
+                    // The part of the body on a disk that failed mid-body is gone.
+                    Err(CopyError::Read(source)) => Err(WriteBackError::Staging {
+                        dir: self.dirs.tmp.clone(),
                         source,
                     }),
                 }
@@ -395,6 +428,9 @@ impl Flights {
         };
         match &staged {
             Ok(()) => self.dirs.data_health.ok(),
+            Err(WriteBackError::Staging { dir, source }) if *dir == self.dirs.tmp => {
+                self.dirs.tmp_health.failed(source)
+            }
             Err(WriteBackError::Staging { source, .. }) => self.dirs.data_health.failed(source),
             Err(WriteBackError::Ledger(_)) => {}
         }
@@ -457,11 +493,11 @@ fn verified(body: ByteStream, meta: &ObjectMeta, store: String, key: String) -> 
     }))
 }
 
-/// Takes a key out of the flight table when dropped.
-struct Unregister(Arc<Flights>, Key);
+/// Takes a flight out of the table when dropped.
+struct Unregister(Arc<Flights>, Key, watch::Receiver<FlightState>);
 
 impl Drop for Unregister {
     fn drop(&mut self) {
-        self.0.map.lock().remove(&self.1);
+        self.0.leave(&self.1, &self.2);
     }
 }

@@ -75,7 +75,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn stores(dir: &Path, origin: &Origin, extra_cache: &str) -> String {
+pub(crate) fn stores(dir: &Path, origin: &Origin, extra_cache: &str) -> String {
     format!(
         "[primary]\ntype = \"fs\"\nroot = \"{}\"\n[cache]\ndir = \"{}\"\nmax_size = \"64MiB\"\nmemory_max_size = \"0\"\n{extra_cache}[[fallback]]\nname = \"old-origin\"\ntype = \"http\"\nurl = \"{}\"\nfirst_byte_timeout = \"60s\"\n",
         dir.join("primary").display(),
@@ -85,7 +85,7 @@ fn stores(dir: &Path, origin: &Origin, extra_cache: &str) -> String {
 }
 
 /// GETs `key`: status, `X-Cache-Status` and the body (an aborted body fails the test).
-async fn get(edge: &TestEdge, key: &str) -> (u16, String, Vec<u8>) {
+pub(crate) async fn get(edge: &TestEdge, key: &str) -> (u16, String, Vec<u8>) {
     let r = client()
         .get(format!("{}{key}", edge.base))
         .send()
@@ -102,7 +102,7 @@ async fn get(edge: &TestEdge, key: &str) -> (u16, String, Vec<u8>) {
 }
 
 /// Files under `dir`, recursively (what the cache keeps).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(dir)
         .into_iter()
         .filter_map(Result::ok)
@@ -130,13 +130,13 @@ async fn refetch_until_cached(edge: &TestEdge, key: &str, objects: usize) {
 }
 
 /// A counter's value (0 before it was first counted).
-fn metric_count(edge: &TestEdge, name: &str) -> u64 {
+pub(crate) fn metric_count(edge: &TestEdge, name: &str) -> u64 {
     metric(edge, &format!("{name} "))
         .map(|v| v.parse().unwrap())
         .unwrap_or(0)
 }
 
-fn metric(edge: &TestEdge, line_start: &str) -> Option<String> {
+pub(crate) fn metric(edge: &TestEdge, line_start: &str) -> Option<String> {
     edge.running
         .metrics
         .render()
@@ -352,98 +352,6 @@ async fn a_full_data_dir_serves_the_client_and_retries_the_copy_when_it_can_be_s
     );
     assert_eq!(origin.gets("c.png"), 2);
     edge.running.shutdown().await;
-}
-
-/// An origin object that sends its first bytes and then holds the rest until `gate` opens.
-fn held(n: usize, seed: u8, gate: &tokio::sync::watch::Receiver<bool>) -> (Vec<u8>, Behaviour) {
-    (
-        bytes(n, seed),
-        Behaviour {
-            pause_after: Some(1000),
-            gate: Some(gate.clone()),
-            ..Behaviour::default()
-        },
-    )
-}
-
-#[tokio::test]
-async fn past_max_flights_a_new_key_waits_briefly_then_gets_503_with_retry_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let origin = Origin::start().await;
-    let (release, gate) = tokio::sync::watch::channel(false);
-    for k in ["h1.png", "h2.png"] {
-        let (b, behaviour) = held(50_000, 6, &gate);
-        origin.put_with(k, b, behaviour);
-    }
-    origin.put("free.png", "free");
-    let config = format!("max_flights = 2\n{}", stores(dir.path(), &origin, ""));
-    let edge = start_edge(dir.path(), &config).await;
-    let holders: Vec<_> = ["h1.png", "h2.png"]
-        .into_iter()
-        .map(|k| {
-            let url = format!("{}{k}", edge.base);
-            tokio::spawn(async move { client().get(url).send().await.unwrap().bytes().await })
-        })
-        .collect();
-    eventually(Duration::from_secs(10), "both held at the origin", || {
-        origin.gets("h1.png") == 1 && origin.gets("h2.png") == 1
-    })
-    .await;
-    let r = client()
-        .get(format!("{}free.png", edge.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["retry-after"], "2");
-    assert_eq!(r.headers()["x-cache-status"], "BUSY");
-    assert_eq!(origin.gets("free.png"), 0, "nothing fetched past the cap");
-    assert_eq!(
-        metric(&edge, "fediedge_overloaded_requests_total").as_deref(),
-        Some("1")
-    );
-    // Released: the held fetches end whole, and the edge stops cleanly.
-    release.send(true).unwrap();
-    for h in holders {
-        assert_eq!(h.await.unwrap().unwrap().as_ref(), bytes(50_000, 6));
-    }
-    assert!(edge.running.shutdown().await.clean());
-}
-
-#[tokio::test]
-async fn past_max_flight_temp_bytes_a_new_body_gets_503_and_the_disk_does_not_grow() {
-    let dir = tempfile::tempdir().unwrap();
-    let origin = Origin::start().await;
-    let (release, gate) = tokio::sync::watch::channel(false);
-    let (b, behaviour) = held(80_000, 7, &gate);
-    origin.put_with("held.png", b, behaviour);
-    origin.put("next.png", bytes(80_000, 8));
-    let config = format!(
-        "max_flight_temp_bytes = \"100KiB\"\n{}",
-        stores(dir.path(), &origin, "")
-    );
-    let edge = start_edge(dir.path(), &config).await;
-    let holder = tokio::spawn({
-        let url = format!("{}held.png", edge.base);
-        async move { client().get(url).send().await.unwrap().bytes().await }
-    });
-    eventually(Duration::from_secs(10), "held at the origin", || {
-        origin.gets("held.png") == 1
-    })
-    .await;
-    let r = client()
-        .get(format!("{}next.png", edge.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    assert!(r.headers().contains_key("retry-after"));
-    // Only the held body's temp file exists.
-    let tmp = files_under(&dir.path().join("cache/tmp"));
-    assert_eq!(tmp.len(), 1, "{tmp:?}");
-    release.send(true).unwrap();
-    assert_eq!(holder.await.unwrap().unwrap().as_ref(), bytes(80_000, 7));
-    assert!(edge.running.shutdown().await.clean());
 }
 
 #[tokio::test]

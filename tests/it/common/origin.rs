@@ -33,6 +33,8 @@ pub struct Behaviour {
     /// At `pause_after`, wait until this reads `true` (after `stall_for`): a pause that the
     /// test ends on an event instead of a timer.
     pub gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// After `gate`, send this many more bytes, then wait again until this reads `true`.
+    pub then: Option<(usize, tokio::sync::watch::Receiver<bool>)>,
 }
 
 struct Object {
@@ -229,9 +231,10 @@ async fn answer(
         let rest = body.slice(at..);
         let stall = b.stall_for;
         let truncate = b.truncate;
-        let gate = b.gate.clone();
+        let (gate, then) = (b.gate.clone(), b.then.clone());
         let s = futures_util::stream::unfold(0u8, move |step| {
             let (first, rest, mut gate) = (first.clone(), rest.clone(), gate.clone());
+            let mut then = then.clone();
             async move {
                 match step {
                     0 => Some((Ok(Frame::data(first)), 1)),
@@ -241,10 +244,17 @@ async fn answer(
                             let _ = g.wait_for(|open| *open).await;
                         }
                         if truncate {
-                            Some((Err(std::io::Error::other("truncated on purpose")), 2))
-                        } else {
-                            Some((Ok(Frame::data(rest)), 2))
+                            return Some((Err(std::io::Error::other("truncated on purpose")), 3));
                         }
+                        match &then {
+                            Some((n, _)) => Some((Ok(Frame::data(rest.slice(..*n))), 2)),
+                            None => Some((Ok(Frame::data(rest)), 3)),
+                        }
+                    }
+                    2 => {
+                        let (n, g) = then.as_mut()?;
+                        let _ = g.wait_for(|open| *open).await;
+                        Some((Ok(Frame::data(rest.slice(*n..))), 3))
                     }
                     _ => None,
                 }

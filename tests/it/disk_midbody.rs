@@ -1,0 +1,203 @@
+//! A cache disk that fails in the middle of a body (issue 7 §1). A flight reserves its body's
+//! room up front (`posix_fallocate`), so a disk that fills shows before the first byte, and a
+//! write into that room fails only when the disk itself does. The test makes a real one do
+//! so: an ext4 in a loop-mounted image, shut down with `EXT4_IOC_SHUTDOWN` (the kernel's own
+//! "the device is gone", as xfstests' `godown`), after which every write and read on it
+//! fails with EIO.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::origin::{Behaviour, Origin};
+use crate::common::{bytes, client, eventually, start_edge};
+use crate::disk::{files_under, get, metric, metric_count, stores};
+
+/// An ext4 filesystem in an image file, loop-mounted for one test; unmounted when dropped.
+struct Ext4 {
+    image: PathBuf,
+    dir: PathBuf,
+}
+
+impl Ext4 {
+    /// Makes an ext4 of `mib` MiB in `image` and mounts it at `dir`. Fails the test, never
+    /// skips it, when that is not possible (the tests run as root; mkfs.ext4 is e2fsprogs).
+    fn mount(image: &Path, dir: &Path, mib: u64) -> Ext4 {
+        let f = std::fs::File::create(image).unwrap();
+        f.set_len(mib << 20).unwrap();
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+        let disk = Ext4 {
+            image: image.to_owned(),
+            dir: dir.to_owned(),
+        };
+        disk.remount();
+        disk
+    }
+
+    fn remount(&self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let (image, dir) = (self.image.to_str().unwrap(), self.dir.to_str().unwrap());
+        run("mount", &["-o", "loop", image, dir]);
+    }
+
+    /// Shuts the filesystem down, its journal flushed first, as a disk that stopped
+    /// answering: from now on its files can be neither written nor read.
+    fn shut_down(&self) {
+        use std::os::fd::AsRawFd;
+        // _IOR('X', 125, __u32); EXT4_GOING_FLAGS_LOGFLUSH.
+        const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+        let flags: u32 = 1;
+        let dir = std::fs::File::open(&self.dir).unwrap();
+        // SAFETY: the descriptor is open for the call; the kernel reads one u32 from `flags`.
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_SHUTDOWN, &flags) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    fn unmount(&self) {
+        run("umount", &[self.dir.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        // Lazy: the edge may still hold files open.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output();
+    let out = out.unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd} {args:?}: {err}");
+}
+
+/// Reads `r` until `got` holds at least `n` bytes, or to its end with `None`.
+async fn read_until(r: &mut reqwest::Response, got: &mut Vec<u8>, n: Option<usize>) {
+    while n.is_none_or(|n| got.len() < n) {
+        match r.chunk().await.expect("a whole body") {
+            Some(chunk) => got.extend_from_slice(&chunk),
+            None => {
+                assert!(n.is_none(), "the body ended at {} bytes", got.len());
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 21);
+    // The origin sends 100,000 bytes and holds the rest until the disk has failed; then
+    // 50,000 more, and holds the rest again until a late request has come.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let (open_rest, rest) = tokio::sync::watch::channel(false);
+    let behaviour = Behaviour {
+        pause_after: Some(100_000),
+        gate: Some(gate),
+        then: Some((50_000, rest)),
+        ..Behaviour::default()
+    };
+    origin.put_with("m.png", body.clone(), behaviour);
+    let disk = Ext4::mount(&dir.path().join("cache.img"), &dir.path().join("cache"), 16);
+    let config = stores(dir.path(), &origin, "");
+    let edge = start_edge(dir.path(), &config).await;
+
+    // The leader and a follower of its flight each have the first 100,000 bytes, read from
+    // the flight's temp file.
+    let url = format!("{}m.png", edge.base);
+    let (mut leader, mut follower) = (Vec::new(), Vec::new());
+    let mut r1 = client().get(&url).send().await.unwrap();
+    read_until(&mut r1, &mut leader, Some(100_000)).await;
+    let mut r2 = client().get(&url).send().await.unwrap();
+    read_until(&mut r2, &mut follower, Some(100_000)).await;
+    assert_eq!(metric_count(&edge, "fediedge_coalesced_requests_total"), 1);
+    assert_eq!(files_under(&dir.path().join("cache/tmp")).len(), 1);
+
+    // The disk fails: the next write into the flight's reserved room fails, and the rest of
+    // the body goes to memory.
+    disk.shut_down();
+    open.send(true).unwrap();
+    let state = |dir: &str| metric(&edge, &format!("fediedge_disk_state{{dir=\"{dir}\"}}"));
+    eventually(
+        Duration::from_secs(30),
+        "the flight saw the disk fail",
+        || state("cache").as_deref() == Some("3"),
+    )
+    .await;
+    // A request now does not join that flight (its first part is on the dead disk): it
+    // starts one of its own, held in memory from its first byte.
+    let late = tokio::spawn(async move {
+        let r = client().get(url).send().await.unwrap();
+        let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+        (r.status(), cache, r.bytes().await.expect("a whole body"))
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the late request's own fetch",
+        || origin.gets("m.png") == 2,
+    )
+    .await;
+    open_rest.send(true).unwrap();
+    read_until(&mut r1, &mut leader, None).await;
+    read_until(&mut r2, &mut follower, None).await;
+    assert!(
+        leader == body,
+        "the leader's bytes differ from the source's"
+    );
+    assert!(
+        follower == body,
+        "the follower's bytes differ from the source's"
+    );
+    let (status, cache_status, got) = late.await.unwrap();
+    assert_eq!((status.as_u16(), cache_status.as_str()), (200, "FALLBACK"));
+    assert!(
+        got == body,
+        "the late request's bytes differ from the source's"
+    );
+    assert_eq!(metric_count(&edge, "fediedge_coalesced_requests_total"), 1);
+    eventually(Duration::from_secs(30), "the fetches ended", || {
+        edge.running.fetches_under_way() == 0
+    })
+    .await;
+
+    // Said once, for the cache's disk; not for data_dir's, although the failed flight's copy
+    // for the primary could not read the body's first part back.
+    assert_eq!(state("cache").as_deref(), Some("3"), "failing");
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state_changes_total{dir=\"cache\"}").as_deref(),
+        Some("1")
+    );
+    let data_dir_changes = "fediedge_disk_state_changes_total{dir=\"data_dir\"}";
+    assert_eq!(metric_count(&edge, data_dir_changes), 0);
+    // Nothing partial kept: nothing in the cache; the primary gets the whole body (the late
+    // flight's copy, from memory).
+    let cache = edge.running.cache.clone().unwrap();
+    assert_eq!(cache.usage(), (0, 0));
+    let copied = dir.path().join("primary/m.png");
+    eventually(Duration::from_secs(30), "the copy in the primary", || {
+        copied.exists()
+    })
+    .await;
+    assert!(std::fs::read(&copied).unwrap() == body);
+    edge.running.shutdown().await;
+    drop(cache);
+
+    // The disk comes back: the dead flight's temp file is all it holds, and a restart
+    // clears it; nothing of the body was ever stored.
+    disk.unmount();
+    disk.remount();
+    let kept = files_under(&dir.path().join("cache"));
+    let tmp = dir.path().join("cache/tmp");
+    assert!(kept.iter().all(|p| p.starts_with(&tmp)), "{kept:?}");
+    let edge = start_edge(dir.path(), &config).await;
+    let kept = files_under(&dir.path().join("cache"));
+    assert!(kept.is_empty(), "{kept:?}");
+    let (status, cache_status, got) = get(&edge, "m.png").await;
+    assert_eq!(status, 200);
+    assert_ne!(cache_status, "HIT", "nothing of it in the cache");
+    assert!(got == body);
+    edge.running.shutdown().await;
+}
