@@ -145,6 +145,7 @@ struct Inner {
     core_cache_hit: OnceLock<Counter>,
     core_cache_bytes: Gauge,
     core_cache_objects: Gauge,
+    core_cache_index_loading: Gauge,
 }
 
 /// Labels of `fediedge_core_cache_requests_total`.
@@ -337,11 +338,17 @@ impl Metrics {
             "core_cache_objects",
             "Core responses (variants) in the core cache",
         );
+        let core_cache_index_loading = gauge(
+            &mut registry,
+            "core_cache_index_loading",
+            "1 while the core cache's index is still being loaded from disk after a start",
+        );
         Metrics(Arc::new(Inner {
             core_cache,
             core_cache_hit: OnceLock::new(),
             core_cache_bytes,
             core_cache_objects,
+            core_cache_index_loading,
             registry,
             requests,
             response_bytes,
@@ -477,6 +484,11 @@ impl Metrics {
     /// Counts one MD5 check of a cached body.
     pub fn cache_verification(&self) {
         self.0.cache_verifications.inc();
+    }
+
+    /// Sets whether the core cache's index is still loading.
+    pub fn set_core_cache_index_loading(&self, loading: bool) {
+        self.0.core_cache_index_loading.set(loading as i64);
     }
 
     /// Sets whether the cache index is still loading.

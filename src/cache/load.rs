@@ -29,12 +29,7 @@ pub(super) fn read_entry(cache: &Cache, key: &Key) -> Option<CachedMeta> {
 /// Walks `objects/`, drops what is not whole, and adds the rest to the index behind what
 /// requests already put there (least recently used first, by the bodies' mtimes).
 pub(super) fn load(cache: &Arc<Cache>) {
-    {
-        let mut held = HELD.lock();
-        while held.contains(&cache.dir) {
-            RELEASED.wait(&mut held);
-        }
-    }
+    wait_while_held(&cache.dir);
     let started = SystemTime::now();
     let mut found = walk(cache, started);
     // Newest first: each is then put behind all before it, so the oldest ends up last.
@@ -65,11 +60,7 @@ pub(super) fn load(cache: &Arc<Cache>) {
 /// left alone: they belong to inserts running meanwhile.
 fn walk(cache: &Cache, started: SystemTime) -> Vec<(SystemTime, Key, CachedMeta)> {
     let objects = cache.dir.join("objects");
-    let fresh = |p: &Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= started)
-    };
+    let fresh = |p: &Path| changed_since(p, started);
     let mut found = Vec::new();
     for entry in walkdir::WalkDir::new(&objects).min_depth(2).max_depth(2) {
         let Ok(entry) = entry else { continue };
@@ -106,16 +97,34 @@ fn walk(cache: &Cache, started: SystemTime) -> Vec<(SystemTime, Key, CachedMeta)
     found
 }
 
+/// Whether the file at `p` was modified at or after `started` (an insert running while the
+/// index loads: a loader leaves it alone). Shared with the core cache's loader.
+pub(crate) fn changed_since(p: &Path, started: SystemTime) -> bool {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= started)
+}
+
+/// Blocks while a test holds back the index load of the cache at `dir` (the media cache's
+/// or the core cache's: [`hold_index_load`]).
+pub(crate) fn wait_while_held(dir: &Path) {
+    let mut held = HELD.lock();
+    while held.iter().any(|d| d == dir) {
+        RELEASED.wait(&mut held);
+    }
+}
+
 /// Cache directories whose index load is held back (tests only).
 static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static RELEASED: Condvar = Condvar::new();
 
-/// Holds back the index load of the cache at `dir` until dropped: lets a test show requests
-/// answered while the index is still loading, by events rather than timing.
+/// Holds back the index load of the cache at `dir` until dropped (the media cache's `dir`,
+/// or `[core.cache] dir`): lets a test show requests answered while the index is still
+/// loading, by events rather than timing.
 #[doc(hidden)]
 pub struct LoadHold(PathBuf);
 
-/// Holds back the index load of a cache opened at `dir` (tests only).
+/// Holds back the index load of a cache (media or core) opened at `dir` (tests only).
 #[doc(hidden)]
 pub fn hold_index_load(dir: &Path) -> LoadHold {
     HELD.lock().push(dir.to_owned());

@@ -20,6 +20,7 @@
 mod load;
 mod meta;
 
+pub(crate) use load::{changed_since, wait_while_held};
 #[doc(hidden)]
 pub use load::{hold_index_load, LoadHold};
 pub use meta::CachedMeta;

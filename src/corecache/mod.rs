@@ -22,8 +22,13 @@
 
 mod fill;
 mod hit;
+mod load;
 mod policy;
+mod seed;
 mod store;
+
+#[doc(hidden)]
+pub use seed::seed;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -104,7 +109,8 @@ pub struct CoreCache {
 }
 
 impl CoreCache {
-    /// Opens the cache directory (indexing what a previous run stored). `follow_wait`: how
+    /// Opens the cache directory and returns at once: what a previous run stored is indexed
+    /// in the background ([`CoreCache::loaded`]), requests are answered meanwhile. `follow_wait`: how
     /// long a request waits for another one's response to the same URL. `memory`: what the
     /// bodies being received for the cache may hold; a response that does not fit is passed
     /// to its client and not stored.
@@ -116,7 +122,7 @@ impl CoreCache {
     ) -> std::io::Result<Arc<CoreCache>> {
         let store = Store::open(&config.dir, config.max_size, metrics.clone())?;
         Ok(Arc::new(CoreCache {
-            store: Arc::new(store),
+            store,
             flights: Arc::default(),
             metrics,
             follow_wait,
@@ -131,9 +137,19 @@ impl CoreCache {
         self.store.remove_url(&host, path_and_query)
     }
 
-    /// Bytes and responses stored.
+    /// Bytes and responses stored (as far as the index has loaded).
     pub fn usage(&self) -> (u64, usize) {
         self.store.usage()
+    }
+
+    /// Waits until the index of what a previous run stored has loaded.
+    pub async fn loaded(&self) {
+        self.store.loaded().await
+    }
+
+    /// True while the index is still loading.
+    pub fn is_loading(&self) -> bool {
+        self.store.is_loading()
     }
 
     /// Answers one request to core's web pool.
@@ -171,6 +187,9 @@ impl CoreCache {
         if !get && req.method() != Method::HEAD {
             return self.pass_other(proxy, req, host, path).await;
         }
+        // While the index loads: this URL's stored entries read from disk first, so that what
+        // follows (lookup, store, replace) sees all of them.
+        self.store.settle(&url.key).await;
         let private = policy::private_request(req.headers());
         if private.is_some() || !req.body().is_end_stream() {
             let store = get && req.body().is_end_stream();
@@ -677,17 +696,23 @@ impl CoreCache {
         let unsafe_method = !matches!(*req.method(), Method::OPTIONS | Method::TRACE);
         let mut resp = proxy.handle(Kind::Web, req).await;
         if unsafe_method && resp.status().as_u16() < 400 {
-            self.store.remove_url(host, path);
+            let mut urls = vec![path.to_owned()];
             for h in [header::LOCATION, header::CONTENT_LOCATION] {
                 let target = resp
                     .headers()
                     .get(&h)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| same_host_path(host, path, v));
-                if let Some(p) = target {
-                    self.store.remove_url(host, &p);
-                }
+                urls.extend(target);
             }
+            // Unlinks (and, while the index loads, a directory read): a blocking thread.
+            let (store, host) = (self.store.clone(), host.to_owned());
+            let _ = tokio::task::spawn_blocking(move || {
+                for p in urls {
+                    store.remove_url(&host, &p);
+                }
+            })
+            .await;
         }
         if resp.headers().contains_key(X_CACHE_STATUS) {
             // The proxy's own (REPLAY): counted, kept.

@@ -16,7 +16,7 @@
 //! [`MEMORY_MAX`], least recently used out): a hit on a hot API response then costs no file
 //! open or read, only a shared `Bytes`. The memory copy is dropped with the entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +30,7 @@ use lru::LruCache;
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::hit::HotCell;
 use crate::metrics::Metrics;
@@ -97,6 +98,9 @@ struct Index {
     /// key here once.
     by_url: HashMap<String, Vec<Id>, foldhash::fast::RandomState>,
     bytes: u64,
+    /// While the index loads: the URLs a request or removal has read from disk whole
+    /// ([`Store::settle`]), which the loader must leave alone. None once loaded.
+    settled: Option<HashSet<String>>,
 }
 
 /// The disk store and its index.
@@ -111,6 +115,8 @@ pub struct Store {
     /// before that is not stored (it may predate the change). Entries older than
     /// [`INVALIDATION_MEMORY`] are dropped once there are many.
     invalidated: Mutex<HashMap<String, Instant>>,
+    /// True while the index loads.
+    loading: watch::Sender<bool>,
 }
 
 /// How long an invalidation is remembered against responses still being received.
@@ -121,20 +127,52 @@ pub fn url_key(host: &str, path: &str) -> String {
     format!("{host}\n{path}")
 }
 
+/// The MD5 of a URL's index key, in hex: the start of every entry id of the URL.
+pub fn url_hash(key: &str) -> String {
+    hex::encode(Md5::digest(key.as_bytes()))
+}
+
+/// An entry name for the URL `key`: the URL's hash ([`url_hash`]) and 16 hex digits of its
+/// own (from the time, `n` and the process: never reused).
+pub fn own_id(key: &str, n: u64) -> Id {
+    let mut h = Md5::new();
+    h.update(key.as_bytes());
+    h.update(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .to_le_bytes(),
+    );
+    h.update(n.to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    let own = hex::encode(h.finalize());
+    format!("{}{}", url_hash(key), &own[..16]).into()
+}
+
+/// The directory of a URL's entries (with those of other URLs whose hash starts alike):
+/// `objects/<h[0..2]>/<h[2..4]>`, so that a URL not yet indexed is read from one small
+/// directory.
+pub fn url_dir(dir: &Path, hash: &str) -> PathBuf {
+    dir.join("objects").join(&hash[..2]).join(&hash[2..4])
+}
+
 impl Store {
-    /// Opens `dir` (created if missing), clears `tmp/`, and indexes what is there (oldest
-    /// body mtime first out); entries whose body is missing or of the wrong length, and
-    /// orphans, are removed.
-    pub fn open(dir: &Path, max_size: u64, metrics: Metrics) -> io::Result<Store> {
+    /// Opens `dir` (created if missing), clears `tmp/`, and returns at once: what a previous
+    /// run stored is indexed by a thread of its own ([`super::load`]; oldest body mtime first
+    /// out), while requests are answered (a URL not yet indexed is read from its directory
+    /// first, [`Store::settle`]).
+    pub fn open(dir: &Path, max_size: u64, metrics: Metrics) -> io::Result<Arc<Store>> {
         std::fs::create_dir_all(dir.join("objects"))?;
         crate::cache::clear_dir(&dir.join("tmp"));
-        let store = Store {
+        let store = Arc::new(Store {
             dir: dir.to_owned(),
             max_size,
             index: Mutex::new(Index {
                 lru: LruCache::unbounded(),
                 by_url: HashMap::default(),
                 bytes: 0,
+                settled: Some(HashSet::new()),
             }),
             memory: Mutex::new(Memory {
                 lru: LruCache::unbounded(),
@@ -143,51 +181,129 @@ impl Store {
             counter: AtomicU64::new(0),
             metrics,
             invalidated: Mutex::default(),
-        };
-        let mut found: Vec<(SystemTime, Id, Meta)> = Vec::new();
-        for e in walkdir::WalkDir::new(dir.join("objects"))
-            .min_depth(2)
-            .max_depth(2)
-            .into_iter()
-            .flatten()
-        {
-            let p = e.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if let Some(id) = name.strip_suffix(".meta") {
-                let body = p.with_extension("body");
-                let loaded = std::fs::read(p)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
-                let body_meta = std::fs::metadata(&body).ok();
-                match (loaded, body_meta) {
-                    (Some(m), Some(b)) if b.len() == m.len => {
-                        let t = b.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                        found.push((t, id.into(), m));
-                    }
-                    _ => {
-                        let _ = std::fs::remove_file(p);
-                        let _ = std::fs::remove_file(&body);
-                    }
-                }
-            } else if let Some(stem) = name.strip_suffix(".body") {
-                if !p.with_file_name(format!("{stem}.meta")).exists() {
-                    let _ = std::fs::remove_file(p);
-                }
-            } else {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-        found.sort_by_key(|(t, _, _)| *t);
-        let mut gone = Vec::new();
-        {
-            let mut index = store.index.lock();
-            for (_, id, meta) in found {
-                gone.extend(store.insert_locked(&mut index, id, Arc::new(meta), &[]));
-            }
-        }
-        store.unlink(&gone);
-        store.report();
+            loading: watch::channel(true).0,
+        });
+        store.metrics.set_core_cache_index_loading(true);
+        let s = store.clone();
+        std::thread::Builder::new()
+            .name("corecache-load".into())
+            .spawn(move || super::load::load(&s))?;
         Ok(store)
+    }
+
+    /// Waits until the index has loaded.
+    pub async fn loaded(&self) {
+        let mut rx = self.loading.subscribe();
+        let _ = rx.wait_for(|loading| !loading).await;
+    }
+
+    /// True while the index is still loading.
+    pub fn is_loading(&self) -> bool {
+        *self.loading.borrow()
+    }
+
+    /// The cache's directory.
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes the index whole for the URL `key` while it loads: its entries on disk are read
+    /// (one directory, [`super::load::read_url`]) and added, unless the loader or another
+    /// request did so first. From then on the index alone speaks for the URL (the loader
+    /// leaves it alone), so a store, replacement or removal of it is never undone or counted
+    /// twice. Nothing to do once the index has loaded.
+    pub async fn settle(self: &Arc<Self>, key: &str) {
+        if !self.is_loading() || self.is_settled(key) {
+            return;
+        }
+        let (this, key) = (self.clone(), key.to_owned());
+        let _ = tokio::task::spawn_blocking(move || this.settle_blocking(&key)).await;
+    }
+
+    fn is_settled(&self, key: &str) -> bool {
+        self.index
+            .lock()
+            .settled
+            .as_ref()
+            .is_none_or(|s| s.contains(key))
+    }
+
+    /// [`Store::settle`] on a blocking thread.
+    pub fn settle_blocking(&self, key: &str) {
+        if !self.is_loading() || self.is_settled(key) {
+            return;
+        }
+        let found = super::load::read_url(self, key);
+        {
+            let mut guard = self.index.lock();
+            let index = &mut *guard;
+            let Some(settled) = index.settled.as_mut() else {
+                return; // loaded meanwhile: the loader indexed all of it
+            };
+            if !settled.insert(key.to_owned()) {
+                return; // another request settled it first
+            }
+            // Oldest first, as stored; what the loader already added is among them.
+            let mut order: Vec<Id> = Vec::with_capacity(found.len());
+            for (_, id, meta) in found {
+                if !index.lru.contains(&id) {
+                    index.bytes += meta.len;
+                    index.lru.put(id.clone(), Arc::new(meta));
+                }
+                order.push(id);
+            }
+            for id in index.by_url.remove(key).unwrap_or_default() {
+                if !order.contains(&id) {
+                    order.push(id);
+                }
+            }
+            if !order.is_empty() {
+                index.by_url.insert(key.to_owned(), order);
+            }
+        }
+        self.report();
+    }
+
+    /// Adds what the loader found of URLs no request settled, behind what is indexed (each
+    /// call's entries newest first, so the oldest ends up last out); the found entries of a
+    /// settled URL that the index does not hold are returned, for the caller to unlink
+    /// (replaced or removed since, or moved from the old layout after the URL was read).
+    pub(super) fn add_loaded(&self, found: impl Iterator<Item = (Id, Meta)>) -> Vec<Id> {
+        let mut stray = Vec::new();
+        let mut guard = self.index.lock();
+        let index = &mut *guard;
+        let Some(settled) = index.settled.as_ref() else {
+            return stray; // only called while loading
+        };
+        for (id, meta) in found {
+            let key = url_key(&meta.host, &meta.path);
+            if index.lru.contains(&id) {
+                continue;
+            }
+            if settled.contains(&key) {
+                stray.push(id);
+                continue;
+            }
+            index.bytes += meta.len;
+            index.lru.put(id.clone(), Arc::new(meta));
+            index.lru.demote(&id);
+            index.by_url.entry(key).or_default().insert(0, id);
+        }
+        stray
+    }
+
+    /// The load is over: from now on the index is whole; what is over `max_size` goes.
+    pub(super) fn finish_loading(&self) {
+        let gone = {
+            let mut index = self.index.lock();
+            index.settled = None;
+            self.evict_locked(&mut index)
+        };
+        self.unlink(&gone);
+        self.report();
+        // The gauge first: whoever waits on `loaded()` then sees it at 0.
+        self.metrics.set_core_cache_index_loading(false);
+        self.loading.send_replace(false);
     }
 
     /// The directory for bodies being written.
@@ -200,27 +316,18 @@ impl Store {
         self.max_size
     }
 
-    fn path_of(&self, id: &str, ext: &str) -> PathBuf {
+    /// Where an entry's file is: in its URL's directory ([`url_dir`]).
+    pub(super) fn path_of(&self, id: &str, ext: &str) -> PathBuf {
         self.dir
             .join("objects")
             .join(&id[..2])
+            .join(&id[2..4])
             .join(format!("{id}.{ext}"))
     }
 
-    /// A new entry name.
+    /// A new entry name for the URL `key` ([`own_id`]).
     pub fn new_id(&self, key: &str) -> Id {
-        let mut h = Md5::new();
-        h.update(key.as_bytes());
-        h.update(
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-                .to_le_bytes(),
-        );
-        h.update(self.counter.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-        h.update(std::process::id().to_le_bytes());
-        hex::encode(h.finalize()).into()
+        own_id(key, self.counter.fetch_add(1, Ordering::Relaxed))
     }
 
     /// The variants stored for a URL, most recently stored first.
@@ -252,6 +359,9 @@ impl Store {
     pub fn fresh_hit(&self, key: &str, raw_host: Option<&[u8]>, now: SystemTime) -> Option<Entry> {
         let mut index = self.index.lock();
         let index = &mut *index;
+        if index.settled.as_ref().is_some_and(|s| !s.contains(key)) {
+            return None; // not indexed whole yet: the full way settles it
+        }
         let ids = index.by_url.get(key)?;
         for id in ids.iter().rev() {
             let Some(meta) = index.lru.peek(id) else {
@@ -321,6 +431,8 @@ impl Store {
         if self.invalidated_since(&key, sent) {
             return Ok(());
         }
+        // Its request settled the URL already (`replaces` came from the index); a no-op then.
+        self.settle_blocking(&key);
         let id = self.new_id(&key);
         let meta_path = self.path_of(&id, "meta");
         std::fs::create_dir_all(meta_path.parent().expect("a parent"))?;
@@ -361,8 +473,10 @@ impl Store {
     }
 
     /// Removes every variant of a URL, and keeps responses already on their way from
-    /// being stored; returns how many there were.
+    /// being stored; returns how many there were. Blocking (while the index loads, the
+    /// URL's entries not yet indexed are read first, so that they go too).
     pub fn remove_url(&self, host: &str, path: &str) -> usize {
+        self.settle_blocking(&url_key(host, path));
         {
             let mut inv = self.invalidated.lock();
             if inv.len() > 10_000 {
@@ -416,6 +530,18 @@ impl Store {
         index.bytes += meta.len;
         index.lru.put(id.clone(), meta);
         index.by_url.entry(key).or_default().push(id);
+        gone.extend(self.evict_locked(index));
+        gone
+    }
+
+    /// Takes least recently used entries out until the bytes are under `max_size`; returns
+    /// them, for the caller to unlink. Nothing while the index loads (its byte count is not
+    /// whole yet: [`Store::finish_loading`] evicts then).
+    fn evict_locked(&self, index: &mut Index) -> Vec<Id> {
+        let mut gone = Vec::new();
+        if index.settled.is_some() {
+            return gone;
+        }
         while index.bytes > self.max_size {
             let Some((old, m)) = index.lru.pop_lru() else {
                 break;
@@ -433,7 +559,8 @@ impl Store {
         gone
     }
 
-    fn unlink(&self, ids: &[Id]) {
+    /// Removes entries' files (and memory copies); not their index entries.
+    pub(super) fn unlink(&self, ids: &[Id]) {
         {
             let mut memory = self.memory.lock();
             for id in ids {

@@ -211,7 +211,7 @@ async fn serve_conn(
     }
 }
 
-fn cache_conf(dir: &std::path::Path, max_size: &str, extra: &str) -> String {
+pub fn cache_conf(dir: &std::path::Path, max_size: &str, extra: &str) -> String {
     format!(
         "{extra}[core.cache]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n",
         dir.join("core-cache").display()
@@ -223,7 +223,7 @@ pub async fn edge(dir: &std::path::Path, core: &Core, extra: &str) -> TestEdge {
 }
 
 /// GET from the edge as the instance's host; `(status, X-Cache-Status, body)`.
-async fn fetch(edge: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+pub async fn fetch(edge: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
     let mut r = crate::proxy::get(edge, CORE, path);
     for (k, v) in headers {
         r = r.header(*k, *v);
@@ -832,6 +832,7 @@ async fn stored_responses_survive_a_restart_and_stay_under_max_size() {
     edge.running.shutdown().await;
 
     let edge = edge_with_core(dir.path(), &[core.addr], &conf).await;
+    edge.running.core_cache.as_ref().unwrap().loaded().await;
     assert_eq!(
         edge.running.core_cache.as_ref().unwrap().usage(),
         (bytes, n)

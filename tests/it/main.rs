@@ -5,6 +5,7 @@ mod cluster;
 mod common;
 mod corecache;
 mod corecache_hit;
+mod corecache_load;
 mod corecache_memory;
 mod destination;
 mod disk;

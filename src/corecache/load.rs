@@ -1,0 +1,236 @@
+//! Loading the core cache's index at start, in the background, as the media cache does
+//! (`crate::cache`'s `load.rs`): the edge answers from the first moment however many
+//! responses the directory holds. A request for a URL not yet indexed reads that URL's
+//! entries from their directory first ([`read_url`], through `Store::settle`); from then on
+//! the loader leaves the URL to the index.
+//!
+//! Entries of the layout before the per-URL directories (`objects/<hh>/<id>.meta`, the id
+//! unrelated to the URL) are moved into their URL's directory as they are found.
+
+use std::cmp::Reverse;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::store::{url_dir, url_hash, url_key, Id, Meta, Store};
+use crate::cache::{changed_since, wait_while_held};
+
+/// Entries added to the index per hold of its lock, so requests are never held up long.
+const BATCH: usize = 10_000;
+
+/// The whole entries of the URL `key` on disk, oldest body first: those whose meta names the
+/// URL and whose body has the recorded length. Nothing is removed here (the loader does
+/// that).
+pub fn read_url(store: &Store, key: &str) -> Vec<(SystemTime, Id, Meta)> {
+    let hash = url_hash(key);
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(url_dir(store.dir(), &hash)) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".meta"))
+            .filter(|id| id.starts_with(&hash))
+        else {
+            continue;
+        };
+        if let Some((used, meta)) = whole(&e.path(), &store.path_of(id, "body")) {
+            if url_key(&meta.host, &meta.path) == key {
+                found.push((used, id.into(), meta));
+            }
+        }
+    }
+    found.sort_by_key(|(used, _, _)| *used);
+    found
+}
+
+/// The meta at `meta_path` if it parses and the body at `body` has its length, with the
+/// body's mtime (its place in the LRU order).
+fn whole(meta_path: &Path, body: &Path) -> Option<(SystemTime, Meta)> {
+    let meta = std::fs::read(meta_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())?;
+    let b = std::fs::metadata(body).ok()?;
+    (b.len() == meta.len).then(|| (b.modified().unwrap_or(UNIX_EPOCH), meta))
+}
+
+/// Walks `objects/`, drops what is not whole, and adds the rest to the index behind what
+/// requests put there meanwhile; then evicts down to `max_size` and says it is done.
+pub fn load(store: &Arc<Store>) {
+    wait_while_held(store.dir());
+    let started = SystemTime::now();
+    let mut found = walk(store, started);
+    // Newest first: each is then put behind all before it, so the oldest ends up last.
+    found.sort_by_key(|(used, _, _)| Reverse(*used));
+    let count = found.len();
+    let mut rest = found.into_iter().map(|(_, id, meta)| (id, meta)).peekable();
+    while rest.peek().is_some() {
+        let stray = store.add_loaded(rest.by_ref().take(BATCH));
+        store.unlink(&stray);
+    }
+    store.finish_loading();
+    let (bytes, n) = store.usage();
+    tracing::info!(found = count, entries = n, bytes, dir = %store.dir().display(), "core cache: index loaded");
+}
+
+/// Every whole entry on disk, with its body's mtime. Files changed since the load started
+/// are left alone: they belong to stores running meanwhile (a meta written, its body not
+/// yet renamed into place).
+fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
+    let mut found = Vec::new();
+    let objects = store.dir().join("objects");
+    for e in walkdir::WalkDir::new(&objects)
+        .min_depth(2)
+        .max_depth(3)
+        .into_iter()
+        .flatten()
+    {
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let p = e.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if e.depth() == 2 {
+            // The old layout.
+            if let Some(entry) = move_old(store, p, name) {
+                found.push(entry);
+            }
+            continue;
+        }
+        if let Some(id) = name.strip_suffix(".meta") {
+            let body = p.with_extension("body");
+            match whole(p, &body) {
+                Some((used, meta)) if store.path_of(id, "meta") == p => {
+                    found.push((used, id.into(), meta))
+                }
+                _ if changed_since(p, started) => {}
+                _ => {
+                    tracing::warn!(path = %p.display(), "core cache: dropping an entry with no valid meta or a body of the wrong length");
+                    let _ = std::fs::remove_file(p);
+                    let _ = std::fs::remove_file(&body);
+                }
+            }
+        } else if let Some(stem) = name.strip_suffix(".body") {
+            let meta = p.with_file_name(format!("{stem}.meta"));
+            if !meta.exists() && !changed_since(p, started) {
+                let _ = std::fs::remove_file(p);
+            }
+        } else if !changed_since(p, started) {
+            // A temp file of a meta write cut by a crash.
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    found
+}
+
+/// An entry of the old layout (`objects/<hh>/<id>.meta` and `.body`), moved into its URL's
+/// directory under a new id; anything else there is removed.
+fn move_old(store: &Store, p: &Path, name: &str) -> Option<(SystemTime, Id, Meta)> {
+    let Some(stem) = name.strip_suffix(".meta") else {
+        if !name.ends_with(".body") || !p.with_extension("meta").exists() {
+            let _ = std::fs::remove_file(p);
+        }
+        return None;
+    };
+    let body = p.with_file_name(format!("{stem}.body"));
+    let Some((used, meta)) = whole(p, &body) else {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(&body);
+        return None;
+    };
+    let id = store.new_id(&url_key(&meta.host, &meta.path));
+    let (new_meta, new_body) = (store.path_of(&id, "meta"), store.path_of(&id, "body"));
+    let moved = new_meta
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::rename(&body, &new_body))
+        .and_then(|()| std::fs::rename(p, &new_meta));
+    if moved.is_err() {
+        for f in [p, &body, &new_body] {
+            let _ = std::fs::remove_file(f);
+        }
+        return None;
+    }
+    Some((used, id, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn seed(dir: &Path, entries: &[(&str, &str)]) {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("cache-control", "public, max-age=600".parse().unwrap());
+        let entries = entries
+            .iter()
+            .map(|(p, b)| (p.to_string(), b.as_bytes().to_vec()));
+        crate::corecache::seed(dir, "a.test", &headers, entries).unwrap();
+    }
+
+    fn wait_loaded(store: &Store) {
+        let start = Instant::now();
+        while store.is_loading() {
+            assert!(start.elapsed() < Duration::from_secs(30), "the load ends");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The loader has indexed one of a URL's two entries when a request reads the URL: each
+    /// is counted once; a URL removed meanwhile is not brought back by the loader; nothing
+    /// is evicted before the end, then down to `max_size`, least recently used first.
+    #[test]
+    fn the_loader_and_requests_count_each_entry_once_and_undo_no_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        seed(dir.path(), &[("/a", "one"), ("/b", "bbbbb"), ("/c", "cc")]);
+        seed(dir.path(), &[("/a", "four")]);
+        let hold = crate::cache::hold_index_load(dir.path());
+        let store = Store::open(dir.path(), 8, Metrics::new()).unwrap();
+        let key = url_key("a.test", "/a");
+        let found = read_url(&store, &key);
+        assert_eq!(found.len(), 2);
+        let on_disk: Vec<_> = ["/b", "/c"]
+            .iter()
+            .flat_map(|p| read_url(&store, &url_key("a.test", p)))
+            .collect();
+        // The loader's part: the first entry of /a only.
+        let (_, id, meta) = found[0].clone();
+        assert!(store.add_loaded([(id, meta)].into_iter()).is_empty());
+        assert_eq!(store.usage(), (found[0].2.len, 1));
+        // A request reads /a: the other one joins, the first is not counted again.
+        store.settle_blocking(&key);
+        assert_eq!(store.usage(), (7, 2));
+        store.settle_blocking(&key);
+        assert_eq!(store.usage(), (7, 2));
+        assert_eq!(store.variants("a.test", "/a").len(), 2);
+        // /b purged before the loader reached it: found on disk, removed.
+        assert_eq!(store.remove_url("a.test", "/b"), 1);
+        assert_eq!(store.usage(), (7, 2));
+        // The loader meets all it had found: /a skipped (indexed), /b stray, /c added.
+        let again = found
+            .into_iter()
+            .chain(on_disk)
+            .map(|(_, id, meta)| (id, meta));
+        let stray = store.add_loaded(again);
+        assert_eq!(stray.len(), 1);
+        assert!(stray[0].starts_with(&url_hash(&url_key("a.test", "/b"))));
+        // 9 bytes, over max_size 8: nothing evicted until the load ends.
+        assert_eq!(store.usage(), (9, 3));
+        drop(hold);
+        wait_loaded(&store);
+        // /c (the loader's, behind what requests used) made room.
+        assert_eq!(store.usage(), (7, 2));
+        assert_eq!(store.variants("a.test", "/a").len(), 2);
+        assert!(store.variants("a.test", "/c").is_empty());
+        let files = walkdir::WalkDir::new(dir.path().join("objects"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .count();
+        assert_eq!(files, 4, "removed and evicted entries' files are gone");
+    }
+}
