@@ -160,6 +160,8 @@ fn move_old(store: &Store, p: &Path, name: &str) -> Option<(SystemTime, Id, Meta
 mod tests {
     use std::time::{Duration, Instant};
 
+    use md5::Digest;
+
     use super::*;
     use crate::metrics::Metrics;
 
@@ -232,5 +234,55 @@ mod tests {
             .filter(|e| e.file_type().is_file())
             .count();
         assert_eq!(files, 4, "removed and evicted entries' files are gone");
+    }
+
+    /// Entries of the layout before per-URL directories are moved into their URL's
+    /// directory by the loader; one of a URL a request read meanwhile (it could not see the
+    /// old file) goes instead of competing with what the request found.
+    #[test]
+    fn the_old_layout_is_moved_in_place_by_the_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        seed(dir.path(), &[("/old", "kept"), ("/read", "gone")]);
+        let mut old_names = Vec::new();
+        for e in walkdir::WalkDir::new(dir.path().join("objects")).min_depth(3) {
+            let e = e.unwrap();
+            let name = e.file_name().to_str().unwrap().to_owned();
+            // objects/<hh>/<32 hex>.meta, the id unrelated to the URL's hash.
+            let (stem, ext) = name.split_once('.').unwrap();
+            let old = hex::encode(md5::Md5::digest(stem.as_bytes()));
+            let to = dir.path().join("objects").join(&old[..2]);
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::rename(e.path(), to.join(format!("{old}.{ext}"))).unwrap();
+            old_names.push(to.join(format!("{old}.{ext}")));
+        }
+        assert_eq!(old_names.len(), 4);
+        let hold = crate::cache::hold_index_load(dir.path());
+        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
+        let read = url_key("a.test", "/read");
+        store.settle_blocking(&read);
+        assert!(store.variants("a.test", "/read").is_empty());
+        drop(hold);
+        wait_loaded(&store);
+        assert_eq!(store.usage(), (4, 1));
+        let kept = store.variants("a.test", "/old");
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0]
+            .id
+            .starts_with(&url_hash(&url_key("a.test", "/old"))));
+        assert_eq!(
+            std::fs::read(store.path_of(&kept[0].id, "body")).unwrap(),
+            b"kept"
+        );
+        assert!(store.variants("a.test", "/read").is_empty());
+        assert!(
+            old_names.iter().all(|p| !p.exists()),
+            "nothing left in the old place"
+        );
+        let files = walkdir::WalkDir::new(dir.path().join("objects"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .count();
+        assert_eq!(files, 2);
     }
 }

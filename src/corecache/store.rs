@@ -2,15 +2,22 @@
 //! an in-memory index by URL (host + path and query), least recently used first out when
 //! the bodies pass `max_size`.
 //!
-//! Layout under `dir`: `objects/<hh>/<id>.body` and `<id>.meta` (JSON [`Meta`]), `tmp/` for
-//! bodies being written (cleared at start). A body is written whole to a temp file and
-//! renamed into place, its meta written (temp + rename) before it: a crash leaves either a
-//! whole entry or an orphan that the start removes; nothing partial is ever indexed.
+//! Layout under `dir`: `objects/<hh>/<hh>/<id>.body` and `<id>.meta` (JSON [`Meta`]), the id
+//! the URL's hash ([`url_hash`]) and 16 hex digits of its own, so a URL's variants are in
+//! the directory its hash names ([`url_dir`]); `tmp/` for bodies being written (cleared at
+//! start). A body is written whole to a temp file and renamed into place, its meta written
+//! (temp + rename) before it: a crash leaves either a whole entry or an orphan that the
+//! load removes; nothing partial is ever indexed.
+//!
+//! The index is loaded in the background at start (`super::load`); meanwhile a URL is read
+//! from its directory before a request uses it ([`Store::settle`]) and left to the index
+//! from then on, and nothing is evicted until the count is whole.
 //!
 //! Why not the media cache's index (`crate::cache`): that one is keyed by one media `Key` per
 //! object, verifies MD5s and keeps a memory tier; here one URL holds several variants (Vary)
 //! and entries carry an HTTP cache policy. The shape is the same (LRU by bytes through the
-//! `lru` crate, no disk I/O under the index lock, temp + rename, `write_atomic`).
+//! `lru` crate, no disk I/O under the index lock, temp + rename, `write_atomic`, the load in
+//! the background with its test hold).
 //!
 //! Bodies up to [`MEMORY_MAX_OBJECT`] are kept in memory after their first read (within
 //! [`MEMORY_MAX`], least recently used out): a hit on a hot API response then costs no file
