@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::store::{url_dir, url_hash, url_key, Id, Meta, Store};
 use crate::cache::{changed_since, wait_while_held};
@@ -32,7 +32,7 @@ pub fn read_url(store: &Store, key: &str) -> Vec<(SystemTime, Id, Meta)> {
         let Some(id) = name
             .to_str()
             .and_then(|n| n.strip_suffix(".meta"))
-            .filter(|id| id.starts_with(&hash))
+            .filter(|id| id.starts_with(&hash) && valid_id(id))
         else {
             continue;
         };
@@ -60,7 +60,11 @@ fn whole(meta_path: &Path, body: &Path) -> Option<(SystemTime, Meta)> {
 /// requests put there meanwhile; then evicts down to `max_size` and says it is done.
 pub fn load(store: &Arc<Store>) {
     wait_while_held(store.dir());
-    let started = SystemTime::now();
+    // Files take their times from a coarse clock, which may lag this one by a tick: a little
+    // before now, so that no file a store writes after this is taken for an old one.
+    let started = SystemTime::now() - Duration::from_secs(1);
+    // Even if this thread panics, the load ends (eviction resumes, the loader's set goes).
+    let finish = Finish(store);
     let mut found = walk(store, started);
     // Newest first: each is then put behind all before it, so the oldest ends up last.
     found.sort_by_key(|(used, _, _)| Reverse(*used));
@@ -70,9 +74,23 @@ pub fn load(store: &Arc<Store>) {
         let stray = store.add_loaded(rest.by_ref().take(BATCH));
         store.unlink(&stray);
     }
-    store.finish_loading();
+    drop(finish);
     let (bytes, n) = store.usage();
     tracing::info!(found = count, entries = n, bytes, dir = %store.dir().display(), "core cache: index loaded");
+}
+
+/// Ends the load when dropped.
+struct Finish<'a>(&'a Store);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish_loading();
+    }
+}
+
+/// Whether `id` is an entry name as [`super::store::own_id`] makes them (48 hex digits).
+fn valid_id(id: &str) -> bool {
+    id.len() == 48 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Every whole entry on disk, with its body's mtime. Files changed since the load started
@@ -99,7 +117,7 @@ fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
             }
             continue;
         }
-        if let Some(id) = name.strip_suffix(".meta") {
+        if let Some(id) = name.strip_suffix(".meta").filter(|id| valid_id(id)) {
             let body = p.with_extension("body");
             match whole(p, &body) {
                 Some((used, meta)) if store.path_of(id, "meta") == p => {
@@ -112,13 +130,13 @@ fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
                     let _ = std::fs::remove_file(&body);
                 }
             }
-        } else if let Some(stem) = name.strip_suffix(".body") {
+        } else if let Some(stem) = name.strip_suffix(".body").filter(|id| valid_id(id)) {
             let meta = p.with_file_name(format!("{stem}.meta"));
             if !meta.exists() && !changed_since(p, started) {
                 let _ = std::fs::remove_file(p);
             }
         } else if !changed_since(p, started) {
-            // A temp file of a meta write cut by a crash.
+            // A temp file of a meta write cut by a crash, or a file that is no entry's.
             let _ = std::fs::remove_file(p);
         }
     }
@@ -256,6 +274,14 @@ mod tests {
             old_names.push(to.join(format!("{old}.{ext}")));
         }
         assert_eq!(old_names.len(), 4);
+        // Files that are no entry's, old enough to be no store's under way: removed, and
+        // the load goes on.
+        let junk = dir.path().join("objects/00/00");
+        std::fs::create_dir_all(&junk).unwrap();
+        for name in ["x.meta", "x.body", ".tmp12345"] {
+            let f = std::fs::File::create(junk.join(name)).unwrap();
+            f.set_modified(UNIX_EPOCH + Duration::from_secs(1)).unwrap();
+        }
         let hold = crate::cache::hold_index_load(dir.path());
         let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
         let read = url_key("a.test", "/read");
