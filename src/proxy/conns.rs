@@ -67,9 +67,10 @@ impl AsyncRead for Heard {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
+        // `remaining` is plain arithmetic (`filled()` makes a checked slice).
+        let before = buf.remaining();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        if buf.remaining() < before {
             this.heard.store(true, Ordering::Relaxed);
         }
         read
