@@ -14,12 +14,17 @@
 //! out when it is checked out (polling it once reads the close) and dropped; one closed just
 //! as a request is written fails before the request leaves (hyper gives the request back) and
 //! the request is sent again on another connection, whatever its method, as nothing was sent.
+//! One closed after the request was written (the keep-alive race: the write lands in the
+//! kernel, then the read gets EOF or a reset) fails with [`SendError::Stale`] when not one
+//! byte of an answer came on it ([`Heard`] notes that): the caller decides whether the request
+//! may be sent again (an idempotent method without a body, on a new connection: `fresh`).
 //! Idle connections older than [`IDLE_UPSTREAM_CONNECTION`] are dropped at checkout and by
 //! [`reap`], so that closed sockets do not linger.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -30,6 +35,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -43,12 +49,70 @@ pub const IDLE_UPSTREAM_CONNECTION: Duration = Duration::from_secs(15);
 
 /// Boxed once when opened: hyper's connection state is large, and it moves between the idle
 /// stack, the request and the response body (each move would copy it).
-type Conn = Pin<Box<Connection<TokioIo<TcpStream>, UpBody>>>;
+type Conn = Pin<Box<Connection<TokioIo<Heard>, UpBody>>>;
 
-/// One idle connection: its request sender, the connection, and since when it is idle.
+/// An upstream socket that notes when bytes come in (`heard`, shared with the connection's
+/// [`Idle`]/[`Lease`], cleared when a kept connection is checked out): hyper tells neither
+/// whether a failed request was written nor whether part of an answer had come, and only a
+/// request with no byte of answer may be sent again. One relaxed store per read.
+struct Heard {
+    stream: TcpStream,
+    heard: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Heard {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        // `remaining` is plain arithmetic (`filled()` makes a checked slice).
+        let before = buf.remaining();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.remaining() < before {
+            this.heard.store(true, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Heard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// One idle connection: its request sender, the connection, whether bytes came on it, and
+/// since when it is idle.
 struct Idle {
     send: SendRequest<UpBody>,
     conn: Conn,
+    heard: Arc<AtomicBool>,
     since: Instant,
 }
 
@@ -110,6 +174,11 @@ pub enum SendError {
     Connect(std::io::Error),
     /// The exchange failed (the request may have been sent).
     Http(hyper::Error),
+    /// A kept connection ended after the request may have been written, before any byte of
+    /// an answer came (the upstream closed it as we wrote: the keep-alive race). The request
+    /// may have reached the upstream; one that is idempotent and has no body may be sent
+    /// again on a new connection (`fresh`).
+    Stale(hyper::Error),
 }
 
 /// A connection in use by one request, with what it needs to go back to its stack.
@@ -117,6 +186,8 @@ struct Lease {
     send: SendRequest<UpBody>,
     /// None once the connection ended (closed, failed).
     conn: Option<Conn>,
+    /// Set by the socket when bytes come in.
+    heard: Arc<AtomicBool>,
     upstream: Arc<Upstream>,
     max_idle: usize,
 }
@@ -145,6 +216,7 @@ impl Lease {
             let idle = Idle {
                 send: self.send,
                 conn,
+                heard: self.heard,
                 since: Instant::now(),
             };
             self.upstream.idle.push(idle, self.max_idle);
@@ -152,21 +224,28 @@ impl Lease {
     }
 }
 
-/// An idle connection of `upstream` that is still usable, or a new one.
+/// An idle connection of `upstream` that is still usable (unless `fresh`), or a new one.
 async fn checkout(
     upstream: &Arc<Upstream>,
     connect_timeout: Duration,
+    fresh: bool,
 ) -> Result<(Lease, bool), SendError> {
     let now = Instant::now();
-    while let Some(mut idle) = upstream.idle.pop(now) {
+    while let Some(mut idle) = match fresh {
+        true => None,
+        false => upstream.idle.pop(now),
+    } {
         // Polled once here: a close (or stray bytes) from the upstream while idle ends it.
         // No waker: `send` drives the connection with the task's right after.
         let mut noop = Context::from_waker(Waker::noop());
         let open = idle.conn.as_mut().poll(&mut noop).is_pending();
         if open && idle.send.is_ready() {
+            // From here on, a byte read is a byte of this request's answer.
+            idle.heard.store(false, Ordering::Relaxed);
             let lease = Lease {
                 send: idle.send,
                 conn: Some(idle.conn),
+                heard: idle.heard,
                 upstream: upstream.clone(),
                 max_idle: 0,
             };
@@ -185,12 +264,18 @@ async fn checkout(
         }
     };
     stream.set_nodelay(true).map_err(SendError::Connect)?;
-    let (send, conn) = http1::handshake(TokioIo::new(stream))
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = Heard {
+        stream,
+        heard: heard.clone(),
+    };
+    let (send, conn) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(SendError::Http)?;
     let lease = Lease {
         send,
         conn: Some(Box::pin(conn)),
+        heard,
         upstream: upstream.clone(),
         max_idle: 0,
     };
@@ -199,15 +284,17 @@ async fn checkout(
 
 /// Sends `req` (origin-form URI, `Host` set) to `upstream` on an idle connection or a new
 /// one, and returns the response head; its body drives the connection to its end.
-/// `max_idle`: the most idle connections the upstream keeps.
+/// `max_idle`: the most idle connections the upstream keeps; `fresh`: on a new connection,
+/// not a kept one (a request sent again after [`SendError::Stale`]).
 pub async fn send(
     upstream: &Arc<Upstream>,
     mut req: Request<UpBody>,
     connect_timeout: Duration,
     max_idle: usize,
+    fresh: bool,
 ) -> Result<Response<PooledBody>, SendError> {
     loop {
-        let (mut lease, reused) = checkout(upstream, connect_timeout).await?;
+        let (mut lease, reused) = checkout(upstream, connect_timeout, fresh).await?;
         lease.max_idle = max_idle;
         let mut answer = std::pin::pin!(lease.send.try_send_request(req));
         // The connection and the response are polled together in this task. When the
@@ -246,7 +333,15 @@ pub async fn send(
                     tracing::debug!(upstream = %upstream.addr, "proxy: idle connection closed; sending on another");
                     req = unsent;
                 }
-                _ => return Err(SendError::Http(e.into_error())),
+                _ => {
+                    let e = e.into_error();
+                    // Not a byte of an answer on a kept connection: the caller may send the
+                    // request again (the client's own body failing is not the upstream's).
+                    if reused && !e.is_user() && !lease.heard.load(Ordering::Relaxed) {
+                        return Err(SendError::Stale(e));
+                    }
+                    return Err(SendError::Http(e));
+                }
             },
         }
     }
@@ -356,7 +451,7 @@ mod tests {
         let up = pool.upstreams[0].clone();
         let mut leases = Vec::new();
         for _ in 0..2 {
-            let (mut lease, reused) = checkout(&up, Duration::from_secs(5)).await.unwrap();
+            let (mut lease, reused) = checkout(&up, Duration::from_secs(5), false).await.unwrap();
             assert!(!reused);
             lease.max_idle = 4;
             leases.push(lease);

@@ -112,7 +112,8 @@ struct UpstreamLabels {
     upstream: String,
 }
 
-/// Renders `fediedge_upstream_*` at each scrape: requests and errors (counters), health,
+/// Renders `fediedge_upstream_*` at each scrape: requests, errors and stale retries
+/// (counters), health,
 /// breaker state (0 closed, 1 open, 2 half-open) and requests in flight.
 pub struct UpstreamCollector(pub Arc<Proxy>);
 
@@ -147,6 +148,12 @@ impl Collector for UpstreamCollector {
                 "upstream_errors",
                 "Requests an upstream failed (refused, reset, timed out, 502/503/504)",
                 |u| u.errors.load(Ordering::Relaxed),
+            ),
+            (
+                "upstream_stale_retries",
+                "Idempotent requests sent once more on a new connection after a kept one \
+                 closed before answering (the keep-alive race; not errors)",
+                |u| u.stale_retries.load(Ordering::Relaxed),
             ),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -7,7 +7,12 @@
 //! `Retry-After`, at once) → send, within the first-byte timeout (504) → a transport failure
 //! is 502. A request that was sent is never sent again; a GET or HEAD (or OPTIONS) without a
 //! body is tried on another upstream when the connection could not be opened (nothing was
-//! sent).
+//! sent). The one exception to "never sent again": a kept connection that the upstream closed
+//! as the request was written (the keep-alive race: EOF or a reset, not one byte of an
+//! answer) gets an idempotent request without a body (GET, HEAD, OPTIONS, TRACE, PUT,
+//! DELETE) once more, on a new connection to the same upstream, within the same first-byte
+//! timeout, not counted as the upstream's failure. A POST or PATCH, or a request whose body
+//! was streamed, gets 502.
 //!
 //! - `breaker`: the circuit breaker of one upstream.
 //! - `conns`: our keep-alive connections to the upstreams, driven by the request's own task.
@@ -268,9 +273,14 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        // Only a request without a body can be sent again: its body is not kept.
-        let resendable = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            && body.is_end_stream();
+        // Only a request without a body can be sent again: its body is not kept. On another
+        // upstream when the connection could not be opened (nothing was sent); on a new
+        // connection to the same upstream when a kept one ended before any byte of an answer
+        // (the request may have been sent: only idempotent methods, RFC 9110 §9.2.2).
+        let bodiless = body.is_end_stream();
+        let resendable =
+            bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let replayable = bodiless && parts.method.is_idempotent();
         let exceeded = Arc::new(AtomicBool::new(false));
         let mut body =
             Some(body::LimitedBody::new(body, live.max_body, exceeded.clone()).boxed_unsync());
@@ -289,44 +299,53 @@ impl Proxy {
             };
             let addr = admission.upstream.addr;
             tried.push(addr);
-            let mut up = Request::new(
-                body.take()
-                    .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
-            );
-            *up.method_mut() = parts.method.clone();
-            // The headers are copied only when another attempt may need them: a request that
-            // cannot be sent again, or the last upstream, takes them.
-            *up.headers_mut() = match resendable && tried.len() < pool.upstreams.len() {
-                true => parts.headers.clone(),
-                false => std::mem::take(&mut parts.headers),
-            };
+            let other_upstream = resendable && tried.len() < pool.upstreams.len();
             if client_upgrade.is_none() {
-                // Our own connections (`conns`): origin-form URI, `Host` always set.
-                *up.uri_mut() = http::Uri::from(path.clone());
-                if !up.headers().contains_key(header::HOST) {
-                    let host = HeaderValue::from_str(admission.upstream.authority.as_str());
-                    up.headers_mut()
-                        .insert(header::HOST, host.expect("an address is a value"));
-                }
-                let sent = tokio::time::timeout(
-                    live.first_byte_timeout,
-                    conns::send(&admission.upstream, up, live.connect_timeout, live.max_idle),
-                )
-                .await;
-                let failed = match sent {
-                    Ok(Ok(resp)) => return Ok(self.answered(kind, &live, admission, resp)),
-                    Err(_) => Failed::Timeout,
-                    Ok(Err(conns::SendError::Connect(e))) => Failed::Connect(e.to_string()),
-                    Ok(Err(conns::SendError::Http(e))) => match e.is_user() {
-                        true => Failed::ClientBody(e.to_string()),
-                        false => Failed::Other(error_chain(&e)),
-                    },
+                // Our own connections (`conns`). The first-byte timeout covers both sends
+                // on one upstream (a kept connection, then a new one).
+                let deadline = tokio::time::Instant::now() + live.first_byte_timeout;
+                let mut fresh = false;
+                let failed = loop {
+                    let again = other_upstream || (replayable && !fresh);
+                    let mut up = attempt(&mut parts, &mut body, again);
+                    // Origin-form URI, `Host` always set.
+                    *up.uri_mut() = http::Uri::from(path.clone());
+                    if !up.headers().contains_key(header::HOST) {
+                        let host = HeaderValue::from_str(admission.upstream.authority.as_str());
+                        up.headers_mut()
+                            .insert(header::HOST, host.expect("an address is a value"));
+                    }
+                    let upstream = &admission.upstream;
+                    let sent = tokio::time::timeout_at(
+                        deadline,
+                        conns::send(upstream, up, live.connect_timeout, live.max_idle, fresh),
+                    )
+                    .await;
+                    break match sent {
+                        Ok(Ok(resp)) => return Ok(self.answered(kind, &live, admission, resp)),
+                        // The keep-alive race: sent once more, not counted as a failure.
+                        Ok(Err(conns::SendError::Stale(e))) if replayable && !fresh => {
+                            upstream.stale_retries.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%addr, error = %e, "proxy: kept connection closed before answering; sending again on a new one");
+                            fresh = true;
+                            continue;
+                        }
+                        Err(_) => Failed::Timeout,
+                        Ok(Err(conns::SendError::Connect(e))) => Failed::Connect(e.to_string()),
+                        Ok(Err(conns::SendError::Http(e) | conns::SendError::Stale(e))) => {
+                            match e.is_user() {
+                                true => Failed::ClientBody(e.to_string()),
+                                false => Failed::Other(error_chain(&e)),
+                            }
+                        }
+                    };
                 };
                 match self.failed(failed, admission, addr, resendable, &exceeded, &live) {
                     Some(err) => return Err(err),
                     None => continue,
                 }
             }
+            let mut up = attempt(&mut parts, &mut body, other_upstream);
             // A WebSocket handshake: hyper-util's client, whose connections can be upgraded.
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(http::uri::Scheme::HTTP);
@@ -422,6 +441,26 @@ impl Proxy {
         admission.failure();
         Some(ProxyError::Upstream { addr, message })
     }
+}
+
+/// One attempt's request: the body (none left after the first attempt: only a bodiless
+/// request is sent again), the method, and the headers, copied when another attempt may need
+/// them (`again`), else taken.
+fn attempt(
+    parts: &mut http::request::Parts,
+    body: &mut Option<UpBody>,
+    again: bool,
+) -> Request<UpBody> {
+    let mut up = Request::new(
+        body.take()
+            .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
+    );
+    *up.method_mut() = parts.method.clone();
+    *up.headers_mut() = match again {
+        true => parts.headers.clone(),
+        false => std::mem::take(&mut parts.headers),
+    };
+    up
 }
 
 /// How one attempt to send a request upstream failed.

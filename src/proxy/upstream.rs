@@ -30,6 +30,9 @@ pub struct Upstream {
     pub requests: AtomicU64,
     /// Of those, failures (refused, reset, timed out, 502/503/504), for metrics.
     pub errors: AtomicU64,
+    /// Requests sent once more on a new connection after a kept one closed before answering
+    /// (the keep-alive race), for metrics.
+    pub stale_retries: AtomicU64,
     /// Its idle keep-alive connections (kept across a reload with the upstream).
     pub idle: IdleConns,
 }
@@ -146,6 +149,7 @@ impl Pool {
                         healthy: AtomicBool::new(true),
                         requests: AtomicU64::new(0),
                         errors: AtomicU64::new(0),
+                        stale_retries: AtomicU64::new(0),
                         idle: IdleConns::default(),
                     })
                 })

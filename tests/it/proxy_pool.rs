@@ -1,8 +1,10 @@
 //! The proxy's own keep-alive connections to core (`proxy::conns`): reused one request after
 //! another, a connection the upstream closed is never an error for the client, a response
 //! left before its end never leaves its rest for the next request, a POST is sent once,
-//! concurrent responses never cross, a reload keeps an upstream's idle connections. Against
-//! real upstreams that count their connections.
+//! concurrent responses never cross, a reload keeps an upstream's idle connections, a kept
+//! connection closed as a request is written (the keep-alive race) costs an idempotent
+//! bodiless request nothing and anything else a 502 (sent once). Against real upstreams that
+//! count their connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -81,16 +83,96 @@ async fn closing_upstream() -> (SocketAddr, Arc<Seen>) {
             return;
         };
         s.requests.lock().push((method.clone(), path.clone(), len));
-        let body = format!("{method} {path} {len}");
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(body.as_bytes()).await;
+        write_answer(&mut stream, &method, &path, len).await;
         // After the answer has gone (so the edge has kept the connection).
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         drop(stream);
         s.closed.fetch_add(1, Ordering::SeqCst);
     })
     .await
+}
+
+/// Answers `<method> <path> <body length>`, keep-alive.
+async fn write_answer(stream: &mut tokio::net::TcpStream, method: &str, path: &str, len: usize) {
+    let body = format!("{method} {path} {len}");
+    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+}
+
+/// What [`unanswering_upstream`] does after its last answer on a connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    /// Closes at once (the edge finds the close at checkout, or as it writes).
+    Close,
+    /// Reads the next request whole, counts it in `requests`, and closes without a byte of
+    /// answer: the keep-alive race at its worst (the request arrived, may have been acted on).
+    Read,
+    /// As `Read`, but sends the first line of an answer before closing.
+    ReadAnswerHalf,
+}
+
+/// An upstream that answers the first `answered(n)` requests on its `n`th connection (from 0)
+/// as [`write_answer`] does, keep-alive, then closes the connection as `then` says: the
+/// keep-alive race, for the request the edge writes next.
+async fn unanswering_upstream(answered: fn(usize) -> usize, then: Then) -> (SocketAddr, Arc<Seen>) {
+    let next = Arc::new(AtomicUsize::new(0));
+    server(move |mut stream, s| {
+        let n = next.fetch_add(1, Ordering::SeqCst);
+        async move {
+            for _ in 0..answered(n) {
+                let Some((method, path, len)) = read_request(&mut stream).await else {
+                    return;
+                };
+                s.requests.lock().push((method.clone(), path.clone(), len));
+                write_answer(&mut stream, &method, &path, len).await;
+            }
+            if then != Then::Close {
+                if let Some(request) = read_request(&mut stream).await {
+                    s.requests.lock().push(request);
+                }
+            }
+            if then == Then::ReadAnswerHalf {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n").await;
+            }
+            drop(stream);
+            s.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await
+}
+
+/// `fediedge_upstream_<name>_total` of the web upstream `addr`, from `/metrics`.
+async fn upstream_counter(edge: &crate::common::TestEdge, name: &str, addr: SocketAddr) -> u64 {
+    let text = crate::common::client()
+        .get(format!("{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("fediedge_upstream_{name}_total{{pool=\"web\",upstream=\"{addr}\"}} ");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in {text}"));
+    line.trim().parse().unwrap()
+}
+
+/// (method, path) of each request the upstream saw.
+fn seen_requests(seen: &Seen) -> Vec<(String, String)> {
+    let requests = seen.requests.lock();
+    requests
+        .iter()
+        .map(|(m, p, _)| (m.clone(), p.clone()))
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect()
 }
 
 /// A server on a free port that counts the connections it accepts (`accepts`) and runs
@@ -477,4 +559,176 @@ async fn an_answer_before_the_whole_request_body_closes_its_connection() {
     let paths: Vec<String> = seen.requests.lock().iter().map(|r| r.1.clone()).collect();
     assert_eq!(paths, ["/first", "/upload", "/next"]);
     drop(client);
+}
+
+/// The keep-alive race: the upstream takes a GET (then a DELETE) on the kept connection and
+/// closes it without a byte of answer. Both are idempotent and bodiless: each is sent once
+/// more, on a new connection, and the client gets the answer; the upstream saw each twice,
+/// and it counts as a stale retry, not an error.
+#[tokio::test]
+async fn a_get_on_a_kept_connection_closed_as_it_was_written_is_sent_once_more() {
+    let (addr, seen) = unanswering_upstream(|_| 1, Then::Read).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/first").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "GET /first 0");
+    // The connection is kept; its next request is read and never answered.
+    let r = get(&edge, CORE, "/again").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "GET /again 0");
+    let r = crate::common::client()
+        .delete(format!("http://{}/gone", edge.running.addr))
+        .header("host", CORE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "DELETE /gone 0");
+    assert_eq!(
+        seen_requests(&seen),
+        pairs(&[
+            ("GET", "/first"),
+            ("GET", "/again"),
+            ("GET", "/again"),
+            ("DELETE", "/gone"),
+            ("DELETE", "/gone"),
+        ])
+    );
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 3);
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 2);
+    assert_eq!(upstream_counter(&edge, "errors", addr).await, 0);
+}
+
+/// The same race for a POST (with a body, then without) and a PATCH: sent once, 502.
+#[tokio::test]
+async fn a_post_on_a_kept_connection_closed_as_it_was_written_is_not_sent_again() {
+    let (addr, seen) = unanswering_upstream(|_| 1, Then::Read).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let mut want = Vec::new();
+    for (i, (method, len)) in [("POST", 1000), ("POST", 0), ("PATCH", 0)]
+        .into_iter()
+        .enumerate()
+    {
+        let first = format!("/first/{i}");
+        let r = get(&edge, CORE, &first).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), format!("GET {first} 0"));
+        let path = format!("/unsafe/{i}");
+        let r = crate::common::client()
+            .request(
+                method.parse().unwrap(),
+                format!("http://{}{path}", edge.running.addr),
+            )
+            .header("host", CORE)
+            .header("content-length", len.to_string())
+            .body(vec![b'p'; len])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{method} {path}");
+        want.push(("GET".to_owned(), first));
+        want.push((method.to_owned(), path));
+    }
+    assert_eq!(seen_requests(&seen), want);
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 3, "one per GET");
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 0);
+    assert_eq!(upstream_counter(&edge, "errors", addr).await, 3);
+}
+
+/// A GET whose body was streamed to the upstream cannot be sent again (the body is not
+/// kept): 502, sent once.
+#[tokio::test]
+async fn a_get_with_a_body_on_a_kept_connection_closed_as_it_was_written_is_not_sent_again() {
+    let (addr, seen) = unanswering_upstream(|_| 1, Then::Read).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/first").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "GET /first 0");
+    let r = get(&edge, CORE, "/with-body")
+        .body(vec![b'g'; 50_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        seen.requests.lock().clone(),
+        [
+            ("GET".to_owned(), "/first".to_owned(), 0),
+            ("GET".to_owned(), "/with-body".to_owned(), 50_000)
+        ]
+    );
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 0);
+}
+
+/// A new connection that fails after the GET was written is the upstream's failure, not the
+/// race: 502, sent once (one upstream, nothing else to try). And the new connection a stale
+/// retry opens gets one try: when it fails too, 502, the GET seen twice in all.
+#[tokio::test]
+async fn a_get_that_fails_on_a_new_connection_is_not_sent_again() {
+    // Connection 0 answers one request, then none answers.
+    let (addr, seen) = unanswering_upstream(|n| usize::from(n == 0), Then::Read).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/first").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "GET /first 0");
+    // Kept connection closed at the GET; its retry's new connection closes too.
+    let r = get(&edge, CORE, "/retried").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 2);
+    // No connection kept now: a new one, which fails, and that is all.
+    let r = get(&edge, CORE, "/fresh").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        seen_requests(&seen),
+        pairs(&[
+            ("GET", "/first"),
+            ("GET", "/retried"),
+            ("GET", "/retried"),
+            ("GET", "/fresh"),
+        ])
+    );
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 3);
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 1);
+    assert_eq!(upstream_counter(&edge, "errors", addr).await, 2);
+}
+
+/// An upstream that closes each connection right after its one answer, the next GET
+/// following at once: whether the edge finds the close at checkout or as it writes, every GET
+/// is answered, and each reached the upstream once (it never read a request it did not answer).
+#[tokio::test]
+async fn gets_right_after_an_upstream_closed_its_connection_are_all_answered() {
+    let (addr, seen) = unanswering_upstream(|_| 1, Then::Close).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    for i in 0..20 {
+        let path = format!("/race/{i}");
+        let r = get(&edge, CORE, &path).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.text().await.unwrap(), format!("GET {path} 0"));
+    }
+    let paths: Vec<String> = seen_requests(&seen).into_iter().map(|r| r.1).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("/race/{i}")).collect();
+    assert_eq!(paths, want);
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 20);
+    assert_eq!(upstream_counter(&edge, "errors", addr).await, 0);
+}
+
+/// Part of an answer came before the kept connection closed: the GET is not sent again
+/// (only a request without a byte of answer is), 502.
+#[tokio::test]
+async fn a_get_whose_answer_began_before_the_close_is_not_sent_again() {
+    let (addr, seen) = unanswering_upstream(|_| 1, Then::ReadAnswerHalf).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/first").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "GET /first 0");
+    let r = get(&edge, CORE, "/cut").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        seen_requests(&seen),
+        pairs(&[("GET", "/first"), ("GET", "/cut")])
+    );
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 0);
 }
