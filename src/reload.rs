@@ -101,10 +101,13 @@ impl Reloader {
             new.max_connections
                 .unwrap_or_else(crate::listen::cap::default_max_connections),
         );
-        self.cap.per_ip.set(
-            new.max_connections_per_ip,
-            crate::serve::per_ip_exempt(&new),
-        );
+        self.cap.per_ip.set_max(new.max_connections_per_ip);
+        // `[core] trusted_proxies`, as the proxy uses them: changed when `[core]` stays.
+        if self.proxy.is_some() && new.core.is_some() {
+            self.cap
+                .per_ip
+                .set_exempt(crate::serve::per_ip_exempt(&new));
+        }
         if self.routes_live(&new) {
             let routes = Router::of(&new);
             let routes = self

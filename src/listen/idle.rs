@@ -12,15 +12,18 @@
 //! period per connection costs nothing per request. The same check also drops a client that
 //! sends its header block too slowly (it starts no request): the slow-client guard.
 //!
-//! And the send timeout: a client that reads nothing (its receive window stays full) while a
-//! response waits to be written would hold its connection, and the response's upstream or
-//! cache work, for ever; hyper has no write timeout. [`Watched`] marks the connection blocked
-//! when a write cannot go on and unblocked when one goes on (only those rare moments cost
-//! anything), and [`idle`] reports [`Stop::Stalled`] once a write has been blocked for a
-//! whole period (so after one to two) while the kernel's send queue of the socket did not
-//! shrink either: a client that reads, however slowly or in bursts, keeps its connection
-//! (the kernel wakes a blocked writer only once half its queue is free, which on a large
-//! queue and a slow reader can take longer than a period). The caller cuts the connection.
+//! And the send timeout: a client that reads nothing would hold its connection, and the work
+//! of its responses (a cache file, a flight, an upstream connection), for ever; hyper has no
+//! write timeout. A connection waits on its client when a write cannot go on ([`Watched`]
+//! marks it blocked, and unblocked when one goes on) or when a response body has handed hyper
+//! data and not been asked for more ([`Held`]: HTTP/2 flow control, or HTTP/1.1's write buffer
+//! full). [`idle`] reports [`Stop::Stalled`] once a connection has waited on its client at two
+//! checks in a row with no progress at all in between: no write unblocked, no body asked for
+//! data, no request started, and nothing acknowledged by the client's TCP beyond the edge's
+//! own PINGs (`TCP_INFO`'s `tcpi_bytes_acked`, which only grows). A client that reads,
+//! however slowly or in bursts, keeps its connection. The caller resets the connection.
+//!
+//! Only those moments cost anything: a relaxed load per write, two atomic adds per body frame.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -40,7 +43,12 @@ use super::Body;
 /// client takes that long to send a request's header block.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One request started: the high half counts starts, the low half what is under way.
+/// Bytes acknowledged in a period that do not count as the client reading: the edge's HTTP/2
+/// PINGs (one a period, 17 bytes and a TLS record's overhead) and what goes with them.
+const PINGS_ACKED: u64 = 256;
+
+/// One request started: the high half counts starts, the low half what is under way. Also
+/// one frame handed, in [`Activity::bodies`].
 const STARTED: u64 = 1 << 32;
 
 /// What one connection has under way: one word, so that a request costs one atomic add when
@@ -54,6 +62,10 @@ pub(super) struct Activity {
     blocked: AtomicBool,
     /// Times `blocked` was cleared: a change between two checks is progress.
     unblocked: AtomicU64,
+    /// Response bodies: the low 32 bits count those that handed hyper data and were not
+    /// asked for more since (waiting on the client); the high 32 bits count data frames
+    /// handed (wrapping): a change between two checks is progress.
+    bodies: AtomicU64,
 }
 
 /// Why [`idle`] returned.
@@ -61,7 +73,7 @@ pub(super) struct Activity {
 pub(super) enum Stop {
     /// Nothing under way and nothing started for a whole period.
     Idle,
-    /// A write blocked for a whole period: the client reads nothing.
+    /// Waited on the client for a whole period with no progress: it reads nothing.
     Stalled,
 }
 
@@ -88,41 +100,84 @@ impl Drop for Active {
 }
 
 /// Returns once `activity` shows no request under way, none started and no write waiting
-/// for a whole [`IDLE_TIMEOUT`], or a write blocked for as long with nothing leaving the
-/// send queue of `socket` (so after one to two periods).
+/// for a whole [`IDLE_TIMEOUT`] ([`Stop::Idle`]), or it waited on its client for as long
+/// with no progress ([`Stop::Stalled`]); so after one to two periods. `socket`: the
+/// connection's TCP socket, for what its client acknowledged.
 pub(super) async fn idle(activity: &Activity, socket: Option<RawFd>) -> Stop {
-    let mut seen = activity.requests.load(Ordering::Acquire);
-    let mut seen_unblocked = activity.unblocked.load(Ordering::Acquire);
-    let mut was_blocked = false;
-    let mut seen_unsent = None;
+    let mut seen = Progress::of(activity, socket);
     loop {
         tokio::time::sleep(IDLE_TIMEOUT).await;
-        let now = activity.requests.load(Ordering::Acquire);
-        let unblocked = activity.unblocked.load(Ordering::Acquire);
-        let blocked = activity.blocked.load(Ordering::Acquire);
+        let now = Progress::of(activity, socket);
         // A response body may have ended (handed whole to hyper) while its bytes still wait
         // to be written: blocked, that is not idle (but may be stalled).
-        if now == seen && Activity::under_way(now) == 0 && !blocked {
+        if now.requests == seen.requests && Activity::under_way(now.requests) == 0 && !now.blocked {
             return Stop::Idle;
         }
-        let unsent = socket.and_then(unsent);
-        let drained = matches!((seen_unsent, unsent), (Some(before), Some(now)) if now < before);
-        if blocked && was_blocked && unblocked == seen_unblocked && !drained {
+        if seen.waiting() && now.waiting() && now.same_as(&seen) {
             return Stop::Stalled;
         }
-        (seen, seen_unblocked, was_blocked) = (now, unblocked, blocked);
-        seen_unsent = unsent;
+        seen = now;
     }
 }
 
-/// Bytes in the send queue of `socket` that the peer has not acknowledged yet (`TIOCOUTQ`),
-/// if the kernel says.
-fn unsent(socket: RawFd) -> Option<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one int into `n`. `socket` is the connection's own socket,
-    // open for as long as the connection task that calls this runs.
-    let done = unsafe { libc::ioctl(socket, libc::TIOCOUTQ, &mut n) };
-    (done == 0).then(|| u64::try_from(n).unwrap_or(0))
+/// What a connection has done, as of one check.
+struct Progress {
+    requests: u64,
+    blocked: bool,
+    unblocked: u64,
+    bodies: u64,
+    acked: Option<u64>,
+}
+
+impl Progress {
+    fn of(a: &Activity, socket: Option<RawFd>) -> Progress {
+        Progress {
+            requests: a.requests.load(Ordering::Acquire),
+            blocked: a.blocked.load(Ordering::Acquire),
+            unblocked: a.unblocked.load(Ordering::Acquire),
+            bodies: a.bodies.load(Ordering::Acquire),
+            acked: socket.and_then(bytes_acked),
+        }
+    }
+
+    /// Waiting on the client: a write blocked, or a body's data not taken on.
+    fn waiting(&self) -> bool {
+        self.blocked || Activity::under_way(self.bodies) > 0
+    }
+
+    /// Nothing moved between `earlier` and this check. The client's TCP acknowledging the
+    /// edge's own HTTP/2 PINGs (a few dozen bytes a period) is not the client reading.
+    fn same_as(&self, earlier: &Progress) -> bool {
+        let acked = match (earlier.acked, self.acked) {
+            (Some(before), Some(now)) => now.saturating_sub(before),
+            _ => 0,
+        };
+        self.requests == earlier.requests
+            && self.unblocked == earlier.unblocked
+            && self.bodies >> 32 == earlier.bodies >> 32
+            && acked <= PINGS_ACKED
+    }
+}
+
+/// Bytes of `socket`'s stream the peer acknowledged so far (`TCP_INFO`), if the kernel says.
+fn bytes_acked(socket: RawFd) -> Option<u64> {
+    // SAFETY: `tcp_info` is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info` and the length into `len`.
+    // `socket` is a descriptor the connection task owns for as long as it calls this.
+    let done = unsafe {
+        libc::getsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Kernels before 4.1 fill less than the whole struct: no `tcpi_bytes_acked` then.
+    let has = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8 <= len as usize;
+    (done == 0 && has).then_some(info.tcpi_bytes_acked)
 }
 
 /// A connection's socket (or TLS stream) that tells its [`Activity`] when writes block and
@@ -206,6 +261,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 pub(super) struct Held {
     body: Body,
     active: Option<Active>,
+    /// Handed hyper data and not asked for more since (counted in [`Activity::bodies`]).
+    waiting: bool,
 }
 
 impl Held {
@@ -214,7 +271,24 @@ impl Held {
         Held {
             body,
             active: Some(active),
+            waiting: false,
         }
+    }
+
+    /// Asked again: no longer waiting on the client.
+    fn asked(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            if let Some(a) = &self.active {
+                a.0.bodies.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.asked();
     }
 }
 
@@ -226,9 +300,19 @@ impl http_body::Body for Held {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.asked();
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = polled {
-            self.active = None;
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => {
+                self.active = None;
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(a) = &self.active {
+                    a.0.bodies.fetch_add(STARTED + 1, Ordering::AcqRel);
+                    self.waiting = true;
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }

@@ -79,6 +79,10 @@ const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// ... and closed if the answer does not come within this (a client gone without a FIN).
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// HTTP/2: streams one connection may have open at once (nginx's default; hyper's is 200).
+/// Each may hold a file, a flight or an upstream connection.
+const H2_MAX_STREAMS: u32 = 128;
+
 /// After closing a connection, how long to read and discard what the client still sends
 /// before the socket is closed.
 const LINGER: Duration = Duration::from_secs(2);
@@ -241,14 +245,14 @@ impl Listeners {
                 };
                 let (handler, conns) = (handler.clone(), conns.clone());
                 let transport = transport.clone();
-                // For the send timeout (`idle`): open while the connection task runs.
-                let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                // For the send timeout (`idle`): the duplicate this task owns to its end.
+                let socket = lingering.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
                 // The slot is held by the socket and by this task (the lingering close).
                 let stream = cap::Capped::new(stream, slot.clone());
                 tracker.spawn(async move {
                     let _slot = slot;
                     let cut = conns.cut.clone();
-                    let upgraded = match transport {
+                    let ended = match transport {
                         Transport::Plain => {
                             let info = ConnInfo { peer, tls: false };
                             let conn = Conn { info, socket };
@@ -260,10 +264,15 @@ impl Listeners {
                             serve_tls(stream, acceptor, handler, conns, conn).await
                         }
                     };
-                    // An upgraded connection (a WebSocket) was handed to the handler's tunnel,
-                    // which closes it.
-                    if let (Some(socket), false) = (lingering, upgraded) {
-                        linger(socket, &cut).await;
+                    match (lingering, ended) {
+                        // Handed to the handler's tunnel (a WebSocket), which closes it.
+                        (_, Ended::Upgraded) | (None, _) => {}
+                        (Some(socket), Ended::Closed) => linger(socket, &cut).await,
+                        // Reset: a FIN behind a send queue the client never reads would keep
+                        // the orphaned socket (and its buffers) in the kernel for minutes.
+                        (Some(socket), Ended::Stalled) => {
+                            let _ = socket.set_zero_linger();
+                        }
                     }
                 });
             }
@@ -320,11 +329,21 @@ impl Listeners {
     }
 }
 
-/// One accepted connection: who, and its socket's descriptor (valid while its task runs).
+/// One accepted connection: who, and a descriptor of its socket that its task owns.
 #[derive(Clone, Copy)]
 struct Conn {
     info: ConnInfo,
-    socket: std::os::fd::RawFd,
+    socket: Option<std::os::fd::RawFd>,
+}
+
+/// How a connection's HTTP ended.
+enum Ended {
+    /// Closed (by either side, a drain or the idle timeout): linger, then close.
+    Closed,
+    /// Upgraded (answered 101) and handed to the handler.
+    Upgraded,
+    /// Its client read nothing for a whole period: reset.
+    Stalled,
 }
 
 /// What a connection task listens to.
@@ -375,7 +394,7 @@ async fn serve_tls<I>(
     handler: Handler,
     signals: ConnSignals,
     conn: Conn,
-) -> bool
+) -> Ended
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -385,15 +404,15 @@ where
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
-                return false;
+                return Ended::Closed;
             }
             Err(_) => {
                 tracing::debug!("TLS handshake timed out");
-                return false;
+                return Ended::Closed;
             }
         },
         // Shutting down: a connection not yet set up has nothing under way.
-        _ = signals.drain.cancelled() => return false,
+        _ = signals.drain.cancelled() => return Ended::Closed,
     };
     let protocol = match tls.get_ref().1.alpn_protocol() {
         Some(b"h2") => Protocol::Http2,
@@ -410,7 +429,7 @@ async fn serve_connection<I>(
     handler: Handler,
     signals: ConnSignals,
     conn: Conn,
-) -> bool
+) -> Ended
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -439,7 +458,8 @@ where
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_PING_INTERVAL)
-        .keep_alive_timeout(H2_PING_TIMEOUT);
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = match protocol {
         Protocol::Http1 => builder.http1_only(),
         Protocol::Http2 => builder.http2_only(),
@@ -448,26 +468,34 @@ where
     let io = TokioIo::new(idle::Watched::new(io, activity.clone()));
     let http = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(http);
+    let ended = |upgraded: &std::sync::atomic::AtomicBool| match upgraded
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        true => Ended::Upgraded,
+        false => Ended::Closed,
+    };
     tokio::select! {
-        ended = http.as_mut() => {
-            if let Err(e) = ended {
+        // First: a request head that arrived with the idle tick is served, not dropped.
+        biased;
+        done = http.as_mut() => {
+            if let Err(e) = done {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            return upgraded.load(std::sync::atomic::Ordering::Acquire);
+            return ended(&upgraded);
         }
         _ = signals.drain.cancelled() => {}
-        stop = idle::idle(&activity, Some(conn.socket)) => match (stop, protocol) {
+        stop = idle::idle(&activity, conn.socket) => match (stop, protocol) {
             // The client has read nothing for a whole period: what is under way cannot end.
             (idle::Stop::Stalled, _) => {
-                tracing::debug!(peer = %info.peer, "client reads nothing: cutting its connection");
-                return false;
+                tracing::debug!(peer = %info.peer, "client reads nothing: resetting its connection");
+                return Ended::Stalled;
             }
             // Nothing under way: the client waits between requests or is still sending a
             // header block after a whole period. Closed at once (hyper's graceful shutdown
             // would wait for a header block that has begun).
             (idle::Stop::Idle, Protocol::Http1) => {
                 tracing::debug!("HTTP/1.1 connection idle or too slow: closing it");
-                return false;
+                return Ended::Closed;
             }
             (idle::Stop::Idle, Protocol::Http2) => {
                 tracing::debug!("HTTP/2 connection idle: closing it")
@@ -475,11 +503,16 @@ where
         },
     }
     // HTTP/1.1: a response under way completes, then (or at once, when idle) the connection
-    // closes. HTTP/2: GOAWAY; streams under way complete (none, when idle).
+    // closes. HTTP/2: GOAWAY; streams under way complete (none, when idle). Still watched: a
+    // client that stops reading, or keeps an idle HTTP/2 connection from closing, is dropped.
     http.as_mut().graceful_shutdown();
     tokio::select! {
-        _ = http.as_mut() => {}
-        _ = signals.cut.cancelled() => {}
+        biased;
+        _ = http.as_mut() => ended(&upgraded),
+        _ = signals.cut.cancelled() => Ended::Closed,
+        stop = idle::idle(&activity, conn.socket) => match stop {
+            idle::Stop::Stalled => Ended::Stalled,
+            idle::Stop::Idle => Ended::Closed,
+        },
     }
-    upgraded.load(std::sync::atomic::Ordering::Acquire)
 }

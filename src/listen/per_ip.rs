@@ -64,10 +64,20 @@ impl PerIp {
         per_ip
     }
 
-    /// Changes the limit and the exempt addresses (a reload). Connections open are kept,
-    /// also those over a lower limit; new ones wait until their address is under it.
+    /// Changes the limit and the exempt addresses. Connections open are kept, also those
+    /// over a lower limit; new ones wait until their address is under it.
     pub fn set(&self, max: Option<usize>, exempt: Vec<ipnet::IpNet>) {
+        self.set_max(max);
+        self.set_exempt(exempt);
+    }
+
+    /// Changes the limit (None: no limit).
+    pub fn set_max(&self, max: Option<usize>) {
         self.max.store(max.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Changes the addresses not limited.
+    pub fn set_exempt(&self, exempt: Vec<ipnet::IpNet>) {
         *self.exempt.write() = exempt;
     }
 

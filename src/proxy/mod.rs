@@ -246,7 +246,11 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let info = parts.extensions.get::<ConnInfo>().copied();
-        let peer = info.map(|i| i.peer.ip()).unwrap_or([127, 0, 0, 1].into());
+        // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`: compared and passed
+        // on as IPv4.
+        let peer = info
+            .map(|i| i.peer.ip().to_canonical())
+            .unwrap_or([127, 0, 0, 1].into());
         let trusted = live.trusted.iter().any(|n| n.contains(&peer));
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/2: the name is in the URI.

@@ -16,6 +16,7 @@ mod idempotency;
 mod ledger;
 mod listen;
 mod listen_cap;
+mod listen_stall;
 mod listen_tls;
 mod migrate;
 mod package;

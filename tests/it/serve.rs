@@ -972,7 +972,7 @@ async fn the_lru_order_survives_a_restart() {
     // Eviction waits for the whole index (it loads behind the first requests).
     edge.running.cache.as_ref().unwrap().loaded().await;
     assert_eq!(get(&edge, 3).await, "FALLBACK"); // evicts the least recently used: f1
-    // The client has its last byte before f3 is inserted (and f1 evicted): wait for that.
+                                                 // The client has its last byte before f3 is inserted (and f1 evicted): wait for that.
     let cache = edge.running.cache.clone().unwrap();
     let f1 = cache.body_path(&fediedge::key::Key::parse("f1.bin").unwrap());
     eventually(Duration::from_secs(10), "f1 evicted", || !f1.exists()).await;
