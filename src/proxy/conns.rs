@@ -17,7 +17,7 @@
 //! One closed after the request was written (the keep-alive race: the write lands in the
 //! kernel, then the read gets EOF or a reset) fails with [`SendError::Stale`] when not one
 //! byte of an answer came on it ([`Heard`] notes that): the caller decides whether the request
-//! may be sent again (an idempotent method without a body, on a new connection: `fresh`).
+//! may be sent again (a safe method without a body, on a new connection: `fresh`).
 //! Idle connections older than [`IDLE_UPSTREAM_CONNECTION`] are dropped at checkout and by
 //! [`reap`], so that closed sockets do not linger.
 
@@ -176,7 +176,7 @@ pub enum SendError {
     Http(hyper::Error),
     /// A kept connection ended after the request may have been written, before any byte of
     /// an answer came (the upstream closed it as we wrote: the keep-alive race). The request
-    /// may have reached the upstream; one that is idempotent and has no body may be sent
+    /// may have reached the upstream; one that is safe and has no body may be sent
     /// again on a new connection (`fresh`).
     Stale(hyper::Error),
 }

@@ -9,10 +9,10 @@
 //! body is tried on another upstream when the connection could not be opened (nothing was
 //! sent). The one exception to "never sent again": a kept connection that the upstream closed
 //! as the request was written (the keep-alive race: EOF or a reset, not one byte of an
-//! answer) gets an idempotent request without a body (GET, HEAD, OPTIONS, TRACE, PUT,
-//! DELETE) once more, on a new connection to the same upstream, within the same first-byte
-//! timeout, not counted as the upstream's failure. A POST or PATCH, or a request whose body
-//! was streamed, gets 502.
+//! answer) gets a safe request without a body (GET, HEAD, OPTIONS, TRACE) once more, on a
+//! new connection to the same upstream, within the same first-byte timeout, not counted as
+//! the upstream's failure. A POST, PATCH, PUT or DELETE, or a request whose body was
+//! streamed, gets 502.
 //!
 //! - `breaker`: the circuit breaker of one upstream.
 //! - `conns`: our keep-alive connections to the upstreams, driven by the request's own task.
@@ -279,12 +279,15 @@ impl Proxy {
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // Only a request without a body can be sent again: its body is not kept. On another
         // upstream when the connection could not be opened (nothing was sent); on a new
-        // connection to the same upstream when a kept one ended before any byte of an answer
-        // (the request may have been sent: only idempotent methods, RFC 9110 §9.2.2).
+        // connection to the same upstream when a kept one ended before any byte of an answer.
+        // That request may have reached core and been acted on before core died (a worker
+        // killed mid-request): only safe methods, as Go's client does. RFC 9110 §9.2.2 would
+        // allow PUT and DELETE too, but a DELETE that core did and then could not answer,
+        // sent again, answers 404 to a client whose delete worked.
         let bodiless = body.is_end_stream();
         let resendable =
             bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let replayable = bodiless && parts.method.is_idempotent();
+        let replayable = bodiless && parts.method.is_safe();
         let exceeded = Arc::new(AtomicBool::new(false));
         let mut body =
             Some(body::LimitedBody::new(body, live.max_body, exceeded.clone()).boxed_unsync());

@@ -561,10 +561,10 @@ async fn an_answer_before_the_whole_request_body_closes_its_connection() {
     drop(client);
 }
 
-/// The keep-alive race: the upstream takes a GET (then a DELETE) on the kept connection and
-/// closes it without a byte of answer. Both are idempotent and bodiless: each is sent once
-/// more, on a new connection, and the client gets the answer; the upstream saw each twice,
-/// and it counts as a stale retry, not an error.
+/// The keep-alive race: the upstream takes a GET on the kept connection and closes it
+/// without a byte of answer. A safe, bodiless request: sent once more, on a new connection,
+/// and the client gets the answer; the upstream saw it twice, and it counts as a stale
+/// retry, not an error.
 #[tokio::test]
 async fn a_get_on_a_kept_connection_closed_as_it_was_written_is_sent_once_more() {
     let (addr, seen) = unanswering_upstream(|_| 1, Then::Read).await;
@@ -576,37 +576,24 @@ async fn a_get_on_a_kept_connection_closed_as_it_was_written_is_sent_once_more()
     let r = get(&edge, CORE, "/again").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "GET /again 0");
-    let r = crate::common::client()
-        .delete(format!("http://{}/gone", edge.running.addr))
-        .header("host", CORE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.text().await.unwrap(), "DELETE /gone 0");
     assert_eq!(
         seen_requests(&seen),
-        pairs(&[
-            ("GET", "/first"),
-            ("GET", "/again"),
-            ("GET", "/again"),
-            ("DELETE", "/gone"),
-            ("DELETE", "/gone"),
-        ])
+        pairs(&[("GET", "/first"), ("GET", "/again"), ("GET", "/again")])
     );
-    assert_eq!(seen.accepts.load(Ordering::SeqCst), 3);
-    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 2);
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 2);
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 1);
     assert_eq!(upstream_counter(&edge, "errors", addr).await, 0);
 }
 
-/// The same race for a POST (with a body, then without) and a PATCH: sent once, 502.
+/// The same race for a POST (with a body, then without), a PATCH and a bodiless DELETE (core
+/// may have done it before it died): sent once, 502.
 #[tokio::test]
 async fn a_post_on_a_kept_connection_closed_as_it_was_written_is_not_sent_again() {
     let (addr, seen) = unanswering_upstream(|_| 1, Then::Read).await;
     let dir = tempfile::tempdir().unwrap();
     let edge = edge_with_core(dir.path(), &[addr], "").await;
     let mut want = Vec::new();
-    for (i, (method, len)) in [("POST", 1000), ("POST", 0), ("PATCH", 0)]
+    for (i, (method, len)) in [("POST", 1000), ("POST", 0), ("PATCH", 0), ("DELETE", 0)]
         .into_iter()
         .enumerate()
     {
@@ -630,9 +617,9 @@ async fn a_post_on_a_kept_connection_closed_as_it_was_written_is_not_sent_again(
         want.push((method.to_owned(), path));
     }
     assert_eq!(seen_requests(&seen), want);
-    assert_eq!(seen.accepts.load(Ordering::SeqCst), 3, "one per GET");
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 4, "one per GET");
     assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 0);
-    assert_eq!(upstream_counter(&edge, "errors", addr).await, 3);
+    assert_eq!(upstream_counter(&edge, "errors", addr).await, 4);
 }
 
 /// A GET whose body was streamed to the upstream cannot be sent again (the body is not
