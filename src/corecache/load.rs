@@ -72,11 +72,21 @@ pub fn load(store: &Arc<Store>) {
     let mut rest = found.into_iter().map(|(_, id, meta)| (id, meta)).peekable();
     while rest.peek().is_some() {
         let stray = store.add_loaded(rest.by_ref().take(BATCH));
-        store.unlink(&stray);
+        store.unlink(&old_strays(store, stray, started));
     }
     drop(finish);
     let (bytes, n) = store.usage();
     tracing::info!(found = count, entries = n, bytes, dir = %store.dir().display(), "core cache: index loaded");
+}
+
+/// Of the entries `add_loaded` found to be strays, those written before the load started:
+/// one written since is a store under way (its files written, its index entry not yet made),
+/// or one whose replacer or remover unlinks it itself.
+fn old_strays(store: &Store, stray: Vec<Id>, started: SystemTime) -> Vec<Id> {
+    stray
+        .into_iter()
+        .filter(|id| !changed_since(&store.path_of(id, "meta"), started))
+        .collect()
 }
 
 /// Ends the load when dropped.
@@ -254,6 +264,46 @@ mod tests {
         assert_eq!(files, 4, "removed and evicted entries' files are gone");
     }
 
+    /// REVIEW: an insert that has written its whole entry (meta, then body renamed into
+    /// place) but not yet taken the index lock, when the loader's walk has just seen the
+    /// entry: the loader takes it for a stray of a settled URL and unlinks it; the insert
+    /// then indexes an entry whose files are gone.
+    #[test]
+    fn review_an_entry_being_inserted_is_not_unlinked_as_a_stray() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = crate::cache::hold_index_load(dir.path());
+        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
+        let key = url_key("a.test", "/a");
+        // The request settled /a (nothing on disk), then its insert wrote the files.
+        store.settle_blocking(&key);
+        seed(dir.path(), &[("/a", "new")]);
+        // The loader's walk, started before, saw the whole entry and adds it.
+        let (_, id, meta) = read_url(&store, &key).remove(0);
+        let stray = store.add_loaded([(id.clone(), meta)].into_iter());
+        drop(hold);
+        assert!(
+            stray.is_empty(),
+            "the entry of an insert under way is returned as stray (the loader unlinks it)"
+        );
+    }
+
+    /// REVIEW (with the fix): the same race; the loader leaves the files to their writer.
+    #[test]
+    fn review_the_loader_leaves_an_entry_being_inserted_to_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = crate::cache::hold_index_load(dir.path());
+        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
+        let started = SystemTime::now() - Duration::from_secs(1);
+        let key = url_key("a.test", "/a");
+        store.settle_blocking(&key);
+        seed(dir.path(), &[("/a", "new")]);
+        let (_, id, meta) = read_url(&store, &key).remove(0);
+        let stray = store.add_loaded([(id.clone(), meta)].into_iter());
+        store.unlink(&old_strays(&store, stray, started));
+        drop(hold);
+        assert!(store.path_of(&id, "body").exists() && store.path_of(&id, "meta").exists());
+    }
+
     /// Entries of the layout before per-URL directories are moved into their URL's
     /// directory by the loader; one of a URL a request read meanwhile (it could not see the
     /// old file) goes instead of competing with what the request found.
@@ -271,6 +321,13 @@ mod tests {
             let to = dir.path().join("objects").join(&old[..2]);
             std::fs::create_dir_all(&to).unwrap();
             std::fs::rename(e.path(), to.join(format!("{old}.{ext}"))).unwrap();
+            // REVIEW: files of the old layout predate the start.
+            std::fs::File::options()
+                .write(true)
+                .open(to.join(format!("{old}.{ext}")))
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(60))
+                .unwrap();
             old_names.push(to.join(format!("{old}.{ext}")));
         }
         assert_eq!(old_names.len(), 4);
