@@ -30,7 +30,9 @@ pub(super) fn read_entry(cache: &Cache, key: &Key) -> Option<CachedMeta> {
 /// requests already put there (least recently used first, by the bodies' mtimes).
 pub(super) fn load(cache: &Arc<Cache>) {
     wait_while_held(&cache.dir);
-    let started = SystemTime::now();
+    // Files take their times from a coarse clock, which may lag this one by a tick: a little
+    // before now, so that no file an insert writes after this is taken for an old one.
+    let started = SystemTime::now() - std::time::Duration::from_secs(1);
     let mut found = walk(cache, started);
     // Newest first: each is then put behind all before it, so the oldest ends up last.
     found.sort_by_key(|(used, _, _)| Reverse(*used));

@@ -98,9 +98,13 @@ impl Drop for Finish<'_> {
     }
 }
 
-/// Whether `id` is an entry name as [`super::store::own_id`] makes them (48 hex digits).
+/// Whether `id` is an entry name as [`super::store::own_id`] makes them (48 lowercase hex
+/// digits).
 fn valid_id(id: &str) -> bool {
-    id.len() == 48 && id.bytes().all(|b| b.is_ascii_hexdigit())
+    id.len() == 48
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Every whole entry on disk, with its body's mtime. Files changed since the load started
@@ -130,7 +134,12 @@ fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
         if let Some(id) = name.strip_suffix(".meta").filter(|id| valid_id(id)) {
             let body = p.with_extension("body");
             match whole(p, &body) {
-                Some((used, meta)) if store.path_of(id, "meta") == p => {
+                // Where it is and what it names agree, as `read_url` asks (a file renamed or
+                // copied by hand otherwise answers for another URL's directory).
+                Some((used, meta))
+                    if store.path_of(id, "meta") == p
+                        && id.starts_with(&url_hash(&url_key(&meta.host, &meta.path))) =>
+                {
                     found.push((used, id.into(), meta))
                 }
                 _ if changed_since(p, started) => {}
@@ -264,32 +273,12 @@ mod tests {
         assert_eq!(files, 4, "removed and evicted entries' files are gone");
     }
 
-    /// REVIEW: an insert that has written its whole entry (meta, then body renamed into
-    /// place) but not yet taken the index lock, when the loader's walk has just seen the
-    /// entry: the loader takes it for a stray of a settled URL and unlinks it; the insert
-    /// then indexes an entry whose files are gone.
+    /// An insert that has written its whole entry but not yet taken the index lock when the
+    /// loader's walk has just seen it: `add_loaded` finds the URL settled and the entry not
+    /// indexed (a stray), but its files are newer than the load's start: the loader leaves
+    /// them to their writer.
     #[test]
-    fn review_an_entry_being_inserted_is_not_unlinked_as_a_stray() {
-        let dir = tempfile::tempdir().unwrap();
-        let hold = crate::cache::hold_index_load(dir.path());
-        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
-        let key = url_key("a.test", "/a");
-        // The request settled /a (nothing on disk), then its insert wrote the files.
-        store.settle_blocking(&key);
-        seed(dir.path(), &[("/a", "new")]);
-        // The loader's walk, started before, saw the whole entry and adds it.
-        let (_, id, meta) = read_url(&store, &key).remove(0);
-        let stray = store.add_loaded([(id.clone(), meta)].into_iter());
-        drop(hold);
-        assert!(
-            stray.is_empty(),
-            "the entry of an insert under way is returned as stray (the loader unlinks it)"
-        );
-    }
-
-    /// REVIEW (with the fix): the same race; the loader leaves the files to their writer.
-    #[test]
-    fn review_the_loader_leaves_an_entry_being_inserted_to_its_writer() {
+    fn the_loader_leaves_an_entry_being_inserted_to_its_writer() {
         let dir = tempfile::tempdir().unwrap();
         let hold = crate::cache::hold_index_load(dir.path());
         let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
@@ -304,11 +293,11 @@ mod tests {
         assert!(store.path_of(&id, "body").exists() && store.path_of(&id, "meta").exists());
     }
 
-    /// REVIEW: a meta whose URL is not the one its name's hash says (a file copied or
-    /// renamed by hand, a corrupted meta that still parses): `read_url` ignores it, the
-    /// loader indexes it under the meta's URL, from another URL's directory.
+    /// A meta whose URL is not the one its name's hash says (a file copied or renamed by
+    /// hand, a corrupted meta that still parses): `read_url` ignores it, and so does the
+    /// loader (it would otherwise index it under the meta's URL from another directory).
     #[test]
-    fn review_the_loader_and_read_url_agree_on_an_entry_named_for_another_url() {
+    fn the_loader_and_read_url_agree_on_an_entry_named_for_another_url() {
         let dir = tempfile::tempdir().unwrap();
         seed(dir.path(), &[("/a", "aaaa")]);
         let hold = crate::cache::hold_index_load(dir.path());
@@ -346,7 +335,7 @@ mod tests {
             let to = dir.path().join("objects").join(&old[..2]);
             std::fs::create_dir_all(&to).unwrap();
             std::fs::rename(e.path(), to.join(format!("{old}.{ext}"))).unwrap();
-            // REVIEW: files of the old layout predate the start.
+            // Files of the old layout predate the start.
             std::fs::File::options()
                 .write(true)
                 .open(to.join(format!("{old}.{ext}")))

@@ -106,8 +106,9 @@ struct Index {
     by_url: HashMap<String, Vec<Id>, foldhash::fast::RandomState>,
     bytes: u64,
     /// While the index loads: the URLs a request or removal has read from disk whole
-    /// ([`Store::settle`]), which the loader must leave alone. None once loaded.
-    settled: Option<HashSet<String>>,
+    /// ([`Store::settle`]), which the loader must leave alone, by their MD5 ([`settled_key`]:
+    /// 16 bytes however long the URL, as many URLs as clients ask for). None once loaded.
+    settled: Option<HashSet<[u8; 16]>>,
 }
 
 /// The disk store and its index.
@@ -136,7 +137,13 @@ pub fn url_key(host: &str, path: &str) -> String {
 
 /// The MD5 of a URL's index key, in hex: the start of every entry id of the URL.
 pub fn url_hash(key: &str) -> String {
-    hex::encode(Md5::digest(key.as_bytes()))
+    hex::encode(settled_key(key))
+}
+
+/// The MD5 of the URL `key`: its directory's name ([`url_hash`]), and how a URL is kept in
+/// the set of settled URLs while the index loads.
+fn settled_key(key: &str) -> [u8; 16] {
+    Md5::digest(key.as_bytes()).into()
 }
 
 /// An entry name for the URL `key`: the URL's hash ([`url_hash`]) and 16 hex digits of its
@@ -232,7 +239,7 @@ impl Store {
             .lock()
             .settled
             .as_ref()
-            .is_none_or(|s| s.contains(key))
+            .is_none_or(|s| s.contains(&settled_key(key)))
     }
 
     /// [`Store::settle`] on a blocking thread.
@@ -247,7 +254,7 @@ impl Store {
             let Some(settled) = index.settled.as_mut() else {
                 return; // loaded meanwhile: the loader indexed all of it
             };
-            if !settled.insert(key.to_owned()) {
+            if !settled.insert(settled_key(key)) {
                 return; // another request settled it first
             }
             // Oldest first, as stored; what the loader already added is among them.
@@ -287,7 +294,7 @@ impl Store {
             if index.lru.contains(&id) {
                 continue;
             }
-            if settled.contains(&key) {
+            if settled.contains(&settled_key(&key)) {
                 stray.push(id);
                 continue;
             }
@@ -366,7 +373,11 @@ impl Store {
     pub fn fresh_hit(&self, key: &str, raw_host: Option<&[u8]>, now: SystemTime) -> Option<Entry> {
         let mut index = self.index.lock();
         let index = &mut *index;
-        if index.settled.as_ref().is_some_and(|s| !s.contains(key)) {
+        if index
+            .settled
+            .as_ref()
+            .is_some_and(|s| !s.contains(&settled_key(key)))
+        {
             return None; // not indexed whole yet: the full way settles it
         }
         let ids = index.by_url.get(key)?;
