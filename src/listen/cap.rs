@@ -9,24 +9,20 @@
 //! connection in the backlog holds no descriptor and no memory of this process.
 //!
 //! A connection's slot is held by its task (which lingers on a second descriptor after hyper
-//! is done) and by its socket ([`Capped`]): a WebSocket handed to the proxy's tunnel keeps its
-//! slot until the tunnel drops the socket.
+//! is done) and by its socket (`super::socket`): a WebSocket handed to the proxy's tunnel
+//! keeps its slot until the tunnel drops the socket.
 //!
 //! A reload may change the cap ([`ConnectionCap::resize`]): a higher one applies at once; a
 //! lower one takes the free places at once and the rest as connections close (no open
 //! connection is dropped), and nothing new is accepted until the count is under it.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -239,59 +235,6 @@ impl Collector for ConnectionCollector {
             counter.encode(m)?;
         }
         Ok(())
-    }
-}
-
-/// A client socket that holds its connection's [`Slot`] until it is dropped (also inside a
-/// WebSocket tunnel, after hyper handed it over).
-pub(super) struct Capped<S> {
-    io: S,
-    _slot: Option<Slot>,
-}
-
-impl<S> Capped<S> {
-    pub(super) fn new(io: S, slot: Option<Slot>) -> Capped<S> {
-        Capped { io, _slot: slot }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

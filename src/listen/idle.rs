@@ -14,10 +14,10 @@
 //!
 //! And the send timeout: a client that reads nothing would hold its connection, and the work
 //! of its responses (a cache file, a flight, an upstream connection), for ever; hyper has no
-//! write timeout. A connection waits on its client when a write cannot go on ([`Watched`]
-//! marks it blocked, and unblocked when one goes on) or when a response body has handed hyper
-//! data and not been asked for more ([`Held`]: HTTP/2 flow control, or HTTP/1.1's write buffer
-//! full). [`idle`] reports [`Stop::Stalled`] once a connection has waited on its client at two
+//! write timeout. A connection waits on its client when a write to its socket cannot go on
+//! (`super::socket` marks it blocked, and unblocked when one goes on: under TLS, so rustls's
+//! buffer does not hide progress) or when a response body has handed hyper data and not been
+//! asked for more ([`Held`]: HTTP/2 flow control, or HTTP/1.1's write buffer full). [`idle`] reports [`Stop::Stalled`] once a connection has waited on its client at two
 //! checks in a row with no progress at all in between: no write unblocked, no body asked for
 //! data, no request started, and nothing acknowledged by the client's TCP beyond the edge's
 //! own PINGs (`TCP_INFO`'s `tcpi_bytes_acked`, which only grows). A client that reads,
@@ -25,7 +25,6 @@
 //!
 //! Only those moments cost anything: a relaxed load per write, two atomic adds per body frame.
 
-use std::io;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,7 +34,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Body;
 
@@ -90,6 +88,26 @@ impl Activity {
     /// Requests whose response has not ended.
     fn under_way(word: u64) -> u64 {
         word & (STARTED - 1)
+    }
+
+    /// Notes how a write or flush on the connection's socket went: pending marks the
+    /// connection blocked, anything else (done or failed) unblocks it. A relaxed load in the
+    /// usual case.
+    pub(super) fn note_write<T>(&self, polled: Poll<T>) -> Poll<T> {
+        match polled {
+            Poll::Pending => {
+                if !self.blocked.load(Ordering::Relaxed) {
+                    self.blocked.store(true, Ordering::Release);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.blocked.load(Ordering::Relaxed) {
+                    self.blocked.store(false, Ordering::Release);
+                    self.unblocked.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+        polled
     }
 }
 
@@ -178,82 +196,6 @@ fn bytes_acked(socket: RawFd) -> Option<u64> {
     // Kernels before 4.1 fill less than the whole struct: no `tcpi_bytes_acked` then.
     let has = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8 <= len as usize;
     (done == 0 && has).then_some(info.tcpi_bytes_acked)
-}
-
-/// A connection's socket (or TLS stream) that tells its [`Activity`] when writes block and
-/// when they go on again.
-pub(super) struct Watched<S> {
-    io: S,
-    activity: Arc<Activity>,
-}
-
-impl<S> Watched<S> {
-    pub(super) fn new(io: S, activity: Arc<Activity>) -> Watched<S> {
-        Watched { io, activity }
-    }
-
-    /// Notes how a write or flush went: pending marks the connection blocked, anything else
-    /// (done or failed) unblocks it. A relaxed load in the usual case.
-    fn note<T>(&self, polled: Poll<T>) -> Poll<T> {
-        let a = &self.activity;
-        match polled {
-            Poll::Pending => {
-                if !a.blocked.load(Ordering::Relaxed) {
-                    a.blocked.store(true, Ordering::Release);
-                }
-            }
-            Poll::Ready(_) => {
-                if a.blocked.load(Ordering::Relaxed) {
-                    a.blocked.store(false, Ordering::Release);
-                    a.unblocked.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-        }
-        polled
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.note(polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.note(polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.note(polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 /// A response body that holds its request's [`Active`] until it ends or is dropped. The

@@ -20,6 +20,7 @@ pub mod cap;
 mod idle;
 pub mod per_ip;
 pub mod redirect;
+mod socket;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -247,20 +248,30 @@ impl Listeners {
                 let transport = transport.clone();
                 // For the send timeout (`idle`): the duplicate this task owns to its end.
                 let socket = lingering.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+                // What is under way, for the idle and send timeouts (see `idle`).
+                let activity = Arc::<idle::Activity>::default();
                 // The slot is held by the socket and by this task (the lingering close).
-                let stream = cap::Capped::new(stream, slot.clone());
+                let stream = socket::ClientSocket::new(stream, slot.clone(), activity.clone());
                 tracker.spawn(async move {
                     let _slot = slot;
                     let cut = conns.cut.clone();
                     let ended = match transport {
                         Transport::Plain => {
                             let info = ConnInfo { peer, tls: false };
-                            let conn = Conn { info, socket };
+                            let conn = Conn {
+                                info,
+                                socket,
+                                activity,
+                            };
                             serve_connection(stream, Protocol::Http1, handler, conns, conn).await
                         }
                         Transport::Tls(acceptor) => {
                             let info = ConnInfo { peer, tls: true };
-                            let conn = Conn { info, socket };
+                            let conn = Conn {
+                                info,
+                                socket,
+                                activity,
+                            };
                             serve_tls(stream, acceptor, handler, conns, conn).await
                         }
                     };
@@ -329,11 +340,12 @@ impl Listeners {
     }
 }
 
-/// One accepted connection: who, and a descriptor of its socket that its task owns.
-#[derive(Clone, Copy)]
+/// One accepted connection: who, a descriptor of its socket that its task owns, and what
+/// is under way on it (also noted by its socket).
 struct Conn {
     info: ConnInfo,
     socket: Option<std::os::fd::RawFd>,
+    activity: Arc<idle::Activity>,
 }
 
 /// How a connection's HTTP ended.
@@ -436,8 +448,7 @@ where
     let info = conn.info;
     let upgraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upgraded_flag = upgraded.clone();
-    // What is under way, for the idle timeout and the slow-client guard (see `idle`).
-    let activity = Arc::<idle::Activity>::default();
+    let activity = conn.activity;
     let requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
@@ -465,8 +476,7 @@ where
         Protocol::Http2 => builder.http2_only(),
     };
     // With upgrades: a WebSocket handshake hands the connection to the handler's tunnel.
-    let io = TokioIo::new(idle::Watched::new(io, activity.clone()));
-    let http = builder.serve_connection_with_upgrades(io, service);
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(http);
     let ended = |upgraded: &std::sync::atomic::AtomicBool| match upgraded
         .load(std::sync::atomic::Ordering::Acquire)

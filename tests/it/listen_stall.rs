@@ -83,23 +83,28 @@ async fn an_h2_client_that_grants_no_window_is_reset() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new();
     let edge = warm_edge(dir.path(), &ca).await;
-    let https = edge.running.https_addr.unwrap();
-    let (mut send, driver) = h2_client(&ca, https).await;
-    let req = http::Request::get("https://edge.test/system/large.bin")
+    h2_reset_without_window(&edge, &ca, "https://edge.test/system/large.bin").await;
+    edge.running.shutdown().await;
+}
+
+/// GETs `uri` over HTTP/2 with a client that grants no window past the first (time paused)
+/// and checks the edge resets the connection: no client connection left open, and the
+/// client's side sees its connection end with the body never whole.
+async fn h2_reset_without_window(edge: &TestEdge, ca: &Ca, uri: &str) {
+    let (mut send, driver) = h2_client(ca, edge.running.https_addr.unwrap()).await;
+    let req = http::Request::get(uri)
         .body(http_body_util::Empty::new())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     all_closed(
-        &edge,
+        edge,
         "an HTTP/2 client that grants no window keeps its connection",
     )
     .await;
-    // The client's side sees its connection end (reset) with the body never whole.
     let ended = tokio::time::timeout(Duration::from_secs(60), driver).await;
     assert!(ended.is_ok(), "the client's connection is still up");
     drop(resp);
-    edge.running.shutdown().await;
 }
 
 /// An HTTP/2 client over TLS to `addr` (any name the edge has a certificate for) that takes
@@ -165,21 +170,8 @@ async fn an_h2_client_that_grants_no_window_to_a_streamed_response_is_reset() {
         tls_config(dir.path(), &[&leaf], None)
     );
     let edge = start_edge(dir.path(), &config).await;
-    let (mut send, driver) = h2_client(&ca, edge.running.https_addr.unwrap()).await;
-    let req = http::Request::get("https://example.test/api/v1/timelines/public")
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
     tokio::time::pause();
-    all_closed(
-        &edge,
-        "an HTTP/2 client that grants no window keeps its connection",
-    )
-    .await;
-    let ended = tokio::time::timeout(Duration::from_secs(60), driver).await;
-    assert!(ended.is_ok(), "the client's connection is still up");
-    drop(resp);
+    h2_reset_without_window(&edge, &ca, "https://example.test/api/v1/timelines/public").await;
     edge.running.shutdown().await;
 }
 
