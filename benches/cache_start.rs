@@ -10,6 +10,9 @@
 use std::path::Path;
 use std::time::Instant;
 
+#[path = "common/start.rs"]
+mod start;
+
 use md5::{Digest, Md5};
 
 fn key(i: usize) -> String {
@@ -51,37 +54,17 @@ fn populate(cache: &Path, n: usize) {
             eprintln!("  {} objects written in {:?}", i + 1, started.elapsed());
         }
     }
-    std::fs::write(cache.join("bench-objects"), n.to_string()).unwrap();
 }
 
 fn main() {
-    let n: usize = std::env::var("EDGE_BENCH_OBJECTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let tmp;
-    let dir = match std::env::var_os("EDGE_BENCH_DIR") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => {
-            tmp = tempfile::tempdir().unwrap();
-            tmp.path().to_owned()
-        }
-    };
-    let cache = dir.join("cache");
-    let have = std::fs::read_to_string(cache.join("bench-objects")).ok();
-    if have.as_deref() != Some(n.to_string().as_str()) {
-        eprintln!("writing {n} cached objects into {}", cache.display());
-        populate(&cache, n);
-    }
-    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
-    eprintln!(
-        "page cache {}",
-        if dropped {
-            "dropped"
-        } else {
-            "NOT dropped (not root?)"
-        }
+    let setup = start::setup(
+        "EDGE_BENCH_OBJECTS",
+        "cache",
+        "bench-objects",
+        "cached objects",
+        populate,
     );
+    let (n, dir, cache) = (setup.n, &setup.dir, &setup.cache);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let text = format!(
@@ -90,7 +73,6 @@ fn main() {
             dir.join("primary").display(),
             cache.display()
         );
-        std::fs::create_dir_all(dir.join("primary")).unwrap();
         let config = fediedge::config::from_str(&text, Path::new("bench.toml")).unwrap();
         let started = Instant::now();
         let running = fediedge::serve::start(config).await.unwrap();
@@ -102,7 +84,7 @@ fn main() {
         let first = started.elapsed();
         assert_eq!(status, "HIT");
         assert_eq!(body.as_ref(), format!("{:016}", n / 2).as_bytes());
-        let cold = if dropped { "cold" } else { "warm" };
+        let cold = if setup.cold { "cold" } else { "warm" };
         println!(
             "cache_start: {n} objects, page cache {cold}: first answer (HIT) after {:.3} s",
             first.as_secs_f64()

@@ -13,6 +13,9 @@
 use std::path::Path;
 use std::time::Instant;
 
+#[path = "common/start.rs"]
+mod start;
+
 const HOST: &str = "example.test";
 
 fn path(i: usize) -> String {
@@ -35,37 +38,17 @@ fn populate(dir: &Path, n: usize) {
         written += fediedge::corecache::seed(dir, HOST, &headers, chunk).unwrap();
         eprintln!("  {written} entries written in {:?}", started.elapsed());
     }
-    std::fs::write(dir.join("bench-entries"), n.to_string()).unwrap();
 }
 
 fn main() {
-    let n: usize = std::env::var("EDGE_BENCH_ENTRIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let tmp;
-    let dir = match std::env::var_os("EDGE_BENCH_DIR") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => {
-            tmp = tempfile::tempdir().unwrap();
-            tmp.path().to_owned()
-        }
-    };
-    let cache = dir.join("core-cache");
-    let have = std::fs::read_to_string(cache.join("bench-entries")).ok();
-    if have.as_deref() != Some(n.to_string().as_str()) {
-        eprintln!("writing {n} stored core responses into {}", cache.display());
-        populate(&cache, n);
-    }
-    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
-    eprintln!(
-        "page cache {}",
-        if dropped {
-            "dropped"
-        } else {
-            "NOT dropped (not root?)"
-        }
+    let setup = start::setup(
+        "EDGE_BENCH_ENTRIES",
+        "core-cache",
+        "bench-entries",
+        "stored core responses",
+        populate,
     );
+    let (n, dir, cache) = (setup.n, &setup.dir, &setup.cache);
     // A port nothing listens on: core is never asked (health checks off).
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let core = closed.local_addr().unwrap();
@@ -78,7 +61,6 @@ fn main() {
             dir.join("primary").display(),
             cache.display()
         );
-        std::fs::create_dir_all(dir.join("primary")).unwrap();
         let config = fediedge::config::from_str(&text, Path::new("bench.toml")).unwrap();
         let started = Instant::now();
         let running = fediedge::serve::start(config).await.unwrap();
@@ -94,7 +76,7 @@ fn main() {
         let first = started.elapsed();
         assert_eq!(status, "HIT");
         assert_eq!(got.as_ref(), body(n / 2).as_slice());
-        let cold = if dropped { "cold" } else { "warm" };
+        let cold = if setup.cold { "cold" } else { "warm" };
         println!(
             "core_cache_start: {n} entries, page cache {cold}: first answer (HIT) after {:.3} s",
             first.as_secs_f64()
