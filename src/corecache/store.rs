@@ -99,6 +99,9 @@ struct Memory {
     bytes: u64,
 }
 
+/// Entries evicted per hold of the index's lock when the load ends.
+const EVICT_BATCH: usize = 10_000;
+
 struct Index {
     lru: LruCache<Id, Arc<Meta>>,
     /// By [`url_key`]; foldhash (seeded per process) rather than SipHash: a hit hashes its
@@ -308,12 +311,16 @@ impl Store {
 
     /// The load is over: from now on the index is whole; what is over `max_size` goes.
     pub(super) fn finish_loading(&self) {
-        let gone = {
-            let mut index = self.index.lock();
-            index.settled = None;
-            self.evict_locked(&mut index)
-        };
-        self.unlink(&gone);
+        self.index.lock().settled = None;
+        // What the load found past `max_size` (lowered since, or stores meanwhile) goes in
+        // batches, each under its own hold of the lock: requests are never held up long.
+        loop {
+            let gone = self.evict_locked(&mut self.index.lock(), EVICT_BATCH);
+            self.unlink(&gone);
+            if gone.len() < EVICT_BATCH {
+                break;
+            }
+        }
         self.report();
         // The gauge first: whoever waits on `loaded()` then sees it at 0.
         self.metrics.set_core_cache_index_loading(false);
@@ -548,19 +555,19 @@ impl Store {
         index.bytes += meta.len;
         index.lru.put(id.clone(), meta);
         index.by_url.entry(key).or_default().push(id);
-        gone.extend(self.evict_locked(index));
+        gone.extend(self.evict_locked(index, usize::MAX));
         gone
     }
 
-    /// Takes least recently used entries out until the bytes are under `max_size`; returns
-    /// them, for the caller to unlink. Nothing while the index loads (its byte count is not
+    /// Takes least recently used entries out (at most `most`) until the bytes are under
+    /// `max_size`; returns them, for the caller to unlink. Nothing while the index loads (its byte count is not
     /// whole yet: [`Store::finish_loading`] evicts then).
-    fn evict_locked(&self, index: &mut Index) -> Vec<Id> {
+    fn evict_locked(&self, index: &mut Index, most: usize) -> Vec<Id> {
         let mut gone = Vec::new();
         if index.settled.is_some() {
             return gone;
         }
-        while index.bytes > self.max_size {
+        while index.bytes > self.max_size && gone.len() < most {
             let Some((old, m)) = index.lru.pop_lru() else {
                 break;
             };
