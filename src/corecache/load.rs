@@ -219,6 +219,45 @@ mod tests {
         }
     }
 
+    /// A response stored through `Store::insert`: `body` under `path`.
+    fn insert(store: &Store, path: &str, body: &str) -> std::io::Result<()> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("cache-control", "public, max-age=600".parse().unwrap());
+        let mut req = http::HeaderMap::new();
+        req.insert("host", "a.test".parse().unwrap());
+        let preq = crate::corecache::policy::policy_request(path, &req);
+        let now = SystemTime::now();
+        let status = http::StatusCode::OK;
+        let mut meta =
+            crate::corecache::policy::build("a.test", path, &preq, None, status, &headers, now)
+                .unwrap();
+        meta.len = body.len() as u64;
+        std::fs::create_dir_all(store.tmp_dir()).unwrap();
+        let mut tmp = tempfile::NamedTempFile::new_in(store.tmp_dir()).unwrap();
+        std::io::Write::write_all(&mut tmp, body.as_bytes()).unwrap();
+        store.insert(tmp.into_temp_path(), meta, &[], Instant::now())
+    }
+
+    /// Nothing is evicted while the index loads, so a store that would take what is counted
+    /// so far past `max_size` is not made (the disk stays bounded); once loaded, it is.
+    #[test]
+    fn a_store_past_max_size_while_loading_waits_for_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        seed(dir.path(), &[("/a", "aaaaaaaa")]);
+        let hold = crate::cache::hold_index_load(dir.path());
+        let store = Store::open(dir.path(), 8, Metrics::new()).unwrap();
+        store.settle_blocking(&url_key("a.test", "/a"));
+        assert_eq!(store.usage(), (8, 1));
+        insert(&store, "/new", "nnnnn").unwrap();
+        assert_eq!(store.usage(), (8, 1), "not stored while loading");
+        assert!(read_url(&store, &url_key("a.test", "/new")).is_empty());
+        drop(hold);
+        wait_loaded(&store);
+        insert(&store, "/new", "nnnnn").unwrap();
+        assert_eq!(store.usage(), (5, 1), "stored, /a evicted");
+        assert_eq!(store.variants("a.test", "/new").len(), 1);
+    }
+
     /// The loader has indexed one of a URL's two entries when a request reads the URL: each
     /// is counted once; a URL removed meanwhile is not brought back by the loader; nothing
     /// is evicted before the end, then down to `max_size`, least recently used first.

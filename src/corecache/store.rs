@@ -456,6 +456,12 @@ impl Store {
         if self.invalidated_since(&key, sent) {
             return Ok(());
         }
+        if self.full_while_loading(meta.len) {
+            // Nothing is evicted before the whole index is counted: not stored, so that a
+            // long load cannot take the disk past `max_size` (the client has its answer).
+            tracing::debug!(url = %key, "core cache full while its index loads: not stored");
+            return Ok(());
+        }
         // Its request settled the URL already (`replaces` came from the index); a no-op then.
         self.settle_blocking(&key);
         let id = self.new_id(&key);
@@ -525,6 +531,13 @@ impl Store {
         self.unlink(&gone);
         self.report();
         gone.len()
+    }
+
+    /// While the index loads: whether `len` more bytes would take what is counted so far (a
+    /// lower bound of what the disk holds) past `max_size`.
+    fn full_while_loading(&self, len: u64) -> bool {
+        let index = self.index.lock();
+        index.settled.is_some() && index.bytes + len > self.max_size
     }
 
     /// Bytes and entries held.
