@@ -282,6 +282,12 @@ async fn checkout(
     Ok((lease, false))
 }
 
+/// How soon after a request is written into a kept connection its failure (with no byte of
+/// an answer) counts as the keep-alive race ([`SendError::Stale`]): the upstream had closed
+/// the connection, which shows at once. A failure after core worked on the request longer
+/// (a worker killed mid-request) is not the race: that request is not sent again.
+const STALE_WINDOW: Duration = Duration::from_secs(1);
+
 /// Sends `req` (origin-form URI, `Host` set) to `upstream` on an idle connection or a new
 /// one, and returns the response head; its body drives the connection to its end.
 /// `max_idle`: the most idle connections the upstream keeps; `fresh`: on a new connection,
@@ -296,6 +302,7 @@ pub async fn send(
     loop {
         let (mut lease, reused) = checkout(upstream, connect_timeout, fresh).await?;
         lease.max_idle = max_idle;
+        let written = reused.then(tokio::time::Instant::now);
         let mut answer = std::pin::pin!(lease.send.try_send_request(req));
         // The connection and the response are polled together in this task. When the
         // connection ends, dropping it hands its error (or the unsent request) to `answer`.
@@ -335,9 +342,11 @@ pub async fn send(
                 }
                 _ => {
                     let e = e.into_error();
-                    // Not a byte of an answer on a kept connection: the caller may send the
-                    // request again (the client's own body failing is not the upstream's).
-                    if reused && !e.is_user() && !lease.heard.load(Ordering::Relaxed) {
+                    // Not a byte of an answer on a kept connection, and at once: the caller
+                    // may send the request again (the client's own body failing is not the
+                    // upstream's). Later, core worked on it and died: not sent again.
+                    let at_once = written.is_some_and(|t| t.elapsed() < STALE_WINDOW);
+                    if at_once && !e.is_user() && !lease.heard.load(Ordering::Relaxed) {
                         return Err(SendError::Stale(e));
                     }
                     return Err(SendError::Http(e));

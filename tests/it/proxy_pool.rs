@@ -110,6 +110,8 @@ enum Then {
     Read,
     /// As `Read`, but sends the first line of an answer before closing.
     ReadAnswerHalf,
+    /// As `Read`, but closes 2 s after the request came (core worked on it, then died).
+    ReadThenDie,
 }
 
 /// An upstream that answers the first `answered(n)` requests on its `n`th connection (from 0)
@@ -134,6 +136,9 @@ async fn unanswering_upstream(answered: fn(usize) -> usize, then: Then) -> (Sock
             }
             if then == Then::ReadAnswerHalf {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n").await;
+            }
+            if then == Then::ReadThenDie {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
             drop(stream);
             s.closed.fetch_add(1, Ordering::SeqCst);
@@ -583,6 +588,26 @@ async fn a_get_on_a_kept_connection_closed_as_it_was_written_is_sent_once_more()
     assert_eq!(seen.accepts.load(Ordering::SeqCst), 2);
     assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 1);
     assert_eq!(upstream_counter(&edge, "errors", addr).await, 0);
+}
+
+/// Not the race: a kept connection that took a GET and failed only after core worked on it
+/// for a while (a worker killed mid-request). Sent once, 502: a request that kills its worker
+/// is not handed to another. Paused time: the runtime's clock jumps over the 2 s.
+#[tokio::test(start_paused = true)]
+async fn a_get_whose_kept_connection_fails_late_is_not_sent_again() {
+    let (addr, seen) = unanswering_upstream(|_| 1, Then::ReadThenDie).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[addr], "").await;
+    let r = get(&edge, CORE, "/first").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "GET /first 0");
+    let r = get(&edge, CORE, "/slow").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        seen_requests(&seen),
+        pairs(&[("GET", "/first"), ("GET", "/slow")])
+    );
+    assert_eq!(upstream_counter(&edge, "stale_retries", addr).await, 0);
+    assert_eq!(upstream_counter(&edge, "errors", addr).await, 1);
 }
 
 /// The same race for a POST (with a body, then without), a PATCH and a bodiless DELETE (core
