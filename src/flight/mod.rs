@@ -418,19 +418,18 @@ impl Flights {
                         dir: self.dirs.data_tmp.clone(),
                         source,
                     }),
-                    // The part of the body on a disk that failed mid-body is gone.
-                    Err(CopyError::Read(source)) => Err(WriteBackError::Staging {
-                        dir: self.dirs.tmp.clone(),
-                        source,
-                    }),
+                    // The part of the body on a disk that failed mid-body is gone: that
+                    // disk's failure, not data_dir's.
+                    Err(CopyError::Read(source)) => {
+                        self.dirs.tmp_health.failed(&source);
+                        let dir = self.dirs.tmp.clone();
+                        return Err(WriteBackError::Staging { dir, source });
+                    }
                 }
             }
         };
         match &staged {
             Ok(()) => self.dirs.data_health.ok(),
-            Err(WriteBackError::Staging { dir, source }) if *dir == self.dirs.tmp => {
-                self.dirs.tmp_health.failed(source)
-            }
             Err(WriteBackError::Staging { source, .. }) => self.dirs.data_health.failed(source),
             Err(WriteBackError::Ledger(_)) => {}
         }
