@@ -49,12 +49,12 @@ const PINGS_ACKED: u64 = 256;
 /// one frame handed, in [`Activity::bodies`].
 const STARTED: u64 = 1 << 32;
 
-/// What one connection has under way: one word, so that a request costs one atomic add when
-/// it starts and one when it ends. The low 32 bits count the requests whose response has not
-/// ended; the high 32 bits count the requests started (wrapping), so a change between two
-/// checks is activity.
+/// What one connection has under way, and whether it waits on its client.
 #[derive(Debug, Default)]
 pub(super) struct Activity {
+    /// Requests, in one word so that a request costs one atomic add when it starts and one
+    /// when it ends: the low 32 bits count those whose response has not ended, the high 32
+    /// bits those started (wrapping), so a change between two checks is activity.
     requests: AtomicU64,
     /// A write could not go on (the client reads nothing) and none has gone on since.
     blocked: AtomicBool,
@@ -178,6 +178,7 @@ impl Progress {
 }
 
 /// Bytes of `socket`'s stream the peer acknowledged so far (`TCP_INFO`), if the kernel says.
+/// By hand: socket2 and tokio expose no `TCP_INFO`.
 fn bytes_acked(socket: RawFd) -> Option<u64> {
     // SAFETY: `tcp_info` is plain old data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

@@ -225,7 +225,7 @@ impl Listeners {
                 };
                 // Past `max_connections_per_ip`: closed at once (the stream is dropped).
                 let per_ip = match cap.as_ref().map(|c| c.per_ip.admit(peer.ip())) {
-                    Some(Err(())) => continue,
+                    Some(Err(per_ip::Refused)) => continue,
                     Some(Ok(hold)) => hold,
                     None => None,
                 };
@@ -246,32 +246,27 @@ impl Listeners {
                 };
                 let (handler, conns) = (handler.clone(), conns.clone());
                 let transport = transport.clone();
-                // For the send timeout (`idle`): the duplicate this task owns to its end.
-                let socket = lingering.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
                 // What is under way, for the idle and send timeouts (see `idle`).
                 let activity = Arc::<idle::Activity>::default();
+                let conn = Conn {
+                    info: ConnInfo {
+                        peer,
+                        tls: matches!(transport, Transport::Tls(_)),
+                    },
+                    // For the send timeout: the duplicate this task owns to its end.
+                    socket: lingering.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+                    activity: activity.clone(),
+                };
                 // The slot is held by the socket and by this task (the lingering close).
-                let stream = socket::ClientSocket::new(stream, slot.clone(), activity.clone());
+                let stream = socket::ClientSocket::new(stream, slot.clone(), activity);
                 tracker.spawn(async move {
                     let _slot = slot;
                     let cut = conns.cut.clone();
                     let ended = match transport {
                         Transport::Plain => {
-                            let info = ConnInfo { peer, tls: false };
-                            let conn = Conn {
-                                info,
-                                socket,
-                                activity,
-                            };
                             serve_connection(stream, Protocol::Http1, handler, conns, conn).await
                         }
                         Transport::Tls(acceptor) => {
-                            let info = ConnInfo { peer, tls: true };
-                            let conn = Conn {
-                                info,
-                                socket,
-                                activity,
-                            };
                             serve_tls(stream, acceptor, handler, conns, conn).await
                         }
                     };
@@ -478,9 +473,7 @@ where
     // With upgrades: a WebSocket handshake hands the connection to the handler's tunnel.
     let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(http);
-    let ended = |upgraded: &std::sync::atomic::AtomicBool| match upgraded
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
+    let ended = || match upgraded.load(std::sync::atomic::Ordering::Acquire) {
         true => Ended::Upgraded,
         false => Ended::Closed,
     };
@@ -491,7 +484,7 @@ where
             if let Err(e) = done {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            return ended(&upgraded);
+            return ended();
         }
         _ = signals.drain.cancelled() => {}
         stop = idle::idle(&activity, conn.socket) => match (stop, protocol) {
@@ -518,7 +511,7 @@ where
     http.as_mut().graceful_shutdown();
     tokio::select! {
         biased;
-        _ = http.as_mut() => ended(&upgraded),
+        _ = http.as_mut() => ended(),
         _ = signals.cut.cancelled() => Ended::Closed,
         stop = idle::idle(&activity, conn.socket) => match stop {
             idle::Stop::Stalled => Ended::Stalled,

@@ -37,6 +37,10 @@ pub struct PerIp {
     last_warned: Mutex<Option<Instant>>,
 }
 
+/// A connection refused: its address holds `max_connections_per_ip` already.
+#[derive(Debug)]
+pub(super) struct Refused;
+
 /// One connection's place in its address's count, given back when dropped.
 #[derive(Debug)]
 pub(super) struct Hold {
@@ -87,9 +91,8 @@ impl PerIp {
     }
 
     /// A place for a connection from `peer`: `Ok(None)` when there is no limit for it,
-    /// `Err(())` when its address holds the limit already (the caller closes it).
-    #[allow(clippy::result_unit_err)]
-    pub(super) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<Hold>, ()> {
+    /// [`Refused`] when its address holds the limit already (the caller closes it).
+    pub(super) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<Hold>, Refused> {
         let max = self.max.load(Ordering::Relaxed);
         if max == 0 {
             return Ok(None);
@@ -112,7 +115,7 @@ impl PerIp {
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
         self.warn(key, max);
-        Err(())
+        Err(Refused)
     }
 
     fn warn(&self, key: IpAddr, max: usize) {
