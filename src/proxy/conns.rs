@@ -224,12 +224,13 @@ impl Lease {
     }
 }
 
-/// An idle connection of `upstream` that is still usable (unless `fresh`), or a new one.
+/// An idle connection of `upstream` that is still usable (unless `fresh`), with when it was
+/// taken, or a new one (None).
 async fn checkout(
     upstream: &Arc<Upstream>,
     connect_timeout: Duration,
     fresh: bool,
-) -> Result<(Lease, bool), SendError> {
+) -> Result<(Lease, Option<Instant>), SendError> {
     let now = Instant::now();
     while let Some(mut idle) = match fresh {
         true => None,
@@ -249,7 +250,7 @@ async fn checkout(
                 upstream: upstream.clone(),
                 max_idle: 0,
             };
-            return Ok((lease, true));
+            return Ok((lease, Some(now)));
         }
     }
     let addr: SocketAddr = upstream.addr;
@@ -279,7 +280,7 @@ async fn checkout(
         upstream: upstream.clone(),
         max_idle: 0,
     };
-    Ok((lease, false))
+    Ok((lease, None))
 }
 
 /// How soon after a request is written into a kept connection its failure (with no byte of
@@ -300,9 +301,9 @@ pub async fn send(
     fresh: bool,
 ) -> Result<Response<PooledBody>, SendError> {
     loop {
+        // `reused`: when a kept connection was taken (the request is written right after).
         let (mut lease, reused) = checkout(upstream, connect_timeout, fresh).await?;
         lease.max_idle = max_idle;
-        let written = reused.then(tokio::time::Instant::now);
         let mut answer = std::pin::pin!(lease.send.try_send_request(req));
         // The connection and the response are polled together in this task. When the
         // connection ends, dropping it hands its error (or the unsent request) to `answer`.
@@ -336,7 +337,7 @@ pub async fn send(
             }
             Err(mut e) => match e.take_message() {
                 // A kept connection that closed before the request left: again, on another.
-                Some(unsent) if reused => {
+                Some(unsent) if reused.is_some() => {
                     tracing::debug!(upstream = %upstream.addr, "proxy: idle connection closed; sending on another");
                     req = unsent;
                 }
@@ -345,7 +346,7 @@ pub async fn send(
                     // Not a byte of an answer on a kept connection, and at once: the caller
                     // may send the request again (the client's own body failing is not the
                     // upstream's). Later, core worked on it and died: not sent again.
-                    let at_once = written.is_some_and(|t| t.elapsed() < STALE_WINDOW);
+                    let at_once = reused.is_some_and(|t| t.elapsed() < STALE_WINDOW);
                     if at_once && !e.is_user() && !lease.heard.load(Ordering::Relaxed) {
                         return Err(SendError::Stale(e));
                     }
@@ -461,7 +462,7 @@ mod tests {
         let mut leases = Vec::new();
         for _ in 0..2 {
             let (mut lease, reused) = checkout(&up, Duration::from_secs(5), false).await.unwrap();
-            assert!(!reused);
+            assert!(reused.is_none());
             lease.max_idle = 4;
             leases.push(lease);
         }

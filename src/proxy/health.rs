@@ -113,8 +113,7 @@ struct UpstreamLabels {
 }
 
 /// Renders `fediedge_upstream_*` at each scrape: requests, errors and stale retries
-/// (counters), health,
-/// breaker state (0 closed, 1 open, 2 half-open) and requests in flight.
+/// (counters), health, breaker state (0 closed, 1 open, 2 half-open) and requests in flight.
 pub struct UpstreamCollector(pub Arc<Proxy>);
 
 impl std::fmt::Debug for UpstreamCollector {
@@ -151,7 +150,7 @@ impl Collector for UpstreamCollector {
             ),
             (
                 "upstream_stale_retries",
-                "Idempotent requests sent once more on a new connection after a kept one \
+                "Safe bodiless requests sent once more on a new connection after a kept one \
                  closed before answering (the keep-alive race; not errors)",
                 |u| u.stale_retries.load(Ordering::Relaxed),
             ),

@@ -5,9 +5,9 @@
 //! A request goes: body over the limit by its `Content-Length`? 413 → pick the least busy
 //! upstream whose breaker is closed and which is under its connection cap (none: 503 with
 //! `Retry-After`, at once) → send, within the first-byte timeout (504) → a transport failure
-//! is 502. A request that was sent is never sent again; a GET or HEAD (or OPTIONS) without a
-//! body is tried on another upstream when the connection could not be opened (nothing was
-//! sent). The one exception to "never sent again": a kept connection that the upstream closed
+//! is 502. A request that was sent is never sent again; a safe one (GET, HEAD, OPTIONS,
+//! TRACE) without a body is tried on another upstream when the connection could not be
+//! opened (nothing was sent). The one exception to "never sent again": a kept connection that the upstream closed
 //! as the request was written (the keep-alive race: EOF or a reset, not one byte of an
 //! answer) gets a safe request without a body (GET, HEAD, OPTIONS, TRACE) once more, on a
 //! new connection to the same upstream, within the same first-byte timeout, not counted as
@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
@@ -284,10 +284,7 @@ impl Proxy {
         // killed mid-request): only safe methods, as Go's client does. RFC 9110 §9.2.2 would
         // allow PUT and DELETE too, but a DELETE that core did and then could not answer,
         // sent again, answers 404 to a client whose delete worked.
-        let bodiless = body.is_end_stream();
-        let resendable =
-            bodiless && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let replayable = bodiless && parts.method.is_safe();
+        let resendable = body.is_end_stream() && parts.method.is_safe();
         let exceeded = Arc::new(AtomicBool::new(false));
         let mut body =
             Some(body::LimitedBody::new(body, live.max_body, exceeded.clone()).boxed_unsync());
@@ -313,7 +310,7 @@ impl Proxy {
                 let deadline = tokio::time::Instant::now() + live.first_byte_timeout;
                 let mut fresh = false;
                 let failed = loop {
-                    let again = other_upstream || (replayable && !fresh);
+                    let again = other_upstream || (resendable && !fresh);
                     let mut up = attempt(&mut parts, &mut body, again);
                     // Origin-form URI, `Host` always set.
                     *up.uri_mut() = http::Uri::from(path.clone());
@@ -331,7 +328,7 @@ impl Proxy {
                     break match sent {
                         Ok(Ok(resp)) => return Ok(self.answered(kind, &live, admission, resp)),
                         // The keep-alive race: sent once more, not counted as a failure.
-                        Ok(Err(conns::SendError::Stale(e))) if replayable && !fresh => {
+                        Ok(Err(conns::SendError::Stale(e))) if resendable && !fresh => {
                             upstream.stale_retries.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%addr, error = %e, "proxy: kept connection closed before answering; sending again on a new one");
                             fresh = true;
