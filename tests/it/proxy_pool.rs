@@ -149,20 +149,10 @@ async fn unanswering_upstream(answered: fn(usize) -> usize, then: Then) -> (Sock
 
 /// `fediedge_upstream_<name>_total` of the web upstream `addr`, from `/metrics`.
 async fn upstream_counter(edge: &crate::common::TestEdge, name: &str, addr: SocketAddr) -> u64 {
-    let text = crate::common::client()
-        .get(format!("{}/metrics", edge.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("fediedge_upstream_{name}_total{{pool=\"web\",upstream=\"{addr}\"}} ");
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .unwrap_or_else(|| panic!("no {series} in {text}"));
-    line.trim().parse().unwrap()
+    let text = crate::status::metrics(&edge.admin).await;
+    let series = format!("fediedge_upstream_{name}_total{{pool=\"web\",upstream=\"{addr}\"}}");
+    let value = crate::status::value(&text, &series);
+    value.unwrap_or_else(|| panic!("no {series} in {text}")) as u64
 }
 
 /// (method, path) of each request the upstream saw.
