@@ -208,8 +208,9 @@ impl MemoryBudget {
         }
     }
 
-    /// Bytes (whole KiB) free now.
-    pub fn available(&self) -> u64 {
+    /// Bytes (whole KiB) free now (what tests check).
+    #[cfg(test)]
+    fn available(&self) -> u64 {
         self.sem.available_permits() as u64 * 1024
     }
 }
