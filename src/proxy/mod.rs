@@ -2,17 +2,19 @@
 //! streamed both ways, and the guard rails that keep a failing core from taking the edge down
 //! with it.
 //!
-//! A request goes: body over the limit by its `Content-Length`? 413 → pick the least busy
-//! upstream whose breaker is closed and which is under its connection cap (none: 503 with
-//! `Retry-After`, at once) → send, within the first-byte timeout (504) → a transport failure
-//! is 502. A request that was sent is never sent again; a safe one (GET, HEAD, OPTIONS,
-//! TRACE) without a body is tried on another upstream when the connection could not be
-//! opened (nothing was sent). The one exception to "never sent again": a kept connection that the upstream closed
-//! as the request was written (the keep-alive race: EOF or a reset, not one byte of an
-//! answer) gets a safe request without a body (GET, HEAD, OPTIONS, TRACE) once more, on a
-//! new connection to the same upstream, within the same first-byte timeout, not counted as
-//! the upstream's failure. A POST, PATCH, PUT or DELETE, or a request whose body was
-//! streamed, gets 502.
+//! A request goes: body over the limit by its `Content-Length`? 413 → the start of its body
+//! read (up to 16 KiB, before any upstream is asked: `prebuffer`; a client silent past the
+//! idle timeout gets 408) → pick the least busy upstream whose breaker is closed and which is
+//! under its connection cap (none: 503 with `Retry-After`, at once) → send, within the
+//! first-byte timeout (504) → a transport failure is 502. A request that was sent is never
+//! sent again; one that was not (the connection could not be opened) is tried on another
+//! upstream when its body is at hand: none, or read whole (a `POST` of a status too, as
+//! nginx does). The one exception to "never sent again": a kept connection that the
+//! upstream closed as the request was written (the keep-alive race: EOF or a reset, not one
+//! byte of an answer) gets a safe request without a body (GET, HEAD, OPTIONS, TRACE) once
+//! more, on a new connection to the same upstream, within the same first-byte timeout, not
+//! counted as the upstream's failure. A POST, PATCH, PUT or DELETE, or a request whose body
+//! was streamed, gets 502.
 //!
 //! - `breaker`: the circuit breaker of one upstream.
 //! - `conns`: our keep-alive connections to the upstreams, driven by the request's own task.
@@ -21,6 +23,7 @@
 //! - `upgrade`: WebSocket handshakes and the tunnels after them.
 //! - `health`: active health checks and the per-upstream series on `/metrics`.
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
+//! - `prebuffer`: the start of a request body, read before an upstream is chosen.
 //! - `idempotency`: `POST`s with `Idempotency-Key`: one request to core, the others wait for
 //!   it or get its response replayed.
 //! - `live`: the pools, client and limits a reload swaps ([`Proxy::update`]).
@@ -32,6 +35,7 @@ mod headers;
 mod health;
 pub mod idempotency;
 mod live;
+mod prebuffer;
 mod upgrade;
 pub mod upstream;
 
@@ -83,6 +87,10 @@ pub enum ProxyError {
     /// The client's request body could not be read.
     #[error("the request body could not be read: {0}")]
     ClientBody(String),
+    /// The client sent nothing of its request body for this long (before an upstream was
+    /// chosen: see `prebuffer`).
+    #[error("no more of the request body came within {0:?}")]
+    ClientSilent(Duration),
 }
 
 impl ProxyError {
@@ -94,6 +102,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoUpstream | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientSilent(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -277,17 +286,38 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        // Only a request without a body can be sent again: its body is not kept. On another
-        // upstream when the connection could not be opened (nothing was sent); on a new
-        // connection to the same upstream when a kept one ended before any byte of an answer.
-        // That request may have reached core and been acted on before core died (a worker
-        // killed mid-request): only safe methods, as Go's client does. RFC 9110 §9.2.2 would
-        // allow PUT and DELETE too, but a DELETE that core did and then could not answer,
-        // sent again, answers 404 to a client whose delete worked.
-        let resendable = body.is_end_stream() && parts.method.is_safe();
+        let bodiless = body.is_end_stream();
         let exceeded = Arc::new(AtomicBool::new(false));
-        let mut body =
-            Some(body::LimitedBody::new(body, live.max_body, exceeded.clone()).boxed_unsync());
+        let limited = body::LimitedBody::new(body, live.max_body, exceeded.clone());
+        // The start of a body is read before an upstream is chosen (see `prebuffer`); one
+        // read whole is kept and sent again as often as needed.
+        let mut whole = None;
+        let mut body = None;
+        if bodiless || client_upgrade.is_some() {
+            body = Some(limited.boxed_unsync());
+        } else {
+            let silence = (!live.idle_timeout.is_zero()).then_some(live.idle_timeout);
+            match prebuffer::read(limited, prebuffer::PREBUFFER, silence).await {
+                Ok(prebuffer::Start::Whole(bytes)) => whole = Some(bytes),
+                Ok(prebuffer::Start::Partial(start)) => body = Some(start.boxed_unsync()),
+                Err(_) if exceeded.load(Ordering::Acquire) => {
+                    return Err(ProxyError::TooLarge(live.max_body))
+                }
+                Err(prebuffer::StartError::Client(e)) => {
+                    return Err(ProxyError::ClientBody(e.to_string()))
+                }
+                Err(prebuffer::StartError::Silent(d)) => return Err(ProxyError::ClientSilent(d)),
+            }
+        }
+        // On another upstream when the connection could not be opened (nothing was sent):
+        // any request whose body is at hand (none, or read whole).
+        let replayable = bodiless || whole.is_some();
+        // On a new connection to the same upstream when a kept one ended before any byte of
+        // an answer: that request may have reached core and been acted on before core died (a
+        // worker killed mid-request), so only a safe one without a body, as Go's client does.
+        // RFC 9110 §9.2.2 would allow PUT and DELETE too, but a DELETE that core did and then
+        // could not answer, sent again, answers 404 to a client whose delete worked.
+        let resendable = bodiless && parts.method.is_safe();
         let mut tried = Vec::new();
         loop {
             let admission = match pool.pick(&tried) {
@@ -303,7 +333,7 @@ impl Proxy {
             };
             let addr = admission.upstream.addr;
             tried.push(addr);
-            let other_upstream = resendable && tried.len() < pool.upstreams.len();
+            let other_upstream = replayable && tried.len() < pool.upstreams.len();
             if client_upgrade.is_none() {
                 // Our own connections (`conns`). The first-byte timeout covers both sends
                 // on one upstream (a kept connection, then a new one).
@@ -311,6 +341,9 @@ impl Proxy {
                 let mut fresh = false;
                 let failed = loop {
                     let again = other_upstream || (resendable && !fresh);
+                    if let Some(bytes) = &whole {
+                        body = Some(full(bytes.clone()));
+                    }
                     let mut up = attempt(&mut parts, &mut body, again);
                     // Origin-form URI, `Host` always set.
                     *up.uri_mut() = http::Uri::from(path.clone());
@@ -344,10 +377,13 @@ impl Proxy {
                         }
                     };
                 };
-                match self.failed(failed, admission, addr, resendable, &exceeded, &live) {
+                match self.failed(failed, admission, addr, replayable, &exceeded, &live) {
                     Some(err) => return Err(err),
                     None => continue,
                 }
+            }
+            if let Some(bytes) = &whole {
+                body = Some(full(bytes.clone()));
             }
             let mut up = attempt(&mut parts, &mut body, other_upstream);
             // A WebSocket handshake: hyper-util's client, whose connections can be upgraded.
@@ -379,7 +415,7 @@ impl Proxy {
                 Ok(Err(e)) if e.is_connect() => Failed::Connect(error_chain(&e)),
                 Ok(Err(e)) => Failed::Other(error_chain(&e)),
             };
-            if let Some(err) = self.failed(failed, admission, addr, resendable, &exceeded, &live) {
+            if let Some(err) = self.failed(failed, admission, addr, replayable, &exceeded, &live) {
                 return Err(err);
             }
         }
@@ -411,13 +447,13 @@ impl Proxy {
     }
 
     /// What a failed attempt answers (the breaker told), or None to try another upstream: the
-    /// connection could not be opened and the request can be sent again.
+    /// connection could not be opened and the request can be sent again (`replayable`).
     fn failed(
         &self,
         failed: Failed,
         admission: upstream::Admission,
         addr: SocketAddr,
-        resendable: bool,
+        replayable: bool,
         exceeded: &AtomicBool,
         live: &Live,
     ) -> Option<ProxyError> {
@@ -434,7 +470,7 @@ impl Proxy {
                 admission.neutral();
                 return Some(ProxyError::ClientBody(message));
             }
-            Failed::Connect(message) if resendable => {
+            Failed::Connect(message) if replayable => {
                 admission.failure();
                 tracing::debug!(%addr, error = %message, "proxy: connect failed; trying another upstream");
                 return None;
@@ -447,9 +483,14 @@ impl Proxy {
     }
 }
 
-/// One attempt's request: the body (none left after the first attempt: only a bodiless
-/// request is sent again), the method, and the headers, copied when another attempt may need
-/// them (`again`), else taken.
+/// A body read whole, as sent upstream.
+fn full(bytes: Bytes) -> UpBody {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// One attempt's request: the body (none left after the first attempt unless the caller put
+/// a copy of a whole one back), the method, and the headers, copied when another attempt may
+/// need them (`again`), else taken.
 fn attempt(
     parts: &mut http::request::Parts,
     body: &mut Option<UpBody>,

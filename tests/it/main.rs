@@ -24,6 +24,7 @@ mod proxy;
 mod proxy_connect;
 mod proxy_health;
 mod proxy_pool;
+mod proxy_prebuffer;
 mod proxy_streaming;
 mod proxy_tls;
 mod purge;
