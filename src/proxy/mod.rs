@@ -371,6 +371,7 @@ impl Proxy {
                         Ok(Err(conns::SendError::Connect(e))) => Failed::Connect(e.to_string()),
                         Ok(Err(conns::SendError::Http(e) | conns::SendError::Stale(e))) => {
                             match e.is_user() {
+                                true if timed_out(&e) => Failed::ClientSilent,
                                 true => Failed::ClientBody(e.to_string()),
                                 false => Failed::Other(error_chain(&e)),
                             }
@@ -411,6 +412,7 @@ impl Proxy {
                     return Ok(self.answered(kind, &live, admission, resp));
                 }
                 Err(_) => Failed::Timeout,
+                Ok(Err(e)) if client_body_failed(&e) && timed_out(&e) => Failed::ClientSilent,
                 Ok(Err(e)) if client_body_failed(&e) => Failed::ClientBody(e.to_string()),
                 Ok(Err(e)) if e.is_connect() => Failed::Connect(error_chain(&e)),
                 Ok(Err(e)) => Failed::Other(error_chain(&e)),
@@ -470,6 +472,10 @@ impl Proxy {
                 admission.neutral();
                 return Some(ProxyError::ClientBody(message));
             }
+            Failed::ClientSilent => {
+                admission.neutral();
+                return Some(ProxyError::ClientSilent(live.idle_timeout));
+            }
             Failed::Connect(message) if replayable => {
                 admission.failure();
                 tracing::debug!(%addr, error = %message, "proxy: connect failed; trying another upstream");
@@ -516,6 +522,8 @@ enum Failed {
     Connect(String),
     /// The client's request body could not be read.
     ClientBody(String),
+    /// The client sent no more of its request body within the idle timeout (`prebuffer`).
+    ClientSilent,
     /// Anything else (refused, reset, closed before answering).
     Other(String),
 }
@@ -526,6 +534,21 @@ fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
             return h.is_user();
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Whether an error, or one of its sources, is a timeout (the idle timeout of a request body:
+/// `prebuffer::Prefixed`).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
         }
         source = s.source();
     }

@@ -12,7 +12,8 @@
 //!   without `non_idempotent` still passes on a request that was not sent).
 //!
 //! A client silent longer than the pool's `idle_timeout` while the start is read gets 408;
-//! later, its body is cut (the upstream's connection is not held by a client that stopped).
+//! later, its body is cut with a `TimedOut` error (the upstream's connection is not held by a
+//! client that stopped), which the proxy answers with 408 too if core has not answered yet.
 
 use std::collections::VecDeque;
 use std::future::Future;

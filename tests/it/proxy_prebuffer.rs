@@ -110,7 +110,7 @@ async fn a_client_silent_in_the_middle_of_its_body_gets_408_and_core_sees_nothin
 }
 
 #[tokio::test]
-async fn a_client_silent_after_the_start_of_a_long_body_frees_the_upstream_slot() {
+async fn a_client_silent_after_the_start_of_a_long_body_gets_408_and_frees_the_upstream_slot() {
     let up = Upstream::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
     let extra = "max_connections_per_upstream = 1\nidle_timeout = \"1s\"\n";
@@ -124,7 +124,7 @@ async fn a_client_silent_after_the_start_of_a_long_body_frees_the_upstream_slot(
     // More than is read ahead: the body streams to core, then the client stops.
     silent.write_all(&[b'm'; 20 * 1024]).await.unwrap();
     let answer = read_head(&mut silent).await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     // The only slot is free again.
     let r = get(&edge, CORE, "/api/v1/timelines/public")
         .send()
