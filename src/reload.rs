@@ -102,12 +102,10 @@ impl Reloader {
                 .unwrap_or_else(crate::listen::cap::default_max_connections),
         );
         self.cap.per_ip.set_max(new.max_connections_per_ip);
-        // `[core] trusted_proxies`, as the proxy uses them: changed when `[core]` stays.
-        if self.proxy.is_some() && new.core.is_some() {
-            self.cap
-                .per_ip
-                .set_exempt(crate::serve::per_ip_exempt(&new));
-        }
+        // `[core] trusted_proxies` count as the proxy uses them: only when it runs.
+        self.cap
+            .per_ip
+            .set_exempt(crate::serve::per_ip_exempt(&new, self.proxy.is_some()));
         if self.routes_live(&new) {
             let routes = Router::of(&new);
             let routes = self
@@ -135,7 +133,10 @@ impl Reloader {
         if under("tls.certificates") {
             return self.certificates.is_some() && new.tls.is_some();
         }
-        if key == "max_connections" || key == "max_connections_per_ip" {
+        if key == "max_connections"
+            || key == "max_connections_per_ip"
+            || under("max_connections_per_ip_exempt")
+        {
             return true;
         }
         if under("core.hosts") || under("media_hosts") {

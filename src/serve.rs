@@ -223,7 +223,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .unwrap_or_else(listen::cap::default_max_connections);
     let cap = listen::cap::ConnectionCap::new(max_connections);
     cap.per_ip
-        .set(config.max_connections_per_ip, per_ip_exempt(&config));
+        .set(config.max_connections_per_ip, per_ip_exempt(&config, true));
     let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
         Box::new(status.collector()),
         Box::new(listen::cap::ConnectionCollector(cap.clone())),
@@ -648,11 +648,13 @@ async fn publish_migration_progress(
     }
 }
 
-/// The client addresses `max_connections_per_ip` does not limit: `[core] trusted_proxies`.
-pub(crate) fn per_ip_exempt(config: &Config) -> Vec<ipnet::IpNet> {
-    config
-        .core
-        .as_ref()
-        .map(|c| c.trusted_proxies.clone())
-        .unwrap_or_default()
+/// The client addresses `max_connections_per_ip` does not limit:
+/// `max_connections_per_ip_exempt` and, when the proxy runs (`with_core`), `[core]
+/// trusted_proxies`.
+pub(crate) fn per_ip_exempt(config: &Config, with_core: bool) -> Vec<ipnet::IpNet> {
+    let mut exempt = config.max_connections_per_ip_exempt.clone();
+    if let Some(core) = config.core.as_ref().filter(|_| with_core) {
+        exempt.extend(core.trusted_proxies.iter().copied());
+    }
+    exempt
 }

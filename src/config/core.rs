@@ -4,7 +4,7 @@
 //!
 //! Without both, `serve` behaves as before the front door: every request is a media request.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -242,16 +242,7 @@ impl RawCore {
         let trusted_proxies = self
             .trusted_proxies
             .iter()
-            .map(|s| {
-                s.parse::<ipnet::IpNet>()
-                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        invalid(
-                            "trusted_proxies",
-                            format!("{s:?} is not an address or range like \"10.0.0.0/8\""),
-                        )
-                    })
-            })
+            .map(|s| super::validate::parse_net(s).map_err(|m| invalid("trusted_proxies", m)))
             .collect::<Result<Vec<_>, _>>()?;
         if self.breaker_failures == 0 {
             return Err(invalid("breaker_failures", "must be at least 1".into()));

@@ -99,6 +99,8 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Most connections open at once per client address (None: no limit).
     pub max_connections_per_ip: Option<usize>,
+    /// Client ranges `max_connections_per_ip` does not limit (besides `[core] trusted_proxies`).
+    pub max_connections_per_ip_exempt: Vec<ipnet::IpNet>,
     /// Most fetches (flights) under way at once.
     pub max_flights: usize,
     /// Most bytes of temp files held by fetches under way.

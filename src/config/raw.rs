@@ -48,8 +48,14 @@ pub struct RawConfig {
     pub max_connections: Option<usize>,
     /// Most connections one client address (IPv6: one /64) may hold open at once on the
     /// public listeners; past it a new connection is closed at accept. Addresses in
-    /// `[core] trusted_proxies` are not limited. Default: no limit. A reload applies it.
+    /// `max_connections_per_ip_exempt` and `[core] trusted_proxies` are not limited.
+    /// Default: no limit. A reload applies it.
     pub max_connections_per_ip: Option<usize>,
+    /// Client addresses or ranges `max_connections_per_ip` does not limit (a CDN or load
+    /// balancer in front of a media-only edge), besides `[core] trusted_proxies`. Default
+    /// none. A reload applies it.
+    #[serde(default)]
+    pub max_connections_per_ip_exempt: Vec<String>,
     /// Most fetches of missing keys under way at once (one per key, however many clients
     /// ask). Past it a new key's fetch waits up to `flight_queue_wait` for a slot, then is
     /// answered 503 with `Retry-After`. Default 256.

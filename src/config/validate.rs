@@ -58,6 +58,11 @@ impl RawConfig {
                 "must be at least 1 (leave it out for no limit)".into(),
             ));
         }
+        let max_connections_per_ip_exempt = self
+            .max_connections_per_ip_exempt
+            .iter()
+            .map(|s| parse_net(s).map_err(|m| invalid("max_connections_per_ip_exempt", m)))
+            .collect::<Result<Vec<_>, _>>()?;
         if self.max_flights == 0 {
             return Err(invalid("max_flights", "must be at least 1".into()));
         }
@@ -161,6 +166,7 @@ impl RawConfig {
             worker_threads: self.worker_threads,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
+            max_connections_per_ip_exempt,
             max_flights: self.max_flights,
             max_flight_temp_bytes: self.max_flight_temp_bytes.as_u64(),
             max_flight_memory: self.max_flight_memory.as_u64(),
@@ -188,6 +194,13 @@ impl RawConfig {
 pub(super) fn parse_addr_like(s: &str, example: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("{s:?} is not an address like \"{example}\""))
+}
+
+/// Parses an address or a range of them (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`).
+pub(super) fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or range like \"10.0.0.0/8\""))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

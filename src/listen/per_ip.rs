@@ -4,8 +4,8 @@
 //!
 //! IPv4 addresses count one by one; IPv6 addresses by their /64 (one host or one customer's
 //! network: a client holding a /64 would otherwise get 2^64 budgets). The addresses in
-//! `[core] trusted_proxies` are not limited (a load balancer or CDN in front of the edge
-//! carries many clients' connections).
+//! `max_connections_per_ip_exempt` and `[core] trusted_proxies` are not limited (a load
+//! balancer or CDN in front of the edge carries many clients' connections).
 //!
 //! A connection past the limit is closed as soon as it is accepted, before TLS or a request
 //! is read: nothing is spent on it. That is logged (at most every 10 s) and counted

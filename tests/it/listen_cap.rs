@@ -274,3 +274,82 @@ async fn max_connections_per_ip_closes_one_address_extra_connections_and_a_reloa
     drop((held, other, again));
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_media_only_edge_exempts_its_cdn_from_max_connections_per_ip_and_a_reload_takes_it_back()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    let text = |exempt: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             max_connections_per_ip = 1\n{exempt}{}",
+            dir.path().join("var").display(),
+            fs_primary(dir.path())
+        )
+    };
+    // A CDN's range: every address in it is unlimited, the rest keeps its limit.
+    std::fs::write(
+        &file,
+        text("max_connections_per_ip_exempt = [\"127.0.0.2/31\"]\n"),
+    )
+    .unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let (addr, admin) = (running.addr, running.admin_addr);
+    let mut held = Vec::new();
+    for from in [
+        "127.0.0.2",
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.3",
+        "127.0.0.1",
+    ] {
+        let mut s = connect_from(from, addr).await;
+        ask(&mut s).await;
+        assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"), "{from}");
+        held.push(s);
+    }
+    let mut second = connect_from("127.0.0.1", addr).await;
+    ask(&mut second).await;
+    assert_eq!(closed(&mut second).await, b"", "outside the range: limited");
+
+    // Reloaded without the range: the CDN's open connections stay (not counted: they were
+    // taken unlimited); new ones are limited.
+    std::fs::write(&file, text("")).unwrap();
+    let changes = running.reload_config().expect("a good config reloads");
+    let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["max_connections_per_ip_exempt"]);
+    let mut cdn = connect_from("127.0.0.2", addr).await;
+    ask(&mut cdn).await;
+    assert!(answer(&mut cdn).await.starts_with("HTTP/1.1 200"));
+    let mut over = connect_from("127.0.0.2", addr).await;
+    ask(&mut over).await;
+    assert_eq!(closed(&mut over).await, b"");
+    ask(&mut held[0]).await;
+    assert!(answer(&mut held[0]).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        metric(admin, "fediedge_connections_refused_per_ip_total").await,
+        2.0
+    );
+    drop((held, cdn));
+    running.shutdown().await;
+}
+
+#[test]
+fn a_bad_exempt_range_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fediedge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:0\"\nmax_connections_per_ip_exempt = [\"cdn.example\"]\n{}",
+            fs_primary(dir.path())
+        ),
+    )
+    .unwrap();
+    let err = fediedge::config::load(&file).unwrap_err().to_string();
+    assert!(err.contains("max_connections_per_ip_exempt"), "{err}");
+    assert!(err.contains("cdn.example"), "{err}");
+}
