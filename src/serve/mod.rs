@@ -20,9 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::edge::Edge;
-use crate::flight::{Dirs, DiskHealth, Flights, Limits};
+use crate::flight::{Flights, Limits};
 use crate::ledger::{DataDirLock, Ledger};
-use crate::listen::redirect::Redirect;
 use crate::listen::tls::{Certificates, TlsError};
 use crate::listen::{self, Listeners};
 use crate::metrics::Metrics;
@@ -30,6 +29,12 @@ use crate::negative::NegativeCache;
 use crate::reload::{ReloadError, Reloader};
 use crate::store;
 use crate::writeback::WriteBack;
+
+mod background;
+mod parts;
+
+use background::{publish_migration_progress, run_backfill, watch_live_work, LiveWork};
+use parts::{backfill_job, bind_tls, flight_dirs, front_door, open_core_cache, purge_targets};
 
 /// A running server (see [`start`]).
 pub struct Running {
@@ -256,25 +261,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
-    // Bodies being fetched when the process stopped are incomplete: cleared (a full disk
-    // must not stop the start, so failures here only mean less room).
-    let data_tmp = config.data_dir.join("tmp");
-    crate::cache::clear_dir(&data_tmp);
-    let data_health = Arc::new(DiskHealth::new("data_dir", metrics.clone()));
-    let dirs = match &cache {
-        Some(c) => Dirs {
-            tmp: c.tmp_dir(),
-            tmp_health: Arc::new(DiskHealth::new("cache", metrics.clone())),
-            data_tmp,
-            data_health,
-        },
-        None => Dirs {
-            tmp: data_tmp.clone(),
-            tmp_health: data_health.clone(),
-            data_tmp,
-            data_health,
-        },
-    };
+    let dirs = flight_dirs(cache.as_ref(), &config.data_dir, &metrics);
     let limits = Limits::new(
         config.max_flights,
         config.max_flight_temp_bytes,
@@ -321,25 +308,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )));
     if let Some(backfill) = &config.backfill {
         let (busy_tx, busy_rx) = tokio::sync::watch::channel(true);
-        // The edge's own handles: the fallback's max_concurrency is one limit for live reads
-        // and the backfill together.
-        let source = chain
-            .iter()
-            .skip(1)
-            .find(|s| s.name() == backfill.from)
-            .cloned()
-            .context("backfill.from names no fallback")?;
-        let mut job = crate::migrate::Job::new(
-            source,
-            primary.clone(),
-            destination.clone(),
-            ledger.clone(),
-            &config.data_dir,
-        );
-        job.keys = backfill.keys.clone();
-        job.concurrency = backfill.concurrency as usize;
-        job.max_ops_per_sec = Some(backfill.max_ops_per_sec);
-        job.max_bytes_per_sec = Some(backfill.max_bytes_per_sec);
+        let mut job = backfill_job(backfill, &chain, &destination, &ledger, &config.data_dir)?;
         job.gate = Some(busy_rx);
         tasks.push(tokio::spawn(watch_live_work(
             LiveWork {
@@ -378,25 +347,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let media = listen::bind(config.listen, "listen").await?;
     let admin = listen::bind(config.admin_listen, "admin_listen").await?;
     let (addr, admin_addr) = (media.local_addr()?, admin.local_addr()?);
-    let mut https = None;
-    let mut redirect = None;
-    let mut certificates = None;
-    if let Some(tls) = &config.tls {
-        let (certs, server_config) =
-            listen::tls::setup(tls).context("cannot set up TLS ([tls].certificates)")?;
-        let listener = listen::bind(tls.listen, "tls.listen").await?;
-        let https_addr = listener.local_addr()?;
-        if let Some(r) = tls.redirect_listen {
-            let plain = listen::bind(r, "tls.redirect_listen").await?;
-            let handler = Arc::new(Redirect {
-                https_port: https_addr.port(),
-                acme_dir: tls.acme_challenge_dir.clone(),
-            });
-            redirect = Some((plain, handler));
+    let (https, redirect, certificates) = match &config.tls {
+        Some(tls) => {
+            let t = bind_tls(tls).await?;
+            (Some(t.https), t.redirect, Some(t.certificates))
         }
-        https = Some((listener, server_config));
-        certificates = Some(certs);
-    }
+        None => (None, None, None),
+    };
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let redirect_addr = redirect.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let listeners = Listeners::with_cap(cap.clone());
@@ -404,22 +361,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Health checks; at shutdown, the WebSocket tunnels are closed.
         tasks.push(tokio::spawn(p.background(stop.clone())));
     }
-    let core_cache = match config
-        .core
-        .as_ref()
-        .and_then(|c| c.cache.as_ref().map(|k| (c, k)))
-    {
-        Some((core, c)) => Some(
-            crate::corecache::CoreCache::open(
-                c,
-                core.first_byte_timeout,
-                metrics.clone(),
-                flight_memory.clone(),
-            )
-            .with_context(|| format!("cannot open core.cache.dir {}", c.dir.display()))?,
-        ),
-        None => None,
-    };
+    let core_cache = open_core_cache(&config, &metrics, flight_memory)?;
     // The routes in use: a reload may swap in new hosts.
     let routes = crate::router::SharedRouter::new(crate::router::Router::of(&config));
     let reloader = Reloader::new(
@@ -430,17 +372,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         cap.clone(),
     );
     let buster = config.cache_buster.as_ref().map(|b| {
-        let mut targets: Vec<Arc<dyn crate::purge::Purge>> = Vec::new();
-        if let Some(c) = &cache {
-            targets.push(Arc::new(crate::purge::MediaPurge {
-                router: routes.clone(),
-                prefix: config.url_prefix.clone(),
-                cache: c.clone(),
-            }));
-        }
-        if let Some(c) = &core_cache {
-            targets.push(c.clone());
-        }
+        let targets = purge_targets(&config, cache.as_ref(), core_cache.as_ref(), &routes);
         Arc::new(crate::purge::CacheBuster::new(b, targets, metrics.clone()))
     });
     let media_handler = front_door(
@@ -510,142 +442,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         reloader,
         _lock: lock,
     })
-}
-
-/// The handler of the `listen` and `[tls]` listeners: the [`crate::router`] sends each
-/// request to the media handler or to the [`crate::proxy`] (or answers 421). With
-/// `[cache_buster]`, a purge request to a media or core route is answered first
-/// ([`crate::purge`]): it never reaches the media handler or core.
-fn front_door(
-    router: crate::router::SharedRouter,
-    edge: Arc<Edge>,
-    edge_root: Arc<Edge>,
-    proxy: Option<Arc<crate::proxy::Proxy>>,
-    buster: Option<Arc<crate::purge::CacheBuster>>,
-    core_cache: Option<Arc<crate::corecache::CoreCache>>,
-) -> listen::Handler {
-    use crate::router::Route;
-    listen::handler(move |mut req, info| {
-        let (edge, edge_root, proxy) = (edge.clone(), edge_root.clone(), proxy.clone());
-        let buster = buster.clone();
-        let core_cache = core_cache.clone();
-        let route = router.route(&req);
-        if let Route::Core | Route::Streaming = route {
-            // The proxy reads who sent the request (X-Forwarded-For, X-Forwarded-Proto) here.
-            req.extensions_mut().insert(info);
-        }
-        async move {
-            use crate::proxy::Kind;
-            if let (Some(b), Route::Media | Route::MediaRoot | Route::Core) = (&buster, route) {
-                // Boxed, as the proxy's futures below: this future is moved whole on every
-                // request, and sized by its largest part.
-                if let Some(resp) = Box::pin(b.intercept(&req)).await {
-                    return resp;
-                }
-            }
-            match (route, proxy) {
-                (Route::Media, _) => edge.handle(req).await,
-                (Route::MediaRoot, _) => edge_root.handle(req).await,
-                (Route::Core, Some(p)) => match core_cache {
-                    Some(c) => c.handle(&p, req).await,
-                    None => Box::pin(p.handle(Kind::Web, req)).await,
-                },
-                (Route::Streaming, Some(p)) => Box::pin(p.handle(Kind::Streaming, req)).await,
-                (Route::Core | Route::Streaming | Route::Misdirected, _) => {
-                    crate::router::misdirected()
-                }
-            }
-        }
-    })
-}
-
-/// What [`watch_live_work`] looks at, and where it counts the checks that held the backfill.
-struct LiveWork {
-    flights: Arc<Flights>,
-    writeback: Arc<WriteBack>,
-    backfill: Arc<crate::migrate::progress::Counters>,
-    metrics: Metrics,
-}
-
-/// Publishes whether live work is under way (misses being fetched, copies due for the
-/// primary; not copies waiting out a backoff), for the backfill to pause on. Checked every
-/// 200 ms; a check that finds live work while a backfill object waits at the gate counts in
-/// `fediedge_backfill_held_total`.
-async fn watch_live_work(
-    live: LiveWork,
-    busy: tokio::sync::watch::Sender<bool>,
-    stop: CancellationToken,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    loop {
-        let now_busy = live.flights.in_flight() > 0 || live.writeback.due().await > 0;
-        busy.send_if_modified(|b| std::mem::replace(b, now_busy) != now_busy);
-        if now_busy && live.backfill.held_at_gate.load(Relaxed) > 0 {
-            live.metrics.backfill_held();
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-        }
-    }
-}
-
-/// `fediedge migrate` inside `serve`: the `[backfill]` fallback's cold tail, under its
-/// budget, yielding to live work, with progress in the log every minute. Runs once to its
-/// end (a restart resumes it).
-async fn run_backfill(job: crate::migrate::Job, stop: CancellationToken) {
-    use crate::migrate::progress;
-    let route = job.route();
-    tracing::info!(from = %route.source, into = %route.destination, "backfill: starting");
-    let shown = CancellationToken::new();
-    let display = tokio::spawn(progress::show(
-        progress::Display::Log(std::time::Duration::from_secs(60)),
-        job.counters.clone(),
-        shown.clone(),
-    ));
-    let result = job.run(stop).await;
-    shown.cancel();
-    let _ = display.await;
-    match result {
-        Ok(s) => {
-            for e in &s.errors {
-                tracing::error!(error = %e, "backfill: stopped early");
-            }
-            tracing::info!(
-                copied = s.copied,
-                skipped = s.skipped,
-                failed = s.failed,
-                interrupted = s.interrupted,
-                "backfill: ended"
-            );
-        }
-        Err(e) => tracing::error!(error = %e, "backfill: could not run"),
-    }
-}
-
-/// Copies `fediedge migrate`'s progress from the ledger into the metrics every few seconds, so
-/// a migration run from another process shows on this edge's `/metrics`. Only migrations into
-/// this edge's primary count.
-async fn publish_migration_progress(
-    ledger: Ledger,
-    destination: String,
-    metrics: Metrics,
-    stop: CancellationToken,
-) {
-    loop {
-        let d = destination.clone();
-        match ledger.run(move |c| crate::migrate::progress(c, &d)).await {
-            Ok(Some(p)) => {
-                metrics.set_migration(p.objects_total, p.objects_done, p.bytes_total, p.bytes_done)
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot read migration progress"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-        }
-    }
 }
 
 /// The client addresses `max_connections_per_ip` does not limit:
