@@ -314,6 +314,48 @@ async fn several_fields_of_a_selecting_header_never_poison_the_variant() {
     assert_eq!((cache.as_str(), body.as_str()), ("HIT", "<html></html>"));
 }
 
+/// A request repeating a selecting header is not stored (above), but when it revalidates
+/// the stored variant it matched (on the first field) and core answers 304, the entry is
+/// updated and stays: such a request cannot take a shared entry out.
+#[tokio::test]
+async fn a_304_to_a_request_repeating_a_selecting_header_keeps_the_entry() {
+    let core = Core::start(|s, n| {
+        let cc = ("cache-control", "public, max-age=0");
+        let h = [cc, ("vary", "Accept"), ("etag", "\"e1\"")];
+        let version = format!("{n}");
+        match hs(s, "if-none-match").contains("\"e1\"") {
+            true => reply(304, &[h[0], h[1], h[2], ("x-version", &version)], ""),
+            false => reply(200, &[h[0], h[1], h[2], ("x-version", &version)], "<html>"),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), &core, "").await;
+    let html = [("accept", "text/html")];
+    assert_eq!(fetch(&edge, "/@bob", &html).await.1, "MISS");
+    eventually(WAIT, "stored", || stored(&edge) == 1).await;
+    let (st, cache, body) = raw(
+        &edge,
+        &format!(
+            "GET /@bob HTTP/1.1\r\nhost: {CORE}\r\naccept: text/html\r\naccept: application/activity+json"
+        ),
+    )
+    .await;
+    assert_eq!(
+        (st, cache.as_str(), body.as_str()),
+        (200, "REVALIDATED", "<html>")
+    );
+    assert_eq!(core.count("/@bob"), 2);
+    assert_eq!(stored(&edge), 1, "the entry stays");
+    let r = crate::proxy::get(&edge, CORE, "/@bob")
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "REVALIDATED");
+    assert_eq!(r.headers()["x-version"], "3", "updated by each 304");
+}
+
 /// A 304 whose headers make the stored response private (or `no-store`) takes the entry
 /// out: it is not served again under `stale-if-error` or `stale-while-revalidate`.
 #[tokio::test]
