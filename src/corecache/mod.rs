@@ -1,7 +1,9 @@
 //! The RFC 9111 shared cache in front of the proxy to core (`[core.cache]`).
 //!
 //! A GET or HEAD to core: a request with credentials (`Authorization`, a Mastodon session
-//! cookie, a `Signature`), a body or a `Range` is never answered from the cache (BYPASS)
+//! cookie, a `Signature`, an OAuth token in the query), a body or a `Range` is never
+//! answered from the cache (BYPASS), nor one whose forwarding headers change the URL core
+//! sees ([`policy::unkeyed`]: its answer is never stored either, against cache poisoning)
 //! → otherwise the URL's stored variants (host + path and query; `Vary` picks the variant)
 //! are asked, by the `http-cache-semantics` policy, whether one is fresh for this request
 //! (HIT) → a stale one that `stale-while-revalidate` covers is served (STALE) while one
@@ -9,7 +11,8 @@
 //! `If-Modified-Since`; a 304 updates the stored headers: REVALIDATED), and when core fails
 //! (breaker open, timeout, refused, 5xx) within `stale-if-error` it is served (STALE) → else
 //! one request per URL goes to core (MISS; the others wait for it, see [`fill`]) and its
-//! response, if storable, is stored as it streams to the client.
+//! response, if storable, is stored as it streams to the client; a final answer that says
+//! `private` or `no-store` (or a 304 making the entry unstorable) evicts the stored one.
 //!
 //! Every other method is passed on; an unsafe one (not GET, HEAD, OPTIONS, TRACE) answered
 //! below 400 evicts its URL and the same-host `Location` / `Content-Location` (RFC 9111
@@ -27,6 +30,7 @@ mod policy;
 mod seed;
 mod store;
 
+pub use policy::session_cookie;
 #[doc(hidden)]
 pub use seed::seed;
 
@@ -190,9 +194,12 @@ impl CoreCache {
         // While the index loads: this URL's stored entries read from disk first, so that what
         // follows (lookup, store, replace) sees all of them.
         self.store.settle(&url.key).await;
-        let private = policy::private_request(req.headers());
-        if private.is_some() || !req.body().is_end_stream() {
-            let store = get && req.body().is_end_stream();
+        let private = policy::private_request(req.headers())
+            .or_else(|| policy::token_in_query(path).then_some("access token"));
+        // Answered by core for a URL other than its key: never stored nor shared.
+        let unkeyed = policy::unkeyed(req.headers());
+        if private.is_some() || unkeyed.is_some() || !req.body().is_end_stream() {
+            let store = get && req.body().is_end_stream() && unkeyed.is_none();
             let preq = policy::policy_request(path, req.headers());
             let sent = Instant::now();
             let result = proxy.send(Kind::Web, req).await;
@@ -350,12 +357,16 @@ impl CoreCache {
                     // The client's own validator matched, not the stored one.
                     return self.finish(resp, CacheStatus::Miss);
                 }
-                let updated = self.update(&e, ctx.preq, resp.headers(), now).await;
-                drop(guard);
-                match self
+                let (updated, evict) = self.update(&e, ctx.preq, resp.headers(), now).await;
+                // Its body read (or its file open) first: then the entry may go.
+                let answer = self
                     .serve(&updated, req.headers(), head, CacheStatus::Revalidated)
-                    .await
-                {
+                    .await;
+                if evict {
+                    self.evict(vec![e.id.clone()]);
+                }
+                drop(guard);
+                match answer {
                     Some(r) => r,
                     None => self.finish(status_only(StatusCode::BAD_GATEWAY), CacheStatus::Miss),
                 }
@@ -404,7 +415,10 @@ impl CoreCache {
         match result {
             Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
                 // Only this edge's validators were sent: the 304 is about the stored entry.
-                self.update(&e, &preq, resp.headers(), now).await;
+                let (_, evict) = self.update(&e, &preq, resp.headers(), now).await;
+                if evict {
+                    self.evict(vec![e.id.clone()]);
+                }
             }
             Ok(resp) if !resp.status().is_server_error() => {
                 let ctx = Ctx {
@@ -422,25 +436,30 @@ impl CoreCache {
     }
 
     /// Updates a stored entry from a 304; returns it as updated (for this response only if
-    /// the update made it unstorable).
+    /// the update made it unstorable), and whether the stored entry must go
+    /// ([`policy::Update::Evict`]; left to the caller, once it has read the body).
     async fn update(
         &self,
         e: &Entry,
         preq: &http::request::Parts,
         headers: &HeaderMap,
         now: SystemTime,
-    ) -> Entry {
-        let (mut meta, storable) = policy::updated(&e.meta, preq, headers, now);
+    ) -> (Entry, bool) {
+        let (mut meta, update) = policy::updated(&e.meta, preq, headers, now);
         meta.len = e.meta.len;
-        if storable {
-            let store = self.store.clone();
-            let (id, m) = (e.id.clone(), meta.clone());
-            let _ = tokio::task::spawn_blocking(move || store.update(&id, m)).await;
+        match update {
+            policy::Update::Store => {
+                let store = self.store.clone();
+                let (id, m) = (e.id.clone(), meta.clone());
+                let _ = tokio::task::spawn_blocking(move || store.update(&id, m)).await;
+            }
+            policy::Update::Keep | policy::Update::Evict => {}
         }
-        Entry {
+        let updated = Entry {
             id: e.id.clone(),
             meta: Arc::new(meta),
-        }
+        };
+        (updated, update == policy::Update::Evict)
     }
 
     /// A response from core: stored as it streams if storable (the variants it replaces
@@ -462,20 +481,27 @@ impl CoreCache {
             resp.headers(),
             now,
         );
+        let matching = || -> Vec<store::Id> {
+            self.store
+                .variants(ctx.host, ctx.path)
+                .into_iter()
+                .filter(|e| match e.meta.policy.before_request(ctx.preq, now) {
+                    BeforeRequest::Fresh(_) => true,
+                    BeforeRequest::Stale { matches, .. } => matches,
+                })
+                .map(|e| e.id)
+                .collect()
+        };
         let Some(meta) = meta else {
+            if ctx.private.is_none() && policy::forbids_sharing(resp.status(), resp.headers()) {
+                // Core no longer lets this answer be shared (a post deleted, made private):
+                // what is stored for this request goes, rather than be served stale.
+                self.evict(matching());
+            }
             drop(guard);
             return self.finish(resp, status);
         };
-        let replaces = self
-            .store
-            .variants(ctx.host, ctx.path)
-            .into_iter()
-            .filter(|e| match e.meta.policy.before_request(ctx.preq, now) {
-                BeforeRequest::Fresh(_) => true,
-                BeforeRequest::Stale { matches, .. } => matches,
-            })
-            .map(|e| e.id)
-            .collect();
+        let replaces = matching();
         let expected = resp
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -510,6 +536,17 @@ impl CoreCache {
         let resp =
             resp.map(|b| TeeBody::new(b, limit, expected, commit, bodiless, memory).boxed_unsync());
         self.finish(resp, status)
+    }
+
+    /// Takes entries out of the index at once (no later request finds them), their files
+    /// unlinked on a blocking thread.
+    fn evict(&self, ids: Vec<store::Id>) {
+        if ids.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let gone = store.forget(&ids);
+        tokio::task::spawn_blocking(move || store.unlink(&gone));
     }
 
     /// A follower's answer from the leader's response still being received, if it is fresh

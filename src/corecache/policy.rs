@@ -109,14 +109,72 @@ pub fn private_request(headers: &HeaderMap) -> Option<&'static str> {
     if headers.contains_key(SIGNATURE) {
         return Some("signature");
     }
-    let session = headers
+    session_cookie(headers).then_some("session cookie")
+}
+
+/// Whether the request carries a Mastodon session cookie (in any of its `Cookie` fields).
+pub fn session_cookie(headers: &HeaderMap) -> bool {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.split('=').next())
-        .any(|name| SESSION_COOKIES.contains(&name.trim()));
-    session.then_some("session cookie")
+        .any(|name| SESSION_COOKIES.contains(&name.trim()))
+}
+
+/// Query parameters Doorkeeper (Mastodon's OAuth) takes as a bearer token, as `Authorization`.
+const TOKEN_PARAMS: [&str; 2] = ["access_token", "bearer_token"];
+
+/// Whether a path's query carries an OAuth token (`?access_token=…`, RFC 6750 §2.3): such a
+/// request is as private as one with `Authorization`, and its URL (with the token) is never
+/// written to disk. Names are read as Rack reads them: fields split on `&` and on `;` (Rack
+/// 2; Rack 3 only `&`: the wider reading is the safe one), spaces after a separator
+/// skipped, percent-decoded, and `access_token[]` or `access_token[x]` taken as the same
+/// parameter. Hand-written because `form_urlencoded` splits on `&` only.
+pub fn token_in_query(path: &str) -> bool {
+    let Some((_, query)) = path.split_once('?') else {
+        return false;
+    };
+    query.split(['&', ';']).any(|field| {
+        let name = field
+            .trim_start_matches(' ')
+            .split('=')
+            .next()
+            .unwrap_or("");
+        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        let base = name.split('[').next().unwrap_or("");
+        TOKEN_PARAMS.contains(&base)
+    })
+}
+
+/// Request headers that change the URL core sees (Rails builds `request.host`, `port` and
+/// `ssl?` from them, and so its redirects and links) but are not part of the cache key: an
+/// answer to such a request would be stored for every client of the URL (cache poisoning).
+/// Also more than one `Host` field (core joins them; the policy compares the first).
+/// `X-Forwarded-Host` equal to `Host` (a proxy in front naming the same host) is harmless.
+/// `X-Forwarded-Proto` is set by the proxy itself (`proxy::headers`).
+pub fn unkeyed(headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("host");
+    }
+    // Every field: Rack joins them and takes the last name of the list.
+    let same = |forwarded: &HeaderValue| {
+        host.is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(forwarded.as_bytes()))
+    };
+    if !headers.get_all("x-forwarded-host").iter().all(same) {
+        return Some("x-forwarded-host");
+    }
+    [
+        "x-forwarded-port",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "forwarded",
+    ]
+    .into_iter()
+    .find(|name| headers.contains_key(*name))
 }
 
 /// A Cache-Control directive's presence and value.
@@ -180,6 +238,10 @@ pub fn build(
     if matches!(private, Some("signature" | "session cookie")) && !explicit_public {
         return None;
     }
+    if private == Some("access token") {
+        // Its URL names the token: never written to disk, never shared.
+        return None;
+    }
 
     // The crate stores only the statuses it lists; RFC 9111 lets a cache store any final
     // status with explicit freshness. Such a response is judged as a 200 (the heuristics
@@ -222,6 +284,13 @@ pub fn build(
             // The response depends on this requester's credential: never shared.
             return None;
         }
+        if (named || n == "host") && req.headers.get_all(name).iter().nth(1).is_some() {
+            // Several fields of a selecting header: core reads them joined, the policy
+            // compares only the first, so a request sending the usual value first and
+            // another after would store core's answer to both for everyone sending the
+            // usual one.
+            return None;
+        }
         if n == "host" || named {
             kept.append(name.clone(), value.clone());
         }
@@ -247,16 +316,39 @@ pub fn build(
     })
 }
 
+/// Whether a response from core, to a request that a stored entry would answer, says that
+/// entry may not be shared any more: a final answer (not a 5xx, whose stale answer
+/// `stale-if-error` is for) marked `no-store` or `private`.
+pub fn forbids_sharing(status: StatusCode, headers: &HeaderMap) -> bool {
+    let code = status.as_u16();
+    if code < 200 || code == 206 || code == 304 || status.is_server_error() {
+        return false;
+    }
+    directive(headers, "no-store").is_some() || directive(headers, "private").is_some()
+}
+
+/// What a 304 does to the stored entry it revalidated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// The updated entry replaces the stored one.
+    Store,
+    /// The 304 sets a cookie: that is for its requester only; the stored entry stays as it was.
+    Keep,
+    /// The updated response may not be shared any more (`private`, `no-store`, a `Vary` on
+    /// a credential…): the stored entry goes, so that it is neither served under
+    /// `stale-while-revalidate` / `stale-if-error` nor revalidated for others again.
+    Evict,
+}
+
 /// The stored meta after a 304: the 304's headers replace the stored ones of the same name
-/// (RFC 9111 §3.2), and the policy is made again from the result. The bool says whether the
-/// result may be stored; if not (a `Set-Cookie`, `no-store`, `private` in the 304), it is
-/// only for the response to this request, and the stored entry is left as it was.
+/// (RFC 9111 §3.2), and the policy is made again from the result, which answers this
+/// request in any case; [`Update`] says what becomes of the stored entry.
 pub fn updated(
     meta: &Meta,
     req: &http::request::Parts,
     not_modified: &HeaderMap,
     now: SystemTime,
-) -> (Meta, bool) {
+) -> (Meta, Update) {
     let mut headers = meta.headers.clone();
     headers.remove(header::AGE);
     let names: Vec<HeaderName> = not_modified.keys().cloned().collect();
@@ -270,15 +362,43 @@ pub fn updated(
         }
     }
     let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-    match build(&meta.host, &meta.path, req, None, status, &headers, now) {
-        Some(m) => (m, true),
-        None => {
-            let mut m = meta.clone();
-            m.headers = headers;
-            m.fresh_until = SystemTime::UNIX_EPOCH;
-            (m, false)
+    // The body is the stored one, which this request matched on the first field of each
+    // header `Vary` names: only those are read, so that a request repeating a header (which
+    // `build` refuses for a new body) does not take the shared entry out.
+    let mut first = HeaderMap::with_capacity(req.headers.keys_len());
+    for name in req.headers.keys() {
+        if let Some(v) = req.headers.get(name) {
+            first.insert(name.clone(), v.clone());
         }
     }
+    let req = &policy_request(&meta.path, &first);
+    if let Some(m) = build(&meta.host, &meta.path, req, None, status, &headers, now) {
+        return (m, Update::Store);
+    }
+    let mut without_cookie = headers.clone();
+    without_cookie.remove(header::SET_COOKIE);
+    let shareable = without_cookie.len() < headers.len()
+        && build(
+            &meta.host,
+            &meta.path,
+            req,
+            None,
+            status,
+            &without_cookie,
+            now,
+        )
+        .is_some();
+    let mut m = meta.clone();
+    m.headers = headers;
+    m.fresh_until = SystemTime::UNIX_EPOCH;
+    (
+        m,
+        if shareable {
+            Update::Keep
+        } else {
+            Update::Evict
+        },
+    )
 }
 
 impl Meta {
@@ -368,6 +488,73 @@ mod tests {
             Some("session cookie")
         );
         assert_eq!(private_request(&map(&[("cookie", "theme=dark")])), None);
+    }
+
+    #[test]
+    fn tokens_in_the_query_are_found_as_rack_reads_them() {
+        for path in [
+            "/api/v1/timelines/home?access_token=t",
+            "/x?limit=5&bearer_token=t",
+            "/x?limit=5;access_token=t",
+            "/x?limit=5& access_token=t",
+            "/x?access%5Ftoken=t",
+            "/x?access_token[]=t",
+        ] {
+            assert!(token_in_query(path), "{path}");
+        }
+        for path in [
+            "/x",
+            "/x?access_tokens=t",
+            "/x?my_access_token=t",
+            "/access_token",
+        ] {
+            assert!(!token_in_query(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_other_than_the_host_itself_are_unkeyed() {
+        let host = ("host", "a.example");
+        assert_eq!(unkeyed(&map(&[host])), None);
+        assert_eq!(
+            unkeyed(&map(&[host, ("x-forwarded-host", "A.example")])),
+            None
+        );
+        for bad in [
+            map(&[host, ("x-forwarded-host", "evil.example")]),
+            map(&[
+                host,
+                ("x-forwarded-host", "a.example"),
+                ("x-forwarded-host", "evil.example"),
+            ]),
+            map(&[host, ("host", "evil.example")]),
+            map(&[("x-forwarded-host", "a.example")]),
+            map(&[host, ("x-forwarded-ssl", "on")]),
+        ] {
+            assert!(unkeyed(&bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_304_to_a_request_repeating_a_selecting_header_keeps_the_entry() {
+        let now = SystemTime::now();
+        let resp = map(&[("cache-control", "public, max-age=0"), ("vary", "Accept")]);
+        let html = policy_request("/x", &map(&[("accept", "text/html")]));
+        let meta = build("h", "/x", &html, None, StatusCode::OK, &resp, now).unwrap();
+        let twice = policy_request(
+            "/x",
+            &map(&[
+                ("accept", "text/html"),
+                ("accept", "application/activity+json"),
+            ]),
+        );
+        assert!(build("h", "/x", &twice, None, StatusCode::OK, &resp, now).is_none());
+        let fresh = map(&[("cache-control", "public, max-age=60")]);
+        assert_eq!(updated(&meta, &twice, &fresh, now).1, Update::Store);
+        let private = map(&[("cache-control", "private")]);
+        assert_eq!(updated(&meta, &twice, &private, now).1, Update::Evict);
+        let cookie = map(&[("set-cookie", "a=b")]);
+        assert_eq!(updated(&meta, &html, &cookie, now).1, Update::Keep);
     }
 
     #[test]

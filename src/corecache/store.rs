@@ -503,6 +503,32 @@ impl Store {
         Ok(())
     }
 
+    /// Takes entries out of the index (not their files: [`Store::unlink`]); returns those
+    /// it held.
+    pub fn forget(&self, ids: &[Id]) -> Vec<Id> {
+        let mut gone = Vec::new();
+        {
+            let mut guard = self.index.lock();
+            let index = &mut *guard;
+            for id in ids {
+                let Some(m) = index.lru.pop(id) else {
+                    continue;
+                };
+                index.bytes -= m.len;
+                let k = url_key(&m.host, &m.path);
+                if let Some(list) = index.by_url.get_mut(&k) {
+                    list.retain(|i| i != id);
+                    if list.is_empty() {
+                        index.by_url.remove(&k);
+                    }
+                }
+                gone.push(id.clone());
+            }
+        }
+        self.report();
+        gone
+    }
+
     /// Removes every variant of a URL, and keeps responses already on their way from
     /// being stored; returns how many there were. Blocking (while the index loads, the
     /// URL's entries not yet indexed are read first, so that they go too).

@@ -17,9 +17,11 @@
 //!   kept: the requests waiting for it are let through to core one at a time (Mastodon's own
 //!   idempotency then answers them, as it would without the edge).
 //!
-//! Only requests with credentials (`Authorization`, else the whole `Cookie` header) take
-//! part: the fingerprint is a SHA-256 over them, so credentials are never stored, and
-//! different credentials or keys never share an entry. Anonymous requests pass through.
+//! Only requests with credentials (`Authorization`, a `Cookie` header holding a Mastodon
+//! session cookie, or both) take part: the fingerprint is a SHA-256 over them, so
+//! credentials are never stored, and different credentials or keys never share an entry.
+//! Cookies without a session (a theme, a locale) are no credentials: such requests pass
+//! through, as anonymous ones do.
 //!
 //! Memory is bounded: at most [`MAX_ENTRIES`] fingerprints (in flight or kept) and
 //! [`MAX_BYTES`] of kept responses; past either, the oldest kept responses are dropped
@@ -62,20 +64,22 @@ pub fn fingerprint<B>(req: &Request<B>) -> Option<Fingerprint> {
     }
     let h = req.headers();
     let key = h.get(IDEMPOTENCY_KEY).filter(|k| !k.is_empty())?;
-    let (kind, cred): (&[u8], _) = match h.get(header::AUTHORIZATION) {
-        Some(a) => (b"authorization", a.as_bytes().to_vec()),
-        None => {
-            let cookies: Vec<&[u8]> = h
-                .get_all(header::COOKIE)
-                .iter()
-                .map(|c| c.as_bytes())
-                .collect();
-            if cookies.is_empty() {
-                return None;
-            }
-            (b"cookie", cookies.join(&b"; "[..]))
-        }
+    // Cookies are credentials only with a session among them: others (a theme, a locale)
+    // are shared by strangers, who must not share a replay. With `Authorization` too, both
+    // count: Mastodon falls back to the session when the token is not one.
+    let cookies: Vec<&[u8]> = match crate::corecache::session_cookie(h) {
+        true => h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|c| c.as_bytes())
+            .collect(),
+        false => Vec::new(),
     };
+    let authorization = h.get(header::AUTHORIZATION).map(|a| a.as_bytes());
+    if authorization.is_none() && cookies.is_empty() {
+        return None;
+    }
+    let cookies = cookies.join(&b"; "[..]);
     let host = h
         .get(header::HOST)
         .map(|v| v.as_bytes())
@@ -87,8 +91,8 @@ pub fn fingerprint<B>(req: &Request<B>) -> Option<Fingerprint> {
         host,
         req.uri().path().as_bytes(),
         key.as_bytes(),
-        kind,
-        &cred[..],
+        authorization.unwrap_or_default(),
+        &cookies[..],
     ] {
         d.update((part.len() as u64).to_be_bytes());
         d.update(part);
@@ -407,6 +411,21 @@ mod tests {
         // No key, no credentials, or not a POST: not taking part.
         assert!(fingerprint(&req("", Some("Bearer A"), None)).is_none());
         assert!(fingerprint(&req("k1", None, None)).is_none());
+        assert!(
+            fingerprint(&req("k1", None, Some("theme=dark; locale=en"))).is_none(),
+            "cookies without a session are no credentials"
+        );
+        // With a token and a session, both count; cookies without a session do not.
+        let both = fingerprint(&req("k1", Some("Bearer A"), Some("_mastodon_session=s1")));
+        assert_ne!(Some(a), both);
+        assert_ne!(
+            both,
+            fingerprint(&req("k1", Some("Bearer A"), Some("_mastodon_session=s2")))
+        );
+        assert_eq!(
+            Some(a),
+            fingerprint(&req("k1", Some("Bearer A"), Some("theme=dark")))
+        );
         let mut get = req("k1", Some("Bearer A"), None);
         *get.method_mut() = Method::GET;
         assert!(fingerprint(&get).is_none());

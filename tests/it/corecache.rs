@@ -17,17 +17,17 @@ use crate::proxy::{edge_with_core, CORE, WAIT};
 /// What core answers to one request.
 #[derive(Clone, Default)]
 pub struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
     /// Close the connection after this many body bytes (announcing the whole length).
-    cut_after: Option<usize>,
+    pub cut_after: Option<usize>,
     /// Read the request, never answer.
-    hang: bool,
+    pub hang: bool,
     /// Hold the answer until this turns true.
-    gate: Option<watch::Receiver<bool>>,
+    pub gate: Option<watch::Receiver<bool>>,
     /// Send this many body bytes, then hold the rest until the gate turns true.
-    part: Option<(usize, watch::Receiver<bool>)>,
+    pub part: Option<(usize, watch::Receiver<bool>)>,
 }
 
 pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
@@ -94,7 +94,7 @@ impl Core {
         self.seen.lock().iter().filter(|s| s.path == path).count()
     }
 
-    fn last(&self, path: &str) -> Seen {
+    pub fn last(&self, path: &str) -> Seen {
         self.seen
             .lock()
             .iter()
@@ -104,7 +104,7 @@ impl Core {
             .expect("a request reached core")
     }
 
-    fn set(&self, script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) {
+    pub fn set(&self, script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) {
         *self.script.lock() = Arc::new(script);
     }
 }

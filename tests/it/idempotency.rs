@@ -25,6 +25,8 @@ enum Mode {
     Cut,
     /// 200 with a body of 300 KiB.
     Big,
+    /// 422 (a post core refuses), numbered as `Answer`.
+    Reject,
 }
 
 struct Up {
@@ -127,6 +129,10 @@ async fn serve(
             .body(Full::new(Bytes::from(format!("failed {n}"))).boxed_unsync()),
         // An error from the service: hyper closes the connection without an answer.
         Mode::Cut => return Err(std::io::Error::other("cut")),
+        Mode::Reject => http::Response::builder()
+            .status(422)
+            .header("x-request-number", n.to_string())
+            .body(Full::new(Bytes::from(format!("rejected {n}"))).boxed_unsync()),
         Mode::Big => http::Response::builder()
             .status(200)
             .header("x-request-number", n.to_string())
@@ -389,4 +395,85 @@ async fn a_big_answer_is_passed_on_whole_but_not_kept() {
         assert_eq!(r.3.len(), 300 * 1024);
     }
     assert_eq!(up.requests(), 2);
+}
+
+/// Only the same request is replayed: cookies without a Mastodon session (a theme, a
+/// locale) are no credentials, so strangers sending the same ones and the same key each
+/// reach core; another method, another spelling of the host, the path or the credential
+/// each go to core; a first attempt that core refused (4xx) is not replayed; the same
+/// `Authorization` with another session cookie is another user.
+#[tokio::test]
+async fn what_is_not_the_same_request_is_never_replayed() {
+    let up = Up::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[up.addr], "").await;
+    for expect in ["1", "2"] {
+        let r = post(&edge, STATUSES, "k1", None)
+            .header("cookie", "theme=dark; locale=en")
+            .send()
+            .await
+            .unwrap();
+        let r = seen(r).await;
+        assert_eq!(
+            (r.1.as_str(), r.2.as_str()),
+            (expect, ""),
+            "a stranger's replay"
+        );
+    }
+
+    let alice = Some("Bearer alice");
+    let first = seen(post(&edge, STATUSES, "k2", alice).send().await.unwrap()).await;
+    assert_eq!(first.1, "3");
+    let put = client()
+        .put(format!("http://{}{STATUSES}", edge.running.addr))
+        .header("host", CORE)
+        .header("authorization", "Bearer alice")
+        .header("idempotency-key", "k2")
+        .body("{}");
+    let other_host = client()
+        .post(format!("http://{}{STATUSES}", edge.running.addr))
+        .header("host", "EXAMPLE.test")
+        .header("authorization", "Bearer alice")
+        .header("idempotency-key", "k2")
+        .body("{}");
+    let other_path = post(&edge, "/api/v1/statuses/", "k2", alice);
+    let other_scheme = post(&edge, STATUSES, "k2", Some("bearer alice"));
+    for (what, r, expect) in [
+        ("PUT", put, "4"),
+        ("Host", other_host, "5"),
+        ("path", other_path, "6"),
+        ("scheme", other_scheme, "7"),
+    ] {
+        let r = seen(r.send().await.unwrap()).await;
+        assert_eq!((r.1.as_str(), r.2.as_str()), (expect, ""), "{what}");
+    }
+    let again = seen(post(&edge, STATUSES, "k2", alice).send().await.unwrap()).await;
+    assert_eq!((again.1.as_str(), again.2.as_str()), ("3", "REPLAY"));
+
+    up.set(Mode::Reject);
+    let r = seen(post(&edge, STATUSES, "k3", alice).send().await.unwrap()).await;
+    assert_eq!((r.0, r.1.as_str()), (422, "8"));
+    up.set(Mode::Answer);
+    let r = seen(post(&edge, STATUSES, "k3", alice).send().await.unwrap()).await;
+    assert_eq!(
+        (r.0, r.1.as_str(), r.2.as_str()),
+        (201, "9", ""),
+        "the 422 not replayed"
+    );
+
+    // A token that is no token (a client's "Bearer null"): Mastodon falls back to the
+    // session cookie, so two sessions behind the same header are two users.
+    let with = |session: &str| {
+        post(&edge, STATUSES, "k4", Some("Bearer null"))
+            .header("cookie", format!("theme=dark; _mastodon_session={session}"))
+    };
+    for (session, expect) in [
+        ("alice", ("10", "")),
+        ("bob", ("11", "")),
+        ("alice", ("10", "REPLAY")),
+    ] {
+        let r = seen(with(session).send().await.unwrap()).await;
+        assert_eq!((r.1.as_str(), r.2.as_str()), expect, "{session}");
+    }
+    assert_eq!(up.requests(), 11);
 }

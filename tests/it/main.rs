@@ -7,6 +7,7 @@ mod corecache;
 mod corecache_hit;
 mod corecache_load;
 mod corecache_memory;
+mod corecache_privacy;
 mod destination;
 mod disk;
 mod disk_midbody;
