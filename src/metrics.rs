@@ -119,6 +119,7 @@ struct Inner {
     store_fetches: Family<StoreLabels, Counter>,
     store_latency: Family<StoreOnly, Histogram, fn() -> Histogram>,
     coalesced: Counter,
+    flight_refetches: Counter,
     writebacks: Family<OutcomeLabels, Counter>,
     writeback_pending: Gauge,
     cache_bytes: Gauge,
@@ -214,6 +215,12 @@ impl Metrics {
             "coalesced_requests",
             "Requests that joined a fetch already under way instead of starting one",
             coalesced.clone(),
+        );
+        let flight_refetches = Counter::default();
+        registry.register(
+            "flight_refetches",
+            "Requests that read their body again from its source on their own: the part they needed was on a cache disk that failed, or kept neither there nor in memory",
+            flight_refetches.clone(),
         );
         let writebacks = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -355,6 +362,7 @@ impl Metrics {
             store_fetches,
             store_latency,
             coalesced,
+            flight_refetches,
             writebacks,
             writeback_pending,
             cache_bytes,
@@ -434,6 +442,12 @@ impl Metrics {
     /// Counts a request that followed a fetch already under way.
     pub fn coalesced(&self) {
         self.0.coalesced.inc();
+    }
+
+    /// Counts a request that read its body again from the source because its flight could
+    /// not give it the bytes it needed (a failed cache disk, no memory left).
+    pub fn flight_refetch(&self) {
+        self.0.flight_refetches.inc();
     }
 
     /// Counts a write-back attempt.

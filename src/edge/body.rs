@@ -1,14 +1,16 @@
 //! Response bodies read from a file, also one that a flight is still writing (or holding in
 //! memory): bytes reach the client as they land, and the last one is held back until the
-//! flight has verified the body.
+//! flight has verified the body. Bytes the flight cannot give (a cache disk that failed
+//! mid-body) are read from the source again by that response alone.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use crate::flight::{End, FlightBody, FlightState, Part};
@@ -34,7 +36,11 @@ pub fn read_range(
             let available = match progress.as_mut() {
                 None => end,
                 Some(rx) => match wait_for_bytes(rx, pos, end).await {
-                    Ok(available) => available.min(end),
+                    Ok(Some(available)) => available.min(end),
+                    Ok(None) => {
+                        let e = io::Error::other("the flight kept the rest nowhere");
+                        return Some((Err(e), (file, end, None)));
+                    }
                     Err(e) => return Some((Err(e), (file, end, None))),
                 },
             };
@@ -55,51 +61,105 @@ pub fn read_range(
 }
 
 /// Reads `start..end` of a body a flight is fetching, as its bytes are published: from the
-/// temp file, or from memory for the part after a failed disk write.
+/// temp file, or from memory for the part after a failed disk write. Bytes the flight cannot
+/// give (its part on a cache disk that failed since, or a rest it kept nowhere) are read from
+/// the source again by this reader on its own ([`crate::flight::Started::refetch`]), so a
+/// local disk's fault never cuts the response.
 pub fn read_flight(
     body: Arc<FlightBody>,
     start: u64,
     end: u64,
     progress: watch::Receiver<FlightState>,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send {
+    /// Where the next bytes come from.
+    enum From {
+        Flight(Arc<FlightBody>, watch::Receiver<FlightState>),
+        Source(Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>),
+        Done,
+    }
     futures_util::stream::unfold(
-        (body, start, Some(progress)),
-        move |(body, pos, progress)| async move {
-            let mut rx = progress?;
-            if pos >= end {
-                return None;
-            }
-            let available = match wait_for_bytes(&mut rx, pos, end).await {
-                Ok(available) => available.min(end),
-                Err(e) => return Some((Err(e), (body, end, None))),
-            };
-            let n = (available - pos).min(READ_CHUNK as u64);
-            let read = match body.part(pos, n) {
-                Ok(Part::Memory(bytes)) => Ok(bytes),
-                Ok(Part::File(f, until)) => {
-                    let n = (until - pos) as usize;
-                    tokio::task::spawn_blocking(move || {
-                        let mut buf = BytesMut::zeroed(n);
-                        f.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+        (From::Flight(body, progress), start),
+        move |(mut from, pos)| async move {
+            loop {
+                match from {
+                    From::Done => return None,
+                    From::Source(mut rest) => {
+                        return match rest.next().await? {
+                            Ok(bytes) => Some((Ok(bytes), (From::Source(rest), pos))),
+                            Err(e) => Some((Err(e), (From::Done, end))),
+                        };
+                    }
+                    From::Flight(body, mut rx) => {
+                        if pos >= end {
+                            return None;
+                        }
+                        match from_flight(&body, &mut rx, pos, end).await {
+                            Ok(Some(bytes)) => {
+                                let next = pos + bytes.len() as u64;
+                                return Some((Ok(bytes), (From::Flight(body, rx), next)));
+                            }
+                            Ok(None) => match refetch(&rx, pos, end).await {
+                                Ok(rest) => from = From::Source(rest),
+                                Err(e) => return Some((Err(e), (From::Done, end))),
+                            },
+                            Err(e) => return Some((Err(e), (From::Done, end))),
+                        }
+                    }
                 }
-                Err(e) => Err(e),
-            };
-            match read {
-                Ok(bytes) if !bytes.is_empty() => {
-                    let next = pos + bytes.len() as u64;
-                    Some((Ok(bytes), (body, next, Some(rx))))
-                }
-                Ok(_) => Some((
-                    Err(io::Error::other("flight body shorter than published")),
-                    (body, end, None),
-                )),
-                Err(e) => Some((Err(e), (body, end, None))),
             }
         },
     )
+}
+
+/// The next bytes at `pos` that the flight can give; `None` when it cannot give them (they
+/// are on a disk that failed, or kept nowhere).
+async fn from_flight(
+    body: &FlightBody,
+    rx: &mut watch::Receiver<FlightState>,
+    pos: u64,
+    end: u64,
+) -> io::Result<Option<Bytes>> {
+    let Some(available) = wait_for_bytes(rx, pos, end).await? else {
+        return Ok(None);
+    };
+    let n = (available.min(end) - pos).min(READ_CHUNK as u64);
+    let bytes = match body.part(pos, n)? {
+        Part::Memory(bytes) => bytes,
+        Part::File(f, until) => {
+            let n = (until - pos) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = BytesMut::zeroed(n);
+                f.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            match read {
+                Ok(bytes) => bytes,
+                // The flight's own temp file: a local disk's failure (its health is the
+                // flight's to record, at its next write), not the source's.
+                Err(e) => {
+                    tracing::debug!(error = %e, pos, "flight body unreadable: reading it from the source");
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    if bytes.is_empty() {
+        return Err(io::Error::other("flight body shorter than published"));
+    }
+    Ok(Some(bytes))
+}
+
+/// `pos..end` of the body read again from the flight's source.
+async fn refetch(
+    rx: &watch::Receiver<FlightState>,
+    pos: u64,
+    end: u64,
+) -> io::Result<Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>> {
+    let started = rx.borrow().started.clone();
+    let started = started.ok_or_else(|| io::Error::other("a flight body before its start"))?;
+    let whole = started.refetch().await.map_err(io::Error::other)?;
+    Ok(Box::pin(slice_stream(whole, pos, end)))
 }
 
 /// Cuts `start..end` out of a body streamed from its source (which holds back its own last
@@ -111,7 +171,6 @@ pub fn slice_stream(
     end: u64,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send {
     futures_util::stream::unfold((Some(body), 0u64), move |(body, mut pos)| async move {
-        use futures_util::StreamExt;
         let mut body = body?;
         loop {
             let chunk = match body.next().await {
@@ -146,11 +205,14 @@ pub fn slice_stream(
 /// The response's last byte is held back until the flight has verified the body (length and
 /// checksum; staging and caching come after and do not hold it): a follower's response, whole body or range, can then still be aborted if the
 /// body turns out damaged, instead of ending as if whole.
+///
+/// `None`: the flight will publish no more (it kept the body's rest nowhere,
+/// [`End::NoRoom`]); the reader must get its bytes from the source.
 async fn wait_for_bytes(
     rx: &mut watch::Receiver<FlightState>,
     pos: u64,
     end: u64,
-) -> io::Result<u64> {
+) -> io::Result<Option<u64>> {
     loop {
         {
             let state = rx.borrow_and_update();
@@ -160,12 +222,13 @@ async fn wait_for_bytes(
                 state.written.min(end.saturating_sub(1))
             };
             if readable > pos {
-                return Ok(readable);
+                return Ok(Some(readable));
             }
             match &state.end {
                 Some(End::Failed(e)) => {
                     return Err(io::Error::other(format!("source failed mid-body: {e}")))
                 }
+                Some(End::NoRoom) => return Ok(None),
                 Some(_) => return Err(io::Error::other("source ended before the requested bytes")),
                 None => {}
             }

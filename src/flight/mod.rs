@@ -16,14 +16,18 @@
 //!
 //! A full, read-only or failing disk does not fail a request: the flight keeps the body (or
 //! the rest of it, from the failed write on) in memory within `max_flight_memory` and the
-//! herd still shares it, uncached (a flight whose disk failed mid-body takes no new followers:
-//! its first part may be unreadable, so later requests start a flight of their own); a body that does not fit there is streamed to each of its
-//! requesters on its own ([`Flights::stream_through`]), so those do not share a fetch. The
-//! work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
+//! herd still shares it, uncached; a body that does not fit there is streamed to each of its
+//! requesters on its own ([`Flights::stream_through`]), so those do not share a fetch. A
+//! flight whose disk failed mid-body takes no new followers (its first part may be
+//! unreadable, so later requests start a flight of their own), and a follower that needs
+//! bytes the flight cannot give it (its part on the failed disk, or a rest that did not fit
+//! in memory) reads the body again from the source on its own ([`refetch`]): no client is
+//! cut for a local disk's fault. The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
 //! past them a flight waits briefly, then answers 503.
 
 mod body;
 mod disk;
+mod refetch;
 
 use std::collections::HashMap;
 use std::io;
@@ -45,6 +49,7 @@ use crate::writeback::{Fetched, WriteBack, WriteBackError};
 
 pub use body::{CopyError, FlightBody, Limits, MemoryBudget, Part};
 pub use disk::DiskHealth;
+pub use refetch::Refetch;
 
 /// A fetch that found its object and started keeping it.
 pub struct Started {
@@ -56,6 +61,17 @@ pub struct Started {
     pub from_fallback: bool,
     /// The body, shared by every follower.
     pub body: Arc<FlightBody>,
+    /// Its source, for a follower the body cannot serve.
+    source_again: Refetch,
+}
+
+impl Started {
+    /// The whole body read again from its source, for a follower that needs bytes this
+    /// flight cannot give it: its part on a cache disk that failed since, or a part kept
+    /// nowhere ([`End::NoRoom`] after the start). See [`Refetch::body`].
+    pub async fn refetch(&self) -> Result<ByteStream, StoreError> {
+        self.source_again.body(&self.meta).await
+    }
 }
 
 /// How a flight ended.
@@ -70,7 +86,9 @@ pub enum End {
     /// The flight or temp-disk limits stayed full: nothing was fetched (503).
     Busy,
     /// The disk failed and the body does not fit in the memory left: each requester streams
-    /// it from the source on its own ([`Flights::stream_through`]).
+    /// it from the source on its own ([`Flights::stream_through`]). After the start (the disk
+    /// failed mid-body), the bytes kept are all there will be: each follower reads the rest
+    /// from the source on its own ([`Started::refetch`]).
     NoRoom,
 }
 
@@ -292,6 +310,7 @@ impl Flights {
                 source: store.name().into(),
                 from_fallback: index > 0,
                 body: flight_body.clone(),
+                source_again: Refetch::new(store.clone(), key.clone(), self.metrics.clone()),
             }))
         });
         let integrity = |e: BodyError| StoreError::Integrity {
@@ -316,9 +335,11 @@ impl Flights {
                     // (EIO): requests from now on start a flight of their own.
                     self.leave(key, &tx.subscribe());
                     self.dirs.tmp_health.failed(&e);
-                    // The rest goes to memory if it fits there.
+                    // The rest goes to memory if it fits there; else it is kept nowhere and
+                    // each follower reads it from the source on its own.
                     let Some(permit) = self.limits.memory(size - at) else {
-                        return Err(StoreError::local(tmp_dir, e));
+                        tracing::debug!(key = %key, at, "no memory for the rest of the body: followers read it from the source");
+                        return Ok(End::NoRoom);
                     };
                     flight_body.spill_from(at, permit, size);
                 }

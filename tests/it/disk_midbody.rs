@@ -116,9 +116,21 @@ async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memor
     assert_eq!(metric_count(&edge, "fediedge_coalesced_requests_total"), 1);
     assert_eq!(files_under(&dir.path().join("cache/tmp")).len(), 1);
 
-    // The disk fails: the next write into the flight's reserved room fails, and the rest of
-    // the body goes to memory.
+    // The disk fails while the flight waits for the source's next bytes. A request joining
+    // now still finds the flight, whose temp file can no longer be read: it reads the body
+    // from the source on its own.
     disk.shut_down();
+    let joiner = tokio::spawn(get_whole(url.clone()));
+    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
+    eventually(Duration::from_secs(30), "the joiner joined", || {
+        coalesced() == 2
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
+        origin.gets("m.png") == 2
+    })
+    .await;
+    // The flight's next write fails, and the rest of the body goes to memory.
     open.send(true).unwrap();
     let state = |dir: &str| metric(&edge, &format!("fediedge_disk_state{{dir=\"{dir}\"}}"));
     eventually(
@@ -129,15 +141,11 @@ async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memor
     .await;
     // A request now does not join that flight (its first part is on the dead disk): it
     // starts one of its own, held in memory from its first byte.
-    let late = tokio::spawn(async move {
-        let r = client().get(url).send().await.unwrap();
-        let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
-        (r.status(), cache, r.bytes().await.expect("a whole body"))
-    });
+    let late = tokio::spawn(get_whole(url));
     eventually(
         Duration::from_secs(30),
         "the late request's own fetch",
-        || origin.gets("m.png") == 2,
+        || origin.gets("m.png") == 3,
     )
     .await;
     open_rest.send(true).unwrap();
@@ -152,12 +160,19 @@ async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memor
         "the follower's bytes differ from the source's"
     );
     let (status, cache_status, got) = late.await.unwrap();
-    assert_eq!((status.as_u16(), cache_status.as_str()), (200, "FALLBACK"));
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
     assert!(
         got == body,
         "the late request's bytes differ from the source's"
     );
-    assert_eq!(metric_count(&edge, "fediedge_coalesced_requests_total"), 1);
+    let (status, cache_status, got) = joiner.await.unwrap();
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(got == body, "the joiner's bytes differ from the source's");
+    assert_eq!(coalesced(), 2);
+    // The leader's client and the follower had what was on disk and took the rest from
+    // memory: only the joiner read the source again.
+    assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 1);
+    assert_eq!(origin.gets("m.png"), 3);
     eventually(Duration::from_secs(30), "the fetches ended", || {
         edge.running.fetches_under_way() == 0
     })
@@ -184,20 +199,133 @@ async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memor
     assert!(std::fs::read(&copied).unwrap() == body);
     edge.running.shutdown().await;
     drop(cache);
+    nothing_kept_after_the_disk_comes_back(dir.path(), &disk, &config, &body).await;
+}
 
-    // The disk comes back: the dead flight's temp file is all it holds, and a restart
-    // clears it; nothing of the body was ever stored.
+/// The disk comes back: the dead flight's temp file is all it holds, and a restart clears
+/// it; nothing of the body was ever stored, and it is served whole.
+async fn nothing_kept_after_the_disk_comes_back(
+    dir: &Path,
+    disk: &Ext4,
+    config: &str,
+    body: &[u8],
+) {
     disk.unmount();
     disk.remount();
-    let kept = files_under(&dir.path().join("cache"));
-    let tmp = dir.path().join("cache/tmp");
+    let kept = files_under(&dir.join("cache"));
+    let tmp = dir.join("cache/tmp");
     assert!(kept.iter().all(|p| p.starts_with(&tmp)), "{kept:?}");
-    let edge = start_edge(dir.path(), &config).await;
-    let kept = files_under(&dir.path().join("cache"));
+    let edge = start_edge(dir, config).await;
+    let kept = files_under(&dir.join("cache"));
     assert!(kept.is_empty(), "{kept:?}");
     let (status, cache_status, got) = get(&edge, "m.png").await;
     assert_eq!(status, 200);
     assert_ne!(cache_status, "HIT", "nothing of it in the cache");
     assert!(got == body);
     edge.running.shutdown().await;
+}
+
+/// GETs `url` whole: status, `X-Cache-Status`, body (an aborted body fails the test).
+async fn get_whole(url: String) -> (u16, String, Vec<u8>) {
+    let r = client().get(url).send().await.unwrap();
+    let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+    let status = r.status().as_u16();
+    (
+        status,
+        cache,
+        r.bytes().await.expect("a whole body").to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 22);
+    // The origin sends 100,000 bytes and holds the rest until the test opens the gate.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let behaviour = Behaviour {
+        pause_after: Some(100_000),
+        gate: Some(gate),
+        ..Behaviour::default()
+    };
+    origin.put_with("m.png", body.clone(), behaviour);
+    let disk = Ext4::mount(&dir.path().join("cache.img"), &dir.path().join("cache"), 16);
+    // 64 KiB for bodies in memory: less than the 200,000 bytes left when the disk fails.
+    let config = format!(
+        "max_flight_memory = \"64KiB\"\n{}",
+        stores(dir.path(), &origin, "")
+    );
+    let edge = start_edge(dir.path(), &config).await;
+
+    // The leader's client and two followers each have the first 100,000 bytes, read from
+    // the flight's temp file.
+    let url = format!("{}m.png", edge.base);
+    let mut herd = Vec::new();
+    for _ in 0..3 {
+        let (mut r, mut got) = (client().get(&url).send().await.unwrap(), Vec::new());
+        read_until(&mut r, &mut got, Some(100_000)).await;
+        herd.push((r, got));
+    }
+    assert_eq!(metric_count(&edge, "fediedge_coalesced_requests_total"), 2);
+
+    // The disk fails while the flight waits for the source's next bytes: a request joining
+    // now still finds the flight, whose temp file can no longer be read. It reads the body
+    // from the source on its own.
+    disk.shut_down();
+    let joiner = tokio::spawn(get_whole(url.clone()));
+    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
+    eventually(Duration::from_secs(30), "the joiner joined", || {
+        coalesced() == 3
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
+        origin.gets("m.png") == 2
+    })
+    .await;
+    assert_eq!(edge.running.fetches_under_way(), 1, "the flight still runs");
+
+    // The flight's next write fails and the rest fits nowhere: the flight ends with what it
+    // had, and each of the herd reads the rest from the source on its own.
+    open.send(true).unwrap();
+    let state = |dir: &str| metric(&edge, &format!("fediedge_disk_state{{dir=\"{dir}\"}}"));
+    eventually(
+        Duration::from_secs(30),
+        "the flight saw the disk fail",
+        || state("cache").as_deref() == Some("3"),
+    )
+    .await;
+    // A request after the failure starts a fetch of its own, which finds no room on the
+    // disk or in memory: the body is streamed to it from the source.
+    let (status, cache_status, got) = get_whole(url.clone()).await;
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(
+        got == body,
+        "the late request's bytes differ from the source's"
+    );
+    for (i, (mut r, mut got)) in herd.into_iter().enumerate() {
+        read_until(&mut r, &mut got, None).await;
+        assert!(got == body, "client {i}'s bytes differ from the source's");
+    }
+    let (status, cache_status, got) = joiner.await.unwrap();
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(got == body, "the joiner's bytes differ from the source's");
+    eventually(Duration::from_secs(30), "the fetches ended", || {
+        edge.running.fetches_under_way() == 0
+    })
+    .await;
+
+    // Source GETs: the flight's; the joiner's; one each for the leader's client and the two
+    // followers; the late request's fetch (which found no room) and its stream.
+    assert_eq!(origin.gets("m.png"), 7);
+    assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 4);
+    // Said once. Nothing partial kept: nothing in the cache, no copy in the primary.
+    let changes = "fediedge_disk_state_changes_total{dir=\"cache\"}";
+    assert_eq!(metric(&edge, changes).as_deref(), Some("1"));
+    let cache = edge.running.cache.clone().unwrap();
+    assert_eq!(cache.usage(), (0, 0));
+    assert!(!dir.path().join("primary/m.png").exists());
+    edge.running.shutdown().await;
+    drop(cache);
+    nothing_kept_after_the_disk_comes_back(dir.path(), &disk, &config, &body).await;
 }

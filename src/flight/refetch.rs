@@ -1,0 +1,110 @@
+//! A follower's own read of its body's source, for the bytes its flight cannot give it: the
+//! part kept on a cache disk that failed since (unreadable), or the rest of a body the flight
+//! could keep neither on disk nor in memory. The follower's client is never cut for a local
+//! disk's fault; it costs that follower a source fetch of its own.
+//!
+//! The stores are read whole, not by range (the [`crate::store::Store`] trait has no ranged
+//! read): the bytes before the follower's offset are read again and dropped, and in exchange
+//! the rest is verified as part of the whole body (length, and MD5 where the source vouches
+//! for one), its last byte held back until then, as every flight's is.
+
+use super::verified;
+use crate::key::Key;
+use crate::metrics::Metrics;
+use crate::store::{ByteStream, ObjectMeta, StoreError, StoreHandle};
+
+/// Where a flight's body came from, for a follower to read it again.
+pub struct Refetch {
+    store: StoreHandle,
+    key: Key,
+    metrics: Metrics,
+}
+
+impl Refetch {
+    /// The body of `key` in `store`.
+    pub fn new(store: StoreHandle, key: Key, metrics: Metrics) -> Refetch {
+        Refetch {
+            store,
+            key,
+            metrics,
+        }
+    }
+
+    /// The whole body again, from the store the flight read, counted in
+    /// `fediedge_flight_refetches_total`. Fails if the store no longer has the object the
+    /// flight announced as `meta` (another length, ETag or MD5: the follower has sent part of
+    /// that one, and the two cannot be joined). The stream fails if the body does not match,
+    /// and holds back its last chunk until it is verified.
+    pub async fn body(&self, meta: &ObjectMeta) -> Result<ByteStream, StoreError> {
+        self.metrics.flight_refetch();
+        let name = self.store.name();
+        let object = self.store.get(&self.key).await?;
+        let changed = |detail: &str| StoreError::Integrity {
+            store: name.to_owned(),
+            key: self.key.to_string(),
+            detail: format!("{detail} while a follower was being served"),
+        };
+        let Some(object) = object else {
+            return Err(changed("gone from its source"));
+        };
+        if !same_object(meta, &object.meta) {
+            return Err(changed("changed at its source"));
+        }
+        // What either answer vouches for is checked.
+        let mut check = object.meta;
+        check.md5 = check.md5.or(meta.md5);
+        let body = verified(object.body, &check, name.to_owned(), self.key.to_string());
+        Ok(body)
+    }
+}
+
+/// Whether two answers of a store are the same object: the same length, and the same ETag
+/// and MD5 wherever both give one.
+fn same_object(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+    fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
+    a.size == b.size && agree(&a.etag, &b.etag) && agree(&a.md5, &b.md5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_object_has_the_same_length_etag_and_md5_where_both_say() {
+        let a = ObjectMeta {
+            size: 10,
+            etag: Some("\"a\"".into()),
+            md5: Some([1; 16]),
+            ..ObjectMeta::default()
+        };
+        assert!(same_object(&a, &a.clone()));
+        let unsaid = ObjectMeta {
+            size: 10,
+            ..ObjectMeta::default()
+        };
+        assert!(
+            same_object(&a, &unsaid),
+            "nothing to compare is no difference"
+        );
+        let longer = ObjectMeta {
+            size: 11,
+            ..a.clone()
+        };
+        let other_etag = ObjectMeta {
+            etag: Some("\"b\"".into()),
+            ..a.clone()
+        };
+        let other_md5 = ObjectMeta {
+            md5: Some([2; 16]),
+            ..a.clone()
+        };
+        for b in [longer, other_etag, other_md5] {
+            assert!(!same_object(&a, &b), "{b:?}");
+        }
+    }
+}
