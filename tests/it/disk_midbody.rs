@@ -3,7 +3,9 @@
 //! write into that room fails only when the disk itself does. The test makes a real one do
 //! so: an ext4 in a loop-mounted image, shut down with `EXT4_IOC_SHUTDOWN` (the kernel's own
 //! "the device is gone", as xfstests' `godown`), after which every write and read on it
-//! fails with EIO.
+//! fails with EIO. With memory for the rest of the body, the herd shares the one fetch; a
+//! request that needs bytes the flight cannot give (its file unreadable, or a rest kept
+//! nowhere) reads the source again on its own: no client is cut.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
