@@ -64,7 +64,9 @@ pub fn read_range(
 /// temp file, or from memory for the part after a failed disk write. Bytes the flight cannot
 /// give (its part on a cache disk that failed since, or a rest it kept nowhere) are read from
 /// the source again by this reader on its own ([`crate::flight::Started::refetch`]), so a
-/// local disk's fault never cuts the response.
+/// local disk's fault never cuts the response. Its last byte then waits for both checks:
+/// the read's own (the whole body read again), and the flight's if the flight gave it any
+/// bytes.
 pub fn read_flight(
     body: Arc<FlightBody>,
     start: u64,
@@ -74,7 +76,8 @@ pub fn read_flight(
     /// Where the next bytes come from.
     enum From {
         Flight(Arc<FlightBody>, watch::Receiver<FlightState>),
-        Source(Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>),
+        /// The rest read from the source; with the flight that gave the bytes before.
+        Source(Refetched, Option<watch::Receiver<FlightState>>),
         Done,
     }
     futures_util::stream::unfold(
@@ -83,11 +86,18 @@ pub fn read_flight(
             loop {
                 match from {
                     From::Done => return None,
-                    From::Source(mut rest) => {
-                        return match rest.next().await? {
-                            Ok(bytes) => Some((Ok(bytes), (From::Source(rest), pos))),
-                            Err(e) => Some((Err(e), (From::Done, end))),
+                    From::Source(mut rest, mut gave) => {
+                        let bytes = match rest.next().await? {
+                            Ok(bytes) => bytes,
+                            Err(e) => return Some((Err(e), (From::Done, end))),
                         };
+                        let next = pos + bytes.len() as u64;
+                        if let (true, Some(rx)) = (next >= end, gave.as_mut()) {
+                            if let Err(e) = flight_verified(rx).await {
+                                return Some((Err(e), (From::Done, end)));
+                            }
+                        }
+                        return Some((Ok(bytes), (From::Source(rest, gave), next)));
                     }
                     From::Flight(body, mut rx) => {
                         if pos >= end {
@@ -99,7 +109,7 @@ pub fn read_flight(
                                 return Some((Ok(bytes), (From::Flight(body, rx), next)));
                             }
                             Ok(None) => match refetch(&rx, pos, end).await {
-                                Ok(rest) => from = From::Source(rest),
+                                Ok(rest) => from = From::Source(rest, (pos > start).then_some(rx)),
                                 Err(e) => return Some((Err(e), (From::Done, end))),
                             },
                             Err(e) => return Some((Err(e), (From::Done, end))),
@@ -150,16 +160,27 @@ async fn from_flight(
     Ok(Some(bytes))
 }
 
+/// Part of a body read again from its source.
+type Refetched = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
 /// `pos..end` of the body read again from the flight's source.
-async fn refetch(
-    rx: &watch::Receiver<FlightState>,
-    pos: u64,
-    end: u64,
-) -> io::Result<Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>> {
+async fn refetch(rx: &watch::Receiver<FlightState>, pos: u64, end: u64) -> io::Result<Refetched> {
     let started = rx.borrow().started.clone();
     let started = started.ok_or_else(|| io::Error::other("a flight body before its start"))?;
     let whole = started.refetch().await.map_err(io::Error::other)?;
     Ok(Box::pin(slice_stream(whole, pos, end)))
+}
+
+/// Waits until the flight has verified its body (it reads its source to the end even when it
+/// keeps nothing more): the bytes it gave a reader that then went to the source are checked.
+async fn flight_verified(rx: &mut watch::Receiver<FlightState>) -> io::Result<()> {
+    match rx.wait_for(|s| s.verified || s.end.is_some()).await {
+        Ok(s) if s.verified => Ok(()),
+        Ok(_) => Err(io::Error::other(
+            "the flight failed before verifying the bytes it gave",
+        )),
+        Err(_) => Err(io::Error::other("fetch task ended without a result")),
+    }
 }
 
 /// Cuts `start..end` out of a body streamed from its source (which holds back its own last
@@ -206,8 +227,8 @@ pub fn slice_stream(
 /// checksum; staging and caching come after and do not hold it): a follower's response, whole body or range, can then still be aborted if the
 /// body turns out damaged, instead of ending as if whole.
 ///
-/// `None`: the flight will publish no more (it kept the body's rest nowhere,
-/// [`End::NoRoom`]); the reader must get its bytes from the source.
+/// `None`: the flight keeps no more of the body ([`FlightState::rest_unkept`]); the reader
+/// must get its bytes from the source.
 async fn wait_for_bytes(
     rx: &mut watch::Receiver<FlightState>,
     pos: u64,
@@ -224,11 +245,13 @@ async fn wait_for_bytes(
             if readable > pos {
                 return Ok(Some(readable));
             }
+            if state.rest_unkept && pos >= state.written {
+                return Ok(None);
+            }
             match &state.end {
                 Some(End::Failed(e)) => {
                     return Err(io::Error::other(format!("source failed mid-body: {e}")))
                 }
-                Some(End::NoRoom) => return Ok(None),
                 Some(_) => return Err(io::Error::other("source ended before the requested bytes")),
                 None => {}
             }

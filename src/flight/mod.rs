@@ -22,7 +22,8 @@
 //! unreadable, so later requests start a flight of their own), and a follower that needs
 //! bytes the flight cannot give it (its part on the failed disk, or a rest that did not fit
 //! in memory) reads the body again from the source on its own ([`refetch`]): no client is
-//! cut for a local disk's fault. The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
+//! cut for a local disk's fault. A flight that keeps nothing more still reads its source to
+//! the end, to verify the bytes it gave before. The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
 //! past them a flight waits briefly, then answers 503.
 
 mod body;
@@ -87,8 +88,9 @@ pub enum End {
     Busy,
     /// The disk failed and the body does not fit in the memory left: each requester streams
     /// it from the source on its own ([`Flights::stream_through`]). After the start (the disk
-    /// failed mid-body), the bytes kept are all there will be: each follower reads the rest
-    /// from the source on its own ([`Started::refetch`]).
+    /// failed mid-body, [`FlightState::rest_unkept`]), the body was verified but only its
+    /// first part kept: each follower reads the rest from the source on its own
+    /// ([`Started::refetch`]).
     NoRoom,
 }
 
@@ -99,6 +101,11 @@ pub struct FlightState {
     pub started: Option<Arc<Started>>,
     /// Bytes of the body kept so far (file or memory).
     pub written: u64,
+    /// Set when the flight keeps no more of the body (its disk failed mid-body and the rest
+    /// did not fit in memory): `written` stays where it is, readers past it read the source on
+    /// their own ([`Started::refetch`]), and the flight reads on only to verify the body, so
+    /// that what it gave them is checked too.
+    pub rest_unkept: bool,
     /// Set once the whole body is verified: its last byte may go out.
     pub verified: bool,
     /// Set when the flight is over.
@@ -320,10 +327,14 @@ impl Flights {
         };
         let mut check = BodyCheck::new(&meta);
         let mut body = object.body;
+        let mut unkept = false;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             let at = check.seen();
             check.update(&chunk).map_err(integrity)?;
+            if unkept {
+                continue;
+            }
             if let Some(file) = flight_body.disk_file() {
                 let f = file.clone();
                 let c = chunk.clone();
@@ -339,7 +350,9 @@ impl Flights {
                     // each follower reads it from the source on its own.
                     let Some(permit) = self.limits.memory(size - at) else {
                         tracing::debug!(key = %key, at, "no memory for the rest of the body: followers read it from the source");
-                        return Ok(End::NoRoom);
+                        unkept = true;
+                        tx.send_modify(|s| s.rest_unkept = true);
+                        continue;
                     };
                     flight_body.spill_from(at, permit, size);
                 }
@@ -353,6 +366,10 @@ impl Flights {
         let md5 = check.finish().map_err(integrity)?;
         // Verified: clients get their last byte now, not after the bookkeeping below.
         tx.send_modify(|s| s.verified = true);
+        if unkept {
+            // Nothing whole to stage or cache.
+            return Ok(End::NoRoom);
+        }
         let on_disk = match (&tmp, flight_body.in_memory()) {
             (Some(tmp), false) => {
                 let f = tmp

@@ -331,3 +331,105 @@ async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
     drop(cache);
     nothing_kept_after_the_disk_comes_back(dir.path(), &disk, &config, &body).await;
 }
+
+/// Standard base64 (Content-MD5 is the base64 of the digest's 16 bytes).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from_be_bytes([0, b[0], b[1], b[2]]);
+        for i in 0..4 {
+            let c = ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char;
+            out.push(if i <= group.len() { c } else { '=' });
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 23);
+    let digest = |b: &[u8]| base64(&<md5::Md5 as md5::Digest>::digest(b));
+    assert_eq!(
+        digest(b""),
+        "1B2M2Y8AsgTpgAmY7PhCfg==",
+        "RFC 1864's encoding"
+    );
+    let md5 = digest(&body);
+    // The flight's fetch gets a byte damaged in its first 100,000 (which the origin sends,
+    // then holds the rest until the gate opens), under the right body's Content-MD5.
+    let mut damaged = body.clone();
+    damaged[10] ^= 0xff;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let behaviour = Behaviour {
+        pause_after: Some(100_000),
+        gate: Some(gate),
+        content_md5: Some(md5.clone()),
+        ..Behaviour::default()
+    };
+    origin.put_with("m.png", damaged, behaviour);
+    let disk = Ext4::mount(&dir.path().join("cache.img"), &dir.path().join("cache"), 16);
+    let config = format!(
+        "max_flight_memory = \"64KiB\"\n{}",
+        stores(dir.path(), &origin, "")
+    );
+    let edge = start_edge(dir.path(), &config).await;
+    let url = format!("{}m.png", edge.base);
+    let mut r1 = client().get(&url).send().await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut r1, &mut got, Some(100_000)).await;
+    // From now on the origin answers the right body (same length, same ETag).
+    let behaviour = Behaviour {
+        content_md5: Some(md5),
+        ..Behaviour::default()
+    };
+    origin.put_with("m.png", body.clone(), behaviour);
+
+    // A request joining after the disk failed gets nothing from the flight: its own read of
+    // the source is all it sends, and verified whole.
+    disk.shut_down();
+    let joiner = tokio::spawn(get_whole(url.clone()));
+    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
+    eventually(Duration::from_secs(30), "the joiner joined", || {
+        coalesced() == 1
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
+        origin.gets("m.png") == 2
+    })
+    .await;
+    // The flight keeps nothing more, the first client reads the rest from the source, but
+    // its first 100,000 bytes came from the flight: its last byte waits for the flight's
+    // check, which fails. Its response is cut, never ended as if whole.
+    open.send(true).unwrap();
+    let cut = loop {
+        match r1.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(
+        cut,
+        "a damaged body ended as if whole ({} bytes)",
+        got.len()
+    );
+    assert!(got.len() < body.len());
+    let (status, cache_status, whole) = joiner.await.unwrap();
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(whole == body, "the joiner's bytes differ from the source's");
+    assert_eq!(
+        origin.gets("m.png"),
+        3,
+        "the flight, the joiner, the first client"
+    );
+    assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 2);
+    edge.running.shutdown().await;
+}
