@@ -23,8 +23,10 @@
 //! bytes the flight cannot give it (its part on the failed disk, or a rest that did not fit
 //! in memory) reads the body again from the source on its own ([`refetch`]): no client is
 //! cut for a local disk's fault. A flight that keeps nothing more still reads its source to
-//! the end, to verify the bytes it gave before. The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at once;
-//! past them a flight waits briefly, then answers 503.
+//! the end, to verify the bytes it gave before.
+//!
+//! The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at
+//! once; past them a flight waits briefly, then answers 503.
 
 mod body;
 mod disk;
@@ -50,7 +52,7 @@ use crate::writeback::{Fetched, WriteBack, WriteBackError};
 
 pub use body::{CopyError, FlightBody, Limits, MemoryBudget, Part};
 pub use disk::DiskHealth;
-pub use refetch::Refetch;
+use refetch::Refetch;
 
 /// A fetch that found its object and started keeping it.
 pub struct Started {
@@ -69,7 +71,7 @@ pub struct Started {
 impl Started {
     /// The whole body read again from its source, for a follower that needs bytes this
     /// flight cannot give it: its part on a cache disk that failed since, or a part kept
-    /// nowhere ([`End::NoRoom`] after the start). See [`Refetch::body`].
+    /// nowhere ([`FlightState::rest_unkept`]): same object as announced, verified whole.
     pub async fn refetch(&self) -> Result<ByteStream, StoreError> {
         self.source_again.body(&self.meta).await
     }
