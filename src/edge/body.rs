@@ -87,9 +87,14 @@ pub fn read_flight(
                 match from {
                     From::Done => return None,
                     From::Source(mut rest, mut gave) => {
-                        let bytes = match rest.next().await? {
-                            Ok(bytes) => bytes,
-                            Err(e) => return Some((Err(e), (From::Done, end))),
+                        let bytes = match rest.next().await {
+                            Some(Ok(bytes)) => bytes,
+                            Some(Err(e)) => return Some((Err(e), (From::Done, end))),
+                            None if pos < end => {
+                                let e = io::Error::other("the source's body ended short");
+                                return Some((Err(e), (From::Done, end)));
+                            }
+                            None => return None,
                         };
                         let next = pos + bytes.len() as u64;
                         if let (true, Some(rx)) = (next >= end, gave.as_mut()) {
@@ -108,7 +113,7 @@ pub fn read_flight(
                                 let next = pos + bytes.len() as u64;
                                 return Some((Ok(bytes), (From::Flight(body, rx), next)));
                             }
-                            Ok(None) => match refetch(&rx, pos, end).await {
+                            Ok(None) => match refetch(&rx, pos > start, pos, end).await {
                                 Ok(rest) => from = From::Source(rest, (pos > start).then_some(rx)),
                                 Err(e) => return Some((Err(e), (From::Done, end))),
                             },
@@ -163,11 +168,17 @@ async fn from_flight(
 /// Part of a body read again from its source.
 type Refetched = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
-/// `pos..end` of the body read again from the flight's source.
-async fn refetch(rx: &watch::Receiver<FlightState>, pos: u64, end: u64) -> io::Result<Refetched> {
+/// `pos..end` of the body read again from the flight's source; `spliced`: the reader sent
+/// bytes of the flight before.
+async fn refetch(
+    rx: &watch::Receiver<FlightState>,
+    spliced: bool,
+    pos: u64,
+    end: u64,
+) -> io::Result<Refetched> {
     let started = rx.borrow().started.clone();
     let started = started.ok_or_else(|| io::Error::other("a flight body before its start"))?;
-    let whole = started.refetch().await.map_err(io::Error::other)?;
+    let whole = started.refetch(spliced).await.map_err(io::Error::other)?;
     Ok(Box::pin(slice_stream(whole, pos, end)))
 }
 
@@ -259,5 +270,68 @@ async fn wait_for_bytes(
         if rx.changed().await.is_err() {
             return Err(io::Error::other("fetch task ended without a result"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    fn kept(written: u64) -> FlightState {
+        FlightState {
+            written,
+            rest_unkept: true,
+            ..FlightState::default()
+        }
+    }
+
+    // A flight that keeps nothing past `written` (its disk failed mid-body, no memory left)
+    // still reads its source on to verify what it gave: its readers go to the source for
+    // the rest, but a last byte it gave still waits for that check.
+    #[tokio::test]
+    async fn past_what_a_flight_kept_a_reader_goes_to_the_source_and_its_last_byte_waits() {
+        let (tx, rx) = watch::channel(kept(100));
+        let mut r = rx.clone();
+        let past = wait_for_bytes(&mut r, 100, 300).now_or_never();
+        assert!(
+            matches!(past, Some(Ok(None))),
+            "past the kept part: to the source at once"
+        );
+        let mut r = rx.clone();
+        let before = wait_for_bytes(&mut r, 50, 300).now_or_never();
+        assert!(matches!(before, Some(Ok(Some(100)))), "the kept part");
+        // A range that ends where the flight stopped keeping: all but its last byte, which
+        // waits for the flight's check.
+        let mut r = rx.clone();
+        let ends_there = wait_for_bytes(&mut r, 50, 100).now_or_never();
+        assert!(matches!(ends_there, Some(Ok(Some(99)))));
+        let mut r = rx.clone();
+        let mut last = Box::pin(wait_for_bytes(&mut r, 99, 100));
+        assert!(
+            last.as_mut().now_or_never().is_none(),
+            "waits for the check"
+        );
+        tx.send_modify(|s| s.verified = true);
+        assert!(matches!(last.await, Ok(Some(100))));
+        // The flight ends NoRoom: past the kept part is still the source's, not an error.
+        tx.send_modify(|s| s.end = Some(End::NoRoom));
+        let mut r = rx.clone();
+        let after = wait_for_bytes(&mut r, 100, 300).now_or_never();
+        assert!(matches!(after, Some(Ok(None))));
+    }
+
+    #[tokio::test]
+    async fn a_flight_that_fails_before_its_check_cuts_the_last_byte_it_gave() {
+        let (tx, rx) = watch::channel(kept(100));
+        let mut r = rx.clone();
+        let mut last = Box::pin(wait_for_bytes(&mut r, 99, 100));
+        assert!(last.as_mut().now_or_never().is_none());
+        let e = crate::store::StoreError::backend("origin", "damaged");
+        tx.send_modify(|s| s.end = Some(End::Failed(Arc::new(e))));
+        assert!(last.await.is_err());
+        let mut r = rx.clone();
+        assert!(flight_verified(&mut r).await.is_err());
     }
 }

@@ -72,8 +72,10 @@ impl Started {
     /// The whole body read again from its source, for a follower that needs bytes this
     /// flight cannot give it: its part on a cache disk that failed since, or a part kept
     /// nowhere ([`FlightState::rest_unkept`]): same object as announced, verified whole.
-    pub async fn refetch(&self) -> Result<ByteStream, StoreError> {
-        self.source_again.body(&self.meta).await
+    /// `spliced`: the follower sent bytes of this flight before; the store must then show
+    /// the object is the same one (an ETag or MD5 in both answers), else this fails.
+    pub async fn refetch(&self, spliced: bool) -> Result<ByteStream, StoreError> {
+        self.source_again.body(&self.meta, spliced).await
     }
 }
 

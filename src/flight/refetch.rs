@@ -32,10 +32,13 @@ impl Refetch {
 
     /// The whole body again, from the store the flight read, counted in
     /// `fediedge_flight_refetches_total`. Fails if the store no longer has the object the
-    /// flight announced as `meta` (another length, ETag or MD5: the follower has sent part of
-    /// that one, and the two cannot be joined). The stream fails if the body does not match,
-    /// and holds back its last chunk until it is verified.
-    pub async fn body(&self, meta: &ObjectMeta) -> Result<ByteStream, StoreError> {
+    /// flight announced as `meta` (another length, ETag, MD5 or Last-Modified). `spliced`:
+    /// the follower has sent bytes of the flight's body already and sends on from this one;
+    /// then the two answers must also be shown to be one object (an ETag or MD5 that both
+    /// give), else it fails: a cut response rather than one spliced from two bodies that
+    /// cannot be told apart. The stream fails if the body does not match, and holds back its
+    /// last chunk until it is verified.
+    pub async fn body(&self, meta: &ObjectMeta, spliced: bool) -> Result<ByteStream, StoreError> {
         self.metrics.flight_refetch();
         let name = self.store.name();
         let object = self.store.get(&self.key).await?;
@@ -50,6 +53,11 @@ impl Refetch {
         if !same_object(meta, &object.meta) {
             return Err(changed("changed at its source"));
         }
+        if spliced && !shown_same(meta, &object.meta) {
+            return Err(changed(
+                "not shown to be the same object (no ETag or MD5 in both answers)",
+            ));
+        }
         // What either answer vouches for is checked.
         let mut check = object.meta;
         check.md5 = check.md5.or(meta.md5);
@@ -58,8 +66,8 @@ impl Refetch {
     }
 }
 
-/// Whether two answers of a store are the same object: the same length, and the same ETag
-/// and MD5 wherever both give one.
+/// Whether two answers of a store may be the same object: the same length, and the same
+/// ETag, MD5 and Last-Modified wherever both give one.
 fn same_object(a: &ObjectMeta, b: &ObjectMeta) -> bool {
     fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
         match (a, b) {
@@ -67,7 +75,19 @@ fn same_object(a: &ObjectMeta, b: &ObjectMeta) -> bool {
             _ => true,
         }
     }
-    a.size == b.size && agree(&a.etag, &b.etag) && agree(&a.md5, &b.md5)
+    a.size == b.size
+        && agree(&a.etag, &b.etag)
+        && agree(&a.md5, &b.md5)
+        && agree(&a.last_modified, &b.last_modified)
+}
+
+/// Whether two answers are shown to be the same object: they agree ([`same_object`]), and
+/// an ETag or an MD5 is given by both (a length and a date alone do not tell two bodies
+/// apart).
+fn shown_same(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+    let both = |x: bool, y: bool| x && y;
+    same_object(a, b)
+        && (both(a.etag.is_some(), b.etag.is_some()) || both(a.md5.is_some(), b.md5.is_some()))
 }
 
 #[cfg(test)]
@@ -103,8 +123,52 @@ mod tests {
             md5: Some([2; 16]),
             ..a.clone()
         };
+        let other_date = ObjectMeta {
+            last_modified: Some(std::time::SystemTime::UNIX_EPOCH),
+            ..a.clone()
+        };
+        let dated = ObjectMeta {
+            last_modified: Some(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1),
+            ),
+            ..a.clone()
+        };
         for b in [longer, other_etag, other_md5] {
             assert!(!same_object(&a, &b), "{b:?}");
         }
+        assert!(!same_object(&other_date, &dated), "another Last-Modified");
+    }
+
+    #[test]
+    fn only_an_etag_or_md5_in_both_answers_shows_the_same_object() {
+        let etag = ObjectMeta {
+            size: 10,
+            etag: Some("\"a\"".into()),
+            ..ObjectMeta::default()
+        };
+        let md5 = ObjectMeta {
+            size: 10,
+            md5: Some([1; 16]),
+            ..ObjectMeta::default()
+        };
+        let dated = ObjectMeta {
+            size: 10,
+            last_modified: Some(std::time::SystemTime::UNIX_EPOCH),
+            ..ObjectMeta::default()
+        };
+        assert!(shown_same(&etag, &etag.clone()));
+        assert!(shown_same(&md5, &md5.clone()));
+        // Each may be the other (nothing disagrees), but nothing shows it.
+        assert!(same_object(&etag, &md5));
+        assert!(!shown_same(&etag, &md5));
+        assert!(
+            !shown_same(&dated, &dated.clone()),
+            "a length and a date alone"
+        );
+        let other = ObjectMeta {
+            etag: Some("\"b\"".into()),
+            ..etag.clone()
+        };
+        assert!(!shown_same(&etag, &other));
     }
 }
