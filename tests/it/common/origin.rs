@@ -30,6 +30,8 @@ pub struct Behaviour {
     pub hold: Option<tokio::sync::watch::Receiver<bool>>,
     /// Send this Content-MD5 (base64) instead of none.
     pub content_md5: Option<String>,
+    /// Send no ETag (as an origin that gives none).
+    pub no_etag: bool,
     /// At `pause_after`, wait until this reads `true` (after `stall_for`): a pause that the
     /// test ends on an event instead of a timer.
     pub gate: Option<tokio::sync::watch::Receiver<bool>>,
@@ -267,7 +269,9 @@ async fn answer(
     let mut r = hyper::Response::new(resp_body);
     let h = r.headers_mut();
     h.insert("content-length", len.into());
-    h.insert("etag", format!("\"origin-{len:x}\"").parse().unwrap());
+    if !b.no_etag {
+        h.insert("etag", format!("\"origin-{len:x}\"").parse().unwrap());
+    }
     h.insert(
         "last-modified",
         "Tue, 14 Nov 2023 22:13:20 GMT".parse().unwrap(),
