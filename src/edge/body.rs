@@ -150,10 +150,14 @@ async fn from_flight(
             .unwrap_or_else(|e| Err(io::Error::other(e)));
             match read {
                 Ok(bytes) => bytes,
-                // The flight's own temp file: a local disk's failure (its health is the
-                // flight's to record, at its next write), not the source's.
+                // The flight's own temp file: a local disk's failure, not the source's. The
+                // flight takes no more followers.
                 Err(e) => {
                     tracing::debug!(error = %e, pos, "flight body unreadable: reading it from the source");
+                    let started = rx.borrow().started.clone();
+                    if let Some(started) = started {
+                        started.unreadable(rx, &e);
+                    }
                     return Ok(None);
                 }
             }

@@ -1,5 +1,6 @@
 //! The health of a local directory the edge writes to (the cache, `data_dir`): what its last
-//! write showed, logged once on each change and exported as `fediedge_disk_state{dir}`.
+//! write (or a flight's temp file that could not be read back) showed, logged once on each
+//! change and exported as `fediedge_disk_state{dir}`.
 //!
 //! There is no separate probe: every flight tries the disk first (a temp file with its room
 //! reserved up front), so the first write that succeeds after space returns turns the state
@@ -40,7 +41,7 @@ impl DiskHealth {
         *self.state.lock()
     }
 
-    /// Records a failed write.
+    /// Records a failed write (or read-back).
     pub fn failed(&self, e: &io::Error) {
         self.set(DiskState::of(e), Some(e));
     }

@@ -18,8 +18,9 @@
 //! the rest of it, from the failed write on) in memory within `max_flight_memory` and the
 //! herd still shares it, uncached; a body that does not fit there is streamed to each of its
 //! requesters on its own ([`Flights::stream_through`]), so those do not share a fetch. A
-//! flight whose disk failed mid-body takes no new followers (its first part may be
-//! unreadable, so later requests start a flight of their own), and a follower that needs
+//! flight whose disk failed mid-body takes no new followers from its first failed write or
+//! the first failed read-back of its file on ([`Started::unreadable`]): its first part may
+//! be unreadable, so later requests start a flight of their own. A follower that needs
 //! bytes the flight cannot give it (its part on the failed disk, or a rest that did not fit
 //! in memory) reads the body again from the source on its own ([`refetch`]): no client is
 //! cut for a local disk's fault. A flight that keeps nothing more still reads its source to
@@ -36,7 +37,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -66,6 +67,9 @@ pub struct Started {
     pub body: Arc<FlightBody>,
     /// Its source, for a follower the body cannot serve.
     source_again: Refetch,
+    /// The table it is in, and under which key, for [`Started::unreadable`] (weak: the
+    /// table holds its flights, not they the table).
+    table: (Weak<Flights>, Key),
 }
 
 impl Started {
@@ -76,6 +80,19 @@ impl Started {
     /// the object is the same one (an ETag or MD5 in both answers), else this fails.
     pub async fn refetch(&self, spliced: bool) -> Result<ByteStream, StoreError> {
         self.source_again.body(&self.meta, spliced).await
+    }
+
+    /// A follower could not read this flight's temp file back (`e`: its cache disk failed
+    /// since): recorded as that disk's failure, and the flight (`own`, the follower's
+    /// receiver) leaves the table at once rather than at its next write, which a slow source
+    /// may hold back: requests from now on start a flight of their own (held in memory if it
+    /// fits, so that herd still shares one fetch) instead of each reading the source again.
+    pub fn unreadable(&self, own: &watch::Receiver<FlightState>, e: &io::Error) {
+        let (table, key) = &self.table;
+        if let Some(flights) = table.upgrade() {
+            flights.leave(key, own);
+            flights.dirs.tmp_health.failed(e);
+        }
     }
 }
 
@@ -266,7 +283,11 @@ impl Flights {
         later.await
     }
 
-    async fn fetch(&self, key: &Key, tx: &watch::Sender<FlightState>) -> Result<End, StoreError> {
+    async fn fetch(
+        self: &Arc<Self>,
+        key: &Key,
+        tx: &watch::Sender<FlightState>,
+    ) -> Result<End, StoreError> {
         // Before the stores are asked: a purge from now on keeps this body out of the cache.
         let started = std::time::Instant::now();
         let slot = self.limits.flight_now();
@@ -322,6 +343,7 @@ impl Flights {
                 from_fallback: index > 0,
                 body: flight_body.clone(),
                 source_again: Refetch::new(store.clone(), key.clone(), self.metrics.clone()),
+                table: (Arc::downgrade(self), key.clone()),
             }))
         });
         let integrity = |e: BodyError| StoreError::Integrity {

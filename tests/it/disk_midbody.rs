@@ -286,6 +286,17 @@ async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
     })
     .await;
     assert_eq!(edge.running.fetches_under_way(), 1, "the flight still runs");
+    // The joiner found the flight's file unreadable: the flight takes no more followers,
+    // though it has not written since. A request now starts a fetch of its own, which finds
+    // no room on the disk or in memory: the body is streamed to it from the source.
+    let early = tokio::spawn(get_whole(url.clone()));
+    eventually(
+        Duration::from_secs(30),
+        "the early request's stream",
+        || origin.gets("m.png") == 4,
+    )
+    .await;
+    assert_eq!(coalesced(), 3, "the early request joined no flight");
 
     // The flight's next write fails and the rest fits nowhere: the flight ends with what it
     // had, and each of the herd reads the rest from the source on its own.
@@ -312,14 +323,21 @@ async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
     let (status, cache_status, got) = joiner.await.unwrap();
     assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
     assert!(got == body, "the joiner's bytes differ from the source's");
+    let (status, cache_status, got) = early.await.unwrap();
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(
+        got == body,
+        "the early request's bytes differ from the source's"
+    );
     eventually(Duration::from_secs(30), "the fetches ended", || {
         edge.running.fetches_under_way() == 0
     })
     .await;
 
-    // Source GETs: the flight's; the joiner's; one each for the leader's client and the two
-    // followers; the late request's fetch (which found no room) and its stream.
-    assert_eq!(origin.gets("m.png"), 7);
+    // Source GETs: the flight's; the joiner's; the early and the late request's fetches
+    // (which found no room) and their streams; one each for the leader's client and the two
+    // followers.
+    assert_eq!(origin.gets("m.png"), 9);
     assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 4);
     // Said once. Nothing partial kept: nothing in the cache, no copy in the primary.
     let changes = "fediedge_disk_state_changes_total{dir=\"cache\"}";
