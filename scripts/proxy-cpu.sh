@@ -12,7 +12,7 @@
 # keep-alive; `[core]` sends everything outside the media prefix to it. EXTRA_CORE adds lines
 # to `[core]` (e.g. EXTRA_CORE='max_idle_per_upstream = 32'). Needs nginx, wrk, curl, valgrind.
 # EXTRA_TOP adds top-level lines (e.g. EXTRA_TOP='worker_threads = 1'); CG_TOP=40 prints the 40 functions
-# costing most instructions per request (callgrind mode). URL_PATH=/api/v1/instance asks for a
+# costing most instructions per request (callgrind mode); CG_OUT=FILE keeps the dump. URL_PATH=/api/v1/instance asks for a
 # URL the upstream marks cacheable (`public, max-age=300`): with EXTRA_CORE adding a
 # `[core.cache]` table, that measures a core cache hit instead of a proxied request.
 # Figures and method: docs/benchmarks.md ("Proxy CPU per request, A/B").
@@ -118,6 +118,8 @@ callgrind)
     for _ in $(seq 50); do compgen -G "$D/cg.out.*" >/dev/null && break; sleep 0.2; done
     sleep 0.5
     IR=$(grep -h "^summary:" "$D"/cg.out.* | awk '{s+=$2} END{print s}')
+    # CG_OUT=FILE keeps the dump (for callgrind_annotate, scripts/callgrind-self.py).
+    [ -n "${CG_OUT:-}" ] && cat "$D"/cg.out.* >"$CG_OUT"
     # CG_TOP=N: the N functions with the most instructions of their own, per request.
     [ -n "${CG_TOP:-}" ] && python3 "$(dirname "$0")/callgrind-self.py" "$D"/cg.out.* "$N" "$CG_TOP"
     echo "statuses: $CODES"
