@@ -3,6 +3,7 @@
 //! `X-Forwarded-Proto` and `X-Real-IP` set from the connection unless a trusted proxy sent
 //! them. `Host` is kept.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -11,46 +12,98 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Whether a header is hop-by-hop (RFC 9110 §7.6.1, and the `Proxy-Connection` of old
-/// clients), or `Proxy` (httpoxy). A match on the name's text: no hashing.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "proxy-connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy"
-    )
+/// The hop-by-hop headers (RFC 9110 §7.6.1, and the `Proxy-Connection` of old clients), and
+/// `Proxy` (httpoxy).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("proxy"),
+];
+
+/// The headers [`forward`] sets, by their bit in [`Found::names`] (after those of
+/// [`HOP_BY_HOP`]).
+const XFF: u16 = 1 << 9;
+const REAL_IP: u16 = 1 << 10;
+const PROTO: u16 = 1 << 11;
+
+/// Its bit among [`HOP_BY_HOP`] (bits 0 to 8) and [`XFF`], [`REAL_IP`], [`PROTO`], if it
+/// has one. By length first: most names (`host`, `date`, `content-type`...) have a length
+/// none of these has and are passed by one jump, where a `match` on the text compares them
+/// with each name in turn.
+fn bit(name: &HeaderName) -> u16 {
+    let s = name.as_str();
+    let (bit, ours) = match s.len() {
+        2 => (1 << 3, "te"),
+        5 => (1 << 8, "proxy"),
+        7 if s == "upgrade" => (1 << 6, s),
+        7 => (1 << 4, "trailer"),
+        9 => (REAL_IP, "x-real-ip"),
+        10 if s == "connection" => (1, s),
+        10 => (1 << 2, "keep-alive"),
+        15 => (XFF, "x-forwarded-for"),
+        16 => (1 << 1, "proxy-connection"),
+        17 if s == "transfer-encoding" => (1 << 5, s),
+        17 => (PROTO, "x-forwarded-proto"),
+        18 => (1 << 7, "proxy-authenticate"),
+        _ => return 0,
+    };
+    if s == ours {
+        bit
+    } else {
+        0
+    }
+}
+
+/// What one pass over a map's headers found.
+struct Found {
+    /// The bits ([`bit`]) of the names there.
+    names: u16,
+    /// Whether a `Connection` names more than `keep-alive` (the usual value, hop-by-hop
+    /// itself): only then is its value split into names.
+    names_others: bool,
+}
+
+/// One walk over the headers (hyper's maps are small: no hash lookups).
+fn scan(headers: &HeaderMap) -> Found {
+    let mut found = Found {
+        names: 0,
+        names_others: false,
+    };
+    for (name, value) in headers.iter() {
+        let b = bit(name);
+        if b != 0 {
+            found.names |= b;
+            found.names_others |= b == 1 && !value.as_bytes().eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    found
 }
 
 /// Removes the hop-by-hop headers, those named in `Connection`, and `Proxy`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds what is there (usually nothing, or a response's
-    // `Connection: keep-alive`); only those are removed, each removal being a hash lookup.
-    let mut found: [Option<HeaderName>; 9] = Default::default();
-    let mut n = 0;
-    for name in headers.keys() {
-        if hop_by_hop(name) && n < found.len() {
-            found[n] = Some(name.clone());
-            n += 1;
-        }
-    }
-    if n == 0 {
+    let found = scan(headers);
+    strip(headers, &found);
+}
+
+/// Removes what [`scan`] found: usually nothing, or a response's `Connection: keep-alive`;
+/// each removal is a hash lookup.
+fn strip(headers: &mut HeaderMap, found: &Found) {
+    if found.names & 0x1ff == 0 {
         return;
     }
-    if found.contains(&Some(header::CONNECTION)) {
+    if found.names_others {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            // `keep-alive` (the usual value) is hop-by-hop, so in `found` if it is there.
             .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
@@ -58,9 +111,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in found.into_iter().flatten() {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found.names & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
+}
+
+thread_local! {
+    /// The last peer's address as a value, on this worker thread. A keep-alive client's
+    /// requests come from one address (and every request through a load balancer): cloning
+    /// the value is a reference count, where making it is a format and an allocation, and
+    /// sharing it with both `X-Forwarded-For` and `X-Real-IP` a second allocation.
+    static LAST_PEER: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+}
+
+/// `peer` as a header value, from [`LAST_PEER`] when it is the same peer.
+fn peer_value(peer: IpAddr) -> HeaderValue {
+    LAST_PEER.with_borrow_mut(|last| match last {
+        Some((ip, value)) if *ip == peer => value.clone(),
+        _ => last.insert((peer, ip_value(peer))).1.clone(),
+    })
 }
 
 /// An address as a header value. IPv4 (nearly every peer) is written by hand into a buffer:
@@ -93,34 +164,40 @@ fn ip_value(peer: IpAddr) -> HeaderValue {
 /// Rewrites a client's request headers for the upstream. `peer` is the client's address,
 /// `tls` whether it came over TLS, `trusted` whether the peer is a trusted proxy.
 pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) {
-    strip_hop_by_hop(headers);
-    let ip = ip_value(peer);
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    // The common case (no prior hop) shares the address's value, made once.
-    let xff = match prior.is_empty() {
-        true => Some(ip.clone()),
-        false => HeaderValue::from_str(&format!(
-            "{}, {}",
-            prior.join(", "),
-            ip.to_str().expect("an IP is ASCII")
-        ))
-        .ok(),
-    };
+    let mut found = scan(headers);
+    strip(headers, &found);
+    if found.names_others {
+        // `Connection` may have named (and so removed) one of ours.
+        let there = |name, b| if headers.contains_key(name) { b } else { 0 };
+        found.names = there(&X_FORWARDED_FOR, XFF)
+            | there(&X_REAL_IP, REAL_IP)
+            | there(&X_FORWARDED_PROTO, PROTO);
+    }
+    let ip = peer_value(peer);
+    // The common case (no prior hop) shares the address's value.
+    let mut xff = Some(ip.clone());
+    if found.names & XFF != 0 {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        if !prior.is_empty() {
+            let ip = ip.to_str().expect("an IP is ASCII");
+            xff = HeaderValue::from_str(&format!("{}, {ip}", prior.join(", "))).ok();
+        }
+    }
     // `insert` replaces every prior value.
     match xff {
         Some(v) => drop(headers.insert(X_FORWARDED_FOR, v)),
         None => drop(headers.remove(&X_FORWARDED_FOR)),
     }
-    if !(trusted && headers.contains_key(&X_REAL_IP)) {
+    if !(trusted && found.names & REAL_IP != 0) {
         headers.insert(X_REAL_IP, ip);
     }
-    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+    if !(trusted && found.names & PROTO != 0) {
         let proto = if tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
@@ -162,6 +239,23 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
     }
 
+    /// Each hop-by-hop name goes, a `Connection` of only `keep-alive` (any case) takes nothing
+    /// else with it, and one naming a header takes that one.
+    #[test]
+    fn every_hop_by_hop_header_goes_and_keep_alive_names_nothing_else() {
+        let mut pairs: Vec<(&str, &str)> = HOP_BY_HOP.iter().map(|n| (n.as_str(), "x")).collect();
+        pairs[0] = ("connection", "Keep-Alive");
+        pairs.push(("accept", "*/*"));
+        pairs.push(("close", "1"));
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["close"], "1");
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["accept"]);
+    }
+
     #[test]
     fn only_a_trusted_proxy_passes_on_real_ip_and_proto() {
         let sent = [
@@ -179,6 +273,77 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.5");
         assert_eq!(h["x-real-ip"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    /// Each name of ours has its own bit; other names, of the same lengths or not, none.
+    #[test]
+    fn bits_are_each_names_own() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(bit(name), 1 << i, "{name}");
+        }
+        for (name, b) in [
+            (X_FORWARDED_FOR, XFF),
+            (X_REAL_IP, REAL_IP),
+            (X_FORWARDED_PROTO, PROTO),
+        ] {
+            assert_eq!(bit(&name), b, "{name}");
+        }
+        for other in [
+            "tf",
+            "proxx",
+            "trailex",
+            "upgradf",
+            "x-real-iq",
+            "connectiom",
+            "keep-alivf",
+            "x-forwarded-foo",
+            "proxy-connectiom",
+            "transfer-encodinf",
+            "x-forwarded-prot0",
+            "proxy-authenticatf",
+            "host",
+            "content-type",
+        ] {
+            let name = HeaderName::from_bytes(other.as_bytes()).unwrap();
+            assert_eq!(bit(&name), 0, "{other}");
+        }
+    }
+
+    /// A `Connection` naming our headers removes what a trusted proxy sent in them: they are
+    /// then set from the connection, as if never sent.
+    #[test]
+    fn headers_named_in_connection_are_set_from_the_connection() {
+        let mut h = map(&[
+            (
+                "connection",
+                "x-real-ip, X-Forwarded-Proto, x-forwarded-for",
+            ),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-real-ip", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        forward(&mut h, "10.0.0.5".parse().unwrap(), false, true);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.5");
+        assert_eq!(h["x-real-ip"], "10.0.0.5");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    /// The value kept for the last peer is that peer's only.
+    #[test]
+    fn each_peer_gets_its_own_address() {
+        for ip in [
+            "192.0.2.7",
+            "192.0.2.7",
+            "192.0.2.8",
+            "2001:db8::7",
+            "192.0.2.7",
+        ] {
+            let mut h = map(&[("accept", "*/*")]);
+            forward(&mut h, ip.parse().unwrap(), true, false);
+            assert_eq!(h["x-forwarded-for"], ip);
+            assert_eq!(h["x-real-ip"], ip);
+        }
     }
 
     #[test]
