@@ -161,21 +161,26 @@ impl Pool {
     /// healthy, whose breaker admits a request and which are under their cap.
     pub fn pick(&self, tried: &[SocketAddr]) -> Result<Admission, NoUpstream> {
         let now = Instant::now();
-        let mut candidates: Vec<&Arc<Upstream>> = self
-            .upstreams
-            .iter()
-            .filter(|u| !tried.contains(&u.addr))
-            .collect();
-        if candidates.is_empty() {
+        let untried = |u: &&Arc<Upstream>| !tried.contains(&u.addr);
+        if !self.upstreams.iter().any(|u| untried(&u)) {
             return Err(NoUpstream::Exhausted);
         }
         // A failing health check is followed unless every upstream fails it (then the
         // breakers decide: a wrong check must not take the whole site down).
-        if candidates.iter().any(|u| u.healthy()) {
-            candidates.retain(|u| u.healthy());
+        let any_healthy = self.upstreams.iter().filter(untried).any(|u| u.healthy());
+        let candidate = |u: &&Arc<Upstream>| {
+            untried(u) && (u.healthy() || !any_healthy) && u.breaker.available(now)
+        };
+        // The least busy (the first in config order among equals), found in one walk: no
+        // list is made per request unless that one is at its cap.
+        let mut best: Option<(&Arc<Upstream>, usize)> = None;
+        for u in self.upstreams.iter().filter(candidate) {
+            let n = u.in_flight();
+            if best.is_none_or(|(_, least)| n < least) {
+                best = Some((u, n));
+            }
         }
-        candidates.retain(|u| u.breaker.available(now));
-        if candidates.is_empty() {
+        let Some((best, _)) = best else {
             let wait = self
                 .upstreams
                 .iter()
@@ -183,23 +188,21 @@ impl Pool {
                 .min()
                 .unwrap_or(Duration::from_secs(1));
             return Err(NoUpstream::Open(wait));
+        };
+        if let Some(admission) = admit(best, now) {
+            return Ok(admission);
         }
-        candidates.sort_by_key(|u| u.in_flight());
-        for u in candidates {
-            let Ok(permit) = u.permits.clone().try_acquire_owned() else {
-                continue;
-            };
-            if let Some(probe) = u.breaker.admit(now) {
-                u.requests.fetch_add(1, Ordering::Relaxed);
-                return Ok(Admission {
-                    upstream: u.clone(),
-                    permit: Some(permit),
-                    probe,
-                    told: false,
-                });
-            }
-        }
-        Err(NoUpstream::Full)
+        // At its cap (or its breaker turned meanwhile): the others, the least busy first.
+        let mut others: Vec<&Arc<Upstream>> = self
+            .upstreams
+            .iter()
+            .filter(|u| !Arc::ptr_eq(u, best) && candidate(u))
+            .collect();
+        others.sort_by_key(|u| u.in_flight());
+        others
+            .into_iter()
+            .find_map(|u| admit(u, now))
+            .ok_or(NoUpstream::Full)
     }
 
     /// Each upstream's address, requests in flight and breaker state.
@@ -208,5 +211,89 @@ impl Pool {
             .iter()
             .map(|u| (u.addr, u.in_flight(), u.breaker.state()))
             .collect()
+    }
+}
+
+/// A request admitted by `u`: under its cap, and its breaker lets it through.
+fn admit(u: &Arc<Upstream>, now: Instant) -> Option<Admission> {
+    let permit = u.permits.clone().try_acquire_owned().ok()?;
+    let probe = u.breaker.admit(now)?;
+    u.requests.fetch_add(1, Ordering::Relaxed);
+    Some(Admission {
+        upstream: u.clone(),
+        permit: Some(permit),
+        probe,
+        told: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: u16, max: usize) -> Pool {
+        let addrs: Vec<SocketAddr> = (1..=n).map(|p| ([127, 0, 0, 1], p).into()).collect();
+        Pool::new(&addrs, max, 1, Duration::from_secs(60))
+    }
+
+    fn port(a: &Admission) -> u16 {
+        a.upstream.addr.port()
+    }
+
+    /// The least busy first, the first in order among equals; one at its cap is passed over
+    /// for the next least busy; all at their cap is `Full`.
+    #[test]
+    fn the_least_busy_upstream_under_its_cap_is_picked() {
+        let p = pool(3, 2);
+        let a = p.pick(&[]).unwrap();
+        assert_eq!(port(&a), 1, "all idle: the first");
+        let b = p.pick(&[]).unwrap();
+        assert_eq!(port(&b), 2, "1 busy: the next idle one");
+        let c = p.pick(&[]).unwrap();
+        assert_eq!(port(&c), 3);
+        drop(b);
+        let d = p.pick(&[]).unwrap();
+        assert_eq!(port(&d), 2, "2 idle again, the others busy");
+        // 1, 2, 3 each have one in flight: 1 then 2 then 3 reach the cap.
+        let held: Vec<Admission> = (0..3).map(|_| p.pick(&[]).unwrap()).collect();
+        let ports: Vec<u16> = held.iter().map(port).collect();
+        assert_eq!(ports, [1, 2, 3]);
+        assert!(matches!(p.pick(&[]), Err(NoUpstream::Full)));
+        drop(c);
+        let e = p.pick(&[]).unwrap();
+        assert_eq!(
+            port(&e),
+            3,
+            "the only one under its cap, though not the first"
+        );
+        drop((a, d, e, held));
+    }
+
+    /// Tried upstreams are left out; a failing health check too, unless every upstream
+    /// fails it; open breakers answer `Open`.
+    #[test]
+    fn tried_unhealthy_and_open_upstreams_are_left_out() {
+        let p = pool(2, 4);
+        let one: SocketAddr = ([127, 0, 0, 1], 1).into();
+        let two: SocketAddr = ([127, 0, 0, 1], 2).into();
+        assert_eq!(port(&p.pick(&[one]).unwrap()), 2);
+        assert!(matches!(p.pick(&[one, two]), Err(NoUpstream::Exhausted)));
+        p.upstreams[0].set_healthy(false);
+        assert_eq!(port(&p.pick(&[]).unwrap()), 2);
+        p.upstreams[1].set_healthy(false);
+        assert_eq!(
+            port(&p.pick(&[]).unwrap()),
+            1,
+            "all failing: the breakers decide"
+        );
+        p.pick(&[]).unwrap().failure();
+        assert_eq!(port(&p.pick(&[]).unwrap()), 2, "1's breaker is open");
+        p.pick(&[]).unwrap().failure();
+        match p.pick(&[]) {
+            Err(NoUpstream::Open(wait)) => {
+                assert!(wait > Duration::ZERO && wait <= Duration::from_secs(60))
+            }
+            other => panic!("{:?}", other.map(|a| a.upstream.addr)),
+        }
     }
 }
