@@ -287,28 +287,40 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let bodiless = body.is_end_stream();
-        let exceeded = Arc::new(AtomicBool::new(false));
-        let limited = body::LimitedBody::new(body, live.max_body, exceeded.clone());
+        // Set by the body's limit when passed (a bodiless request has none to pass).
+        let mut exceeded = None;
         // The start of a body is read before an upstream is chosen (see `prebuffer`); one
         // read whole is kept and sent again as often as needed.
         let mut whole = None;
-        let mut body = None;
-        if bodiless || client_upgrade.is_some() {
-            body = Some(limited.boxed_unsync());
+        let mut body = if bodiless && client_upgrade.is_none() {
+            // Nothing to read or limit (`attempt` sends an empty body): no allocation for the
+            // most common request.
+            None
         } else {
-            let silence = (!live.idle_timeout.is_zero()).then_some(live.idle_timeout);
-            match prebuffer::read(limited, prebuffer::PREBUFFER, silence).await {
-                Ok(prebuffer::Start::Whole(bytes)) => whole = Some(bytes),
-                Ok(prebuffer::Start::Partial(start)) => body = Some(start.boxed_unsync()),
-                Err(_) if exceeded.load(Ordering::Acquire) => {
-                    return Err(ProxyError::TooLarge(live.max_body))
+            let flag = exceeded.insert(Arc::new(AtomicBool::new(false))).clone();
+            let limited = body::LimitedBody::new(body, live.max_body, flag);
+            if client_upgrade.is_some() {
+                Some(limited.boxed_unsync())
+            } else {
+                let silence = (!live.idle_timeout.is_zero()).then_some(live.idle_timeout);
+                match prebuffer::read(limited, prebuffer::PREBUFFER, silence).await {
+                    Ok(prebuffer::Start::Whole(bytes)) => {
+                        whole = Some(bytes);
+                        None
+                    }
+                    Ok(prebuffer::Start::Partial(start)) => Some(start.boxed_unsync()),
+                    Err(_) if passed(exceeded.as_deref()) => {
+                        return Err(ProxyError::TooLarge(live.max_body))
+                    }
+                    Err(prebuffer::StartError::Client(e)) => {
+                        return Err(ProxyError::ClientBody(e.to_string()))
+                    }
+                    Err(prebuffer::StartError::Silent(d)) => {
+                        return Err(ProxyError::ClientSilent(d))
+                    }
                 }
-                Err(prebuffer::StartError::Client(e)) => {
-                    return Err(ProxyError::ClientBody(e.to_string()))
-                }
-                Err(prebuffer::StartError::Silent(d)) => return Err(ProxyError::ClientSilent(d)),
             }
-        }
+        };
         // On another upstream when the connection could not be opened (nothing was sent):
         // any request whose body is at hand (none, or read whole).
         let replayable = bodiless || whole.is_some();
@@ -378,7 +390,14 @@ impl Proxy {
                         }
                     };
                 };
-                match self.failed(failed, admission, addr, replayable, &exceeded, &live) {
+                match self.failed(
+                    failed,
+                    admission,
+                    addr,
+                    replayable,
+                    exceeded.as_deref(),
+                    &live,
+                ) {
                     Some(err) => return Err(err),
                     None => continue,
                 }
@@ -417,7 +436,14 @@ impl Proxy {
                 Ok(Err(e)) if e.is_connect() => Failed::Connect(error_chain(&e)),
                 Ok(Err(e)) => Failed::Other(error_chain(&e)),
             };
-            if let Some(err) = self.failed(failed, admission, addr, replayable, &exceeded, &live) {
+            if let Some(err) = self.failed(
+                failed,
+                admission,
+                addr,
+                replayable,
+                exceeded.as_deref(),
+                &live,
+            ) {
                 return Err(err);
             }
         }
@@ -456,14 +482,14 @@ impl Proxy {
         admission: upstream::Admission,
         addr: SocketAddr,
         replayable: bool,
-        exceeded: &AtomicBool,
+        exceeded: Option<&AtomicBool>,
         live: &Live,
     ) -> Option<ProxyError> {
         if let Failed::Timeout = failed {
             admission.failure();
             return Some(ProxyError::Timeout(addr));
         }
-        if exceeded.load(Ordering::Acquire) {
+        if passed(exceeded) {
             admission.neutral();
             return Some(ProxyError::TooLarge(live.max_body));
         }
@@ -487,6 +513,11 @@ impl Proxy {
         admission.failure();
         Some(ProxyError::Upstream { addr, message })
     }
+}
+
+/// Whether a request body's limit was passed (`LimitedBody`'s flag).
+fn passed(exceeded: Option<&AtomicBool>) -> bool {
+    exceeded.is_some_and(|e| e.load(Ordering::Acquire))
 }
 
 /// A body read whole, as sent upstream.
