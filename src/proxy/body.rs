@@ -4,6 +4,7 @@
 //!   (the handler then answers 413).
 //! - [`GuardedBody`]: the upstream's response body, holding the upstream's connection permit
 //!   until it ends, and cut when the upstream is silent longer than the idle timeout.
+//! - [`Silence`]: that idle timer, also the request body's (`prebuffer`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -77,11 +78,41 @@ where
     }
 }
 
+/// The longest silence a body may keep between two pieces: a timer started when the body
+/// first waits, dropped by the next piece.
+pub(super) struct Silence {
+    limit: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Silence {
+    /// `limit`: None for no limit.
+    pub(super) fn new(limit: Option<Duration>) -> Silence {
+        Silence { limit, timer: None }
+    }
+
+    /// A piece (or the end) came.
+    pub(super) fn heard(&mut self) {
+        self.timer = None;
+    }
+
+    /// The body waits: whether it has waited `limit` since its last piece (else `cx` is
+    /// woken when it has).
+    pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 /// An upstream's response body on its way to the client.
 pub struct GuardedBody<B = Incoming> {
     inner: B,
-    idle: Option<Duration>,
-    timer: Option<Pin<Box<Sleep>>>,
+    silence: Silence,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -90,8 +121,7 @@ impl<B> GuardedBody<B> {
     pub fn new(inner: B, idle: Option<Duration>, permit: OwnedSemaphorePermit) -> Self {
         GuardedBody {
             inner,
-            idle,
-            timer: None,
+            silence: Silence::new(idle),
             _permit: permit,
         }
     }
@@ -112,23 +142,16 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.timer = None;
+                this.silence.heard();
                 Poll::Ready(frame.map(|f| f.map_err(std::io::Error::other)))
             }
-            Poll::Pending => {
-                if let Some(idle) = this.idle {
-                    let timer = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Some(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "upstream silent past the idle timeout",
-                        ))));
-                    }
-                }
-                Poll::Pending
+            Poll::Pending if this.silence.expired(cx) => {
+                Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "upstream silent past the idle timeout",
+                ))))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -16,7 +16,6 @@
 //! client that stopped), which the proxy answers with 408 too if core has not answered yet.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,7 +23,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::time::Sleep;
+
+use super::body::Silence;
 
 /// Bytes of a request body read before an upstream is chosen: nginx's
 /// `client_body_buffer_size` on 64-bit systems. Each request in this phase holds at most this
@@ -116,8 +116,7 @@ pub struct Prefixed<B> {
     rest: B,
     /// Bytes still in `pieces`.
     held: u64,
-    silence: Option<Duration>,
-    timer: Option<Pin<Box<Sleep>>>,
+    silence: Silence,
 }
 
 impl<B> Prefixed<B> {
@@ -133,8 +132,7 @@ impl<B> Prefixed<B> {
             trailers,
             rest,
             held,
-            silence,
-            timer: None,
+            silence: Silence::new(silence),
         }
     }
 }
@@ -160,23 +158,16 @@ where
         }
         match Pin::new(&mut this.rest).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.timer = None;
+                this.silence.heard();
                 Poll::Ready(frame)
             }
-            Poll::Pending => {
-                if let Some(silence) = this.silence {
-                    let timer = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(silence)));
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Some(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the client sent no more of its request body within the idle timeout",
-                        ))));
-                    }
-                }
-                Poll::Pending
+            Poll::Pending if this.silence.expired(cx) => {
+                Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent no more of its request body within the idle timeout",
+                ))))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 
