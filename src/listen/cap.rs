@@ -193,7 +193,8 @@ impl ConnectionCap {
 }
 
 /// The `/metrics` collector of `fediedge_connections_open`, `fediedge_connections_max`,
-/// `fediedge_connection_cap_waits_total` and `fediedge_connections_refused_per_ip_total`.
+/// `fediedge_connection_cap_waits_total` and `fediedge_connections_refused_per_ip_total`; also
+/// the send timeout's `fediedge_h2_streams_stalled_total` (`super::idle`).
 #[derive(Debug)]
 pub struct ConnectionCollector(pub Arc<ConnectionCap>);
 
@@ -228,6 +229,12 @@ impl Collector for ConnectionCollector {
                 "Connections closed at accept because their client address already held \
                  max_connections_per_ip",
                 cap.per_ip.refused(),
+            ),
+            (
+                "h2_streams_stalled",
+                "HTTP/2 streams reset because their client took nothing of the response for a \
+                 whole period while the connection went on (the per-stream send timeout)",
+                super::idle::streams_stalled(),
             ),
         ] {
             let counter = prometheus_client::metrics::counter::ConstCounter::new(value);

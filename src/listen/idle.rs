@@ -23,8 +23,25 @@
 //! own PINGs (`TCP_INFO`'s `tcpi_bytes_acked`, which only grows). A client that reads,
 //! however slowly or in bursts, keeps its connection. The caller resets the connection.
 //!
-//! Only those moments cost anything: a relaxed load per write, two atomic adds per body frame.
+//! And per HTTP/2 stream, as nginx's `send_timeout` is: one stream held back by its own
+//! flow-control window while the others on its connection move (a browser pausing a video)
+//! would keep its body, and what that holds, for as long as the client keeps the connection.
+//! hyper does not poll a body whose stream has no window, so the body itself cannot time out:
+//! each stream's task is spawned by [`StreamExec`], which lists it with the connection's
+//! [`Activity`] and lets [`idle`] end it. A stream whose body waited to be asked for more at
+//! two checks in a row, with nothing handed in between, is ended: its task is dropped, with it
+//! the body (the file, buffers, flight or upstream connection, at once) and hyper's handle on
+//! the stream, and h2 sends RST_STREAM (CANCEL) in place of the data it still held. Counted
+//! in `fediedge_h2_streams_stalled_total`. Under HTTP/2 a large data frame (a memory hit is
+//! one) is handed to hyper in [`PIECE`]s, so a stream that moves is seen moving.
+//!
+//! Only those moments cost anything: a relaxed load per write, two atomic adds per body frame
+//! (four under HTTP/2), and per HTTP/2 stream its watch (an allocation, listed and unlisted
+//! under the connection's lock) and, each time its task is polled, the task-local's swap and
+//! the switch's waker registration (a few atomics). HTTP/1.1 spawns no task: its bodies find
+//! no task-local and pay one thread-local lookup when made.
 
+use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +50,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Frame, SizeHint};
 
 use super::Body;
@@ -49,6 +67,31 @@ const PINGS_ACKED: u64 = 256;
 /// one frame handed, in [`Activity::bodies`].
 const STARTED: u64 = 1 << 32;
 
+/// Under HTTP/2, the most of a body handed to hyper at once (a file body's read size): a
+/// larger frame is cut (without copying), so that a stream taking data is seen taking it.
+const PIECE: usize = 64 * 1024;
+
+/// In [`StreamWatch::sent`]: the last data handed waits to be asked for more.
+const WAITING: u64 = 1;
+
+/// One data frame handed, in [`StreamWatch::sent`].
+const HANDED: u64 = 2;
+
+/// HTTP/2 streams ended by the per-stream send timeout since the process started.
+static STREAMS_STALLED: AtomicU64 = AtomicU64::new(0);
+
+/// HTTP/2 streams ended by the per-stream send timeout since the process started
+/// (`fediedge_h2_streams_stalled_total`).
+pub(super) fn streams_stalled() -> u64 {
+    STREAMS_STALLED.load(Ordering::Relaxed)
+}
+
+tokio::task_local! {
+    /// The watch of the HTTP/2 stream whose task is running ([`StreamExec`]): a response body
+    /// made in it reports to it.
+    static STREAM: Arc<StreamWatch>;
+}
+
 /// What one connection has under way, and whether it waits on its client.
 #[derive(Debug, Default)]
 pub(super) struct Activity {
@@ -64,6 +107,49 @@ pub(super) struct Activity {
     /// asked for more since (waiting on the client); the high 32 bits count data frames
     /// handed (wrapping): a change between two checks is progress.
     bodies: AtomicU64,
+    /// HTTP/2: the streams under way, for the per-stream send timeout.
+    streams: parking_lot::Mutex<Streams>,
+}
+
+/// The watches of a connection's HTTP/2 stream tasks; a task's place is reused once it ends.
+#[derive(Debug, Default)]
+struct Streams {
+    all: Vec<Option<Arc<StreamWatch>>>,
+    free: Vec<usize>,
+}
+
+impl Streams {
+    fn insert(&mut self, watch: Arc<StreamWatch>) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.all[i] = Some(watch);
+                i
+            }
+            None => {
+                self.all.push(Some(watch));
+                self.all.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.all[i] = None;
+        self.free.push(i);
+    }
+}
+
+/// What one HTTP/2 stream's body did, and the switch that ends its task.
+#[derive(Debug, Default)]
+struct StreamWatch {
+    /// [`HANDED`] per data frame its body handed hyper (wrapping), plus [`WAITING`] while the
+    /// last one waits to be asked for more.
+    sent: AtomicU64,
+    /// `sent` as of the last check (only [`idle`] touches it).
+    seen: AtomicU64,
+    /// Set by [`idle`]: the stream's task ends.
+    reset: AtomicBool,
+    /// The stream's task, woken when `reset` is set.
+    task: AtomicWaker,
 }
 
 /// Why [`idle`] returned.
@@ -109,6 +195,78 @@ impl Activity {
         }
         polled
     }
+
+    /// Ends the HTTP/2 streams whose body waited to be asked for more at the last check and
+    /// now, with nothing handed in between. Returns how many.
+    fn reset_stalled_streams(&self) -> usize {
+        let streams = self.streams.lock();
+        let mut reset = 0;
+        for watch in streams.all.iter().flatten() {
+            let sent = watch.sent.load(Ordering::Acquire);
+            let before = watch.seen.swap(sent, Ordering::Relaxed);
+            if sent & WAITING != 0 && sent == before && !watch.reset.swap(true, Ordering::AcqRel) {
+                watch.task.wake();
+                reset += 1;
+            }
+        }
+        reset
+    }
+}
+
+/// hyper's executor for a connection's HTTP/2 stream tasks: tokio's, each task listed with
+/// the connection's [`Activity`] (until it ends) and ended by [`idle`] when its body stalls.
+/// (HTTP/1.1 spawns nothing.)
+#[derive(Clone)]
+pub(super) struct StreamExec(Arc<Activity>);
+
+impl StreamExec {
+    pub(super) fn new(activity: Arc<Activity>) -> StreamExec {
+        StreamExec(activity)
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let watch = Arc::new(StreamWatch::default());
+        let listed = Listed {
+            index: self.0.streams.lock().insert(watch.clone()),
+            activity: self.0.clone(),
+        };
+        let switch = watch.clone();
+        let task = async move {
+            let _listed = listed;
+            let reset = std::future::poll_fn(|cx| {
+                switch.task.register(cx.waker());
+                match switch.reset.load(Ordering::Acquire) {
+                    true => Poll::Ready(()),
+                    false => Poll::Pending,
+                }
+            });
+            // Reset: `fut` (hyper's stream, with its body) is dropped here; h2 then sends
+            // RST_STREAM for a stream nothing refers to any more.
+            tokio::select! {
+                biased;
+                () = reset => {}
+                () = fut => {}
+            }
+        };
+        tokio::spawn(STREAM.scope(watch, task));
+    }
+}
+
+/// A stream task's place in [`Activity::streams`], given back when the task ends.
+struct Listed {
+    activity: Arc<Activity>,
+    index: usize,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.activity.streams.lock().remove(self.index);
+    }
 }
 
 impl Drop for Active {
@@ -133,6 +291,15 @@ pub(super) async fn idle(activity: &Activity, socket: Option<RawFd>) -> Stop {
         }
         if seen.waiting() && now.waiting() && now.same_as(&seen) {
             return Stop::Stalled;
+        }
+        // The connection moves, but one of its HTTP/2 streams may not.
+        let reset = activity.reset_stalled_streams();
+        if reset > 0 {
+            STREAMS_STALLED.fetch_add(reset as u64, Ordering::Relaxed);
+            tracing::debug!(
+                streams = reset,
+                "HTTP/2 streams whose client took nothing of them for a whole period: reset"
+            );
         }
         seen = now;
     }
@@ -201,20 +368,27 @@ fn bytes_acked(socket: RawFd) -> Option<u64> {
 
 /// A response body that holds its request's [`Active`] until it ends or is dropped. The
 /// listener's responses have this type (not boxed once more: one allocation per request less).
+/// Under HTTP/2 it reports to its stream's [`StreamWatch`] and hands large frames in pieces.
 pub(super) struct Held {
     body: Body,
     active: Option<Active>,
     /// Handed hyper data and not asked for more since (counted in [`Activity::bodies`]).
     waiting: bool,
+    /// HTTP/2: the stream's watch.
+    watch: Option<Arc<StreamWatch>>,
+    /// HTTP/2: what is left of a data frame handed in [`PIECE`]s.
+    rest: Bytes,
 }
 
 impl Held {
-    /// `body`, holding `active`.
+    /// `body`, holding `active`; made in an HTTP/2 stream's task, it reports to the stream.
     pub(super) fn new(body: Body, active: Active) -> Held {
         Held {
             body,
             active: Some(active),
             waiting: false,
+            watch: STREAM.try_with(Arc::clone).ok(),
+            rest: Bytes::new(),
         }
     }
 
@@ -225,7 +399,18 @@ impl Held {
             if let Some(a) = &self.active {
                 a.0.bodies.fetch_sub(1, Ordering::AcqRel);
             }
+            if let Some(w) = &self.watch {
+                w.sent.fetch_sub(WAITING, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// The next [`PIECE`] of `data` (all of it if no larger), keeping the rest.
+    fn piece(&mut self, mut data: Bytes) -> Bytes {
+        if data.len() > PIECE {
+            self.rest = data.split_off(PIECE);
+        }
+        data
     }
 }
 
@@ -244,7 +429,21 @@ impl http_body::Body for Held {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         self.asked();
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let polled = if !self.rest.is_empty() {
+            let rest = std::mem::take(&mut self.rest);
+            Poll::Ready(Some(Ok(Frame::data(self.piece(rest)))))
+        } else {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) if self.watch.is_some() => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => Frame::data(self.piece(data)),
+                        Err(frame) => frame,
+                    };
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                polled => polled,
+            }
+        };
         match &polled {
             Poll::Ready(None | Some(Err(_))) => {
                 self.active = None;
@@ -253,6 +452,9 @@ impl http_body::Body for Held {
                 if let Some(a) = &self.active {
                     a.0.bodies.fetch_add(STARTED + 1, Ordering::AcqRel);
                     self.waiting = true;
+                    if let Some(w) = &self.watch {
+                        w.sent.fetch_add(HANDED + WAITING, Ordering::AcqRel);
+                    }
                 }
             }
             Poll::Pending => {}
@@ -261,11 +463,20 @@ impl http_body::Body for Held {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        if !self.rest.is_empty() {
+            let rest = self.rest.len() as u64;
+            // The upper bound first: a lower one above it would panic.
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + rest);
+            }
+            hint.set_lower(hint.lower() + rest);
+        }
+        hint
     }
 }
 

@@ -35,7 +35,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -457,7 +457,8 @@ where
             Ok::<_, Infallible>(resp.map(|body| idle::Held::new(body, active)))
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 stream tasks watched for the per-stream send timeout (see `idle`).
+    let mut builder = auto::Builder::new(idle::StreamExec::new(activity.clone()));
     // `idle` stands for hyper's header read timeout (which costs a timer per request).
     builder.http1().header_read_timeout(None);
     builder
