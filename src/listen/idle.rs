@@ -230,6 +230,9 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        // Boxed once: hyper's stream future (with the handler's) is large, and the wrappers
+        // below would each move it whole; boxed, it is copied once, as a bare spawn would.
+        let fut = Box::pin(fut);
         let watch = Arc::new(StreamWatch::default());
         let listed = Listed {
             index: self.0.streams.lock().insert(watch.clone()),
