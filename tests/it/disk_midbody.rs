@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::origin::{Behaviour, Origin};
-use crate::common::{bytes, client, eventually, start_edge};
+use crate::common::{bytes, client, eventually, start_edge, TestEdge};
 use crate::disk::{files_under, get, metric, metric_count, stores};
 
 /// An ext4 filesystem in an image file, loop-mounted for one test; unmounted when dropped.
@@ -87,6 +87,40 @@ async fn read_until(r: &mut reqwest::Response, got: &mut Vec<u8>, n: Option<usiz
     }
 }
 
+/// Reads `r` on into `got` until it ends: whether it was cut (an error) rather than ended.
+async fn read_to_cut(r: &mut reqwest::Response, got: &mut Vec<u8>) -> bool {
+    loop {
+        match r.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Sends a request for `url` after the disk failed and waits until it joined the flight
+/// (the `joined`th follower) and, unable to read the flight's file, made the origin's
+/// `gets`th fetch of `m.png` on its own; its answer comes from the returned task.
+async fn join_and_fetch_alone(
+    edge: &TestEdge,
+    origin: &Origin,
+    url: &str,
+    joined: u64,
+    gets: usize,
+) -> tokio::task::JoinHandle<(u16, String, Vec<u8>)> {
+    let joiner = tokio::spawn(get_whole(url.to_owned()));
+    let coalesced = || metric_count(edge, "fediedge_coalesced_requests_total");
+    eventually(Duration::from_secs(30), "the joiner joined", || {
+        coalesced() == joined
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
+        origin.gets("m.png") == gets
+    })
+    .await;
+    joiner
+}
+
 #[tokio::test]
 async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,16 +156,7 @@ async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memor
     // now still finds the flight, whose temp file can no longer be read: it reads the body
     // from the source on its own.
     disk.shut_down();
-    let joiner = tokio::spawn(get_whole(url.clone()));
-    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
-    eventually(Duration::from_secs(30), "the joiner joined", || {
-        coalesced() == 2
-    })
-    .await;
-    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
-        origin.gets("m.png") == 2
-    })
-    .await;
+    let joiner = join_and_fetch_alone(&edge, &origin, &url, 2, 2).await;
     // The flight's next write fails, and the rest of the body goes to memory.
     open.send(true).unwrap();
     let state = |dir: &str| metric(&edge, &format!("fediedge_disk_state{{dir=\"{dir}\"}}"));
@@ -170,7 +195,7 @@ async fn a_cache_disk_that_fails_mid_body_serves_the_herd_exact_bytes_from_memor
     let (status, cache_status, got) = joiner.await.unwrap();
     assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
     assert!(got == body, "the joiner's bytes differ from the source's");
-    assert_eq!(coalesced(), 2);
+    assert_eq!(metric_count(&edge, "fediedge_coalesced_requests_total"), 2);
     // The leader's client and the follower had what was on disk and took the rest from
     // memory: only the joiner read the source again.
     assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 1);
@@ -275,16 +300,7 @@ async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
     // now still finds the flight, whose temp file can no longer be read. It reads the body
     // from the source on its own.
     disk.shut_down();
-    let joiner = tokio::spawn(get_whole(url.clone()));
-    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
-    eventually(Duration::from_secs(30), "the joiner joined", || {
-        coalesced() == 3
-    })
-    .await;
-    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
-        origin.gets("m.png") == 2
-    })
-    .await;
+    let joiner = join_and_fetch_alone(&edge, &origin, &url, 3, 2).await;
     assert_eq!(edge.running.fetches_under_way(), 1, "the flight still runs");
     // The joiner found the flight's file unreadable: the flight takes no more followers,
     // though it has not written since. A request now starts a fetch of its own, which finds
@@ -296,7 +312,11 @@ async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
         || origin.gets("m.png") == 4,
     )
     .await;
-    assert_eq!(coalesced(), 3, "the early request joined no flight");
+    assert_eq!(
+        metric_count(&edge, "fediedge_coalesced_requests_total"),
+        3,
+        "the early request joined no flight"
+    );
 
     // The flight's next write fails and the rest fits nowhere: the flight ends with what it
     // had, and each of the herd reads the rest from the source on its own.
@@ -414,27 +434,12 @@ async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
     // A request joining after the disk failed gets nothing from the flight: its own read of
     // the source is all it sends, and verified whole.
     disk.shut_down();
-    let joiner = tokio::spawn(get_whole(url.clone()));
-    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
-    eventually(Duration::from_secs(30), "the joiner joined", || {
-        coalesced() == 1
-    })
-    .await;
-    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
-        origin.gets("m.png") == 2
-    })
-    .await;
+    let joiner = join_and_fetch_alone(&edge, &origin, &url, 1, 2).await;
     // The flight keeps nothing more, the first client reads the rest from the source, but
     // its first 100,000 bytes came from the flight: its last byte waits for the flight's
     // check, which fails. Its response is cut, never ended as if whole.
     open.send(true).unwrap();
-    let cut = loop {
-        match r1.chunk().await {
-            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let cut = read_to_cut(&mut r1, &mut got).await;
     assert!(
         cut,
         "a damaged body ended as if whole ({} bytes)",
@@ -482,26 +487,11 @@ async fn a_response_under_way_is_cut_rather_than_spliced_with_a_body_nothing_ide
     // A request joining after the disk failed has sent nothing: its own read of the source
     // needs no splice, and is served whole.
     disk.shut_down();
-    let joiner = tokio::spawn(get_whole(url.clone()));
-    let coalesced = || metric_count(&edge, "fediedge_coalesced_requests_total");
-    eventually(Duration::from_secs(30), "the joiner joined", || {
-        coalesced() == 1
-    })
-    .await;
-    eventually(Duration::from_secs(30), "the joiner's own fetch", || {
-        origin.gets("m.png") == 2
-    })
-    .await;
+    let joiner = join_and_fetch_alone(&edge, &origin, &url, 1, 2).await;
     // The flight keeps nothing more: the first client, 100,000 bytes in, would have to
     // splice the source's new answer onto them, and nothing shows it is the same body. Cut.
     open.send(true).unwrap();
-    let cut = loop {
-        match r1.chunk().await {
-            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let cut = read_to_cut(&mut r1, &mut got).await;
     assert!(cut, "a spliced body ended as if whole");
     assert!(got.len() < body.len() && got == body[..got.len()]);
     let (status, cache_status, whole) = joiner.await.unwrap();
