@@ -82,12 +82,12 @@ fn same_object(a: &ObjectMeta, b: &ObjectMeta) -> bool {
 }
 
 /// Whether two answers are shown to be the same object: they agree ([`same_object`]), and
-/// an ETag or an MD5 is given by both (a length and a date alone do not tell two bodies
-/// apart).
+/// a strong ETag or an MD5 is given by both (a length and a date alone do not tell two
+/// bodies apart; a weak ETag, `W/"…"`, only says two bodies are equivalent, not the same
+/// bytes: RFC 9110 §8.8.3).
 fn shown_same(a: &ObjectMeta, b: &ObjectMeta) -> bool {
-    let both = |x: bool, y: bool| x && y;
-    same_object(a, b)
-        && (both(a.etag.is_some(), b.etag.is_some()) || both(a.md5.is_some(), b.md5.is_some()))
+    let strong = |m: &ObjectMeta| m.etag.as_deref().is_some_and(|t| !t.starts_with("W/"));
+    same_object(a, b) && ((strong(a) && strong(b)) || (a.md5.is_some() && b.md5.is_some()))
 }
 
 #[cfg(test)]
@@ -140,7 +140,7 @@ mod tests {
     }
 
     #[test]
-    fn only_an_etag_or_md5_in_both_answers_shows_the_same_object() {
+    fn only_a_strong_etag_or_md5_in_both_answers_shows_the_same_object() {
         let etag = ObjectMeta {
             size: 10,
             etag: Some("\"a\"".into()),
@@ -170,5 +170,13 @@ mod tests {
             ..etag.clone()
         };
         assert!(!shown_same(&etag, &other));
+        let weak = ObjectMeta {
+            etag: Some("W/\"a\"".into()),
+            ..etag.clone()
+        };
+        assert!(
+            !shown_same(&weak, &weak.clone()),
+            "a weak ETag: equivalent, not the same bytes"
+        );
     }
 }
