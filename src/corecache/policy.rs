@@ -317,11 +317,15 @@ pub fn build(
 }
 
 /// Whether a response from core, to a request that a stored entry would answer, says that
-/// entry may not be shared any more: a final answer (not a 5xx, whose stale answer
-/// `stale-if-error` is for) marked `no-store` or `private`.
+/// entry may not be shared any more: an answer about the resource itself (a status cacheable
+/// by default, RFC 9110 §15.1, other than 206 and 5xx: a 200 now private, Mastodon's 404 for
+/// a deleted post) marked `no-store` or `private`. Not one about this request (400, 401, 403,
+/// 429…): an anonymous client rate-limited or refused must not empty the cache for others.
 pub fn forbids_sharing(status: StatusCode, headers: &HeaderMap) -> bool {
-    let code = status.as_u16();
-    if code < 200 || code == 206 || code == 304 || status.is_server_error() {
+    if !matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414
+    ) {
         return false;
     }
     directive(headers, "no-store").is_some() || directive(headers, "private").is_some()
@@ -461,6 +465,23 @@ pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_answer_about_the_resource_takes_the_stored_one_back() {
+        let private = HeaderMap::from_iter([(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-store"),
+        )]);
+        for code in [200, 404, 410] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(forbids_sharing(status, &private), "{code}");
+            assert!(!forbids_sharing(status, &HeaderMap::new()), "{code} shared");
+        }
+        for code in [206, 304, 400, 401, 403, 429, 500, 503] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(!forbids_sharing(status, &private), "{code}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
