@@ -102,10 +102,11 @@ impl Reloader {
                 .unwrap_or_else(crate::listen::cap::default_max_connections),
         );
         self.cap.per_ip.set_max(new.max_connections_per_ip);
-        // `[core] trusted_proxies` count as the proxy uses them: only when it runs.
+        // The trusted proxies count as the proxy uses them (updated above, or kept when
+        // `[core]` went: the proxy runs on until a restart).
         self.cap
             .per_ip
-            .set_exempt(crate::serve::per_ip_exempt(&new, self.proxy.is_some()));
+            .set_exempt(crate::serve::per_ip_exempt(&new, self.proxy.as_deref()));
         if self.routes_live(&new) {
             let routes = Router::of(&new);
             let routes = self

@@ -167,6 +167,12 @@ impl Proxy {
         self.live.read().clone()
     }
 
+    /// `trusted_proxies` in use now (a reload that removes `[core]` keeps the old ones, as
+    /// it keeps the proxy).
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.live.read().trusted.clone()
+    }
+
     /// Answers one request from the upstreams of `kind`.
     pub async fn handle(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
         if kind == Kind::Web {

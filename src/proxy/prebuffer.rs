@@ -27,8 +27,9 @@ use http_body_util::BodyExt;
 use super::body::Silence;
 
 /// Bytes of a request body read before an upstream is chosen: nginx's
-/// `client_body_buffer_size` on 64-bit systems. Each request in this phase holds at most this
-/// much (beyond it, the body streams as it comes).
+/// `client_body_buffer_size` on 64-bit systems. Reading stops at the first piece that reaches
+/// it, so a request in this phase holds this much plus at most one piece (what hyper had read
+/// from the connection already); beyond it, the body streams as it comes.
 pub const PREBUFFER: usize = 16 * 1024;
 
 /// What was read of a request body.

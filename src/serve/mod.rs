@@ -227,8 +227,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .max_connections
         .unwrap_or_else(listen::cap::default_max_connections);
     let cap = listen::cap::ConnectionCap::new(max_connections);
-    cap.per_ip
-        .set(config.max_connections_per_ip, per_ip_exempt(&config, true));
+    cap.per_ip.set(
+        config.max_connections_per_ip,
+        per_ip_exempt(&config, proxy.as_deref()),
+    );
     let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
         Box::new(status.collector()),
         Box::new(listen::cap::ConnectionCollector(cap.clone())),
@@ -445,12 +447,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 }
 
 /// The client addresses `max_connections_per_ip` does not limit:
-/// `max_connections_per_ip_exempt` and, when the proxy runs (`with_core`), `[core]
-/// trusted_proxies`.
-pub(crate) fn per_ip_exempt(config: &Config, with_core: bool) -> Vec<ipnet::IpNet> {
+/// `max_connections_per_ip_exempt` and, when the proxy runs, the trusted proxies it uses.
+pub(crate) fn per_ip_exempt(
+    config: &Config,
+    proxy: Option<&crate::proxy::Proxy>,
+) -> Vec<ipnet::IpNet> {
     let mut exempt = config.max_connections_per_ip_exempt.clone();
-    if let Some(core) = config.core.as_ref().filter(|_| with_core) {
-        exempt.extend(core.trusted_proxies.iter().copied());
+    if let Some(p) = proxy {
+        exempt.extend(p.trusted_proxies());
     }
     exempt
 }
