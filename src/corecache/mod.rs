@@ -371,7 +371,9 @@ impl CoreCache {
         let Some(meta) = meta else {
             if ctx.private.is_none() && policy::forbids_sharing(resp.status(), resp.headers()) {
                 // Core no longer lets this answer be shared (a post deleted, made private):
-                // what is stored for this request goes, rather than be served stale.
+                // what is stored for this request goes, rather than be served stale, and
+                // no answer already on its way (sent before this one came) stores it again.
+                self.store.invalidate(ctx.host, ctx.path);
                 self.evict(matching());
             }
             drop(guard);

@@ -529,18 +529,22 @@ impl Store {
         gone
     }
 
+    /// Keeps responses to a URL already on their way (their requests sent before now) from
+    /// being stored.
+    pub fn invalidate(&self, host: &str, path: &str) {
+        let mut inv = self.invalidated.lock();
+        if inv.len() > 10_000 {
+            inv.retain(|_, t| t.elapsed() < INVALIDATION_MEMORY);
+        }
+        inv.insert(url_key(host, path), Instant::now());
+    }
+
     /// Removes every variant of a URL, and keeps responses already on their way from
     /// being stored; returns how many there were. Blocking (while the index loads, the
     /// URL's entries not yet indexed are read first, so that they go too).
     pub fn remove_url(&self, host: &str, path: &str) -> usize {
         self.settle_blocking(&url_key(host, path));
-        {
-            let mut inv = self.invalidated.lock();
-            if inv.len() > 10_000 {
-                inv.retain(|_, t| t.elapsed() < INVALIDATION_MEMORY);
-            }
-            inv.insert(url_key(host, path), Instant::now());
-        }
+        self.invalidate(host, path);
         let gone: Vec<Id> = {
             let mut index = self.index.lock();
             let ids = index
