@@ -91,21 +91,32 @@ impl Silence {
         Silence { limit, timer: None }
     }
 
-    /// A piece (or the end) came.
-    pub(super) fn heard(&mut self) {
-        self.timer = None;
-    }
-
-    /// The body waits: whether it has waited `limit` since its last piece (else `cx` is
-    /// woken when it has).
-    pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+    /// What a body's poll gave, with a `TimedOut` error saying `what` in place of a wait
+    /// that has lasted `limit` since the last piece (the timer starts at the first wait,
+    /// and `cx` is woken when it runs out).
+    pub(super) fn watch(
+        &mut self,
+        polled: Poll<Option<Result<Frame<Bytes>, std::io::Error>>>,
+        cx: &mut Context<'_>,
+        what: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if polled.is_ready() {
+            self.timer = None;
+            return polled;
+        }
         let Some(limit) = self.limit else {
-            return false;
+            return Poll::Pending;
         };
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        timer.as_mut().poll(cx).is_ready()
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                what,
+            )))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -140,19 +151,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.silence.heard();
-                Poll::Ready(frame.map(|f| f.map_err(std::io::Error::other)))
-            }
-            Poll::Pending if this.silence.expired(cx) => {
-                Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "upstream silent past the idle timeout",
-                ))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let polled = Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|f| f.map_err(std::io::Error::other)));
+        this.silence
+            .watch(polled, cx, "upstream silent past the idle timeout")
     }
 
     fn is_end_stream(&self) -> bool {

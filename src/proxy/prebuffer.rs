@@ -157,19 +157,12 @@ where
         if let Some(trailers) = this.trailers.take() {
             return Poll::Ready(Some(Ok(trailers)));
         }
-        match Pin::new(&mut this.rest).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.silence.heard();
-                Poll::Ready(frame)
-            }
-            Poll::Pending if this.silence.expired(cx) => {
-                Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the client sent no more of its request body within the idle timeout",
-                ))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let polled = Pin::new(&mut this.rest).poll_frame(cx);
+        this.silence.watch(
+            polled,
+            cx,
+            "the client sent no more of its request body within the idle timeout",
+        )
     }
 
     fn is_end_stream(&self) -> bool {
