@@ -359,10 +359,7 @@ impl Proxy {
                 let mut fresh = false;
                 let failed = loop {
                     let again = other_upstream || (resendable && !fresh);
-                    if let Some(bytes) = &whole {
-                        body = Some(full(bytes.clone()));
-                    }
-                    let mut up = attempt(&mut parts, &mut body, again);
+                    let mut up = attempt(&mut parts, &mut body, whole.as_ref(), again);
                     // Origin-form URI, `Host` always set.
                     *up.uri_mut() = http::Uri::from(path.clone());
                     if !up.headers().contains_key(header::HOST) {
@@ -389,8 +386,7 @@ impl Proxy {
                         Ok(Err(conns::SendError::Connect(e))) => Failed::Connect(e.to_string()),
                         Ok(Err(conns::SendError::Http(e) | conns::SendError::Stale(e))) => {
                             match e.is_user() {
-                                true if timed_out(&e) => Failed::ClientSilent,
-                                true => Failed::ClientBody(e.to_string()),
+                                true => Failed::client(&e),
                                 false => Failed::Other(error_chain(&e)),
                             }
                         }
@@ -408,10 +404,7 @@ impl Proxy {
                     None => continue,
                 }
             }
-            if let Some(bytes) = &whole {
-                body = Some(full(bytes.clone()));
-            }
-            let mut up = attempt(&mut parts, &mut body, other_upstream);
+            let mut up = attempt(&mut parts, &mut body, whole.as_ref(), other_upstream);
             // A WebSocket handshake: hyper-util's client, whose connections can be upgraded.
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(http::uri::Scheme::HTTP);
@@ -437,8 +430,7 @@ impl Proxy {
                     return Ok(self.answered(kind, &live, admission, resp));
                 }
                 Err(_) => Failed::Timeout,
-                Ok(Err(e)) if client_body_failed(&e) && timed_out(&e) => Failed::ClientSilent,
-                Ok(Err(e)) if client_body_failed(&e) => Failed::ClientBody(e.to_string()),
+                Ok(Err(e)) if client_body_failed(&e) => Failed::client(&e),
                 Ok(Err(e)) if e.is_connect() => Failed::Connect(error_chain(&e)),
                 Ok(Err(e)) => Failed::Other(error_chain(&e)),
             };
@@ -526,23 +518,24 @@ fn passed(exceeded: Option<&AtomicBool>) -> bool {
     exceeded.is_some_and(|e| e.load(Ordering::Acquire))
 }
 
-/// A body read whole, as sent upstream.
-fn full(bytes: Bytes) -> UpBody {
-    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
-}
-
-/// One attempt's request: the body (none left after the first attempt unless the caller put
-/// a copy of a whole one back), the method, and the headers, copied when another attempt may
-/// need them (`again`), else taken.
+/// One attempt's request: the body (a copy of `whole`, the body read whole, for every
+/// attempt; else the streamed one, none left after the first attempt), the method, and the
+/// headers, copied when another attempt may need them (`again`), else taken.
 fn attempt(
     parts: &mut http::request::Parts,
     body: &mut Option<UpBody>,
+    whole: Option<&Bytes>,
     again: bool,
 ) -> Request<UpBody> {
-    let mut up = Request::new(
-        body.take()
+    let body = match whole {
+        Some(bytes) => Full::new(bytes.clone())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+        None => body
+            .take()
             .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
-    );
+    };
+    let mut up = Request::new(body);
     *up.method_mut() = parts.method.clone();
     *up.headers_mut() = match again {
         true => parts.headers.clone(),
@@ -563,6 +556,17 @@ enum Failed {
     ClientSilent,
     /// Anything else (refused, reset, closed before answering).
     Other(String),
+}
+
+impl Failed {
+    /// The client's side failed (hyper's user error, from the request body): silent past
+    /// the idle timeout (`prebuffer`'s cut), or another fault of its body.
+    fn client(e: &(dyn std::error::Error + 'static)) -> Failed {
+        match timed_out(e) {
+            true => Failed::ClientSilent,
+            false => Failed::ClientBody(e.to_string()),
+        }
+    }
 }
 
 /// Whether a client error came from reading the client's own request body.
