@@ -45,14 +45,7 @@ pub fn read_range(
                 },
             };
             let n = (available - pos).min(READ_CHUNK as u64) as usize;
-            let f = file.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = BytesMut::zeroed(n);
-                f.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-            match read {
+            match read_at(file.clone(), pos, n).await {
                 Ok(bytes) => Some((Ok(bytes), (file, pos + n as u64, progress))),
                 Err(e) => Some((Err(e), (file, end, None))),
             }
@@ -141,14 +134,7 @@ async fn from_flight(
     let bytes = match body.part(pos, n)? {
         Part::Memory(bytes) => bytes,
         Part::File(f, until) => {
-            let n = (until - pos) as usize;
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = BytesMut::zeroed(n);
-                f.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-            match read {
+            match read_at(f, pos, (until - pos) as usize).await {
                 Ok(bytes) => bytes,
                 // The flight's own temp file: a local disk's failure, not the source's. The
                 // flight takes no more followers.
@@ -167,6 +153,16 @@ async fn from_flight(
         return Err(io::Error::other("flight body shorter than published"));
     }
     Ok(Some(bytes))
+}
+
+/// `n` bytes of `file` at `pos`, read on a blocking thread.
+async fn read_at(file: Arc<File>, pos: u64, n: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(n);
+        file.read_exact_at(&mut buf, pos).map(|_| buf.freeze())
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// Part of a body read again from its source.
