@@ -222,6 +222,23 @@ pub async fn edge(dir: &std::path::Path, core: &Core, extra: &str) -> TestEdge {
     edge_with_core(dir, &[core.addr], &cache_conf(dir, "16MiB", extra)).await
 }
 
+/// A core answering every URL `v1`, `v2`… (`public, max-age=600`), and an edge caching it
+/// with `[cache_buster]` (header `X-Purge-Secret`, secret `s3cret`).
+pub async fn buster_edge(dir: &std::path::Path) -> (Core, TestEdge) {
+    let core = Core::start(|_, n| {
+        reply(
+            200,
+            &[("cache-control", "public, max-age=600")],
+            &format!("v{n}"),
+        )
+    })
+    .await;
+    let buster = "[cache_buster]\nsecret_header = \"X-Purge-Secret\"\nsecret = \"s3cret\"\n";
+    let conf = format!("{}{buster}", cache_conf(dir, "16MiB", ""));
+    let edge = edge_with_core(dir, &[core.addr], &conf).await;
+    (core, edge)
+}
+
 /// GET from the edge as the instance's host; `(status, X-Cache-Status, body)`.
 pub async fn fetch(edge: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
     let mut r = crate::proxy::get(edge, CORE, path);
@@ -942,20 +959,8 @@ async fn unsafe_methods_invalidate_the_url_and_same_host_locations() {
 
 #[tokio::test]
 async fn the_cache_buster_evicts_a_url_from_the_core_cache() {
-    let core = Core::start(|_, n| {
-        reply(
-            200,
-            &[("cache-control", "public, max-age=600")],
-            &format!("v{n}"),
-        )
-    })
-    .await;
     let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}[cache_buster]\nsecret_header = \"X-Purge-Secret\"\nsecret = \"s3cret\"\n",
-        cache_conf(dir.path(), "16MiB", "")
-    );
-    let edge = edge_with_core(dir.path(), &[core.addr], &conf).await;
+    let (_core, edge) = buster_edge(dir.path()).await;
     assert_eq!(fetch(&edge, "/emoji.png", &[]).await.2, "v1");
     eventually(WAIT, "stored", || {
         edge.running.core_cache.as_ref().unwrap().usage().1 == 1

@@ -608,20 +608,8 @@ async fn every_way_of_sending_credentials_is_private() {
 /// secret with another method, evicts nothing.
 #[tokio::test]
 async fn a_purge_evicts_only_its_own_host_and_url() {
-    let core = Core::start(|_, n| {
-        reply(
-            200,
-            &[("cache-control", "public, max-age=600")],
-            &format!("v{n}"),
-        )
-    })
-    .await;
     let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}[cache_buster]\nsecret_header = \"X-Purge-Secret\"\nsecret = \"s3cret\"\n",
-        crate::corecache::cache_conf(dir.path(), "16MiB", "")
-    );
-    let edge = crate::proxy::edge_with_core(dir.path(), &[core.addr()], &conf).await;
+    let (_core, edge) = crate::corecache::buster_edge(dir.path()).await;
     let urls = ["/emoji.png", "/emoji.png?v=1", "/x/emoji.png"];
     for p in urls {
         assert_eq!(fetch(&edge, p, &[]).await.1, "MISS");
