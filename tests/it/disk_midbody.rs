@@ -264,30 +264,64 @@ async fn get_whole(url: String) -> (u16, String, Vec<u8>) {
     )
 }
 
-#[tokio::test]
-async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
-    let dir = tempfile::tempdir().unwrap();
+/// What [`held_fetch`] starts.
+struct HeldFetch {
+    origin: Origin,
+    /// Opens the origin's gate: the rest of the body follows.
+    open: tokio::sync::watch::Sender<bool>,
+    disk: Ext4,
+    edge: TestEdge,
+    /// The edge's URL of `m.png`.
+    url: String,
+    /// The edge's config (for a restart).
+    config: String,
+}
+
+/// An origin serving `stored` as `m.png` (with `behaviour`'s headers) that sends its first
+/// 100,000 bytes, then holds the rest until `open`; a cache on a small loop-mounted ext4
+/// under `dir`; an edge with 64 KiB for bodies in memory (less than the 200,000 bytes left
+/// when the disk fails).
+async fn held_fetch(dir: &Path, stored: Vec<u8>, behaviour: Behaviour) -> HeldFetch {
     let origin = Origin::start().await;
-    let body = bytes(300_000, 22);
-    // The origin sends 100,000 bytes and holds the rest until the test opens the gate.
     let (open, gate) = tokio::sync::watch::channel(false);
     let behaviour = Behaviour {
         pause_after: Some(100_000),
         gate: Some(gate),
-        ..Behaviour::default()
+        ..behaviour
     };
-    origin.put_with("m.png", body.clone(), behaviour);
-    let disk = Ext4::mount(&dir.path().join("cache.img"), &dir.path().join("cache"), 16);
-    // 64 KiB for bodies in memory: less than the 200,000 bytes left when the disk fails.
+    origin.put_with("m.png", stored, behaviour);
+    let disk = Ext4::mount(&dir.join("cache.img"), &dir.join("cache"), 16);
     let config = format!(
         "max_flight_memory = \"64KiB\"\n{}",
-        stores(dir.path(), &origin, "")
+        stores(dir, &origin, "")
     );
-    let edge = start_edge(dir.path(), &config).await;
+    let edge = start_edge(dir, &config).await;
+    let url = format!("{}m.png", edge.base);
+    HeldFetch {
+        origin,
+        open,
+        disk,
+        edge,
+        url,
+        config,
+    }
+}
+
+#[tokio::test]
+async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = bytes(300_000, 22);
+    let HeldFetch {
+        origin,
+        open,
+        disk,
+        edge,
+        url,
+        config,
+    } = held_fetch(dir.path(), body.clone(), Behaviour::default()).await;
 
     // The leader's client and two followers each have the first 100,000 bytes, read from
     // the flight's temp file.
-    let url = format!("{}m.png", edge.base);
     let mut herd = Vec::new();
     for _ in 0..3 {
         let (mut r, mut got) = (client().get(&url).send().await.unwrap(), Vec::new());
@@ -393,7 +427,6 @@ fn base64(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
     let dir = tempfile::tempdir().unwrap();
-    let origin = Origin::start().await;
     let body = bytes(300_000, 23);
     let digest = |b: &[u8]| base64(&<md5::Md5 as md5::Digest>::digest(b));
     assert_eq!(
@@ -406,21 +439,18 @@ async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
     // then holds the rest until the gate opens), under the right body's Content-MD5.
     let mut damaged = body.clone();
     damaged[10] ^= 0xff;
-    let (open, gate) = tokio::sync::watch::channel(false);
     let behaviour = Behaviour {
-        pause_after: Some(100_000),
-        gate: Some(gate),
         content_md5: Some(md5.clone()),
         ..Behaviour::default()
     };
-    origin.put_with("m.png", damaged, behaviour);
-    let disk = Ext4::mount(&dir.path().join("cache.img"), &dir.path().join("cache"), 16);
-    let config = format!(
-        "max_flight_memory = \"64KiB\"\n{}",
-        stores(dir.path(), &origin, "")
-    );
-    let edge = start_edge(dir.path(), &config).await;
-    let url = format!("{}m.png", edge.base);
+    let HeldFetch {
+        origin,
+        open,
+        disk,
+        edge,
+        url,
+        ..
+    } = held_fetch(dir.path(), damaged, behaviour).await;
     let mut r1 = client().get(&url).send().await.unwrap();
     let mut got = Vec::new();
     read_until(&mut r1, &mut got, Some(100_000)).await;
@@ -461,25 +491,21 @@ async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
 #[tokio::test]
 async fn a_response_under_way_is_cut_rather_than_spliced_with_a_body_nothing_identifies() {
     let dir = tempfile::tempdir().unwrap();
-    let origin = Origin::start().await;
     let body = bytes(300_000, 24);
     // An origin that gives neither ETag nor Content-MD5: a length and a date do not show that
-    // two of its answers are one body. It sends 100,000 bytes, then holds the rest.
-    let (open, gate) = tokio::sync::watch::channel(false);
+    // two of its answers are one body.
     let behaviour = Behaviour {
-        pause_after: Some(100_000),
-        gate: Some(gate),
         no_etag: true,
         ..Behaviour::default()
     };
-    origin.put_with("m.png", body.clone(), behaviour);
-    let disk = Ext4::mount(&dir.path().join("cache.img"), &dir.path().join("cache"), 16);
-    let config = format!(
-        "max_flight_memory = \"64KiB\"\n{}",
-        stores(dir.path(), &origin, "")
-    );
-    let edge = start_edge(dir.path(), &config).await;
-    let url = format!("{}m.png", edge.base);
+    let HeldFetch {
+        origin,
+        open,
+        disk,
+        edge,
+        url,
+        ..
+    } = held_fetch(dir.path(), body.clone(), behaviour).await;
     let mut r1 = client().get(&url).send().await.unwrap();
     let mut got = Vec::new();
     read_until(&mut r1, &mut got, Some(100_000)).await;
