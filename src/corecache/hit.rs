@@ -172,7 +172,11 @@ mod tests {
                 ("cache-control", "max-age=5"),
             ],
         ];
-        let req = super::super::policy::policy_request("/x", &HeaderMap::new());
+        let req = super::super::policy::policy_request(
+            super::super::store::Scheme::Https,
+            "/x",
+            &HeaderMap::new(),
+        );
         for case in cases {
             let mut headers = HeaderMap::new();
             for (k, v) in &case {
@@ -212,7 +216,11 @@ mod tests {
     #[test]
     fn no_hot_before_the_receipt() {
         let t0 = SystemTime::now();
-        let req = super::super::policy::policy_request("/x", &HeaderMap::new());
+        let req = super::super::policy::policy_request(
+            super::super::store::Scheme::Https,
+            "/x",
+            &HeaderMap::new(),
+        );
         let mut headers = HeaderMap::new();
         headers.insert(header::CACHE_CONTROL, "max-age=60".parse().unwrap());
         let meta = super::super::policy::build("h", "/x", &req, None, StatusCode::OK, &headers, t0)

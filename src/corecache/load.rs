@@ -46,14 +46,17 @@ pub fn read_url(store: &Store, key: &str) -> Vec<(SystemTime, Id, Meta)> {
     found
 }
 
-/// The meta at `meta_path` if it parses and the body at `body` has its length, with the
-/// body's mtime (its place in the LRU order).
+/// The meta at `meta_path` if it parses and names a scheme, and the body at `body` has its
+/// length, with the body's mtime (its place in the LRU order).
 fn whole(meta_path: &Path, body: &Path) -> Option<(SystemTime, Meta)> {
-    let meta = std::fs::read(meta_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())?;
+    let meta = read_meta(meta_path).filter(|m| m.scheme.is_some())?;
     let b = std::fs::metadata(body).ok()?;
     (b.len() == meta.len).then(|| (b.modified().unwrap_or(UNIX_EPOCH), meta))
+}
+
+fn read_meta(path: &Path) -> Option<Meta> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Walks `objects/`, drops what is not whole, and adds the rest to the index behind what
@@ -112,6 +115,8 @@ fn valid_id(id: &str) -> bool {
 /// yet renamed into place).
 fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
     let mut found = Vec::new();
+    // Entries of a version that did not key the scheme: they answer no request now.
+    let mut unkeyed = 0;
     let objects = store.dir().join("objects");
     for e in walkdir::WalkDir::new(&objects)
         .min_depth(2)
@@ -144,7 +149,11 @@ fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
                 }
                 _ if changed_since(p, started) => {}
                 _ => {
-                    tracing::warn!(path = %p.display(), "core cache: dropping an entry with no valid meta or a body of the wrong length");
+                    if read_meta(p).is_some_and(|m| m.scheme.is_none()) {
+                        unkeyed += 1;
+                    } else {
+                        tracing::warn!(path = %p.display(), "core cache: dropping an entry with no valid meta or a body of the wrong length");
+                    }
                     let _ = std::fs::remove_file(p);
                     let _ = std::fs::remove_file(&body);
                 }
@@ -158,6 +167,12 @@ fn walk(store: &Store, started: SystemTime) -> Vec<(SystemTime, Id, Meta)> {
             // A temp file of a meta write cut by a crash, or a file that is no entry's.
             let _ = std::fs::remove_file(p);
         }
+    }
+    if unkeyed > 0 {
+        tracing::info!(
+            entries = unkeyed,
+            "core cache: removed entries stored by an older version (not keyed by scheme)"
+        );
     }
     found
 }
@@ -225,7 +240,11 @@ mod tests {
         headers.insert("cache-control", "public, max-age=600".parse().unwrap());
         let mut req = http::HeaderMap::new();
         req.insert("host", "a.test".parse().unwrap());
-        let preq = crate::corecache::policy::policy_request(path, &req);
+        let preq = crate::corecache::policy::policy_request(
+            crate::corecache::store::Scheme::Http,
+            path,
+            &req,
+        );
         let now = SystemTime::now();
         let status = http::StatusCode::OK;
         let mut meta =
@@ -355,6 +374,45 @@ mod tests {
             store.variants("a.test", "/a").is_empty(),
             "indexed under /a from /b's directory"
         );
+    }
+
+    /// An entry stored before entries were keyed by scheme (a meta without one) answers no
+    /// request: `read_url` skips it, the loader removes its files.
+    #[test]
+    fn entries_stored_before_the_scheme_was_keyed_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        seed(dir.path(), &[("/a", "aaaa"), ("/b", "bb")]);
+        let hold = crate::cache::hold_index_load(dir.path());
+        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
+        let a = url_key("a.test", "/a");
+        let (_, id, _) = read_url(&store, &a).remove(0);
+        let meta = store.path_of(&id, "meta");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        json.as_object_mut()
+            .unwrap()
+            .remove("scheme")
+            .expect("a scheme");
+        std::fs::write(&meta, serde_json::to_vec(&json).unwrap()).unwrap();
+        // Written long before this run (else the loader leaves it to a store under way).
+        std::fs::File::options()
+            .write(true)
+            .open(&meta)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        assert!(read_url(&store, &a).is_empty());
+        drop(hold);
+        wait_loaded(&store);
+        assert!(store.variants("a.test", "/a").is_empty());
+        assert_eq!(
+            store.variants("a.test", "/b").len(),
+            1,
+            "a keyed entry stays"
+        );
+        for ext in ["meta", "body"] {
+            assert!(!store.path_of(&id, ext).exists(), "{ext} removed");
+        }
     }
 
     /// Entries of the layout before per-URL directories are moved into their URL's

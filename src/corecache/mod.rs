@@ -3,9 +3,9 @@
 //! A GET or HEAD to core: a request with credentials (`Authorization`, a Mastodon session
 //! cookie, a `Signature`, an OAuth token in the query), a body or a `Range` is never
 //! answered from the cache (BYPASS), nor one whose forwarding headers change the URL core
-//! sees ([`policy::unkeyed`]: its answer is never stored either, against cache poisoning)
-//! → otherwise the URL's stored variants (host + path and query; `Vary` picks the variant)
-//! are asked, by the `http-cache-semantics` policy, whether one is fresh for this request
+//! sees ([`policy::unkeyed`], or a scheme it cannot key: its answer is never stored either,
+//! against cache poisoning) → otherwise the URL's stored variants (host + path and query;
+//! the scheme core is told and `Vary` pick the variant) are asked, by the `http-cache-semantics` policy, whether one is fresh for this request
 //! (HIT) → a stale one that `stale-while-revalidate` covers is served (STALE) while one
 //! background request revalidates it → else it is revalidated (`If-None-Match` /
 //! `If-Modified-Since`; a 304 updates the stored headers: REVALIDATED), and when core fails
@@ -54,7 +54,7 @@ use crate::metrics::{CacheStatus, Metrics};
 use crate::proxy::{Kind, Proxy};
 use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
 use hit::{age_value, SURROGATE_CONTROL, X_CACHE_STATUS};
-use store::{Entry, Store, StoredBody};
+use store::{Entry, Scheme, Store, StoredBody};
 
 /// Largest response body stored (bigger ones are passed on, not kept).
 const MAX_ENTRY: u64 = 8 << 20;
@@ -63,14 +63,16 @@ const MAX_ENTRY: u64 = 8 << 20;
 const SURROGATE_CAPABILITY: HeaderName = HeaderName::from_static("surrogate-capability");
 
 /// A request's URL as the index knows it ([`store::url_key`]: host, lower case and without
-/// port, a newline, path and query), made once; host and path are read from it.
+/// port, a newline, path and query), made once; host and path are read from it. And its
+/// scheme, which stored responses are matched on (None: one the cache cannot key).
 struct Url {
     key: String,
     host_len: usize,
+    scheme: Option<Scheme>,
 }
 
 impl Url {
-    fn of(req: &Request<Incoming>) -> Url {
+    fn of(req: &Request<Incoming>, scheme: Option<Scheme>) -> Url {
         let host = req
             .headers()
             .get(header::HOST)
@@ -92,6 +94,7 @@ impl Url {
         Url {
             key,
             host_len: host.len(),
+            scheme,
         }
     }
 
@@ -163,9 +166,21 @@ impl CoreCache {
     pub async fn handle(
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<Body> {
-        let url = Url::of(&req);
+        if !req.headers().contains_key(header::HOST) {
+            // HTTP/2 (or an absolute-form request without `Host`): the name is the URI's
+            // authority, made the `Host` header here, so that the policy compares it and a
+            // revalidation (made from the stored request, whose URI is not the client's)
+            // sends it.
+            if let Some(host) = req.uri().authority().map(|a| a.as_str()) {
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+        }
+        let scheme = proxy.scheme_sent(&req).and_then(Scheme::parse);
+        let url = Url::of(&req, scheme);
         if let Some(r) = self.fresh_without_vary(&req, &url).await {
             return r;
         }
@@ -200,10 +215,15 @@ impl CoreCache {
         let private = policy::private_request(req.headers())
             .or_else(|| policy::token_in_query(path).then_some("access token"));
         // Answered by core for a URL other than its key: never stored nor shared.
-        let unkeyed = policy::unkeyed(req.headers());
-        if private.is_some() || unkeyed.is_some() || !req.body().is_end_stream() {
-            let store = get && req.body().is_end_stream() && unkeyed.is_none();
-            let preq = policy::policy_request(path, req.headers());
+        let unkeyed = policy::unkeyed(req.headers())
+            .or_else(|| url.scheme.is_none().then_some("x-forwarded-proto"));
+        let bodiless = req.body().is_end_stream();
+        let keyed = private.is_none() && unkeyed.is_none() && bodiless;
+        let Some(scheme) = url.scheme.filter(|_| keyed) else {
+            let store = get && bodiless && unkeyed.is_none();
+            // Read only when stored, and a request without a scheme is not.
+            let scheme = url.scheme.unwrap_or(Scheme::Https);
+            let preq = policy::policy_request(scheme, path, req.headers());
             let sent = Instant::now();
             let result = proxy.send(Kind::Web, req).await;
             let ctx = Ctx {
@@ -217,8 +237,8 @@ impl CoreCache {
                 Ok(resp) if store => self.keep(ctx, resp, None, CacheStatus::Bypass),
                 other => self.finish(proxy.answer(other), CacheStatus::Bypass),
             };
-        }
-        self.lookup(proxy, req, &url).await
+        };
+        self.lookup(proxy, req, &url, scheme).await
     }
 
     async fn lookup(
@@ -226,10 +246,11 @@ impl CoreCache {
         proxy: &Arc<Proxy>,
         req: Request<Incoming>,
         url: &Url,
+        scheme: Scheme,
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
         let (host, path) = (url.host(), url.path());
-        let preq = policy::policy_request(path, req.headers());
+        let preq = policy::policy_request(scheme, path, req.headers());
         let key = &url.key;
         let only_if_cached = policy::directive(req.headers(), "only-if-cached").is_some();
         let no_cache = policy::directive(req.headers(), "no-cache").is_some()
@@ -500,7 +521,7 @@ impl CoreCache {
         // The Surrogate-Capability the full way adds changes none of what is read here.
         let raw_host = h.get(header::HOST).map(|v| v.as_bytes());
         let now = SystemTime::now();
-        let e = self.store.fresh_hit(&url.key, raw_host, now)?;
+        let e = self.store.fresh_hit(&url.key, url.scheme?, raw_host, now)?;
         let stored = self.store.body(&e.id, e.meta.len).await.ok()?;
         self.answer(&e, stored, h, head, CacheStatus::Hit, now)
             .await

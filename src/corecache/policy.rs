@@ -4,10 +4,10 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
-use super::store::Meta;
+use super::store::{Meta, Scheme};
 
 /// The `Signature` request header (authorized fetch).
 const SIGNATURE: HeaderName = HeaderName::from_static("signature");
@@ -200,15 +200,24 @@ fn seconds(headers: &HeaderMap, name: &str) -> Option<Duration> {
 }
 
 /// The request as the policy sees it: `GET` (a HEAD is answered from a GET's entry), the
-/// path, the client's headers.
-pub fn policy_request(path: &str, headers: &HeaderMap) -> http::request::Parts {
-    let (mut parts, ()) = http::Request::builder()
-        .method(Method::GET)
-        .uri(path)
-        .body(())
-        .unwrap_or_else(|_| http::Request::new(()))
-        .into_parts();
-    parts.headers = headers.clone();
+/// scheme and path (the policy compares the URI: an entry answers requests of its scheme
+/// only), the client's headers. The URI's authority is a fixed name: the policy compares
+/// the `Host` header on its own, as sent.
+pub fn policy_request(scheme: Scheme, path: &str, headers: &HeaderMap) -> http::request::Parts {
+    let uri = http::Uri::builder()
+        .scheme(scheme.as_str())
+        .authority("core")
+        .path_and_query(path)
+        .build()
+        .unwrap_or_default();
+    request_for(uri, headers.clone())
+}
+
+/// A policy request for `uri` (made by [`policy_request`]) and `headers`.
+pub fn request_for(uri: http::Uri, headers: HeaderMap) -> http::request::Parts {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.uri = uri;
+    parts.headers = headers;
     parts
 }
 
@@ -295,11 +304,14 @@ pub fn build(
             kept.append(name.clone(), value.clone());
         }
     }
-    let clean = policy_request(path, &kept);
+    // The scheme is part of the URI (`policy_request`); a request without one is not stored.
+    let scheme = Scheme::parse(req.uri.scheme_str()?)?;
+    let clean = request_for(req.uri.clone(), kept);
     let policy = CachePolicy::new_options(&clean, &resp, now, CacheOptions::default());
     let mut headers = headers.clone();
     headers.remove("surrogate-control");
     Some(Meta {
+        scheme: Some(scheme),
         host: host.to_owned(),
         raw_host: req
             .headers
@@ -375,7 +387,7 @@ pub fn updated(
             first.insert(name.clone(), v.clone());
         }
     }
-    let req = &policy_request(&meta.path, &first);
+    let req = &request_for(req.uri.clone(), first);
     if let Some(m) = build(&meta.host, &meta.path, req, None, status, &headers, now) {
         return (m, Update::Store);
     }
@@ -560,9 +572,10 @@ mod tests {
     fn a_304_to_a_request_repeating_a_selecting_header_keeps_the_entry() {
         let now = SystemTime::now();
         let resp = map(&[("cache-control", "public, max-age=0"), ("vary", "Accept")]);
-        let html = policy_request("/x", &map(&[("accept", "text/html")]));
+        let html = policy_request(Scheme::Https, "/x", &map(&[("accept", "text/html")]));
         let meta = build("h", "/x", &html, None, StatusCode::OK, &resp, now).unwrap();
         let twice = policy_request(
+            Scheme::Https,
             "/x",
             &map(&[
                 ("accept", "text/html"),
@@ -581,7 +594,7 @@ mod tests {
     #[test]
     fn set_cookie_private_and_no_store_are_not_stored() {
         let now = SystemTime::now();
-        let req = policy_request("/x", &HeaderMap::new());
+        let req = policy_request(Scheme::Https, "/x", &HeaderMap::new());
         let ok = map(&[("cache-control", "public, max-age=60")]);
         assert!(build("h", "/x", &req, None, StatusCode::OK, &ok, now).is_some());
         for bad in [
@@ -604,7 +617,7 @@ mod tests {
         .is_none());
         assert!(build("h", "/x", &req, Some("signature"), StatusCode::OK, &ok, now).is_some());
         // Public, but varying on the credential the request carried: not shared.
-        let signed = policy_request("/x", &map(&[("signature", "keyId=\"k\"")]));
+        let signed = policy_request(Scheme::Https, "/x", &map(&[("signature", "keyId=\"k\"")]));
         let vary = map(&[
             ("cache-control", "public, max-age=60"),
             ("vary", "Accept, Signature"),

@@ -90,7 +90,8 @@ impl CoreCache {
         conn: Option<ConnInfo>,
         guard: FlightGuard,
     ) {
-        let preq = policy::policy_request(&e.meta.path, &request.headers);
+        // The stored request's URI: its scheme.
+        let preq = policy::request_for(request.uri.clone(), request.headers.clone());
         let sent = Instant::now();
         let result = proxy.send(Kind::Web, upstream_request(request, conn)).await;
         let now = SystemTime::now();

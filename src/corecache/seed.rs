@@ -9,11 +9,11 @@ use std::path::Path;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::policy;
-use super::store::{own_id, url_key};
+use super::store::{own_id, url_key, Scheme};
 
 /// Writes one stored `200` response per `(path, body)` for `host` (lower case, no port) with
 /// the response `headers` (they must make it storable, e.g. `cache-control: public,
-/// max-age=…`), as a GET with only `Host: host` stored it. Returns how many were written.
+/// max-age=…`), as a plain-HTTP GET with only `Host: host` stored it. Returns how many were written.
 #[doc(hidden)]
 pub fn seed(
     dir: &Path,
@@ -29,7 +29,7 @@ pub fn seed(
     );
     let mut n = 0;
     for (path, body) in entries {
-        let preq = policy::policy_request(&path, &req);
+        let preq = policy::policy_request(Scheme::Http, &path, &req);
         let Some(mut meta) = policy::build(host, &path, &preq, None, StatusCode::OK, headers, now)
         else {
             return Err(io::Error::other(

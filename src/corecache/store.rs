@@ -45,9 +45,41 @@ use crate::metrics::Metrics;
 /// An entry's name on disk: 32 hex digits (shared: a hit clones it).
 pub type Id = Arc<str>;
 
+/// The scheme a response was made for: the `X-Forwarded-Proto` core was told (Rails builds
+/// redirects, links and `secure` cookies from it). Part of what a stored response answers:
+/// an https request is never answered with what core said to an http one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    /// From `X-Forwarded-Proto`'s value (see `proxy::headers::proto_sent`).
+    pub fn parse(proto: &str) -> Option<Scheme> {
+        match proto {
+            "https" => Some(Scheme::Https),
+            "http" => Some(Scheme::Http),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 /// What is stored beside a body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
+    /// The scheme it answers (None: stored before entries were keyed by scheme; such an
+    /// entry answers no request, and the loader removes it).
+    #[serde(default)]
+    pub scheme: Option<Scheme>,
     /// Host, lower case, without port.
     pub host: String,
     /// The `Host` header of the request that stored it, as sent (the policy compares it
@@ -375,9 +407,15 @@ impl Store {
 
     /// The fast hit (see `CoreCache::fresh_without_vary`): under one lock, the first stored
     /// variant of `key` (most recently stored first) that is fresh at `now`, marked used;
-    /// None, for the full way, as soon as one has `Vary`, was stored for another `Host`
-    /// value (`raw_host`, as sent) or cannot be judged here.
-    pub fn fresh_hit(&self, key: &str, raw_host: Option<&[u8]>, now: SystemTime) -> Option<Entry> {
+    /// None, for the full way, as soon as one has `Vary`, was stored for another scheme or
+    /// `Host` value (`raw_host`, as sent) or cannot be judged here.
+    pub fn fresh_hit(
+        &self,
+        key: &str,
+        scheme: Scheme,
+        raw_host: Option<&[u8]>,
+        now: SystemTime,
+    ) -> Option<Entry> {
         let mut index = self.index.lock();
         let index = &mut *index;
         if index
@@ -393,7 +431,10 @@ impl Store {
                 continue;
             };
             let hot = meta.hot(now)?;
-            if hot.vary || raw_host != meta.raw_host.as_deref().map(str::as_bytes) {
+            if hot.vary
+                || meta.scheme != Some(scheme)
+                || raw_host != meta.raw_host.as_deref().map(str::as_bytes)
+            {
                 return None;
             }
             if hot.fresh(now) {

@@ -198,8 +198,52 @@ pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) 
         headers.insert(X_REAL_IP, ip);
     }
     if !(trusted && found.names & PROTO != 0) {
-        let proto = if tls { "https" } else { "http" };
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(own_scheme(tls)));
+    }
+}
+
+/// The scheme of a connection, as `X-Forwarded-Proto` says it.
+fn own_scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// The `X-Forwarded-Proto` that [`forward`] leaves for the upstream, when it is one field
+/// saying `http` or `https`: the connection's scheme, or the one a trusted proxy sent (unless
+/// its `Connection` names the header, which removes it). None when a trusted proxy's value
+/// goes on and is anything else (several fields, a list, another word): core's answer then
+/// depends on a value the core cache does not key ([`crate::corecache`] keys by scheme).
+/// `trusted` is asked only when the request has the header.
+pub fn proto_sent(
+    headers: &HeaderMap,
+    tls: bool,
+    trusted: impl FnOnce() -> bool,
+) -> Option<&'static str> {
+    let mut sent = headers.get_all(&X_FORWARDED_PROTO).iter();
+    let Some(first) = sent.next() else {
+        return Some(own_scheme(tls));
+    };
+    let removed = || {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|n| n.trim().eq_ignore_ascii_case("x-forwarded-proto"))
+    };
+    if !trusted() || removed() {
+        return Some(own_scheme(tls));
+    }
+    if sent.next().is_some() {
+        return None;
+    }
+    match first.as_bytes() {
+        b"https" => Some("https"),
+        b"http" => Some("http"),
+        _ => None,
     }
 }
 
@@ -254,6 +298,46 @@ mod tests {
         let mut h = map(&[("connection", "close"), ("close", "1"), ("accept", "*/*")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["accept"]);
+    }
+
+    #[test]
+    fn proto_sent_is_what_forward_leaves_or_none() {
+        let cases: [&[(&str, &str)]; 7] = [
+            &[],
+            &[("x-forwarded-proto", "https")],
+            &[("x-forwarded-proto", "http")],
+            &[("x-forwarded-proto", "HTTPS")],
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-proto", "http"),
+            ],
+            &[("x-forwarded-proto", "https, http")],
+            &[
+                ("connection", "close, X-Forwarded-Proto"),
+                ("x-forwarded-proto", "http"),
+            ],
+        ];
+        for pairs in cases {
+            for tls in [false, true] {
+                for trusted in [false, true] {
+                    let mut h = map(pairs);
+                    let said = proto_sent(&h, tls, || trusted);
+                    forward(&mut h, "10.0.0.5".parse().unwrap(), tls, trusted);
+                    let left: Vec<&str> = h
+                        .get_all("x-forwarded-proto")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    match said {
+                        Some(p) => assert_eq!(left, [p], "{pairs:?} tls {tls} trusted {trusted}"),
+                        None => assert!(
+                            trusted && (left.len() > 1 || !["http", "https"].contains(&left[0])),
+                            "{pairs:?} tls {tls}: {left:?} is keyable"
+                        ),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

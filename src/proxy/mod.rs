@@ -173,6 +173,16 @@ impl Proxy {
         self.live.read().trusted.clone()
     }
 
+    /// The scheme core is told a request came by (`X-Forwarded-Proto`), when it is `http`
+    /// or `https` ([`headers::proto_sent`]).
+    pub fn scheme_sent<B>(&self, req: &Request<B>) -> Option<&'static str> {
+        let info = req.extensions().get::<ConnInfo>().copied();
+        headers::proto_sent(req.headers(), info.is_some_and(|i| i.tls), || {
+            let peer = peer(info);
+            self.live.read().trusted.iter().any(|n| n.contains(&peer))
+        })
+    }
+
     /// Answers one request from the upstreams of `kind`.
     pub async fn handle(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
         if kind == Kind::Web {
@@ -261,11 +271,7 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let info = parts.extensions.get::<ConnInfo>().copied();
-        // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`: compared and passed
-        // on as IPv4.
-        let peer = info
-            .map(|i| i.peer.ip().to_canonical())
-            .unwrap_or([127, 0, 0, 1].into());
+        let peer = peer(info);
         let trusted = live.trusted.iter().any(|n| n.contains(&peer));
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/2: the name is in the URI.
@@ -511,6 +517,13 @@ impl Proxy {
         admission.failure();
         Some(ProxyError::Upstream { addr, message })
     }
+}
+
+/// A request's peer address (loopback for a request made here). A dual-stack listener sees
+/// IPv4 clients as `::ffff:a.b.c.d`: compared and passed on as IPv4.
+fn peer(info: Option<ConnInfo>) -> std::net::IpAddr {
+    info.map(|i| i.peer.ip().to_canonical())
+        .unwrap_or([127, 0, 0, 1].into())
 }
 
 /// Whether a request body's limit was passed (`LimitedBody`'s flag).

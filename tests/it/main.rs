@@ -8,6 +8,7 @@ mod corecache_hit;
 mod corecache_load;
 mod corecache_memory;
 mod corecache_privacy;
+mod corecache_scheme;
 mod destination;
 mod disk;
 mod disk_midbody;

@@ -10,7 +10,7 @@ use crate::proxy::{edge_with_core, Mode, Upstream, CORE};
 
 /// A CA (its root for the client) and a leaf for `names` written to `dir`; returns the root
 /// and the `[tls]` table.
-fn tls(dir: &Path, names: &[&str]) -> (reqwest::Certificate, String) {
+pub fn tls(dir: &Path, names: &[&str]) -> (reqwest::Certificate, String) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
@@ -32,7 +32,7 @@ fn tls(dir: &Path, names: &[&str]) -> (reqwest::Certificate, String) {
     )
 }
 
-fn client(root: &reqwest::Certificate, addr: SocketAddr, http1: bool) -> reqwest::Client {
+pub fn client(root: &reqwest::Certificate, addr: SocketAddr, http1: bool) -> reqwest::Client {
     let mut b = reqwest::Client::builder().tls_certs_only([root.clone()]);
     for name in [CORE, "files.test", "other.test"] {
         b = b.resolve(name, addr);

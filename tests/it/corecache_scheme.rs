@@ -1,0 +1,133 @@
+//! The core cache keys by the scheme core is told (`X-Forwarded-Proto`): Rails builds
+//! redirects, links and `secure` cookies from it, so what core answers an http request never
+//! answers an https one (RFC 9111 §2: the key is the target URI, scheme included). HTTP/2
+//! requests, which carry their name in the URI, are stored and revalidated with it as `Host`.
+
+use crate::corecache::{cache_conf, fetch, hs, reply, Core};
+use crate::proxy::{edge_with_core, CORE};
+use crate::proxy_tls::{client, tls};
+
+/// Core answers every URL with the scheme and host it was told, `public, max-age=600`.
+async fn telling_core() -> Core {
+    Core::start(|s, _| {
+        reply(
+            200,
+            &[("cache-control", "public, max-age=600")],
+            &format!("{} for {}", hs(s, "x-forwarded-proto"), hs(s, "host")),
+        )
+    })
+    .await
+}
+
+async fn about(edge: &crate::common::TestEdge, proto: &str) -> (u16, String, String) {
+    fetch(edge, "/about", &[("x-forwarded-proto", proto)]).await
+}
+
+/// Behind a trusted proxy that passes the scheme on: one entry per scheme, each answering
+/// only its own; a value the cache cannot key (a list, two fields, another word) is passed
+/// on and never stored.
+#[tokio::test]
+async fn each_scheme_a_trusted_proxy_names_has_entries_of_its_own() {
+    let core = telling_core().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = "trusted_proxies = [\"127.0.0.0/8\"]\n";
+    let edge = edge_with_core(
+        dir.path(),
+        &[core.addr()],
+        &cache_conf(dir.path(), "16MiB", trusted),
+    )
+    .await;
+    let told = |proto: &str| format!("{proto} for {CORE}");
+
+    assert_eq!(
+        about(&edge, "http").await,
+        (200, "MISS".into(), told("http"))
+    );
+    assert_eq!(
+        about(&edge, "https").await,
+        (200, "MISS".into(), told("https")),
+        "the http answer is not the https one"
+    );
+    assert_eq!(
+        about(&edge, "http").await,
+        (200, "HIT".into(), told("http"))
+    );
+    assert_eq!(
+        about(&edge, "https").await,
+        (200, "HIT".into(), told("https"))
+    );
+    assert_eq!(core.count("/about"), 2);
+
+    for odd in ["https, http", "HTTPS", "wss"] {
+        let (_, cache, body) = fetch(&edge, "/odd", &[("x-forwarded-proto", odd)]).await;
+        assert_eq!((cache.as_str(), body), ("BYPASS", told(odd)), "{odd}");
+    }
+    let mut twice = crate::proxy::get(&edge, CORE, "/odd");
+    for proto in ["https", "http"] {
+        twice = twice.header("x-forwarded-proto", proto);
+    }
+    let r = twice.send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+    let usage = edge.running.core_cache.as_ref().unwrap().usage();
+    assert_eq!(usage.1, 2, "none of /odd's answers stored");
+    let (_, cache, body) = fetch(&edge, "/odd", &[("x-forwarded-proto", "https")]).await;
+    assert_eq!((cache.as_str(), body), ("MISS", told("https")));
+}
+
+/// The TLS listener's requests (`https`) and the plain one's (`http`) never share an entry,
+/// and an HTTP/2 client's entry is revalidated with its `Host` (the URI's authority), not
+/// the upstream's address.
+#[tokio::test]
+async fn https_and_http_listeners_never_share_and_http2_revalidates_with_its_host() {
+    let core = Core::start(|s, _| {
+        let body = format!("{} for {}", hs(s, "x-forwarded-proto"), hs(s, "host"));
+        match hs(s, "if-none-match") {
+            "\"v1\"" => reply(304, &[("etag", "\"v1\"")], ""),
+            _ => reply(
+                200,
+                &[("cache-control", "no-cache"), ("etag", "\"v1\"")],
+                &body,
+            ),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = tls(dir.path(), &[CORE]);
+    let conf = cache_conf(dir.path(), "16MiB", &table);
+    let edge = edge_with_core(dir.path(), &[core.addr()], &conf).await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    let name = format!("{CORE}:{}", addr.port());
+    let url = format!("https://{name}/public");
+    let h2 = client(&root, addr, false);
+
+    let r = h2.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.text().await.unwrap(), format!("https for {name}"));
+    let r = h2.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "REVALIDATED");
+    assert_eq!(r.text().await.unwrap(), format!("https for {name}"));
+    let seen = core.last("/public");
+    assert_eq!(hs(&seen, "if-none-match"), "\"v1\"", "a revalidation");
+    assert_eq!(
+        hs(&seen, "host"),
+        name,
+        "the client's name, not core's address"
+    );
+
+    // The same name over the plain listener: core's answer to http, stored apart.
+    let plain = |path| {
+        crate::common::client()
+            .get(format!("http://{}{path}", edge.running.addr))
+            .header("host", &name)
+    };
+    let r = plain("/public").send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.text().await.unwrap(), format!("http for {name}"));
+    let r = plain("/public").send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "REVALIDATED");
+    assert_eq!(r.text().await.unwrap(), format!("http for {name}"));
+    let r = h2.get(&url).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), format!("https for {name}"));
+    assert_eq!(core.count("/public"), 5);
+}
