@@ -317,6 +317,8 @@ impl Flights {
         let created = tokio::task::spawn_blocking(move || body::create_temp(&dir, size))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)));
+        // The room, as long as the body goes to the temp file.
+        let mut temp_room = Some(temp_room);
         let (tmp, flight_body) = match created {
             Ok(tmp) => {
                 let file = Arc::new(
@@ -328,7 +330,7 @@ impl Flights {
             }
             Err(e) => {
                 self.dirs.tmp_health.failed(&e);
-                drop(temp_room);
+                drop(temp_room.take());
                 match self.limits.memory(size) {
                     Some(permit) => (None, FlightBody::memory(permit, size)),
                     None => return Ok(End::NoRoom),
@@ -342,7 +344,12 @@ impl Flights {
                 source: store.name().into(),
                 from_fallback: index > 0,
                 body: flight_body.clone(),
-                source_again: Refetch::new(store.clone(), key.clone(), self.metrics.clone()),
+                source_again: Refetch::new(
+                    store.clone(),
+                    key.clone(),
+                    self.limits.slots(),
+                    self.metrics.clone(),
+                ),
                 table: (Arc::downgrade(self), key.clone()),
             }))
         });
@@ -372,6 +379,9 @@ impl Flights {
                     // (EIO): requests from now on start a flight of their own.
                     self.leave(key, &tx.subscribe());
                     self.dirs.tmp_health.failed(&e);
+                    // The file takes no more of the body: its room goes back to the
+                    // budget now, not when the flight ends (it may read on a long time).
+                    drop(temp_room.take());
                     // The rest goes to memory if it fits there; else it is kept nowhere and
                     // each follower reads it from the source on its own.
                     let Some(permit) = self.limits.memory(size - at) else {
