@@ -23,11 +23,16 @@
 //! be unreadable, so later requests start a flight of their own. A follower that needs
 //! bytes the flight cannot give it (its part on the failed disk, or a rest that did not fit
 //! in memory) reads the body again from the source on its own ([`refetch`]): no client is
-//! cut for a local disk's fault. A flight that keeps nothing more still reads its source to
-//! the end, to verify the bytes it gave before.
+//! cut for a local disk's fault (only, past `max_flights`, for want of a slot). A flight
+//! that keeps nothing more still reads its source to the end, to verify the bytes it gave
+//! before.
 //!
-//! The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at
-//! once; past them a flight waits briefly, then answers 503.
+//! The work is bounded: `max_flights` source reads and `max_flight_temp_bytes` of temp files
+//! at once; past them a flight waits briefly, then answers 503. A follower's refetch is a
+//! source read too: it takes a slot of the same `max_flights`, waiting as a flight would,
+//! and its response is cut when none comes ([`refetch`]), so a failed disk under a herd does
+//! not become a herd on the source. A flight whose temp file takes no more of the body (its
+//! disk failed mid-body) gives its temp-disk room back at once, not when it ends.
 
 mod body;
 mod disk;
@@ -77,7 +82,9 @@ impl Started {
     /// flight cannot give it: its part on a cache disk that failed since, or a part kept
     /// nowhere ([`FlightState::rest_unkept`]): same object as announced, verified whole.
     /// `spliced`: the follower sent bytes of this flight before; the store must then show
-    /// the object is the same one (an ETag or MD5 in both answers), else this fails.
+    /// the object is the same one (an ETag or MD5 in both answers), else this fails. The
+    /// read holds a `max_flights` slot to its end; with none free within
+    /// `flight_queue_wait`, this fails (the follower's response is cut).
     pub async fn refetch(&self, spliced: bool) -> Result<ByteStream, StoreError> {
         self.source_again.body(&self.meta, spliced).await
     }

@@ -5,7 +5,10 @@
 //! "the device is gone", as xfstests' `godown`), after which every write and read on it
 //! fails with EIO. With memory for the rest of the body, the herd shares the one fetch; a
 //! request that needs bytes the flight cannot give (its file unreadable, or a rest kept
-//! nowhere) reads the source again on its own: no client is cut.
+//! nowhere) reads the source again on its own: no client is cut for the disk's fault. Those
+//! reads take `max_flights` slots as flights do: past the cap a request waits, then is cut,
+//! and the source never sees more reads at once than the cap. A flight that stops writing
+//! its temp file gives its temp-disk room back at once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -108,19 +108,21 @@ impl Origin {
                         a.lock().push(Instant::now());
                         let (o, g, t, f) = (o.clone(), g.clone(), t.clone(), f.clone());
                         // A GET counts from its arrival until its body is sent or dropped.
-                        let sending = (req.method() == hyper::Method::GET)
-                            .then(|| InFlightGuard::new(&bo));
+                        let sending =
+                            (req.method() == hyper::Method::GET).then(|| InFlightGuard::new(&bo));
                         async move {
                             let _in_flight = InFlightGuard::new(&f);
                             let r = answer(req, &o, &g, &t).await;
-                            Ok::<_, Infallible>(r.map(|body| match sending {
-                                None => body,
-                                Some(guard) => body
-                                    .map_frame(move |frame| {
-                                        let _held = &guard;
-                                        frame
-                                    })
-                                    .boxed_unsync(),
+                            Ok::<_, Infallible>(r.map(|body| {
+                                match sending {
+                                    None => body,
+                                    Some(guard) => body
+                                        .map_frame(move |frame| {
+                                            let _held = &guard;
+                                            frame
+                                        })
+                                        .boxed_unsync(),
+                                }
                             }))
                         }
                     });
