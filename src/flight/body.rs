@@ -346,6 +346,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_refetch_takes_its_slot_from_the_same_max_flights() {
+        let limits = Limits::new(2, 1 << 20, 1 << 20, Duration::from_secs(2));
+        let _flight = limits.flight_now().expect("a free slot");
+        let slots = limits.slots();
+        let refetch = slots.now().expect("the other slot");
+        assert!(
+            limits.flight_now().is_none(),
+            "a refetch holds a flight's slot"
+        );
+        assert!(
+            slots.wait().await.is_none(),
+            "a second refetch waits, then gives up"
+        );
+        drop(refetch);
+        assert!(limits.flight_now().is_some(), "given back when it ends");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_slot_freed_while_a_flight_queues_is_taken() {
         let limits = Arc::new(Limits::new(1, 1 << 20, 1 << 20, Duration::from_secs(2)));
         let held = limits.flight().await.expect("a free slot");
