@@ -69,7 +69,7 @@ impl Refetch {
         let Some(slot) = slot else {
             self.metrics.flight_refetch_refused();
             if !self.refusal_said.swap(true, Ordering::Relaxed) {
-                tracing::warn!(key = %self.key, store = name, "too many fetches under way (max_flights): a follower that needs the body read again is cut (logged once per flight)");
+                tracing::warn!(key = %self.key, store = name, "too many fetches under way (max_flights): followers of this flight that need its body read again are cut");
             }
             return Err(StoreError::backend(
                 name,
