@@ -123,6 +123,7 @@ struct Inner {
     store_latency: Family<StoreOnly, Histogram, fn() -> Histogram>,
     coalesced: Counter,
     flight_refetches: Counter,
+    flight_refetches_refused: Counter,
     writebacks: Family<OutcomeLabels, Counter>,
     writeback_pending: Gauge,
     cache_bytes: Gauge,
@@ -224,6 +225,12 @@ impl Metrics {
             "flight_refetches",
             "Requests that read their body again from its source on their own: the part they needed was on a cache disk that failed, or kept neither there nor in memory",
             flight_refetches.clone(),
+        );
+        let flight_refetches_refused = Counter::default();
+        registry.register(
+            "flight_refetches_refused",
+            "Refetches that found max_flights full for flight_queue_wait: their responses were cut",
+            flight_refetches_refused.clone(),
         );
         let writebacks = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -367,6 +374,7 @@ impl Metrics {
             store_latency,
             coalesced,
             flight_refetches,
+            flight_refetches_refused,
             writebacks,
             writeback_pending,
             cache_bytes,
@@ -458,6 +466,11 @@ impl Metrics {
     /// not give it the bytes it needed (a failed cache disk, no memory left).
     pub fn flight_refetch(&self) {
         self.0.flight_refetches.inc();
+    }
+
+    /// Counts a refetch refused for want of a flight slot (its response cut).
+    pub fn flight_refetch_refused(&self) {
+        self.0.flight_refetches_refused.inc();
     }
 
     /// Counts a write-back attempt.

@@ -1,7 +1,9 @@
 //! Response bodies read from a file, also one that a flight is still writing (or holding in
 //! memory): bytes reach the client as they land, and the last one is held back until the
 //! flight has verified the body. Bytes the flight cannot give (a cache disk that failed
-//! mid-body) are read from the source again by that response alone.
+//! mid-body) are read from the source again by that response alone, within a `max_flights`
+//! slot: with none free in time, the response is cut (never spliced, never ended short as if
+//! whole).
 
 use std::fs::File;
 use std::io;

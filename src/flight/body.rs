@@ -157,11 +157,36 @@ pub fn create_temp(dir: &Path, size: u64) -> io::Result<tempfile::NamedTempFile>
 /// The bounds on the work flights may take on: how many run at once, how many temp-disk
 /// bytes they hold, how much memory bodies without a disk may take.
 pub struct Limits {
-    flights: Arc<Semaphore>,
+    flights: Slots,
     temp: Arc<Semaphore>,
     temp_total: u32,
     memory: MemoryBudget,
     queue_wait: Duration,
+}
+
+/// `max_flights`: the slots of every source read a flight makes for clients, its own fetch
+/// and its followers' refetches ([`super::refetch`]) alike, with the time one may wait for a
+/// slot.
+#[derive(Clone)]
+pub struct Slots {
+    sem: Arc<Semaphore>,
+    queue_wait: Duration,
+}
+
+impl Slots {
+    /// A slot if one is free now.
+    pub fn now(&self) -> Option<OwnedSemaphorePermit> {
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot, waiting up to the queue time; `None` when none freed up in time.
+    pub async fn wait(&self) -> Option<OwnedSemaphorePermit> {
+        let acquire = self.sem.clone().acquire_owned();
+        tokio::time::timeout(self.queue_wait, acquire)
+            .await
+            .ok()?
+            .ok()
+    }
 }
 
 /// `max_flight_memory`: the bytes of bodies held in memory while they are received, shared by
@@ -226,7 +251,10 @@ impl Limits {
     /// bytes before it gives up (503).
     pub fn new(max_flights: usize, max_temp: u64, max_memory: u64, queue_wait: Duration) -> Self {
         Limits {
-            flights: Arc::new(Semaphore::new(max_flights)),
+            flights: Slots {
+                sem: Arc::new(Semaphore::new(max_flights)),
+                queue_wait,
+            },
             temp: Arc::new(Semaphore::new(kib(max_temp) as usize)),
             temp_total: kib(max_temp),
             memory: MemoryBudget::new(max_memory),
@@ -236,16 +264,17 @@ impl Limits {
 
     /// A flight slot if one is free now.
     pub fn flight_now(&self) -> Option<OwnedSemaphorePermit> {
-        self.flights.clone().try_acquire_owned().ok()
+        self.flights.now()
     }
 
     /// A flight slot, waiting briefly; `None` when none freed up in time.
     pub async fn flight(&self) -> Option<OwnedSemaphorePermit> {
-        let acquire = self.flights.clone().acquire_owned();
-        tokio::time::timeout(self.queue_wait, acquire)
-            .await
-            .ok()?
-            .ok()
+        self.flights.wait().await
+    }
+
+    /// The flight slots, for a follower's refetch to take one as a flight does.
+    pub fn slots(&self) -> Slots {
+        self.flights.clone()
     }
 
     /// Temp-disk room for a body of `size` if that much is free now.
@@ -314,6 +343,24 @@ mod tests {
         let asked = tokio::time::Instant::now();
         assert!(limits.flight().await.is_none());
         assert_eq!(asked.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refetch_takes_its_slot_from_the_same_max_flights() {
+        let limits = Limits::new(2, 1 << 20, 1 << 20, Duration::from_secs(2));
+        let _flight = limits.flight_now().expect("a free slot");
+        let slots = limits.slots();
+        let refetch = slots.now().expect("the other slot");
+        assert!(
+            limits.flight_now().is_none(),
+            "a refetch holds a flight's slot"
+        );
+        assert!(
+            slots.wait().await.is_none(),
+            "a second refetch waits, then gives up"
+        );
+        drop(refetch);
+        assert!(limits.flight_now().is_some(), "given back when it ends");
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,11 +23,16 @@
 //! be unreadable, so later requests start a flight of their own. A follower that needs
 //! bytes the flight cannot give it (its part on the failed disk, or a rest that did not fit
 //! in memory) reads the body again from the source on its own ([`refetch`]): no client is
-//! cut for a local disk's fault. A flight that keeps nothing more still reads its source to
-//! the end, to verify the bytes it gave before.
+//! cut for a local disk's fault (only, past `max_flights`, for want of a slot). A flight
+//! that keeps nothing more still reads its source to the end, to verify the bytes it gave
+//! before.
 //!
-//! The work is bounded: `max_flights` fetches and `max_flight_temp_bytes` of temp files at
-//! once; past them a flight waits briefly, then answers 503.
+//! The work is bounded: `max_flights` source reads and `max_flight_temp_bytes` of temp files
+//! at once; past them a flight waits briefly, then answers 503. A follower's refetch is a
+//! source read too: it takes a slot of the same `max_flights`, waiting as a flight would,
+//! and its response is cut when none comes ([`refetch`]), so a failed disk under a herd does
+//! not become a herd on the source. A flight whose temp file takes no more of the body (its
+//! disk failed mid-body) gives its temp-disk room back at once, not when it ends.
 
 mod body;
 mod disk;
@@ -77,7 +82,9 @@ impl Started {
     /// flight cannot give it: its part on a cache disk that failed since, or a part kept
     /// nowhere ([`FlightState::rest_unkept`]): same object as announced, verified whole.
     /// `spliced`: the follower sent bytes of this flight before; the store must then show
-    /// the object is the same one (an ETag or MD5 in both answers), else this fails.
+    /// the object is the same one (an ETag or MD5 in both answers), else this fails. The
+    /// read holds a `max_flights` slot to its end; with none free within
+    /// `flight_queue_wait`, this fails (the follower's response is cut).
     pub async fn refetch(&self, spliced: bool) -> Result<ByteStream, StoreError> {
         self.source_again.body(&self.meta, spliced).await
     }
@@ -317,6 +324,8 @@ impl Flights {
         let created = tokio::task::spawn_blocking(move || body::create_temp(&dir, size))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)));
+        // The room, as long as the body goes to the temp file.
+        let mut temp_room = Some(temp_room);
         let (tmp, flight_body) = match created {
             Ok(tmp) => {
                 let file = Arc::new(
@@ -328,7 +337,7 @@ impl Flights {
             }
             Err(e) => {
                 self.dirs.tmp_health.failed(&e);
-                drop(temp_room);
+                drop(temp_room.take());
                 match self.limits.memory(size) {
                     Some(permit) => (None, FlightBody::memory(permit, size)),
                     None => return Ok(End::NoRoom),
@@ -342,7 +351,12 @@ impl Flights {
                 source: store.name().into(),
                 from_fallback: index > 0,
                 body: flight_body.clone(),
-                source_again: Refetch::new(store.clone(), key.clone(), self.metrics.clone()),
+                source_again: Refetch::new(
+                    store.clone(),
+                    key.clone(),
+                    self.limits.slots(),
+                    self.metrics.clone(),
+                ),
                 table: (Arc::downgrade(self), key.clone()),
             }))
         });
@@ -372,6 +386,9 @@ impl Flights {
                     // (EIO): requests from now on start a flight of their own.
                     self.leave(key, &tx.subscribe());
                     self.dirs.tmp_health.failed(&e);
+                    // The file takes no more of the body: its room goes back to the
+                    // budget now, not when the flight ends (it may read on a long time).
+                    drop(temp_room.take());
                     // The rest goes to memory if it fits there; else it is kept nowhere and
                     // each follower reads it from the source on its own.
                     let Some(permit) = self.limits.memory(size - at) else {

@@ -7,7 +7,19 @@
 //! read): the bytes before the follower's offset are read again and dropped, and in exchange
 //! the rest is verified as part of the whole body (length, and MD5 where the source vouches
 //! for one), its last byte held back until then, as every flight's is.
+//!
+//! A refetch is a source read like a flight's own: it takes a slot of `max_flights` and holds
+//! it until its stream ends or is dropped, waiting for one up to `flight_queue_wait` as a new
+//! flight would (counted in `fediedge_flights_waiting`). A failed disk under a herd thus
+//! makes no more source reads at once than the cap allows. A follower that gets no slot in
+//! time is cut (its response was under way: headers sent, perhaps bytes), counted in
+//! `fediedge_flight_refetches_refused_total` and logged once per flight, never per follower.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::StreamExt;
+
+use super::body::Slots;
 use super::verified;
 use crate::key::Key;
 use crate::metrics::Metrics;
@@ -17,15 +29,21 @@ use crate::store::{ByteStream, ObjectMeta, StoreError, StoreHandle};
 pub struct Refetch {
     store: StoreHandle,
     key: Key,
+    /// `max_flights`, shared with the flights.
+    slots: Slots,
+    /// Whether a refused refetch of this flight was logged already.
+    refusal_said: AtomicBool,
     metrics: Metrics,
 }
 
 impl Refetch {
-    /// The body of `key` in `store`.
-    pub fn new(store: StoreHandle, key: Key, metrics: Metrics) -> Refetch {
+    /// The body of `key` in `store`, read within `slots`.
+    pub fn new(store: StoreHandle, key: Key, slots: Slots, metrics: Metrics) -> Refetch {
         Refetch {
             store,
             key,
+            slots,
+            refusal_said: AtomicBool::new(false),
             metrics,
         }
     }
@@ -37,10 +55,28 @@ impl Refetch {
     /// then the two answers must also be shown to be one object (an ETag or MD5 that both
     /// give), else it fails: a cut response rather than one spliced from two bodies that
     /// cannot be told apart. The stream fails if the body does not match, and holds back its
-    /// last chunk until it is verified.
+    /// last chunk until it is verified. It holds a flight slot until it ends or is dropped;
+    /// with none free within the queue time, it fails.
     pub async fn body(&self, meta: &ObjectMeta, spliced: bool) -> Result<ByteStream, StoreError> {
-        self.metrics.flight_refetch();
         let name = self.store.name();
+        let slot = match self.slots.now() {
+            Some(slot) => Some(slot),
+            None => {
+                let _queued = self.metrics.flight_queued();
+                self.slots.wait().await
+            }
+        };
+        let Some(slot) = slot else {
+            self.metrics.flight_refetch_refused();
+            if !self.refusal_said.swap(true, Ordering::Relaxed) {
+                tracing::warn!(key = %self.key, store = name, "too many fetches under way (max_flights): followers of this flight that need its body read again are cut");
+            }
+            return Err(StoreError::backend(
+                name,
+                "no flight slot for a refetch (max_flights): the response is cut",
+            ));
+        };
+        self.metrics.flight_refetch();
         let object = self.store.get(&self.key).await?;
         let changed = |detail: &str| StoreError::Integrity {
             store: name.to_owned(),
@@ -62,7 +98,11 @@ impl Refetch {
         let mut check = object.meta;
         check.md5 = check.md5.or(meta.md5);
         let body = verified(object.body, &check, name.to_owned(), self.key.to_string());
-        Ok(body)
+        // The slot goes with the stream: given back when it ends or its reader leaves.
+        Ok(Box::pin(body.map(move |chunk| {
+            let _held = &slot;
+            chunk
+        })))
     }
 }
 

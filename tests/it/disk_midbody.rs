@@ -5,7 +5,10 @@
 //! "the device is gone", as xfstests' `godown`), after which every write and read on it
 //! fails with EIO. With memory for the rest of the body, the herd shares the one fetch; a
 //! request that needs bytes the flight cannot give (its file unreadable, or a rest kept
-//! nowhere) reads the source again on its own: no client is cut.
+//! nowhere) reads the source again on its own: no client is cut for the disk's fault. Those
+//! reads take `max_flights` slots as flights do: past the cap a request waits, then is cut,
+//! and the source never sees more reads at once than the cap. A flight that stops writing
+//! its temp file gives its temp-disk room back at once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -280,8 +283,8 @@ struct HeldFetch {
 /// An origin serving `stored` as `m.png` (with `behaviour`'s headers) that sends its first
 /// 100,000 bytes, then holds the rest until `open`; a cache on a small loop-mounted ext4
 /// under `dir`; an edge with 64 KiB for bodies in memory (less than the 200,000 bytes left
-/// when the disk fails).
-async fn held_fetch(dir: &Path, stored: Vec<u8>, behaviour: Behaviour) -> HeldFetch {
+/// when the disk fails) and the top-level config lines `extra`.
+async fn held_fetch(dir: &Path, stored: Vec<u8>, behaviour: Behaviour, extra: &str) -> HeldFetch {
     let origin = Origin::start().await;
     let (open, gate) = tokio::sync::watch::channel(false);
     let behaviour = Behaviour {
@@ -292,7 +295,7 @@ async fn held_fetch(dir: &Path, stored: Vec<u8>, behaviour: Behaviour) -> HeldFe
     origin.put_with("m.png", stored, behaviour);
     let disk = Ext4::mount(&dir.join("cache.img"), &dir.join("cache"), 16);
     let config = format!(
-        "max_flight_memory = \"64KiB\"\n{}",
+        "max_flight_memory = \"64KiB\"\n{extra}{}",
         stores(dir, &origin, "")
     );
     let edge = start_edge(dir, &config).await;
@@ -318,7 +321,7 @@ async fn a_cache_disk_that_fails_mid_body_with_no_memory_left_cuts_no_client() {
         edge,
         url,
         config,
-    } = held_fetch(dir.path(), body.clone(), Behaviour::default()).await;
+    } = held_fetch(dir.path(), body.clone(), Behaviour::default(), "").await;
 
     // The leader's client and two followers each have the first 100,000 bytes, read from
     // the flight's temp file.
@@ -450,7 +453,7 @@ async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
         edge,
         url,
         ..
-    } = held_fetch(dir.path(), damaged, behaviour).await;
+    } = held_fetch(dir.path(), damaged, behaviour, "").await;
     let mut r1 = client().get(&url).send().await.unwrap();
     let mut got = Vec::new();
     read_until(&mut r1, &mut got, Some(100_000)).await;
@@ -505,7 +508,7 @@ async fn a_response_under_way_is_cut_rather_than_spliced_with_a_body_nothing_ide
         edge,
         url,
         ..
-    } = held_fetch(dir.path(), body.clone(), behaviour).await;
+    } = held_fetch(dir.path(), body.clone(), behaviour, "").await;
     let mut r1 = client().get(&url).send().await.unwrap();
     let mut got = Vec::new();
     read_until(&mut r1, &mut got, Some(100_000)).await;
@@ -529,5 +532,164 @@ async fn a_response_under_way_is_cut_rather_than_spliced_with_a_body_nothing_ide
         "the flight, the joiner, the first client's (refused)"
     );
     assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 2);
+    edge.running.shutdown().await;
+}
+
+/// A herd larger than `max_flights` on a flight whose disk dies mid-body, with no memory
+/// for the rest: each of them needs the body read again, and those reads are source reads
+/// like any flight's. They share the cap with the flight (which still reads on to verify),
+/// so the origin never answers more GETs of the body at once than `max_flights`; a follower
+/// that gets no slot within `flight_queue_wait` is cut, never served wrong bytes.
+#[tokio::test]
+async fn a_herd_on_a_flight_whose_disk_failed_refetches_within_max_flights() {
+    const MAX_FLIGHTS: usize = 2;
+    const HERD: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let body = bytes(300_000, 25);
+    // After the gate, the origin sends 50,000 bytes more (the flight's next write, which
+    // fails), then holds every answer there until `open_rest`.
+    let (open_rest, rest) = tokio::sync::watch::channel(false);
+    let behaviour = Behaviour {
+        then: Some((50_000, rest)),
+        ..Behaviour::default()
+    };
+    let extra = format!("max_flights = {MAX_FLIGHTS}\nflight_queue_wait = \"1s\"\n");
+    let HeldFetch {
+        origin,
+        open,
+        disk,
+        edge,
+        url,
+        ..
+    } = held_fetch(dir.path(), body.clone(), behaviour, &extra).await;
+
+    // The leader's client and three followers each have the first 100,000 bytes.
+    let mut herd = Vec::new();
+    for _ in 0..HERD {
+        let (mut r, mut got) = (client().get(&url).send().await.unwrap(), Vec::new());
+        read_until(&mut r, &mut got, Some(100_000)).await;
+        herd.push((r, got));
+    }
+    assert_eq!(
+        metric_count(&edge, "fediedge_coalesced_requests_total"),
+        HERD as u64 - 1
+    );
+    // The disk fails; the flight's next write with it. The rest fits nowhere: every one of
+    // the herd needs it from the source.
+    disk.shut_down();
+    open.send(true).unwrap();
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    for (i, (mut r, mut got)) in herd.into_iter().enumerate() {
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            let cut = read_to_cut(&mut r, &mut got).await;
+            done_tx.send((i, cut, got)).unwrap();
+        });
+    }
+    drop(done_tx);
+    // The flight holds one slot; the herd's refetches take what is left, the others wait
+    // for one and are refused. Every one of the herd is either reading the source or refused.
+    let refetched = || metric_count(&edge, "fediedge_flight_refetches_total");
+    let refused = || metric_count(&edge, "fediedge_flight_refetches_refused_total");
+    eventually(
+        Duration::from_secs(30),
+        "each of the herd refetching or refused",
+        || {
+            let n = refetched();
+            n + refused() == HERD as u64 && origin.gets("m.png") == 1 + n as usize
+        },
+    )
+    .await;
+    assert!(
+        origin.max_gets_at_once() <= MAX_FLIGHTS,
+        "the origin answered {} GETs at once, past max_flights = {MAX_FLIGHTS}",
+        origin.max_gets_at_once()
+    );
+    assert_eq!(refetched(), MAX_FLIGHTS as u64 - 1, "the free slots");
+    // The refused ones were cut, with bytes of the body only.
+    let mut ended = Vec::new();
+    for _ in 0..refused() {
+        let (i, cut, got) = done.recv().await.unwrap();
+        assert!(cut, "client {i}: refused, yet its body ended as if whole");
+        assert!(
+            got.len() < body.len() && got == body[..got.len()],
+            "client {i}: bytes other than the source's"
+        );
+        ended.push(i);
+    }
+    // The origin sends the rest: the flight verifies, and the refetches under way end whole.
+    open_rest.send(true).unwrap();
+    while let Some((i, cut, got)) = done.recv().await {
+        assert!(!cut, "client {i}: cut although its refetch had a slot");
+        assert!(got == body, "client {i}'s bytes differ from the source's");
+        ended.push(i);
+    }
+    assert_eq!(ended.len(), HERD);
+    assert!(origin.max_gets_at_once() <= MAX_FLIGHTS);
+    assert_eq!(origin.gets("m.png"), MAX_FLIGHTS);
+    eventually(Duration::from_secs(30), "the fetches ended", || {
+        edge.running.fetches_under_way() == 0
+    })
+    .await;
+    let cache = edge.running.cache.clone().unwrap();
+    assert_eq!(cache.usage(), (0, 0), "nothing partial cached");
+    edge.running.shutdown().await;
+}
+
+/// A flight whose disk failed mid-body keeps nothing more in its temp file, though it reads
+/// its source on to verify what it gave: its temp-disk room (`max_flight_temp_bytes`) goes
+/// back at once, and a new flight that needs that room starts while it still reads on.
+#[tokio::test]
+async fn a_flight_that_abandons_its_temp_file_gives_its_temp_room_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = bytes(300_000, 26);
+    let (open_rest, rest) = tokio::sync::watch::channel(false);
+    let behaviour = Behaviour {
+        then: Some((50_000, rest)),
+        ..Behaviour::default()
+    };
+    // Room for one body of 300,000 bytes on the temp disk, not two.
+    let extra = "max_flight_temp_bytes = \"400KiB\"\nflight_queue_wait = \"1s\"\n";
+    let HeldFetch {
+        origin,
+        open,
+        disk,
+        edge,
+        url,
+        ..
+    } = held_fetch(dir.path(), body.clone(), behaviour, extra).await;
+    let other = bytes(300_000, 27);
+    origin.put("n.png", other.clone());
+    let mut r1 = client().get(&url).send().await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut r1, &mut got, Some(100_000)).await;
+
+    // The disk fails, then the flight's next write: the rest fits nowhere, and the client
+    // reads it from the source; both reads are held by the origin, the flight's too.
+    disk.shut_down();
+    open.send(true).unwrap();
+    let reading = tokio::spawn(async move {
+        read_until(&mut r1, &mut got, None).await;
+        got
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the flight and the client's refetch both read on",
+        || origin.gets("m.png") == 2 && origin.gets_now() == 2,
+    )
+    .await;
+    // A new key's flight needs room for 300,000 bytes on the temp disk: the broken flight
+    // gave its room back, so it is not made to wait and answered 503. (The disk is still
+    // down and memory too small: its body is streamed to it from the source.)
+    let (status, _, got_other) = get_whole(format!("{}n.png", edge.base)).await;
+    assert_eq!(
+        status, 200,
+        "the new flight found the temp-disk budget still held"
+    );
+    assert!(got_other == other, "n.png's bytes differ from the source's");
+    assert_eq!(origin.gets("m.png"), 2, "the broken flight still reads on");
+    open_rest.send(true).unwrap();
+    let got = reading.await.unwrap();
+    assert!(got == body, "the client's bytes differ from the source's");
     edge.running.shutdown().await;
 }

@@ -52,6 +52,7 @@ pub struct Origin {
     gets: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
     in_flight: Arc<InFlight>,
+    bodies: Arc<InFlight>,
     arrivals: Arc<Mutex<Vec<Instant>>>,
     _task: tokio::task::JoinHandle<()>,
 }
@@ -91,22 +92,38 @@ impl Origin {
         let gets: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let total = Arc::new(AtomicUsize::new(0));
         let in_flight: Arc<InFlight> = Arc::default();
+        let bodies: Arc<InFlight> = Arc::default();
         let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
         let (o, g, t) = (objects.clone(), gets.clone(), total.clone());
-        let (f, a) = (in_flight.clone(), arrivals.clone());
+        let (f, a, bo) = (in_flight.clone(), arrivals.clone(), bodies.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let (o, g, t, f, a) = (o.clone(), g.clone(), t.clone(), f.clone(), a.clone());
+                let bo = bo.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         a.lock().push(Instant::now());
                         let (o, g, t, f) = (o.clone(), g.clone(), t.clone(), f.clone());
+                        // A GET counts from its arrival until its body is sent or dropped.
+                        let sending =
+                            (req.method() == hyper::Method::GET).then(|| InFlightGuard::new(&bo));
                         async move {
                             let _in_flight = InFlightGuard::new(&f);
-                            Ok::<_, Infallible>(answer(req, &o, &g, &t).await)
+                            let r = answer(req, &o, &g, &t).await;
+                            Ok::<_, Infallible>(r.map(|body| {
+                                match sending {
+                                    None => body,
+                                    Some(guard) => body
+                                        .map_frame(move |frame| {
+                                            let _held = &guard;
+                                            frame
+                                        })
+                                        .boxed_unsync(),
+                                }
+                            }))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -121,6 +138,7 @@ impl Origin {
             gets,
             total,
             in_flight,
+            bodies,
             arrivals,
             _task: task,
         }
@@ -182,6 +200,17 @@ impl Origin {
     /// ready, so a `delay` makes requests overlap).
     pub fn max_in_flight(&self) -> usize {
         self.in_flight.max.load(Ordering::SeqCst)
+    }
+
+    /// GETs being answered now, bodies included (from arrival until the body is sent whole
+    /// or dropped).
+    pub fn gets_now(&self) -> usize {
+        self.bodies.now.load(Ordering::SeqCst)
+    }
+
+    /// The most GETs the origin was answering at once, bodies included.
+    pub fn max_gets_at_once(&self) -> usize {
+        self.bodies.max.load(Ordering::SeqCst)
     }
 }
 
