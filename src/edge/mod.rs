@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::cache::{Cache, HitBody};
-use crate::flight::{End, Flights};
+use crate::flight::{End, Flights, Through};
 use crate::key::Key;
 use crate::metrics::{CacheStatus, Metrics};
 use crate::store::{ObjectMeta, StoreError, StoreHandle};
@@ -178,10 +178,10 @@ impl Edge {
     }
 
     /// A body no local disk or memory can hold: fetched for this client alone and kept
-    /// nowhere.
+    /// nowhere, within `max_flights` (503 past it).
     async fn stream_through(&self, headers: &http::HeaderMap, key: &Key) -> Answer {
         match self.flights.stream_through(key).await {
-            Ok(Some((m, from_fallback, body))) => {
+            Ok(Through::Found(m, from_fallback, body)) => {
                 let cache_status = if from_fallback {
                     CacheStatus::Fallback
                 } else {
@@ -195,7 +195,11 @@ impl Edge {
                     cache_status,
                 )
             }
-            Ok(None) => not_found(CacheStatus::Miss),
+            Ok(Through::NotFound) => not_found(CacheStatus::Miss),
+            Ok(Through::Busy) => {
+                self.metrics.overloaded();
+                respond::busy(RETRY_AFTER_SECS)
+            }
             Err(e) => store_error(&e),
         }
     }

@@ -17,7 +17,8 @@
 //! A full, read-only or failing disk does not fail a request: the flight keeps the body (or
 //! the rest of it, from the failed write on) in memory within `max_flight_memory` and the
 //! herd still shares it, uncached; a body that does not fit there is streamed to each of its
-//! requesters on its own ([`Flights::stream_through`]), so those do not share a fetch. A
+//! requesters on its own ([`Flights::stream_through`], each within a `max_flights` slot,
+//! 503 past it), so those do not share a fetch. A
 //! flight whose disk failed mid-body takes no new followers from its first failed write or
 //! the first failed read-back of its file on ([`Started::unreadable`]): its first part may
 //! be unreadable, so later requests start a flight of their own. A follower that needs
@@ -120,6 +121,16 @@ pub enum End {
     /// first part kept: each follower reads the rest from the source on its own
     /// ([`Started::refetch`]).
     NoRoom,
+}
+
+/// What [`Flights::stream_through`] found.
+pub enum Through {
+    /// The object's meta, whether a fallback store had it, its body.
+    Found(ObjectMeta, bool, ByteStream),
+    /// No store has the key.
+    NotFound,
+    /// `max_flights` stayed full: nothing was fetched (503).
+    Busy,
 }
 
 /// What followers see of a flight.
@@ -261,19 +272,29 @@ impl Flights {
     }
 
     /// Fetches `key` for one client only, straight from its source and kept nowhere: for a
-    /// body that neither the disk nor the memory left can hold. The stream holds back its
-    /// last chunk until the whole body is verified. `Ok(None)`: no store has the key.
-    pub async fn stream_through(
-        &self,
-        key: &Key,
-    ) -> Result<Option<(ObjectMeta, bool, ByteStream)>, StoreError> {
+    /// body that neither the disk nor the memory left can hold. It is a source read like a
+    /// flight's: it takes a `max_flights` slot (waiting as a flight would; [`Through::Busy`]
+    /// when none comes) and holds it until the stream ends or is dropped, so a herd on a full
+    /// disk makes no more source reads at once than the cap allows. The stream holds back
+    /// its last chunk until the whole body is verified.
+    pub async fn stream_through(&self, key: &Key) -> Result<Through, StoreError> {
+        let slot = self.limits.flight_now();
+        let Some(slot) = self.queue_for(slot, self.limits.flight()).await else {
+            tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
+            return Ok(Through::Busy);
+        };
         let Some((index, object)) = self.find(key).await? else {
-            return Ok(None);
+            return Ok(Through::NotFound);
         };
         let store = self.chain[index].name().to_owned();
         let meta = object.meta.clone();
         let body = verified(object.body, &meta, store, key.to_string());
-        Ok(Some((meta, index > 0, body)))
+        // The slot goes with the stream: given back when it ends or its reader leaves.
+        let body = Box::pin(body.map(move |chunk| {
+            let _held = &slot;
+            chunk
+        }));
+        Ok(Through::Found(meta, index > 0, body))
     }
 
     /// `now` (a slot or temp room taken at once), else waits for `later`, counted in

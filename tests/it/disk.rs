@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::common::origin::{Behaviour, Origin};
 use crate::common::{bytes, client, eventually, start_edge, TestEdge};
+use crate::proxy::WAIT;
 
 /// A tmpfs mounted for one test, unmounted when dropped (a panic included).
 struct Tmpfs {
@@ -305,6 +306,76 @@ async fn a_body_too_big_for_memory_on_a_full_disk_is_streamed_to_each_client() {
     // Each requester fetched on its own (the one case where the herd cannot share); the
     // flight that found no room fetched once more.
     assert!(origin.gets("big.png") >= 4);
+    assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
+    edge.running.shutdown().await;
+}
+
+/// A herd on a body streamed through (full disk, no memory for it) keeps to `max_flights`:
+/// each stream is a source read that holds a slot, and requesters past the cap get 503 with
+/// `Retry-After` once `flight_queue_wait` passes, not a source fetch each.
+#[tokio::test]
+async fn bodies_streamed_through_keep_to_max_flights() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let body = bytes(300_000, 6);
+    let (release, held) = tokio::sync::watch::channel(false);
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let behaviour = Behaviour {
+        hold: Some(held),
+        pause_after: Some(150_000),
+        gate: Some(gate),
+        ..Behaviour::default()
+    };
+    origin.put_with("big.png", body.clone(), behaviour);
+    let cache_fs = Tmpfs::mount(&dir.path().join("cache"), "1m");
+    let config = format!(
+        "max_flights = 2\nflight_queue_wait = \"200ms\"\nmax_flight_memory = \"100KiB\"\n{}",
+        stores(dir.path(), &origin, "")
+    );
+    let edge = start_edge(dir.path(), &config).await;
+    cache_fs.fill();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let url = format!("{}big.png", edge.base);
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                let retry_after = r.headers().contains_key("retry-after");
+                let status = r.status().as_u16();
+                (status, retry_after, r.bytes().await.expect("a whole body"))
+            })
+        })
+        .collect();
+    // All four on one flight, whose source read is held before its headers.
+    eventually(WAIT, "three requests joined the flight", || {
+        metric_count(&edge, "fediedge_coalesced_requests_total") == 3
+    })
+    .await;
+    release.send(true).unwrap();
+    // The flight finds no room and ends; two streams take the two slots (held at the
+    // origin mid-body), the other two wait and are refused.
+    eventually(WAIT, "two requests refused", || {
+        metric_count(&edge, "fediedge_overloaded_requests_total") == 2
+    })
+    .await;
+    open.send(true).unwrap();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers.sort_by_key(|(status, _, _)| *status);
+    let statuses: Vec<_> = answers.iter().map(|(s, r, _)| (*s, *r)).collect();
+    assert_eq!(
+        statuses,
+        [(200, false), (200, false), (503, true), (503, true)]
+    );
+    for (_, _, got) in &answers[..2] {
+        assert!(got[..] == body[..], "exact bytes");
+    }
+    assert_eq!(
+        origin.gets("big.png"),
+        3,
+        "the flight's read and two streams"
+    );
     assert_eq!(edge.running.cache.as_ref().unwrap().usage(), (0, 0));
     edge.running.shutdown().await;
 }
