@@ -625,13 +625,14 @@ fn start_nginx(
   server {{
     listen {plain} backlog=4096;
     location / {{
-{MASTODON_PROXY}      proxy_pass http://core;
+{MASTODON_PROXY}{MASTODON_GZIP}      proxy_pass http://core;
     }}
   }}
 }}
 "#,
         head = servers::nginx_config_head(dir, workers),
         MASTODON_PROXY = servers::MASTODON_PROXY,
+        MASTODON_GZIP = servers::MASTODON_GZIP,
     );
     let proc = servers::start_nginx(&bin, dir, &config)?;
     Ok(Server {

@@ -35,6 +35,7 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+pub mod compress;
 pub mod config;
 pub mod corecache;
 pub mod doctor;

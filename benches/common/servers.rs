@@ -52,6 +52,18 @@ pub const MASTODON_PROXY: &str = r#"      proxy_http_version 1.1;
       proxy_redirect off;
 "#;
 
+/// Mastodon's `dist/nginx.conf` gzip settings (its `server` block), as fediedge's `[core]
+/// gzip` default mirrors them: the benchmark clients send no `Accept-Encoding`, so neither
+/// compresses, and both mark compressible answers `Vary: Accept-Encoding`.
+pub const MASTODON_GZIP: &str = r#"      gzip on;
+      gzip_vary on;
+      gzip_proxied any;
+      gzip_comp_level 6;
+      gzip_buffers 16 8k;
+      gzip_http_version 1.1;
+      gzip_types text/plain text/css application/json application/javascript text/xml application/xml application/xml+rss text/javascript image/svg+xml image/x-icon;
+"#;
+
 /// Writes `config` to `dir/fediedge.toml` and starts `fediedge serve` on it (its log in
 /// `dir/fediedge.log`, at the default level).
 pub fn start_fediedge(bin: &Path, dir: &Path, config: &str) -> anyhow::Result<Proc> {

@@ -333,7 +333,7 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
   server {{
     listen {plain} backlog=4096;
     location / {{
-{MASTODON_PROXY}      proxy_cache CACHE;
+{MASTODON_PROXY}{MASTODON_GZIP}      proxy_cache CACHE;
       proxy_cache_valid 200 7d;
       proxy_cache_valid 410 24h;
       proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
@@ -348,6 +348,7 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
         head = servers::nginx_config_head(dir, workers),
         d = dir.display(),
         MASTODON_PROXY = servers::MASTODON_PROXY,
+        MASTODON_GZIP = servers::MASTODON_GZIP,
     );
     let proc = servers::start_nginx(&bin, dir, &config)?;
     Ok(Server {

@@ -64,6 +64,10 @@ pub struct RawCore {
     /// `/api/v1/streaming/health` on streaming). Default `5s`; `0s` turns them off.
     #[serde(default = "default_health_interval", with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// gzip core's JSON, HTML, CSS, JavaScript and XML responses for clients that take it,
+    /// as Mastodon's nginx does (`gzip on`). Default `true`.
+    #[serde(default = "default_gzip")]
+    pub gzip: bool,
     /// `[core.cache]`: the RFC 9111 shared cache of core's responses. Without it nothing
     /// from core is cached.
     #[serde(default)]
@@ -87,6 +91,10 @@ pub struct CoreCacheConfig {
     pub dir: std::path::PathBuf,
     /// Most bytes of stored bodies.
     pub max_size: u64,
+}
+
+fn default_gzip() -> bool {
+    true
 }
 
 fn default_health_interval() -> Duration {
@@ -158,6 +166,8 @@ pub struct CoreConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Health check interval (zero: none).
     pub health_check_interval: Duration,
+    /// gzip for clients that take it.
+    pub gzip: bool,
     /// The shared cache of core's responses (None: nothing cached).
     pub cache: Option<CoreCacheConfig>,
 }
@@ -287,6 +297,7 @@ impl RawCore {
             max_request_body: self.max_request_body.as_u64(),
             trusted_proxies,
             health_check_interval: self.health_check_interval,
+            gzip: self.gzip,
         })
     }
 }

@@ -109,13 +109,15 @@ impl Meta {
 }
 
 /// The head of a whole answer from a stored response: its headers without
-/// `Surrogate-Control`, then `Age` (0, to be set), `Content-Length`, `X-Cache-Status: HIT`.
+/// `Surrogate-Control`, then `Age` (0, to be set), `Content-Length`, `X-Cache-Status: HIT`,
+/// and the `Vary: Accept-Encoding` that `compress` would add.
 pub fn whole_head(meta: &Meta) -> HeaderMap {
     let mut head = meta.headers.clone();
     head.remove(SURROGATE_CONTROL);
     head.insert(header::AGE, HeaderValue::from_static("0"));
     head.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len));
     head.insert(X_CACHE_STATUS, HeaderValue::from_static("HIT"));
+    crate::compress::vary(meta.status, &mut head);
     head
 }
 

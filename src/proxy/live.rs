@@ -32,6 +32,8 @@ pub struct Live {
     pub(super) max_body: u64,
     pub(super) trusted: Vec<ipnet::IpNet>,
     pub(super) health_check_interval: Duration,
+    /// `gzip`: core's responses compressed for clients that take it (`crate::compress`).
+    pub gzip: bool,
     /// Connect timeout and idle connections kept per upstream (also decide whether the
     /// client is carried over).
     pub(super) connect_timeout: Duration,
@@ -83,6 +85,7 @@ impl Live {
             max_body: config.max_request_body,
             trusted: config.trusted_proxies.clone(),
             health_check_interval: config.health_check_interval,
+            gzip: config.gzip,
             connect_timeout: config.connect_timeout,
             max_idle: config.max_idle_per_upstream,
             upstream_settings,

@@ -173,6 +173,12 @@ impl Proxy {
         self.live.read().trusted.clone()
     }
 
+    /// Whether core's responses are gzipped for clients that take it (`[core] gzip`, as
+    /// reloaded).
+    pub fn gzip(&self) -> bool {
+        self.live.read().gzip
+    }
+
     /// The scheme core is told a request came by (`X-Forwarded-Proto`), when it is `http`
     /// or `https` ([`headers::proto_sent`]).
     pub fn scheme_sent<B>(&self, req: &Request<B>) -> Option<&'static str> {

@@ -180,10 +180,21 @@ pub(super) fn front_door(
             match (route, proxy) {
                 (Route::Media, _) => edge.handle(req).await,
                 (Route::MediaRoot, _) => edge_root.handle(req).await,
-                (Route::Core, Some(p)) => match core_cache {
-                    Some(c) => c.handle(&p, req).await,
-                    None => Box::pin(p.handle(Kind::Web, req)).await,
-                },
+                (Route::Core, Some(p)) => {
+                    // Read before the request goes: compressed on the way back (`compress`).
+                    let gzip = p.gzip().then(|| {
+                        let head = req.method() == http::Method::HEAD;
+                        (crate::compress::accepts_gzip(req.headers()), head)
+                    });
+                    let resp = match core_cache {
+                        Some(c) => c.handle(&p, req).await,
+                        None => Box::pin(p.handle(Kind::Web, req)).await,
+                    };
+                    match gzip {
+                        Some((gzip, head)) => crate::compress::response(resp, gzip, head),
+                        None => resp,
+                    }
+                }
                 (Route::Streaming, Some(p)) => Box::pin(p.handle(Kind::Streaming, req)).await,
                 (Route::Core | Route::Streaming | Route::Misdirected, _) => {
                     crate::router::misdirected()

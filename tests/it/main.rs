@@ -3,6 +3,7 @@
 mod cli;
 mod cluster;
 mod common;
+mod compress;
 mod corecache;
 mod corecache_hit;
 mod corecache_load;

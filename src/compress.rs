@@ -1,0 +1,397 @@
+//! gzip for core's responses at the front door (`[core] gzip`, on by default), as Mastodon's
+//! nginx does it (`gzip on`, `gzip_proxied any`, `gzip_vary on`, `gzip_comp_level 6` and its
+//! `gzip_types`). Puma sends JSON and HTML uncompressed: without this, an edge in nginx's
+//! place would send a timeline several times larger than before.
+//!
+//! A response is compressible when its status is 200, 403 or 404 (nginx's), it has no
+//! `Content-Encoding`, `Content-Range` or `Cache-Control: no-transform` (RFC 9110 §7.7), its
+//! body is not known to be under [`MIN_LENGTH`], and its media type is text (HTML, CSS,
+//! JavaScript, plain, XML), JSON or XML of any kind (ActivityPub's `activity+json` and
+//! `ld+json`, WebFinger's `jrd+json`, RSS), SVG or an icon. Server-sent events
+//! (`text/event-stream`) are not: each event must go out as it comes.
+//!
+//! Every compressible response gets `Vary: Accept-Encoding`, also for a client that does not
+//! take gzip (so that a cache in front never hands the gzipped body to a client that cannot
+//! read it). For a client whose `Accept-Encoding` takes gzip, the body is compressed as it
+//! streams, `Content-Length` goes and a strong `ETag` is made weak (the bytes are not the
+//! identity ones, RFC 9110 §8.8.1; core compares `If-None-Match` weakly, and so does the
+//! core cache). The core cache keeps identity bodies: each client's copy is compressed on
+//! the way out, as behind nginx.
+
+use std::io::Write;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use http::{header, HeaderMap, HeaderValue, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+
+use crate::listen::Body;
+
+/// Bodies known to be shorter are sent as they are: gzip's header and trailer (18 bytes)
+/// and the CPU would buy little.
+pub const MIN_LENGTH: u64 = 256;
+
+/// Mastodon's nginx `gzip_comp_level`.
+const LEVEL: u32 = 6;
+
+/// Whether a request's `Accept-Encoding` takes gzip (`gzip`, `x-gzip` or `*`, with a
+/// q-value above zero; an explicit `gzip;q=0` refuses it whatever `*` says).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let (mut gzip, mut any) = (None, None);
+    let codings = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for coding in codings {
+        let mut parts = coding.split(';');
+        let name = parts.next().unwrap_or_default().trim();
+        let q = parts
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim().eq_ignore_ascii_case("q").then(|| v.trim())
+            })
+            .next()
+            .map_or(1.0, |q| q.parse::<f32>().unwrap_or(0.0));
+        if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(q > 0.0);
+        } else if name == "*" {
+            any = Some(q > 0.0);
+        }
+    }
+    gzip.or(any).unwrap_or(false)
+}
+
+/// A response of core as it goes to a client: compressed when it is compressible and
+/// `gzip` (the client takes it), marked `Vary: Accept-Encoding` when compressible. `head`:
+/// the answer to a HEAD, whose headers say what a GET would get (it has no body).
+pub fn response(mut resp: Response<Body>, gzip: bool, head: bool) -> Response<Body> {
+    if !matches!(resp.status().as_u16(), 200 | 403 | 404) {
+        return resp;
+    }
+    if !gzip && vary_named(resp.headers()) {
+        // Nothing to change (a core cache hit's head has the `Vary` already: `vary`).
+        return resp;
+    }
+    let seen = scan(resp.headers());
+    if !seen.compressible {
+        return resp;
+    }
+    let headers = resp.headers_mut();
+    if !seen.vary_named {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    if !gzip {
+        return resp;
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    if let Some(etag) = headers.get(header::ETAG) {
+        if !etag.as_bytes().starts_with(b"W/") {
+            let mut weak = b"W/".to_vec();
+            weak.extend_from_slice(etag.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&weak) {
+                headers.insert(header::ETAG, v);
+            }
+        }
+    }
+    if head {
+        return resp;
+    }
+    resp.map(|body| {
+        Gzip {
+            body,
+            encoder: Some(GzEncoder::new(Vec::new(), Compression::new(LEVEL))),
+            trailers: None,
+        }
+        .boxed_unsync()
+    })
+}
+
+/// Adds `Vary: Accept-Encoding` to the head of a response [`response`] would compress,
+/// once, where the head is made to be cloned for many clients (the core cache's hits): the
+/// `Vary` is then found there, and appending it to each clone (a map cloned full grows)
+/// is spared. Whatever `[core] gzip` says: with gzip off, it only asks caches in front to
+/// keep variants apart that are the same.
+pub fn vary(status: u16, headers: &mut HeaderMap) {
+    if !matches!(status, 200 | 403 | 404) {
+        return;
+    }
+    let seen = scan(headers);
+    if seen.compressible && !seen.vary_named {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+fn vary_named(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .any(names_accept_encoding)
+}
+
+/// What [`response`] reads of a response's headers (its status aside).
+#[derive(Debug, Default, PartialEq)]
+struct Seen {
+    /// Compressible: a compressible type, and nothing that forbids it.
+    compressible: bool,
+    /// `Vary` names `Accept-Encoding` already (or is `*`).
+    vary_named: bool,
+}
+
+/// One walk over the headers, names told apart by length first (as `proxy::headers` does):
+/// this runs on every response from core, cache hits included, where six hashed lookups
+/// and the splitting of each value cost a tenth of a hit.
+fn scan(headers: &HeaderMap) -> Seen {
+    let (mut typed, mut refused, mut vary_named) = (false, false, false);
+    for (name, value) in headers {
+        let n = name.as_str();
+        match n.len() {
+            4 if n == "vary" => vary_named |= names_accept_encoding(value),
+            12 if n == "content-type" => typed = value.to_str().is_ok_and(compressible_type),
+            13 if n == "content-range" => refused = true,
+            13 if n == "cache-control" => refused |= has_no_transform(value),
+            14 if n == "content-length" => {
+                refused |= value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n < MIN_LENGTH)
+            }
+            16 if n == "content-encoding" => {
+                refused |= !value.as_bytes().eq_ignore_ascii_case(b"identity")
+            }
+            _ => {}
+        }
+    }
+    Seen {
+        compressible: typed && !refused,
+        vary_named,
+    }
+}
+
+/// Whether a `Cache-Control` value has `no-transform` (RFC 9110 §7.7).
+fn has_no_transform(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+    })
+}
+
+/// Whether a `Vary` value names `Accept-Encoding` or is `*`.
+fn names_accept_encoding(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .any(|n| n.trim() == "*" || n.trim().eq_ignore_ascii_case("accept-encoding"))
+    })
+}
+
+/// Mastodon's nginx `gzip_types` (with `text/html`, which nginx always compresses), and any
+/// JSON or XML type (`+json`, `+xml`).
+fn compressible_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let is = |t: &str| essence.eq_ignore_ascii_case(t);
+    let ends = |suffix: &str| {
+        essence.len() > suffix.len()
+            && essence.is_char_boundary(essence.len() - suffix.len())
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
+    let application = essence
+        .get(..12)
+        .is_some_and(|p| p.eq_ignore_ascii_case("application/"));
+    [
+        "text/html",
+        "text/plain",
+        "text/css",
+        "text/xml",
+        "text/javascript",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "image/svg+xml",
+        "image/x-icon",
+        "image/vnd.microsoft.icon",
+    ]
+    .into_iter()
+    .any(is)
+        || application && (ends("+json") || ends("+xml"))
+}
+
+/// A body compressed as it streams: each data frame goes through the encoder, and what the
+/// encoder has written so far goes out (deflate keeps back what it may still match); the
+/// end flushes the rest and gzip's trailer, then passes on trailers if the body had any.
+struct Gzip {
+    body: Body,
+    /// None once the end is written.
+    encoder: Option<GzEncoder<Vec<u8>>>,
+    trailers: Option<HeaderMap>,
+}
+
+impl http_body::Body for Gzip {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(encoder) = this.encoder.as_mut() else {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    let rest = this.encoder.take().expect("checked").finish()?;
+                    return Poll::Ready(Some(Ok(Frame::data(rest.into()))));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    encoder.write_all(&data)?;
+                    let out = std::mem::take(encoder.get_mut());
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out.into()))));
+                    }
+                }
+                Err(frame) => {
+                    // Trailers end the body: the gzip stream first, then them.
+                    this.trailers = frame.into_trailers().ok();
+                    let rest = this.encoder.take().expect("checked").finish()?;
+                    return Poll::Ready(Some(Ok(Frame::data(rest.into()))));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn accept_encoding_is_read_with_its_q_values() {
+        for (value, takes) in [
+            ("gzip", true),
+            ("gzip, deflate, br", true),
+            ("br;q=1.0, GZIP;q=0.5", true),
+            ("x-gzip", true),
+            ("*", true),
+            ("br", false),
+            ("identity", false),
+            ("gzip;q=0", false),
+            ("gzip; q=0.000", false),
+            ("*, gzip;q=0", false),
+            ("*;q=0", false),
+            ("gzip;q=junk", false),
+        ] {
+            assert_eq!(
+                accepts_gzip(&map(&[("accept-encoding", value)])),
+                takes,
+                "{value}"
+            );
+        }
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        assert!(accepts_gzip(&map(&[
+            ("accept-encoding", "br"),
+            ("accept-encoding", "gzip")
+        ])));
+    }
+
+    fn compressible(status: StatusCode, headers: &HeaderMap) -> bool {
+        matches!(status.as_u16(), 200 | 403 | 404) && scan(headers).compressible
+    }
+
+    #[test]
+    fn what_is_compressible() {
+        let json = |extra: &[(&str, &str)]| {
+            let mut h = map(&[("content-type", "application/json; charset=utf-8")]);
+            for (k, v) in extra {
+                h.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let ok = StatusCode::OK;
+        assert!(compressible(ok, &json(&[])));
+        assert!(compressible(StatusCode::NOT_FOUND, &json(&[])));
+        assert!(compressible(ok, &json(&[("content-length", "256")])));
+        for t in [
+            "text/html",
+            "application/activity+json",
+            "application/ld+json; profile=\"https://www.w3.org/ns/activitystreams\"",
+            "application/jrd+json",
+            "application/xrd+xml",
+            "application/rss+xml",
+            "text/css",
+            "Text/JavaScript",
+            "image/svg+xml",
+        ] {
+            assert!(compressible(ok, &map(&[("content-type", t)])), "{t}");
+        }
+        for t in [
+            "image/png",
+            "video/mp4",
+            "text/event-stream",
+            "application/octet-stream",
+        ] {
+            assert!(!compressible(ok, &map(&[("content-type", t)])), "{t}");
+        }
+        assert!(!compressible(ok, &HeaderMap::new()), "no type");
+        assert!(!compressible(StatusCode::INTERNAL_SERVER_ERROR, &json(&[])));
+        assert!(!compressible(StatusCode::PARTIAL_CONTENT, &json(&[])));
+        assert!(!compressible(ok, &json(&[("content-length", "255")])));
+        assert!(!compressible(ok, &json(&[("content-encoding", "br")])));
+        assert!(compressible(ok, &json(&[("content-encoding", "identity")])));
+        assert!(!compressible(
+            ok,
+            &json(&[("content-range", "bytes 0-9/10")])
+        ));
+        assert!(!compressible(
+            ok,
+            &json(&[("cache-control", "public, No-Transform")])
+        ));
+    }
+
+    #[test]
+    fn vary_names_accept_encoding_once() {
+        let json = ("content-type", "application/json");
+        let h = |vary: &str| map(&[json, ("vary", vary)]);
+        assert!(!scan(&h("Accept")).vary_named);
+        assert!(scan(&h("Accept, Accept-Encoding")).vary_named);
+        assert!(scan(&h("*")).vary_named);
+        let mut resp = Response::new(Body::default());
+        *resp.headers_mut() = h("Accept");
+        let resp = response(resp, false, false);
+        let vary: Vec<&str> = resp
+            .headers()
+            .get_all("vary")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(vary, ["Accept", "accept-encoding"]);
+        let again = response(resp, false, false);
+        assert_eq!(again.headers().get_all("vary").iter().count(), 2);
+    }
+}
