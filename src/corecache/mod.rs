@@ -51,7 +51,7 @@ use crate::config::{normalize_host, CoreCacheConfig};
 use crate::flight::MemoryBudget;
 use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
-use crate::proxy::{Kind, Proxy};
+use crate::proxy::{KeyedScheme, Kind, Proxy};
 use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
 use hit::{age_value, SURROGATE_CONTROL, X_CACHE_STATUS};
 use store::{Entry, Scheme, Store, StoredBody};
@@ -180,6 +180,11 @@ impl CoreCache {
             }
         }
         let scheme = proxy.scheme_sent(&req).and_then(Scheme::parse);
+        if let Some(s) = scheme {
+            // Core is told what the entry is keyed by, whatever a reload of
+            // `trusted_proxies` makes of the peer before the request goes.
+            req.extensions_mut().insert(KeyedScheme(s.as_str()));
+        }
         let url = Url::of(&req, scheme);
         if let Some(r) = self.fresh_without_vary(&req, &url).await {
             return r;
@@ -691,11 +696,16 @@ struct Ctx<'a> {
     sent: Instant,
 }
 
-/// A bodiless request to core from the policy's parts (revalidation).
+/// A bodiless request to core from the policy's parts (revalidation), telling core the
+/// scheme of the entry (its URI's).
 fn upstream_request(parts: http::request::Parts, conn: Option<ConnInfo>) -> Request<Body> {
+    let scheme = parts.uri.scheme_str().and_then(Scheme::parse);
     let mut req = Request::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync());
     if let Some(c) = conn {
         req.extensions_mut().insert(c);
+    }
+    if let Some(s) = scheme {
+        req.extensions_mut().insert(KeyedScheme(s.as_str()));
     }
     req
 }

@@ -202,6 +202,12 @@ pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) 
     }
 }
 
+/// Sets the `X-Forwarded-Proto` the upstream is told to `scheme` (after [`forward`]: the
+/// scheme the core cache keyed the request by, `super::KeyedScheme`).
+pub fn tell_proto(headers: &mut HeaderMap, scheme: &'static str) {
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+}
+
 /// The scheme of a connection, as `X-Forwarded-Proto` says it.
 fn own_scheme(tls: bool) -> &'static str {
     if tls {
