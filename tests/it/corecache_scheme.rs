@@ -207,11 +207,7 @@ async fn the_scheme_core_is_told_is_the_one_keyed_across_a_reload_of_trusted_pro
         coalesced() == 1
     })
     .await;
-    std::fs::write(
-        &file,
-        config("trusted_proxies = [\"127.0.0.0/8\"]\n"),
-    )
-    .unwrap();
+    std::fs::write(&file, config("trusted_proxies = [\"127.0.0.0/8\"]\n")).unwrap();
     running.reload_config().expect("a good config reloads");
     open.send(true).unwrap();
     assert_eq!(leader.await.unwrap().1, "first");
