@@ -225,3 +225,50 @@ async fn the_scheme_core_is_told_is_the_one_keyed_across_a_reload_of_trusted_pro
     assert_eq!(get(None).await, ("HIT".to_owned(), "http".to_owned()));
     running.shutdown().await;
 }
+
+/// Requests for one URL in two schemes never share an answer, so neither waits for the
+/// other's: while core holds the http request, the https one goes to core at once (one
+/// request per URL and scheme), and each gets its own answer.
+#[tokio::test]
+async fn a_request_does_not_wait_for_one_of_another_scheme() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let core = Core::start(move |s, _| {
+        let proto = hs(s, "x-forwarded-proto");
+        let r = reply(200, &[("cache-control", "public, max-age=600")], proto);
+        match proto {
+            "http" => crate::corecache::Reply {
+                gate: Some(gate.clone()),
+                ..r
+            },
+            _ => r,
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = "trusted_proxies = [\"127.0.0.0/8\"]\n";
+    let edge = std::sync::Arc::new(
+        edge_with_core(
+            dir.path(),
+            &[core.addr()],
+            &cache_conf(dir.path(), "16MiB", trusted),
+        )
+        .await,
+    );
+    let e = edge.clone();
+    let http = tokio::spawn(async move { about(&e, "http").await });
+    crate::common::eventually(crate::proxy::WAIT, "the http request at core", || {
+        core.count("/about") == 1
+    })
+    .await;
+    let e = edge.clone();
+    let https = tokio::spawn(async move { about(&e, "https").await });
+    crate::common::eventually(
+        crate::proxy::WAIT,
+        "the https request at core while the http one is held",
+        || core.count("/about") == 2,
+    )
+    .await;
+    assert_eq!(https.await.unwrap(), (200, "MISS".into(), "https".into()));
+    open.send(true).unwrap();
+    assert_eq!(http.await.unwrap(), (200, "MISS".into(), "http".into()));
+}
