@@ -31,8 +31,11 @@ use crate::listen::Body;
 /// ([`Scheme::index`]).
 #[derive(Default)]
 pub struct Flights {
-    maps: [Mutex<HashMap<String, watch::Receiver<Option<Arc<Shared>>>>>; 2],
+    maps: [Mutex<Table>; 2],
 }
+
+/// A scheme's requests under way, by URL key: what their followers watch.
+type Table = HashMap<String, watch::Receiver<Option<Arc<Shared>>>>;
 
 /// Leading a URL's request, or following one.
 pub enum Join {
