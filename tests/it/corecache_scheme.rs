@@ -272,3 +272,48 @@ async fn a_request_does_not_wait_for_one_of_another_scheme() {
     open.send(true).unwrap();
     assert_eq!(http.await.unwrap(), (200, "MISS".into(), "http".into()));
 }
+
+/// A client that is not a trusted proxy cannot pick the scheme: its `X-Forwarded-Proto` is
+/// neither passed to core nor used as the key, on either listener.
+#[tokio::test]
+async fn an_untrusted_clients_forwarded_proto_picks_no_scheme() {
+    let core = telling_core().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = tls(dir.path(), &[CORE]);
+    let edge = edge_with_core(
+        dir.path(),
+        &[core.addr()],
+        &cache_conf(dir.path(), "16MiB", &table),
+    )
+    .await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    let h2 = client(&root, addr, false);
+    let url = format!("https://{CORE}:{}/about", addr.port());
+    let name = format!("{CORE}:{}", addr.port());
+    let over_tls = |proto: &'static str| {
+        let (h2, url) = (h2.clone(), url.clone());
+        async move {
+            let r = h2
+                .get(url)
+                .header("x-forwarded-proto", proto)
+                .send()
+                .await
+                .unwrap();
+            let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+            (cache, r.text().await.unwrap())
+        }
+    };
+    let https = format!("https for {name}");
+    assert_eq!(over_tls("http").await, ("MISS".into(), https.clone()));
+    assert_eq!(over_tls("wss").await, ("HIT".into(), https.clone()));
+    assert_eq!(over_tls("https").await, ("HIT".into(), https));
+    // The plain listener: `http`, whatever the client says.
+    for (proto, cache) in [("https", "MISS"), ("http", "HIT"), ("wss", "HIT")] {
+        assert_eq!(
+            about(&edge, proto).await,
+            (200, cache.into(), format!("http for {CORE}")),
+            "{proto}"
+        );
+    }
+    assert_eq!(core.count("/about"), 2);
+}
