@@ -1,7 +1,8 @@
 //! Header rewriting between client and upstream (RFC 9110 §7.6.1): hop-by-hop headers and
 //! those named in `Connection` removed, `Proxy` dropped (httpoxy), `X-Forwarded-For` appended,
 //! `X-Forwarded-Proto` and `X-Real-IP` set from the connection unless a trusted proxy sent
-//! them. `Host` is kept.
+//! them (a request of the core cache then gets the scheme it was keyed by, [`tell_proto`]).
+//! `Host` is kept.
 
 use std::cell::RefCell;
 use std::net::IpAddr;
