@@ -180,11 +180,6 @@ impl CoreCache {
             }
         }
         let scheme = proxy.scheme_sent(&req).and_then(Scheme::parse);
-        if let Some(s) = scheme {
-            // Core is told what the entry is keyed by, whatever a reload of
-            // `trusted_proxies` makes of the peer before the request goes.
-            req.extensions_mut().insert(KeyedScheme(s.as_str()));
-        }
         let url = Url::of(&req, scheme);
         if let Some(r) = self.fresh_without_vary(&req, &url).await {
             return r;
@@ -204,6 +199,12 @@ impl CoreCache {
             SURROGATE_CAPABILITY,
             HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
         );
+        if let Some(s) = url.scheme {
+            // Core is told what the entry is keyed by, whatever a reload of
+            // `trusted_proxies` makes of the peer before the request goes (here, not before
+            // the fast hit, which sends nothing).
+            req.extensions_mut().insert(KeyedScheme(s.as_str()));
+        }
         let (host, path) = (url.host(), url.path());
         let get = req.method() == Method::GET;
         if req.headers().contains_key(header::UPGRADE) {
