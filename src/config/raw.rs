@@ -56,9 +56,10 @@ pub struct RawConfig {
     /// none. A reload applies it.
     #[serde(default)]
     pub max_connections_per_ip_exempt: Vec<String>,
-    /// Most fetches of missing keys under way at once (one per key, however many clients
-    /// ask). Past it a new key's fetch waits up to `flight_queue_wait` for a slot, then is
-    /// answered 503 with `Retry-After`. Default 256.
+    /// Most source reads of missing keys under way at once: fetches (one per key, however
+    /// many clients ask), bodies streamed through a full disk (one per client), followers'
+    /// refetches. Past it a new key's fetch (or a stream) waits up to `flight_queue_wait`
+    /// for a slot, then is answered 503 with `Retry-After`; a refetch is cut. Default 256.
     #[serde(default = "default_max_flights")]
     pub max_flights: usize,
     /// Most bytes of temp files that fetches under way may hold (each reserves its body's

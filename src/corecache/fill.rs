@@ -1,4 +1,6 @@
-//! Filling the cache: one upstream request per URL at a time ([`Flights`]), and the response
+//! Filling the cache: one upstream request per URL and scheme at a time ([`Flights`]; an
+//! answer for one scheme never answers the other, so their requests do not wait for each
+//! other), and the response
 //! body teed to the cache as it streams to the client ([`TeeBody`]).
 //!
 //! A storable response with a known length (up to the entry limit) is received by a task of
@@ -21,15 +23,19 @@ use http_body::{Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use super::store::{Id, Meta, Store};
+use super::store::{Id, Meta, Scheme, Store};
 use crate::flight::MemoryBudget;
 use crate::listen::Body;
 
-/// The requests to core under way for cacheable URLs.
+/// The requests to core under way for cacheable URLs, one table per scheme
+/// ([`Scheme::index`]).
 #[derive(Default)]
 pub struct Flights {
-    map: Mutex<HashMap<String, watch::Receiver<Option<Arc<Shared>>>>>,
+    maps: [Mutex<Table>; 2],
 }
+
+/// A scheme's requests under way, by URL key: what their followers watch.
+type Table = HashMap<String, watch::Receiver<Option<Arc<Shared>>>>;
 
 /// Leading a URL's request, or following one.
 pub enum Join {
@@ -43,6 +49,7 @@ pub enum Join {
 /// Held by the leader until its response is stored or found not storable.
 pub struct FlightGuard {
     flights: Arc<Flights>,
+    scheme: Scheme,
     key: String,
     shared: watch::Sender<Option<Arc<Shared>>>,
 }
@@ -56,14 +63,16 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        self.flights.map.lock().remove(&self.key);
+        self.flights.maps[self.scheme.index()]
+            .lock()
+            .remove(&self.key);
     }
 }
 
 impl Flights {
-    /// Leads or follows the request for `key`.
-    pub fn join(self: &Arc<Self>, key: &str) -> Join {
-        let mut map = self.map.lock();
+    /// Leads or follows the request for `key` in `scheme`.
+    pub fn join(self: &Arc<Self>, scheme: Scheme, key: &str) -> Join {
+        let mut map = self.maps[scheme.index()].lock();
         if let Some(rx) = map.get(key) {
             return Join::Follower(rx.clone());
         }
@@ -71,14 +80,15 @@ impl Flights {
         map.insert(key.to_owned(), rx);
         Join::Leader(FlightGuard {
             flights: self.clone(),
+            scheme,
             key: key.to_owned(),
             shared: tx,
         })
     }
 
     /// Leads `key` only if nobody does (background revalidation).
-    pub fn try_lead(self: &Arc<Self>, key: &str) -> Option<FlightGuard> {
-        match self.join(key) {
+    pub fn try_lead(self: &Arc<Self>, scheme: Scheme, key: &str) -> Option<FlightGuard> {
+        match self.join(scheme, key) {
             Join::Leader(g) => Some(g),
             Join::Follower(_) => None,
         }

@@ -10,7 +10,7 @@
 //! background request revalidates it → else it is revalidated (`If-None-Match` /
 //! `If-Modified-Since`; a 304 updates the stored headers: REVALIDATED), and when core fails
 //! (breaker open, timeout, refused, 5xx) within `stale-if-error` it is served (STALE) → else
-//! one request per URL goes to core (MISS; the others wait for it, see [`fill`]) and its
+//! one request per URL and scheme goes to core (MISS; the others wait for it, see [`fill`]) and its
 //! response, if storable, is stored as it streams to the client; a final answer that says
 //! `private` or `no-store` (or a 304 making the entry unstorable) evicts the stored one.
 //!
@@ -20,7 +20,7 @@
 //!
 //! - `policy`: what may be stored and served stale, privacy rules, 304 header updates.
 //! - `store`: bodies and metas on disk, the index, LRU by bytes.
-//! - `fill`: one request per URL, the body teed into the cache.
+//! - `fill`: one request per URL and scheme, the body teed into the cache.
 //! - `hit`: what a hit needs of an entry, made once (the policy's clock, the response head).
 //! - `revalidate`: a stale entry revalidated (for a client, or in the background), updated
 //!   from a 304, or served stale when core fails.
@@ -51,7 +51,7 @@ use crate::config::{normalize_host, CoreCacheConfig};
 use crate::flight::MemoryBudget;
 use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
-use crate::proxy::{Kind, Proxy};
+use crate::proxy::{KeyedScheme, Kind, Proxy};
 use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
 use hit::{age_value, SURROGATE_CONTROL, X_CACHE_STATUS};
 use store::{Entry, Scheme, Store, StoredBody};
@@ -199,6 +199,12 @@ impl CoreCache {
             SURROGATE_CAPABILITY,
             HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
         );
+        if let Some(s) = url.scheme {
+            // Core is told what the entry is keyed by, whatever a reload of
+            // `trusted_proxies` makes of the peer before the request goes (here, not before
+            // the fast hit, which sends nothing).
+            req.extensions_mut().insert(KeyedScheme(s.as_str()));
+        }
         let (host, path) = (url.host(), url.path());
         let get = req.method() == Method::GET;
         if req.headers().contains_key(header::UPGRADE) {
@@ -304,7 +310,7 @@ impl CoreCache {
             if let Some((e, _)) = &stale {
                 if !no_cache && e.meta.stale_while_revalidate(now) {
                     let e = e.clone();
-                    if let Some(guard) = self.flights.try_lead(key) {
+                    if let Some(guard) = self.flights.try_lead(scheme, key) {
                         let conn = req.extensions().get::<ConnInfo>().copied();
                         let (cache, proxy, e) = (self.clone(), proxy.clone(), e.clone());
                         let request = stale.take().expect("checked").1;
@@ -332,7 +338,7 @@ impl CoreCache {
                 let result = proxy.send(Kind::Web, req).await;
                 return self.finish(proxy.answer(result), CacheStatus::Miss);
             }
-            let guard = match self.flights.join(key) {
+            let guard = match self.flights.join(scheme, key) {
                 Join::Leader(g) => Some(g),
                 Join::Follower(mut rx) if !followed => {
                     self.metrics.coalesced();
@@ -691,11 +697,16 @@ struct Ctx<'a> {
     sent: Instant,
 }
 
-/// A bodiless request to core from the policy's parts (revalidation).
+/// A bodiless request to core from the policy's parts (revalidation), telling core the
+/// scheme of the entry (its URI's).
 fn upstream_request(parts: http::request::Parts, conn: Option<ConnInfo>) -> Request<Body> {
+    let scheme = parts.uri.scheme_str().and_then(Scheme::parse);
     let mut req = Request::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync());
     if let Some(c) = conn {
         req.extensions_mut().insert(c);
+    }
+    if let Some(s) = scheme {
+        req.extensions_mut().insert(KeyedScheme(s.as_str()));
     }
     req
 }

@@ -71,6 +71,11 @@ impl Scheme {
             Scheme::Https => "https",
         }
     }
+
+    /// Its place in a pair of per-scheme tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// What is stored beside a body.

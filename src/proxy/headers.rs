@@ -1,7 +1,8 @@
 //! Header rewriting between client and upstream (RFC 9110 §7.6.1): hop-by-hop headers and
 //! those named in `Connection` removed, `Proxy` dropped (httpoxy), `X-Forwarded-For` appended,
 //! `X-Forwarded-Proto` and `X-Real-IP` set from the connection unless a trusted proxy sent
-//! them. `Host` is kept.
+//! them (a request of the core cache then gets the scheme it was keyed by, [`tell_proto`]).
+//! `Host` is kept.
 
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -200,6 +201,12 @@ pub fn forward(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted: bool) 
     if !(trusted && found.names & PROTO != 0) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(own_scheme(tls)));
     }
+}
+
+/// Sets the `X-Forwarded-Proto` the upstream is told to `scheme` (after [`forward`]: the
+/// scheme the core cache keyed the request by, `super::KeyedScheme`).
+pub fn tell_proto(headers: &mut HeaderMap, scheme: &'static str) {
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
 
 /// The scheme of a connection, as `X-Forwarded-Proto` says it.

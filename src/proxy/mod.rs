@@ -130,6 +130,14 @@ pub enum Kind {
     Streaming,
 }
 
+/// The `X-Forwarded-Proto` core is told, whatever the trust when the request is sent: the
+/// scheme the core cache keyed the request by, decided by [`Proxy::scheme_sent`] when it came
+/// (in the request's extensions). A reload of `trusted_proxies` while the request waits (a
+/// follower of another request, an index still loading) then cannot have core's answer for
+/// one scheme stored under the other.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyedScheme(pub &'static str);
+
 /// The reverse proxy to core.
 pub struct Proxy {
     /// The pools, client and limits of the current `[core]` (swapped by a reload).
@@ -295,6 +303,9 @@ impl Proxy {
             info.is_some_and(|i| i.tls),
             trusted,
         );
+        if let Some(KeyedScheme(scheme)) = parts.extensions.get::<KeyedScheme>() {
+            headers::tell_proto(&mut parts.headers, scheme);
+        }
         if let Some(protocol) = upgrade {
             upgrade::ask(&mut parts.headers, protocol);
         }

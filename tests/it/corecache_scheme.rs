@@ -131,3 +131,189 @@ async fn https_and_http_listeners_never_share_and_http2_revalidates_with_its_hos
     assert_eq!(r.text().await.unwrap(), format!("https for {name}"));
     assert_eq!(core.count("/public"), 5);
 }
+
+/// The scheme an entry is keyed by is the one core is told, also when a reload changes
+/// `trusted_proxies` while the request waits (here, as a follower of another request to
+/// its URL): the request keyed `http` (its peer untrusted when it came, its
+/// `X-Forwarded-Proto: https` not passed on) tells core `http`, not the `https` the peer,
+/// trusted by the time it is sent, names. Else core's answer for https would be stored for
+/// http.
+#[tokio::test]
+async fn the_scheme_core_is_told_is_the_one_keyed_across_a_reload_of_trusted_proxies() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let core = Core::start(move |s, n| match n {
+        // The first request is held, and its answer (an error) not shared: its follower
+        // goes to core on its own.
+        1 => crate::corecache::Reply {
+            gate: Some(gate.clone()),
+            ..reply(503, &[], "first")
+        },
+        _ => reply(
+            200,
+            &[("cache-control", "public, max-age=600")],
+            hs(s, "x-forwarded-proto"),
+        ),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("primary");
+    std::fs::create_dir_all(&root).unwrap();
+    let config = |trusted: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             media_hosts = [\"files.test\"]\n[primary]\ntype = \"fs\"\nroot = \"{}\"\n\
+             [core]\nhosts = [\"{CORE}\"]\nweb = [\"{}\"]\nhealth_check_interval = \"0s\"\n\
+             {trusted}{}",
+            dir.path().join("var").display(),
+            root.display(),
+            core.addr(),
+            cache_conf(dir.path(), "16MiB", "")
+        )
+    };
+    let file = dir.path().join("fediedge.toml");
+    std::fs::write(&file, config("")).unwrap();
+    let running = fediedge::serve::start(fediedge::config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let addr = running.addr;
+    let get = move |proto: Option<&'static str>| async move {
+        let mut r = crate::common::client()
+            .get(format!("http://{addr}/page"))
+            .header("host", CORE);
+        if let Some(p) = proto {
+            r = r.header("x-forwarded-proto", p);
+        }
+        let r = r.send().await.unwrap();
+        let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+        (cache, r.text().await.unwrap())
+    };
+    let coalesced = || {
+        running
+            .metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("fediedge_coalesced_requests_total "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+
+    let leader = tokio::spawn(get(None));
+    crate::common::eventually(crate::proxy::WAIT, "the first request at core", || {
+        core.count("/page") == 1
+    })
+    .await;
+    // From an untrusted peer: keyed `http`, its `https` not for core.
+    let follower = tokio::spawn(get(Some("https")));
+    crate::common::eventually(crate::proxy::WAIT, "the second request follows", || {
+        coalesced() == 1
+    })
+    .await;
+    std::fs::write(&file, config("trusted_proxies = [\"127.0.0.0/8\"]\n")).unwrap();
+    running.reload_config().expect("a good config reloads");
+    open.send(true).unwrap();
+    assert_eq!(leader.await.unwrap().1, "first");
+    assert_eq!(
+        follower.await.unwrap(),
+        ("MISS".to_owned(), "http".to_owned()),
+        "core told the scheme the request was keyed by"
+    );
+    assert_eq!(hs(&core.last("/page"), "x-forwarded-proto"), "http");
+    crate::common::eventually(crate::proxy::WAIT, "stored", || {
+        running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    // A plain request (no header: `http`) gets core's answer for http.
+    assert_eq!(get(None).await, ("HIT".to_owned(), "http".to_owned()));
+    running.shutdown().await;
+}
+
+/// Requests for one URL in two schemes never share an answer, so neither waits for the
+/// other's: while core holds the http request, the https one goes to core at once (one
+/// request per URL and scheme), and each gets its own answer.
+#[tokio::test]
+async fn a_request_does_not_wait_for_one_of_another_scheme() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let core = Core::start(move |s, _| {
+        let proto = hs(s, "x-forwarded-proto");
+        let r = reply(200, &[("cache-control", "public, max-age=600")], proto);
+        match proto {
+            "http" => crate::corecache::Reply {
+                gate: Some(gate.clone()),
+                ..r
+            },
+            _ => r,
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = "trusted_proxies = [\"127.0.0.0/8\"]\n";
+    let edge = std::sync::Arc::new(
+        edge_with_core(
+            dir.path(),
+            &[core.addr()],
+            &cache_conf(dir.path(), "16MiB", trusted),
+        )
+        .await,
+    );
+    let e = edge.clone();
+    let http = tokio::spawn(async move { about(&e, "http").await });
+    crate::common::eventually(crate::proxy::WAIT, "the http request at core", || {
+        core.count("/about") == 1
+    })
+    .await;
+    let e = edge.clone();
+    let https = tokio::spawn(async move { about(&e, "https").await });
+    crate::common::eventually(
+        crate::proxy::WAIT,
+        "the https request at core while the http one is held",
+        || core.count("/about") == 2,
+    )
+    .await;
+    assert_eq!(https.await.unwrap(), (200, "MISS".into(), "https".into()));
+    open.send(true).unwrap();
+    assert_eq!(http.await.unwrap(), (200, "MISS".into(), "http".into()));
+}
+
+/// A client that is not a trusted proxy cannot pick the scheme: its `X-Forwarded-Proto` is
+/// neither passed to core nor used as the key, on either listener.
+#[tokio::test]
+async fn an_untrusted_clients_forwarded_proto_picks_no_scheme() {
+    let core = telling_core().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = tls(dir.path(), &[CORE]);
+    let edge = edge_with_core(
+        dir.path(),
+        &[core.addr()],
+        &cache_conf(dir.path(), "16MiB", &table),
+    )
+    .await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    let h2 = client(&root, addr, false);
+    let url = format!("https://{CORE}:{}/about", addr.port());
+    let name = format!("{CORE}:{}", addr.port());
+    let over_tls = |proto: &'static str| {
+        let (h2, url) = (h2.clone(), url.clone());
+        async move {
+            let r = h2
+                .get(url)
+                .header("x-forwarded-proto", proto)
+                .send()
+                .await
+                .unwrap();
+            let cache = r.headers()["x-cache-status"].to_str().unwrap().to_owned();
+            (cache, r.text().await.unwrap())
+        }
+    };
+    let https = format!("https for {name}");
+    assert_eq!(over_tls("http").await, ("MISS".into(), https.clone()));
+    assert_eq!(over_tls("wss").await, ("HIT".into(), https.clone()));
+    assert_eq!(over_tls("https").await, ("HIT".into(), https));
+    // The plain listener: `http`, whatever the client says.
+    for (proto, cache) in [("https", "MISS"), ("http", "HIT"), ("wss", "HIT")] {
+        assert_eq!(
+            about(&edge, proto).await,
+            (200, cache.into(), format!("http for {CORE}")),
+            "{proto}"
+        );
+    }
+    assert_eq!(core.count("/about"), 2);
+}
