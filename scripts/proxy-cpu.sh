@@ -15,6 +15,8 @@
 # costing most instructions per request (callgrind mode); CG_OUT=FILE keeps the dump. URL_PATH=/api/v1/instance asks for a
 # URL the upstream marks cacheable (`public, max-age=300`): with EXTRA_CORE adding a
 # `[core.cache]` table, that measures a core cache hit instead of a proxied request.
+# CURL_HEADER='Accept-Encoding: gzip' sends one more request header (curl and wrk).
+# BODY_PAD=N: the upstream's JSON body pads N zeros (default 900: about 930 bytes; nginx takes up to about 4000).
 # Figures and method: docs/benchmarks.md ("Proxy CPU per request, A/B").
 set -euo pipefail
 
@@ -23,7 +25,7 @@ BIN=$(realpath "${2:?the fediedge binary}")
 D=$(mktemp -d /tmp/proxy-cpu.XXXXXX)
 mkdir -p "$D/media" "$D/var" "$D/cache" "$D/ng/logs" "$D/ng/tmp"
 UP=$((20000 + RANDOM % 10000)); FE=$((UP + 1)); AD=$((UP + 2))
-BODY=$(printf '{"uri":"bench","pad":"%0900d"}' 0)
+BODY=$(printf "{\"uri\":\"bench\",\"pad\":\"%0${BODY_PAD:-900}d\"}" 0)
 USER_LINE=""
 [ "$(id -u)" -eq 0 ] && USER_LINE="user root root;"
 PID=""
@@ -86,12 +88,12 @@ cpu)
     "$BIN" serve --config "$D/fe.toml" >"$D/fe.log" 2>&1 &
     PID=$!
     up
-    wrk -t2 -c"$CONNS" -d1s "$URL" >/dev/null # warm-up
+    wrk -t2 -c"$CONNS" -d1s ${CURL_HEADER:+-H "$CURL_HEADER"} "$URL" >/dev/null # warm-up
     TCK=$(getconf CLK_TCK)
     for r in 1 2 3; do
         A0=$(accepted)
         T0=$(awk '{print $14+$15}' "/proc/$PID/stat")
-        OUT=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency "$URL")
+        OUT=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency ${CURL_HEADER:+-H "$CURL_HEADER"} "$URL")
         T1=$(awk '{print $14+$15}' "/proc/$PID/stat")
         A1=$(accepted)
         N=$(echo "$OUT" | awk '/requests in/{print $1}')
@@ -111,9 +113,9 @@ callgrind)
     up
     ARGS=()
     for _ in $(seq "$N"); do ARGS+=(-o /dev/null "$URL"); done
-    curl -s "${ARGS[@]:0:150}" # warm-up: 50 requests
+    curl -s ${CURL_HEADER:+-H "$CURL_HEADER"} "${ARGS[@]:0:150}" # warm-up: 50 requests
     callgrind_control -z "$PID" >/dev/null
-    CODES=$(curl -s -w "%{http_code}\n" "${ARGS[@]}" | sort | uniq -c)
+    CODES=$(curl -s ${CURL_HEADER:+-H "$CURL_HEADER"} -w "%{http_code}\n" "${ARGS[@]}" | sort | uniq -c)
     callgrind_control -d "$PID" >/dev/null
     for _ in $(seq 50); do compgen -G "$D/cg.out.*" >/dev/null && break; sleep 0.2; done
     sleep 0.5

@@ -16,24 +16,28 @@
 //! streams, `Content-Length` goes and a strong `ETag` is made weak (the bytes are not the
 //! identity ones, RFC 9110 §8.8.1; core compares `If-None-Match` weakly, and so does the
 //! core cache). The core cache keeps identity bodies: each client's copy is compressed on
-//! the way out, as behind nginx.
+//! the way out, as behind nginx, except those it keeps in its memory tier: their gzipped
+//! copy is made once and kept beside them (`corecache::answer`), so a hot API answer is not
+//! compressed again for every client.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use flate2::write::GzEncoder;
-use flate2::Compression;
+use flate2::write::DeflateEncoder;
+use flate2::{Compression, Crc};
 use http::{header, HeaderMap, HeaderValue, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 
 use crate::listen::Body;
 
-/// Bodies known to be shorter are sent as they are: gzip's header and trailer (18 bytes)
-/// and the CPU would buy little.
-pub const MIN_LENGTH: u64 = 256;
+/// Bodies known to be shorter are sent as they are: with its head such an answer fits in
+/// one TCP segment either way, so compressing it buys no packet and costs CPU (nginx's
+/// `gzip_min_length` is 20 bytes; Mastodon's config leaves it).
+pub const MIN_LENGTH: u64 = 1024;
 
 /// Mastodon's nginx `gzip_comp_level`.
 const LEVEL: u32 = 6;
@@ -77,6 +81,9 @@ pub fn response(mut resp: Response<Body>, gzip: bool, head: bool) -> Response<Bo
         // Nothing to change (a core cache hit's head has the `Vary` already: `vary`).
         return resp;
     }
+    if surely_not(resp.headers()) {
+        return resp;
+    }
     let seen = scan(resp.headers());
     if !seen.compressible {
         return resp;
@@ -88,6 +95,24 @@ pub fn response(mut resp: Response<Body>, gzip: bool, head: bool) -> Response<Bo
     if !gzip {
         return resp;
     }
+    mark_gzipped(headers);
+    if head {
+        return resp;
+    }
+    resp.map(|body| {
+        Gzip {
+            body,
+            gz: Some(GzStream::new()),
+            trailers: None,
+        }
+        .boxed_unsync()
+    })
+}
+
+/// An identity head made the head of its gzipped body: no `Content-Length` (the caller
+/// sets the compressed one if it knows it), `Content-Encoding: gzip`, a strong `ETag` made
+/// weak.
+fn mark_gzipped(headers: &mut HeaderMap) {
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     if let Some(etag) = headers.get(header::ETAG) {
@@ -99,17 +124,29 @@ pub fn response(mut resp: Response<Body>, gzip: bool, head: bool) -> Response<Bo
             }
         }
     }
-    if head {
-        return resp;
-    }
-    resp.map(|body| {
-        Gzip {
-            body,
-            encoder: Some(GzEncoder::new(Vec::new(), Compression::new(LEVEL))),
-            trailers: None,
-        }
-        .boxed_unsync()
-    })
+}
+
+/// Whether [`response`] would compress an answer with this status and head (for a store
+/// that keeps compressed copies: the core cache's memory tier).
+pub fn compressible(status: u16, headers: &HeaderMap) -> bool {
+    matches!(status, 200 | 403 | 404) && scan(headers).compressible
+}
+
+/// A whole body gzipped, at the level [`response`] uses; None when that is not smaller.
+pub fn gzip_whole(data: &[u8]) -> Option<Bytes> {
+    let mut gz = GzStream::new();
+    let mut out = gz.write(data).ok()?;
+    out.extend_from_slice(&gz.finish().ok()?);
+    (out.len() < data.len()).then(|| out.into())
+}
+
+/// The head of a gzipped whole body of `len` bytes, from its identity head (which has the
+/// `Vary`, see [`vary`]).
+pub fn gzip_head(identity: &HeaderMap, len: usize) -> HeaderMap {
+    let mut headers = identity.clone();
+    mark_gzipped(&mut headers);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers
 }
 
 /// Adds `Vary: Accept-Encoding` to the head of a response [`response`] would compress,
@@ -125,6 +162,21 @@ pub fn vary(status: u16, headers: &mut HeaderMap) {
     if seen.compressible && !seen.vary_named {
         headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
+}
+
+/// Two lookups that rule out most answers that are not compressible (a short body, a type
+/// not compressed) before [`scan`] walks every header: run on every cache hit.
+fn surely_not(headers: &HeaderMap) -> bool {
+    let short = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n < MIN_LENGTH);
+    short
+        || !headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(compressible_type)
 }
 
 fn vary_named(headers: &HeaderMap) -> bool {
@@ -227,7 +279,7 @@ fn compressible_type(content_type: &str) -> bool {
 struct Gzip {
     body: Body,
     /// None once the end is written.
-    encoder: Option<GzEncoder<Vec<u8>>>,
+    gz: Option<GzStream>,
     trailers: Option<HeaderMap>,
 }
 
@@ -241,21 +293,20 @@ impl http_body::Body for Gzip {
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         loop {
-            let Some(encoder) = this.encoder.as_mut() else {
+            let Some(gz) = this.gz.as_mut() else {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             };
             let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
-                    let rest = this.encoder.take().expect("checked").finish()?;
+                    let rest = this.gz.take().expect("checked").finish()?;
                     return Poll::Ready(Some(Ok(Frame::data(rest.into()))));
                 }
             };
             match frame.into_data() {
                 Ok(data) => {
-                    encoder.write_all(&data)?;
-                    let out = std::mem::take(encoder.get_mut());
+                    let out = gz.write(&data)?;
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out.into()))));
                     }
@@ -263,11 +314,93 @@ impl http_body::Body for Gzip {
                 Err(frame) => {
                     // Trailers end the body: the gzip stream first, then them.
                     this.trailers = frame.into_trailers().ok();
-                    let rest = this.encoder.take().expect("checked").finish()?;
+                    let rest = this.gz.take().expect("checked").finish()?;
                     return Poll::Ready(Some(Ok(Frame::data(rest.into()))));
                 }
             }
         }
+    }
+}
+
+/// gzip's member header (RFC 1952 §2.3): magic, deflate, no flags, no time, no extra
+/// flags, OS unknown.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+
+/// Deflate states kept per worker thread for the next body.
+const STATES_KEPT: usize = 8;
+
+thread_local! {
+    static STATES: RefCell<Vec<DeflateEncoder<Vec<u8>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One gzip stream (RFC 1952) over a deflate state taken from [`STATES`] and given back
+/// reset. Written here around flate2's raw deflate encoder rather than with its
+/// `GzEncoder`, which makes a new deflate state per body: zeroing one (some 500 KB, most of
+/// it buffers) costs more than compressing a small JSON answer, where a reset state clears
+/// its hash table only. The framing is the 10-byte header, then the deflate stream, then
+/// the CRC-32 and the length (flate2's `Crc`).
+struct GzStream {
+    deflate: Option<DeflateEncoder<Vec<u8>>>,
+    crc: Crc,
+    started: bool,
+}
+
+impl GzStream {
+    fn new() -> GzStream {
+        let deflate = STATES
+            .with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| DeflateEncoder::new(Vec::new(), Compression::new(LEVEL)));
+        GzStream {
+            deflate: Some(deflate),
+            crc: Crc::new(),
+            started: false,
+        }
+    }
+
+    /// Compresses `data`; returns what is ready to go out (maybe nothing yet).
+    fn write(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
+        let deflate = self.deflate.as_mut().expect("written before the end");
+        if !self.started {
+            deflate.get_mut().extend_from_slice(&GZIP_HEADER);
+            self.started = true;
+        }
+        self.crc.update(data);
+        deflate.write_all(data)?;
+        Ok(std::mem::take(deflate.get_mut()))
+    }
+
+    /// The rest of the stream and gzip's trailer.
+    fn finish(mut self) -> std::io::Result<Vec<u8>> {
+        let mut deflate = self.deflate.take().expect("finished once");
+        let mut out = match self.started {
+            true => Vec::new(),
+            false => GZIP_HEADER.to_vec(),
+        };
+        deflate.try_finish()?;
+        out.append(deflate.get_mut());
+        out.extend_from_slice(&self.crc.sum().to_le_bytes());
+        out.extend_from_slice(&self.crc.amount().to_le_bytes());
+        give_back(deflate);
+        Ok(out)
+    }
+}
+
+impl Drop for GzStream {
+    fn drop(&mut self) {
+        // A body dropped before its end (its client left).
+        if let Some(deflate) = self.deflate.take() {
+            give_back(deflate);
+        }
+    }
+}
+
+fn give_back(mut deflate: DeflateEncoder<Vec<u8>>) {
+    if deflate.reset(Vec::new()).is_ok() {
+        STATES.with_borrow_mut(|kept| {
+            if kept.len() < STATES_KEPT {
+                kept.push(deflate);
+            }
+        });
     }
 }
 
@@ -286,6 +419,38 @@ mod tests {
             );
         }
         h
+    }
+
+    /// The stream is gzip as any reader takes it, body after body on reused states, also
+    /// an empty body and one split in many frames.
+    #[test]
+    fn gzip_streams_read_back_whole_on_reused_states() {
+        use std::io::Read;
+        for round in 0..3 {
+            for body in [
+                Vec::new(),
+                b"x".to_vec(),
+                crate::key::Key::parse("a/b.png")
+                    .unwrap()
+                    .as_str()
+                    .repeat(4000)
+                    .into_bytes(),
+            ] {
+                let mut gz = GzStream::new();
+                let mut out = Vec::new();
+                for piece in body.chunks(1000) {
+                    out.extend(gz.write(piece).unwrap());
+                }
+                out.extend(gz.finish().unwrap());
+                let mut back = Vec::new();
+                flate2::read::GzDecoder::new(&out[..])
+                    .read_to_end(&mut back)
+                    .unwrap();
+                assert_eq!(back, body, "round {round}, {} bytes", body.len());
+            }
+        }
+        assert!(STATES.with_borrow(|s| s.len()) >= 1, "states kept");
+        assert!(gzip_whole(b"ab").is_none(), "not smaller");
     }
 
     #[test]
@@ -336,7 +501,7 @@ mod tests {
         let ok = StatusCode::OK;
         assert!(compressible(ok, &json(&[])));
         assert!(compressible(StatusCode::NOT_FOUND, &json(&[])));
-        assert!(compressible(ok, &json(&[("content-length", "256")])));
+        assert!(compressible(ok, &json(&[("content-length", "1024")])));
         for t in [
             "text/html",
             "application/activity+json",
@@ -361,7 +526,7 @@ mod tests {
         assert!(!compressible(ok, &HeaderMap::new()), "no type");
         assert!(!compressible(StatusCode::INTERNAL_SERVER_ERROR, &json(&[])));
         assert!(!compressible(StatusCode::PARTIAL_CONTENT, &json(&[])));
-        assert!(!compressible(ok, &json(&[("content-length", "255")])));
+        assert!(!compressible(ok, &json(&[("content-length", "1023")])));
         assert!(!compressible(ok, &json(&[("content-encoding", "br")])));
         assert!(compressible(ok, &json(&[("content-encoding", "identity")])));
         assert!(!compressible(

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -17,6 +18,15 @@ use super::store::{Entry, StoredBody};
 use super::{policy, status_only, CoreCache, Url};
 use crate::listen::Body;
 use crate::metrics::CacheStatus;
+
+/// What a client asked of a stored answer besides its URL.
+#[derive(Clone, Copy)]
+pub(super) struct Asked {
+    /// A HEAD: the head only.
+    pub head: bool,
+    /// It takes gzip, and `[core] gzip` is on.
+    pub gzip: bool,
+}
 
 impl CoreCache {
     /// A follower's answer from the leader's response still being received, if it is fresh
@@ -74,6 +84,7 @@ impl CoreCache {
         &self,
         req: &Request<Incoming>,
         url: &Url,
+        gzip: bool,
     ) -> Option<Response<Body>> {
         let head = match *req.method() {
             Method::GET => false,
@@ -94,7 +105,7 @@ impl CoreCache {
         let now = SystemTime::now();
         let e = self.store.fresh_hit(&url.key, url.scheme?, raw_host, now)?;
         let stored = self.store.body(&e.id, e.meta.len).await.ok()?;
-        self.answer(&e, stored, h, head, CacheStatus::Hit, now)
+        self.answer(&e, stored, h, Asked { head, gzip }, CacheStatus::Hit, now)
             .await
     }
 
@@ -103,25 +114,28 @@ impl CoreCache {
         &self,
         e: &Entry,
         req: &HeaderMap,
-        head: bool,
+        asked: Asked,
         status: CacheStatus,
     ) -> Option<Response<Body>> {
         let stored = self.store.body(&e.id, e.meta.len).await.ok()?;
         self.store.touch(&e.id);
-        self.answer(e, stored, req, head, status, SystemTime::now())
+        self.answer(e, stored, req, asked, status, SystemTime::now())
             .await
     }
 
-    /// The answer from a stored response and its body, `Age` as of `now`.
+    /// The answer from a stored response and its body, `Age` as of `now`. A whole body the
+    /// memory tier holds goes to a client that takes gzip as its gzipped copy, made once
+    /// (`Store::gzipped`) when `compress` would compress it.
     pub(super) async fn answer(
         &self,
         e: &Entry,
         stored: StoredBody,
         req: &HeaderMap,
-        head: bool,
+        asked: Asked,
         status: CacheStatus,
         now: SystemTime,
     ) -> Option<Response<Body>> {
+        let head = asked.head;
         let mut headers = match e.meta.hot(now) {
             Some(hot) => {
                 let mut h = hot.head.clone();
@@ -161,6 +175,19 @@ impl CoreCache {
                 }
             }
         }
+        if asked.gzip && code == StatusCode::OK && (start, end) == (0, e.meta.len) {
+            if let Some((gz_head, gz)) = self.gzipped(e, &stored, now) {
+                let mut headers = gz_head;
+                headers.insert(header::AGE, age_value(e.meta.policy.age(now).as_secs()));
+                let body = match head {
+                    true => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+                    false => Full::new(gz).map_err(|e| match e {}).boxed_unsync(),
+                };
+                let mut resp = Response::new(body);
+                *resp.headers_mut() = headers;
+                return Some(self.count(resp, status));
+            }
+        }
         let body = if head {
             Empty::new().map_err(|e| match e {}).boxed_unsync()
         } else {
@@ -188,6 +215,31 @@ impl CoreCache {
         *resp.status_mut() = code;
         *resp.headers_mut() = headers;
         Some(self.count(resp, status))
+    }
+
+    /// The head and body of an entry's gzipped copy, if it has one: its body in the memory
+    /// tier, a head `compress` would compress, and gzip making it smaller.
+    fn gzipped(
+        &self,
+        e: &Entry,
+        stored: &StoredBody,
+        now: SystemTime,
+    ) -> Option<(HeaderMap, Bytes)> {
+        let StoredBody::Memory(identity) = stored else {
+            return None;
+        };
+        let hot = e.meta.hot(now)?;
+        let compressible = *hot
+            .compressible
+            .get_or_init(|| crate::compress::compressible(e.meta.status, &hot.head));
+        if !compressible {
+            return None;
+        }
+        let gz = self.store.gzipped(&e.id, identity)?;
+        let head = hot
+            .gzip_head
+            .get_or_init(|| crate::compress::gzip_head(&hot.head, gz.len()));
+        Some((head.clone(), gz))
     }
 
     /// [`Self::finish`] for a head made by [`hit::whole_head`] (no `Surrogate-Control`,

@@ -38,6 +38,10 @@ pub struct Hot {
     pub head: HeaderMap,
     /// The stored response has `Vary`.
     pub vary: bool,
+    /// Whether `compress` would gzip it (worked out at the first client that takes gzip).
+    pub compressible: OnceLock<bool>,
+    /// The head of its gzipped copy (`Store::gzipped`), made at the first gzipped answer.
+    pub gzip_head: OnceLock<HeaderMap>,
 }
 
 /// The policy's clock. The crate computes `age(now) = age_header + (now - received)` (the
@@ -80,6 +84,8 @@ impl Hot {
             timing: Timing::of(meta, now)?,
             head: whole_head(meta),
             vary: meta.headers.contains_key(header::VARY),
+            compressible: OnceLock::new(),
+            gzip_head: OnceLock::new(),
         })
     }
 

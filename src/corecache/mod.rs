@@ -55,6 +55,7 @@ use crate::flight::MemoryBudget;
 use crate::listen::{Body, ConnInfo};
 use crate::metrics::{CacheStatus, Metrics};
 use crate::proxy::{KeyedScheme, Kind, Proxy};
+use answer::Asked;
 use fill::{Commit, FlightGuard, Flights, Join, Shared, TeeBody};
 use hit::{SURROGATE_CONTROL, X_CACHE_STATUS};
 use store::{Scheme, Store};
@@ -170,6 +171,7 @@ impl CoreCache {
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
         mut req: Request<Incoming>,
+        gzip: bool,
     ) -> Response<Body> {
         if !req.headers().contains_key(header::HOST) {
             // HTTP/2 (or an absolute-form request without `Host`): the name is the URI's
@@ -184,12 +186,12 @@ impl CoreCache {
         }
         let scheme = proxy.scheme_sent(&req).and_then(Scheme::parse);
         let url = Url::of(&req, scheme);
-        if let Some(r) = self.fresh_without_vary(&req, &url).await {
+        if let Some(r) = self.fresh_without_vary(&req, &url, gzip).await {
             return r;
         }
         // Everything else in a future of its own: the hit's stays small (a future is moved
         // whole into its caller's, and boxed by the listener, on every request).
-        Box::pin(self.handle_full(proxy, req, url)).await
+        Box::pin(self.handle_full(proxy, req, url, gzip)).await
     }
 
     async fn handle_full(
@@ -197,6 +199,7 @@ impl CoreCache {
         proxy: &Arc<Proxy>,
         mut req: Request<Incoming>,
         url: Url,
+        gzip: bool,
     ) -> Response<Body> {
         req.headers_mut().insert(
             SURROGATE_CAPABILITY,
@@ -241,13 +244,14 @@ impl CoreCache {
                 preq: &preq,
                 private,
                 sent,
+                gzip,
             };
             return match result {
                 Ok(resp) if store => self.keep(ctx, resp, None, CacheStatus::Bypass),
                 other => self.finish(proxy.answer(other), CacheStatus::Bypass),
             };
         };
-        self.lookup(proxy, req, &url, scheme).await
+        self.lookup(proxy, req, &url, scheme, gzip).await
     }
 
     async fn lookup(
@@ -256,8 +260,10 @@ impl CoreCache {
         req: Request<Incoming>,
         url: &Url,
         scheme: Scheme,
+        gzip: bool,
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
+        let asked = Asked { head, gzip };
         let (host, path) = (url.host(), url.path());
         let preq = policy::policy_request(scheme, path, req.headers());
         let key = &url.key;
@@ -274,6 +280,7 @@ impl CoreCache {
             preq: &preq,
             private: None,
             sent: Instant::now(),
+            gzip,
         };
         let mut followed = false;
         // An entry replaced (or purged) between the lookup and the read of its body has no
@@ -288,7 +295,8 @@ impl CoreCache {
             for e in self.store.variants(host, path) {
                 match e.meta.policy.before_request(&preq, now) {
                     BeforeRequest::Fresh(_) => {
-                        if let Some(r) = self.serve(&e, req.headers(), head, CacheStatus::Hit).await
+                        if let Some(r) =
+                            self.serve(&e, req.headers(), asked, CacheStatus::Hit).await
                         {
                             return r;
                         }
@@ -324,7 +332,7 @@ impl CoreCache {
                         });
                     }
                     if let Some(r) = self
-                        .serve(&e, req.headers(), head, CacheStatus::Stale)
+                        .serve(&e, req.headers(), asked, CacheStatus::Stale)
                         .await
                     {
                         return r;
@@ -516,6 +524,8 @@ struct Ctx<'a> {
     private: Option<&'static str>,
     /// When its request went (or was about to go) to core.
     sent: Instant,
+    /// The client takes gzip (and `[core] gzip` is on).
+    gzip: bool,
 }
 
 /// A bodiless request to core from the policy's parts (revalidation), telling core the

@@ -9,6 +9,7 @@ use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::answer::Asked;
 use super::fill::FlightGuard;
 use super::store::Entry;
 use super::{policy, status_only, upstream_request, CoreCache, Ctx};
@@ -28,6 +29,10 @@ impl CoreCache {
         guard: Option<FlightGuard>,
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
+        let asked = Asked {
+            head,
+            gzip: ctx.gzip,
+        };
         let conn = req.extensions().get::<ConnInfo>().copied();
         let result = proxy.send(Kind::Web, upstream_request(request, conn)).await;
         let now = SystemTime::now();
@@ -42,7 +47,7 @@ impl CoreCache {
                 let (updated, evict) = self.update(&e, ctx.preq, resp.headers(), now).await;
                 // Its body read (or its file open) first: then the entry may go.
                 let answer = self
-                    .serve(&updated, req.headers(), head, CacheStatus::Revalidated)
+                    .serve(&updated, req.headers(), asked, CacheStatus::Revalidated)
                     .await;
                 if evict {
                     self.evict(vec![e.id.clone()]);
@@ -55,14 +60,14 @@ impl CoreCache {
             }
             Ok(resp) if resp.status().is_server_error() && e.meta.stale_if_error(now) => {
                 drop(guard);
-                self.serve_stale_or(&e, &req, head, resp).await
+                self.serve_stale_or(&e, &req, asked, resp).await
             }
             Ok(resp) => self.keep(ctx, resp, guard, CacheStatus::Miss),
             Err(err) if e.meta.stale_if_error(now) => {
                 tracing::debug!(error = %err, path = %e.meta.path, "core cache: serving stale, core failed");
                 drop(guard);
                 let resp = proxy.answer(Err(err));
-                self.serve_stale_or(&e, &req, head, resp).await
+                self.serve_stale_or(&e, &req, asked, resp).await
             }
             Err(err) => self.finish(proxy.answer(Err(err)), CacheStatus::Miss),
         }
@@ -72,10 +77,13 @@ impl CoreCache {
         &self,
         e: &Entry,
         req: &Request<Incoming>,
-        head: bool,
+        asked: Asked,
         otherwise: Response<Body>,
     ) -> Response<Body> {
-        match self.serve(e, req.headers(), head, CacheStatus::Stale).await {
+        match self
+            .serve(e, req.headers(), asked, CacheStatus::Stale)
+            .await
+        {
             Some(r) => r,
             None => self.finish(otherwise, CacheStatus::Miss),
         }
@@ -110,6 +118,7 @@ impl CoreCache {
                     preq: &preq,
                     private: None,
                     sent,
+                    gzip: false,
                 };
                 let resp = self.keep(ctx, resp, Some(guard), CacheStatus::Miss);
                 let _ = resp.into_body().collect().await;

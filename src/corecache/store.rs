@@ -21,7 +21,8 @@
 //!
 //! Bodies up to [`MEMORY_MAX_OBJECT`] are kept in memory after their first read (within
 //! [`MEMORY_MAX`], least recently used out): a hit on a hot API response then costs no file
-//! open or read, only a shared `Bytes`. The memory copy is dropped with the entry.
+//! open or read, only a shared `Bytes`. The memory copy is dropped with the entry, and so is
+//! its gzipped copy (`Store::gzipped`), kept in the same tier for clients that take gzip.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -120,6 +121,12 @@ pub struct Entry {
 
 /// The memory tier's bound.
 pub const MEMORY_MAX: u64 = 64 << 20;
+/// The memory tier's name for an entry's gzipped copy (`Store::gzipped`): never an entry's
+/// own (those are hex digits only).
+fn gz_id(id: &Id) -> Id {
+    format!("{id}.gz").into()
+}
+
 /// The largest body kept in memory.
 pub const MEMORY_MAX_OBJECT: u64 = 256 << 10;
 
@@ -488,6 +495,31 @@ impl Store {
         Ok(StoredBody::Memory(bytes))
     }
 
+    /// The gzipped copy of a body the memory tier holds (`identity`), made at the first ask
+    /// and kept in the same tier (its bytes counted against [`MEMORY_MAX`], dropped with the
+    /// entry); None when gzip does not make it smaller. Compresses on the caller's thread:
+    /// once per entry, at most [`MEMORY_MAX_OBJECT`] bytes.
+    pub fn gzipped(&self, id: &Id, identity: &Bytes) -> Option<Bytes> {
+        let gz = gz_id(id);
+        if let Some(b) = self.memory.lock().lru.get(&gz) {
+            return Some(b.clone());
+        }
+        let bytes = crate::compress::gzip_whole(identity)?;
+        if self.index.lock().lru.peek(id).is_some() {
+            let mut memory = self.memory.lock();
+            if memory.lru.put(gz, bytes.clone()).is_none() {
+                memory.bytes += bytes.len() as u64;
+            }
+            while memory.bytes > MEMORY_MAX {
+                match memory.lru.pop_lru() {
+                    Some((_, b)) => memory.bytes -= b.len() as u64,
+                    None => break,
+                }
+            }
+        }
+        Some(bytes)
+    }
+
     /// Stores a whole body (a temp file in `tmp_dir`) and its meta, replacing the entries in
     /// `replaces`; `sent`: when its request went to core (not stored if the URL was
     /// invalidated since). Blocking: call from a blocking thread.
@@ -678,8 +710,10 @@ impl Store {
         {
             let mut memory = self.memory.lock();
             for id in ids {
-                if let Some(b) = memory.lru.pop(id) {
-                    memory.bytes -= b.len() as u64;
+                for key in [id.clone(), gz_id(id)] {
+                    if let Some(b) = memory.lru.pop(&key) {
+                        memory.bytes -= b.len() as u64;
+                    }
                 }
             }
         }
@@ -692,5 +726,47 @@ impl Store {
     fn report(&self) {
         let (bytes, n) = self.usage();
         self.metrics.set_core_cache(bytes, n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body's gzipped copy lives in the memory tier beside it, counted against its bound,
+    /// and goes with the entry.
+    #[tokio::test]
+    async fn a_gzipped_copy_is_counted_in_the_memory_tier_and_goes_with_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let body =
+            "{\"a\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}".repeat(20);
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-control", "public, max-age=600".parse().unwrap());
+        headers.insert("content-type", "application/json".parse().unwrap());
+        let entries = [("/a".to_owned(), body.clone().into_bytes())];
+        crate::corecache::seed(dir.path(), "a.test", &headers, entries).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
+        store.loaded().await;
+        let e = store.variants("a.test", "/a").remove(0);
+        let StoredBody::Memory(identity) = store.body(&e.id, e.meta.len).await.unwrap() else {
+            panic!("a small body is kept in memory");
+        };
+        assert_eq!(store.memory.lock().bytes, body.len() as u64);
+        let gz = store.gzipped(&e.id, &identity).expect("JSON gets smaller");
+        assert!(gz.len() < body.len() / 4);
+        assert_eq!(
+            store.memory.lock().bytes,
+            (body.len() + gz.len()) as u64,
+            "counted in the tier"
+        );
+        let again = store.gzipped(&e.id, &identity).unwrap();
+        assert_eq!(again.as_ptr(), gz.as_ptr(), "made once, then kept");
+        store.unlink(std::slice::from_ref(&e.id));
+        assert_eq!(
+            store.memory.lock().bytes,
+            0,
+            "both copies gone with the entry"
+        );
+        assert!(store.memory.lock().lru.is_empty());
     }
 }

@@ -186,8 +186,10 @@ pub(super) fn front_door(
                         let head = req.method() == http::Method::HEAD;
                         (crate::compress::accepts_gzip(req.headers()), head)
                     });
+                    let takes = gzip.is_some_and(|(takes, _)| takes);
                     let resp = match core_cache {
-                        Some(c) => c.handle(&p, req).await,
+                        // Its memory tier's answers come gzipped already where they may.
+                        Some(c) => c.handle(&p, req, takes).await,
                         None => Box::pin(p.handle(Kind::Web, req)).await,
                     };
                     match gzip {
