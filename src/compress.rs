@@ -23,6 +23,7 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -95,15 +96,22 @@ pub fn response(mut resp: Response<Body>, gzip: bool, head: bool) -> Response<Bo
     if !gzip {
         return resp;
     }
-    mark_gzipped(headers);
     if head {
+        mark_gzipped(headers);
         return resp;
     }
+    let Some(permit) = Streaming::take() else {
+        // As many bodies are being compressed as memory is set aside for: this one goes as
+        // it is (its `Vary` says it could have been gzipped).
+        return resp;
+    };
+    mark_gzipped(resp.headers_mut());
     resp.map(|body| {
         Gzip {
             body,
             gz: Some(GzStream::new()),
             trailers: None,
+            _permit: permit,
         }
         .boxed_unsync()
     })
@@ -281,6 +289,33 @@ struct Gzip {
     /// None once the end is written.
     gz: Option<GzStream>,
     trailers: Option<HeaderMap>,
+    _permit: Streaming,
+}
+
+/// Bodies compressed at once, at most: each holds a deflate state (about half a MiB, as
+/// zlib's `gzip_buffers` and window are for nginx), for as long as its client reads.
+/// Past it, answers go uncompressed rather than grow memory with slow readers.
+pub const MAX_STREAMS: usize = 64;
+
+static STREAMING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of [`MAX_STREAMS`], given back when dropped.
+struct Streaming(());
+
+impl Streaming {
+    fn take() -> Option<Streaming> {
+        if STREAMING.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
+            STREAMING.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Streaming(()))
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        STREAMING.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl http_body::Body for Gzip {
@@ -451,6 +486,31 @@ mod tests {
         }
         assert!(STATES.with_borrow(|s| s.len()) >= 1, "states kept");
         assert!(gzip_whole(b"ab").is_none(), "not smaller");
+    }
+
+    /// Past `MAX_STREAMS` bodies being compressed, an answer goes as it is (with its
+    /// `Vary`); one more may be compressed once one ends.
+    #[test]
+    fn bodies_past_the_streams_cap_go_uncompressed() {
+        let answer = || {
+            let mut resp = Response::new(
+                http_body_util::Full::new(Bytes::from(vec![b'a'; 4096]))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            );
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            response(resp, true, false)
+        };
+        let mut held: Vec<_> = (0..MAX_STREAMS).map(|_| answer()).collect();
+        assert!(held
+            .iter()
+            .all(|r| r.headers()[header::CONTENT_ENCODING] == "gzip"));
+        let past = answer();
+        assert!(!past.headers().contains_key(header::CONTENT_ENCODING));
+        assert_eq!(past.headers()[header::VARY], "accept-encoding");
+        held.pop();
+        assert_eq!(answer().headers()[header::CONTENT_ENCODING], "gzip");
     }
 
     #[test]
