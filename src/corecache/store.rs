@@ -419,8 +419,9 @@ impl Store {
 
     /// The fast hit (see `CoreCache::fresh_without_vary`): under one lock, the first stored
     /// variant of `key` (most recently stored first) that is fresh at `now`, marked used;
-    /// None, for the full way, as soon as one has `Vary`, was stored for another scheme or
-    /// `Host` value (`raw_host`, as sent) or cannot be judged here.
+    /// None, for the full way, as soon as one has `Vary`, was stored for another `Host` value
+    /// (`raw_host`, as sent) or cannot be judged here; entries of another scheme are passed
+    /// by.
     pub fn fresh_hit(
         &self,
         key: &str,
@@ -442,11 +443,13 @@ impl Store {
             let Some(meta) = index.lru.peek(id) else {
                 continue;
             };
+            if meta.scheme != Some(scheme) {
+                // Another scheme's entry answers no request of this one: the full way
+                // passes it by too (the policy compares the URI).
+                continue;
+            }
             let hot = meta.hot(now)?;
-            if hot.vary
-                || meta.scheme != Some(scheme)
-                || raw_host != meta.raw_host.as_deref().map(str::as_bytes)
-            {
+            if hot.vary || raw_host != meta.raw_host.as_deref().map(str::as_bytes) {
                 return None;
             }
             if hot.fresh(now) {
