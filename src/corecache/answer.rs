@@ -176,9 +176,7 @@ impl CoreCache {
             }
         }
         if asked.gzip && code == StatusCode::OK && (start, end) == (0, e.meta.len) {
-            if let Some((gz_head, gz)) = self.gzipped(e, &stored, now) {
-                let mut headers = gz_head;
-                headers.insert(header::AGE, age_value(e.meta.policy.age(now).as_secs()));
+            if let Some((headers, gz)) = self.gzipped(e, &stored, now) {
                 let body = match head {
                     true => Empty::new().map_err(|e| match e {}).boxed_unsync(),
                     false => Full::new(gz).map_err(|e| match e {}).boxed_unsync(),
@@ -217,8 +215,8 @@ impl CoreCache {
         Some(self.count(resp, status))
     }
 
-    /// The head and body of an entry's gzipped copy, if it has one: its body in the memory
-    /// tier, a head `compress` would compress, and gzip making it smaller.
+    /// The head (`Age` as of `now`) and body of an entry's gzipped copy, if it has one: its
+    /// body in the memory tier, a head `compress` would compress, and gzip making it smaller.
     fn gzipped(
         &self,
         e: &Entry,
@@ -236,10 +234,12 @@ impl CoreCache {
             return None;
         }
         let gz = self.store.gzipped(&e.id, identity)?;
-        let head = hot
+        let mut head = hot
             .gzip_head
-            .get_or_init(|| crate::compress::gzip_head(&hot.head, gz.len()));
-        Some((head.clone(), gz))
+            .get_or_init(|| crate::compress::gzip_head(&hot.head, gz.len()))
+            .clone();
+        head.insert(header::AGE, age_value(hot.age(now).as_secs()));
+        Some((head, gz))
     }
 
     /// [`Self::finish`] for a head made by [`hit::whole_head`] (no `Surrogate-Control`,
