@@ -36,8 +36,10 @@
 //! Knobs (environment): `FRONT_BENCH_SECS` (default 5), `FRONT_BENCH_ROUNDS` (default 3),
 //! `FRONT_BENCH_STRICT=1` (exit 1 when a target is missed), `FRONT_BENCH_CLIENT_THREADS`
 //! (h2load and wrk threads, default 1), `FRONT_BENCH_ONLY` (a comma-separated subset of
-//! `tls-small-h1,tls-small-h2,tls-large,proxy,api`; default all), `FEDIEDGE_BIN`, `NGINX_BIN`,
-//! `H2LOAD_BIN`, `WRK_BIN`, `VARNISHD_BIN`.
+//! `tls-small-h1,tls-small-h2,tls-large,proxy,api`; default all), `FRONT_BENCH_ACCEPT_ENCODING`
+//! (an `Accept-Encoding` wrk sends in the proxy and cached API tests, e.g. `gzip` as every
+//! browser and app does; default none), `FEDIEDGE_BIN`, `NGINX_BIN`, `H2LOAD_BIN`, `WRK_BIN`,
+//! `VARNISHD_BIN`.
 
 #[path = "front/api.rs"]
 mod api;
@@ -96,6 +98,8 @@ struct Settings {
     threads: u64,
     /// The measurements to run (`FRONT_BENCH_ONLY`), by `Test::key` and `api`.
     only: Vec<String>,
+    /// `Accept-Encoding` for wrk (`FRONT_BENCH_ACCEPT_ENCODING`).
+    accept_encoding: Option<String>,
 }
 
 impl Settings {
@@ -117,6 +121,9 @@ impl Settings {
                 .map(|w| w.trim().to_owned())
                 .filter(|w| !w.is_empty())
                 .collect(),
+            accept_encoding: std::env::var("FRONT_BENCH_ACCEPT_ENCODING")
+                .ok()
+                .filter(|v| !v.is_empty()),
         }
     }
 
@@ -287,7 +294,10 @@ async fn run_front(settings: &Settings, tests: &[Test], dir: &Path) -> anyhow::R
                     Test::TlsLarge => {
                         h2load_run(&h2load, large_urls, &["--h1", "-c", "16"], s, th).await?
                     }
-                    Test::Proxy => wrk_run(&wrk, server.plain, s, th).await?,
+                    Test::Proxy => {
+                        let ae = settings.accept_encoding.as_deref();
+                        wrk_run(&wrk, server.plain, s, th, ae).await?
+                    }
                 };
                 let ticks = server.cpu_ticks().saturating_sub(before);
                 // CPU is read over the whole client run, h2load's 1 s warm-up included (at
@@ -752,11 +762,23 @@ fn parse_h2load(text: &str) -> Option<Figure> {
     })
 }
 
-async fn wrk_run(bin: &Path, addr: SocketAddr, secs: u64, threads: u64) -> anyhow::Result<Figure> {
+async fn wrk_run(
+    bin: &Path,
+    addr: SocketAddr,
+    secs: u64,
+    threads: u64,
+    accept_encoding: Option<&str>,
+) -> anyhow::Result<Figure> {
     let mut cmd = Command::new(bin);
-    cmd.args(["-t", &threads.to_string(), "-c", "64"])
-        .args(["-d", &format!("{secs}s"), "--latency"])
-        .arg(format!("http://{addr}/api/v1/instance"));
+    cmd.args(["-t", &threads.to_string(), "-c", "64"]).args([
+        "-d",
+        &format!("{secs}s"),
+        "--latency",
+    ]);
+    if let Some(ae) = accept_encoding {
+        cmd.args(["-H", &format!("Accept-Encoding: {ae}")]);
+    }
+    cmd.arg(format!("http://{addr}/api/v1/instance"));
     let out = output(cmd).await?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {

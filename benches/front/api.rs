@@ -117,7 +117,11 @@ pub(super) async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<bool>
     let mut servers = [
         start_fediedge(&dir.join("api-fediedge"), upstream.addr)?,
         start_nginx(&dir.join("api-nginx"), upstream.addr, cores)?,
-        start_varnish(&dir.join("api-varnish"), upstream.addr)?,
+        start_varnish(
+            &dir.join("api-varnish"),
+            upstream.addr,
+            settings.accept_encoding.is_some(),
+        )?,
     ];
     for s in &mut servers {
         s.wait_ready().await?;
@@ -142,7 +146,8 @@ pub(super) async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<bool>
             let i = (k + round) % 3;
             let server = &servers[i];
             let (before, seen) = (server.cpu_ticks(), upstream.requests());
-            let mut f = wrk_run(&wrk, server.plain, settings.secs, settings.threads).await?;
+            let ae = settings.accept_encoding.as_deref();
+            let mut f = wrk_run(&wrk, server.plain, settings.secs, settings.threads, ae).await?;
             let ticks = server.cpu_ticks().saturating_sub(before);
             let reached = upstream.requests() - seen;
             upstream_hits += reached;
@@ -362,15 +367,20 @@ fn start_nginx(dir: &Path, upstream: SocketAddr, workers: usize) -> anyhow::Resu
 
 /// Varnish with the built-in VCL (only a backend is declared): it honours `Cache-Control`
 /// (`max-age`, `stale-while-revalidate` as grace) and passes requests with `Authorization` or
-/// `Cookie`, as a plain Varnish in front of Mastodon would.
-fn start_varnish(dir: &Path, upstream: SocketAddr) -> anyhow::Result<Server> {
+/// `Cookie`, as a plain Varnish in front of Mastodon would. `gzip` (the clients take gzip):
+/// `beresp.do_gzip`, so that it stores the answer compressed and hands that to them, as the
+/// other two compress for them.
+fn start_varnish(dir: &Path, upstream: SocketAddr, gzip: bool) -> anyhow::Result<Server> {
     let bin = find_program("VARNISHD_BIN", "varnishd")?;
     let plain = free_addr()?;
-    let vcl = format!(
+    let mut vcl = format!(
         "vcl 4.1;\n\nbackend core {{\n  .host = \"{}\";\n  .port = \"{}\";\n}}\n",
         upstream.ip(),
         upstream.port()
     );
+    if gzip {
+        vcl.push_str("\nsub vcl_backend_response {\n  set beresp.do_gzip = true;\n}\n");
+    }
     let proc = servers::start_varnishd(&bin, dir, plain, &vcl)?;
     Ok(Server {
         name: "varnish",
