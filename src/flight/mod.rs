@@ -38,6 +38,7 @@
 mod body;
 mod disk;
 mod refetch;
+mod seldom;
 
 use std::collections::HashMap;
 use std::io;
@@ -60,6 +61,7 @@ use crate::writeback::{Fetched, WriteBack, WriteBackError};
 pub use body::{CopyError, FlightBody, Limits, MemoryBudget, Part};
 pub use disk::DiskHealth;
 use refetch::Refetch;
+use seldom::Seldom;
 
 /// A fetch that found its object and started keeping it.
 pub struct Started {
@@ -175,6 +177,9 @@ pub struct Flights {
     metrics: Metrics,
     /// Every fetch task, so that shutdown can wait for the fetches under way.
     tasks: tokio_util::task::TaskTracker,
+    /// The 503s past `max_flights` and past `max_flight_temp_bytes`, logged seldom.
+    busy_said: Seldom,
+    temp_said: Seldom,
 }
 
 impl Flights {
@@ -202,6 +207,8 @@ impl Flights {
             negative,
             metrics,
             tasks,
+            busy_said: Seldom::default(),
+            temp_said: Seldom::default(),
         }
     }
 
@@ -280,7 +287,7 @@ impl Flights {
     pub async fn stream_through(&self, key: &Key) -> Result<Through, StoreError> {
         let slot = self.limits.flight_now();
         let Some(slot) = self.queue_for(slot, self.limits.flight()).await else {
-            tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
+            self.say_busy(key);
             return Ok(Through::Busy);
         };
         let Some((index, object)) = self.find(key).await? else {
@@ -295,6 +302,13 @@ impl Flights {
             chunk
         }));
         Ok(Through::Found(meta, index > 0, body))
+    }
+
+    /// Logs a 503 past `max_flights`, seldom ([`Seldom`]).
+    fn say_busy(&self, key: &Key) {
+        if let Some(unsaid) = self.busy_said.say(std::time::Instant::now()) {
+            tracing::warn!(key = %key, unsaid, "too many fetches under way (max_flights): 503 (said once per 10 s; `unsaid`: the others since)");
+        }
     }
 
     /// `now` (a slot or temp room taken at once), else waits for `later`, counted in
@@ -320,7 +334,7 @@ impl Flights {
         let started = std::time::Instant::now();
         let slot = self.limits.flight_now();
         let Some(_slot) = self.queue_for(slot, self.limits.flight()).await else {
-            tracing::warn!(key = %key, "too many fetches under way (max_flights): 503");
+            self.say_busy(key);
             return Ok(End::Busy);
         };
         let (index, object) = match self.find(key).await {
@@ -338,7 +352,9 @@ impl Flights {
         // The disk first (room reserved up front), else memory, else each client on its own.
         let room = self.limits.temp_now(size);
         let Some(temp_room) = self.queue_for(room, self.limits.temp(size)).await else {
-            tracing::warn!(key = %key, size, "temp-disk budget full (max_flight_temp_bytes): 503");
+            if let Some(unsaid) = self.temp_said.say(std::time::Instant::now()) {
+                tracing::warn!(key = %key, size, unsaid, "temp-disk budget full (max_flight_temp_bytes): 503 (said once per 10 s; `unsaid`: the others since)");
+            }
             return Ok(End::Busy);
         };
         let dir = self.dirs.tmp.clone();
