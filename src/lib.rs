@@ -52,6 +52,7 @@ pub mod proxy;
 pub mod purge;
 pub mod reload;
 pub mod router;
+pub mod seldom;
 pub mod serve;
 pub mod sidekiq;
 pub mod status;

@@ -38,7 +38,6 @@
 mod body;
 mod disk;
 mod refetch;
-mod seldom;
 
 use std::collections::HashMap;
 use std::io;
@@ -58,10 +57,10 @@ use crate::negative::NegativeCache;
 use crate::store::{BodyCheck, BodyError, ByteStream, ObjectMeta, StoreError, StoreHandle};
 use crate::writeback::{Fetched, WriteBack, WriteBackError};
 
+use crate::seldom::Seldom;
 pub use body::{CopyError, FlightBody, Limits, MemoryBudget, Part};
 pub use disk::DiskHealth;
 use refetch::Refetch;
-use seldom::Seldom;
 
 /// A fetch that found its object and started keeping it.
 pub struct Started {

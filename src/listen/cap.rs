@@ -18,13 +18,14 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use crate::seldom::Seldom;
 use tokio_util::sync::CancellationToken;
 
 /// Descriptors kept for everything but client connections (files, upstreams, the ledger).
@@ -52,9 +53,6 @@ pub fn default_max_connections() -> usize {
     usize::try_from(n).unwrap_or(usize::MAX).max(64)
 }
 
-/// How often, at most, reaching the cap is logged.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
 /// The count of open client connections and its limit. Shared by the public listeners; also
 /// what [`ConnectionCollector`] shows on `/metrics`.
 #[derive(Debug)]
@@ -66,7 +64,8 @@ pub struct ConnectionCap {
     open: AtomicUsize,
     /// Times an accept loop found the cap reached and stopped accepting.
     waits: AtomicU64,
-    last_warned: parking_lot::Mutex<Option<Instant>>,
+    /// Reaching the cap, logged seldom.
+    said: Seldom,
     /// `max_connections_per_ip`, checked at accept before a place is taken.
     pub per_ip: Arc<super::per_ip::PerIp>,
 }
@@ -98,7 +97,7 @@ impl ConnectionCap {
             permits: Arc::new(Semaphore::new(max)),
             open: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
-            last_warned: parking_lot::Mutex::new(None),
+            said: Seldom::default(),
             per_ip: super::per_ip::PerIp::new(None, Vec::new()),
         })
     }
@@ -180,15 +179,13 @@ impl ConnectionCap {
     }
 
     fn warn(&self) {
-        let mut last = self.last_warned.lock();
-        if last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
-            return;
+        if let Some(unsaid) = self.said.say(Instant::now().into_std()) {
+            tracing::warn!(
+                max_connections = self.max(),
+                unsaid,
+                "max_connections reached: new connections wait in the kernel's backlog until one closes"
+            );
         }
-        *last = Some(Instant::now());
-        tracing::warn!(
-            max_connections = self.max(),
-            "max_connections reached: new connections wait in the kernel's backlog until one closes"
-        );
     }
 }
 

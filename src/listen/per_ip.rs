@@ -15,13 +15,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
-/// How often, at most, a refusal is logged.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+use crate::seldom::Seldom;
 
 /// The connections open per client address, and the limit.
 #[derive(Debug, Default)]
@@ -34,7 +32,8 @@ pub struct PerIp {
     open: Mutex<HashMap<IpAddr, usize>>,
     /// Connections closed at accept because their address was at the limit.
     refused: AtomicU64,
-    last_warned: Mutex<Option<Instant>>,
+    /// Refusals, logged seldom.
+    said: Seldom,
 }
 
 /// A connection refused: its address holds `max_connections_per_ip` already.
@@ -119,11 +118,9 @@ impl PerIp {
     }
 
     fn warn(&self, key: IpAddr, max: usize) {
-        let mut last = self.last_warned.lock();
-        if last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+        if self.said.say(Instant::now().into_std()).is_none() {
             return;
         }
-        *last = Some(Instant::now());
         let client = match key {
             IpAddr::V4(a) => a.to_string(),
             IpAddr::V6(a) => format!("{a}/64"),

@@ -1,7 +1,8 @@
-//! Warnings said at most once per [`EVERY`]: an overloaded edge refuses requests by the
-//! thousand a second, and a log line for each would add disk writes to the incident it
-//! reports (every refusal is counted in `/metrics` anyway). Written here: `tracing` has no
-//! rate limit of its own, and this is a timestamp and a counter.
+//! Warnings said at most once per [`EVERY`]: an overloaded edge refuses requests (or
+//! connections) by the thousand a second, and a log line for each would add disk writes to
+//! the incident it reports (every refusal is counted in `/metrics` anyway). Used by the
+//! flights' 503s and the listener's connection caps. Written here: `tracing` has no rate
+//! limit of its own, and this is a timestamp and a counter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use parking_lot::Mutex;
 pub const EVERY: Duration = Duration::from_secs(10);
 
 /// One kind of warning.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Seldom {
     /// When it was last said.
     said: Mutex<Option<Instant>>,
