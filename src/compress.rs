@@ -444,17 +444,7 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
+    use crate::testing::header_map as map;
 
     /// The stream is gzip as any reader takes it, body after body on reused states, also
     /// an empty body and one split in many frames.

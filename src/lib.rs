@@ -57,4 +57,6 @@ pub mod serve;
 pub mod sidekiq;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod writeback;

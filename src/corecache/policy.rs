@@ -477,6 +477,7 @@ pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::header_map as map;
 
     #[test]
     fn only_an_answer_about_the_resource_takes_the_stored_one_back() {
@@ -493,17 +494,6 @@ mod tests {
             let status = StatusCode::from_u16(code).unwrap();
             assert!(!forbids_sharing(status, &private), "{code}");
         }
-    }
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
     }
 
     #[test]
