@@ -134,12 +134,6 @@ fn mark_gzipped(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether [`response`] would compress an answer with this status and head (for a store
-/// that keeps compressed copies: the core cache's memory tier).
-pub fn compressible(status: u16, headers: &HeaderMap) -> bool {
-    matches!(status, 200 | 403 | 404) && scan(headers).compressible
-}
-
 /// A whole body gzipped, at the level [`response`] uses; None when that is not smaller.
 pub fn gzip_whole(data: &[u8]) -> Option<Bytes> {
     let mut gz = GzStream::new();
@@ -162,14 +156,17 @@ pub fn gzip_head(identity: &HeaderMap, len: usize) -> HeaderMap {
 /// `Vary` is then found there, and appending it to each clone (a map cloned full grows)
 /// is spared. Whatever `[core] gzip` says: with gzip off, it only asks caches in front to
 /// keep variants apart that are the same.
-pub fn vary(status: u16, headers: &mut HeaderMap) {
+/// Returns whether [`response`] would compress the answer (for a store that keeps
+/// compressed copies: the core cache's memory tier).
+pub fn vary(status: u16, headers: &mut HeaderMap) -> bool {
     if !matches!(status, 200 | 403 | 404) {
-        return;
+        return false;
     }
     let seen = scan(headers);
     if seen.compressible && !seen.vary_named {
         headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
+    seen.compressible
 }
 
 /// Two lookups that rule out most answers that are not compressible (a short body, a type

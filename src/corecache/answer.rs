@@ -143,7 +143,7 @@ impl CoreCache {
                 h
             }
             None => {
-                let mut h = hit::whole_head(&e.meta);
+                let (mut h, _) = hit::whole_head(&e.meta);
                 h.insert(header::AGE, age_value(e.meta.policy.age(now).as_secs()));
                 h
             }
@@ -227,10 +227,7 @@ impl CoreCache {
             return None;
         };
         let hot = e.meta.hot(now)?;
-        let compressible = *hot
-            .compressible
-            .get_or_init(|| crate::compress::compressible(e.meta.status, &hot.head));
-        if !compressible {
+        if !hot.compressible {
             return None;
         }
         let gz = self.store.gzipped(&e.id, identity)?;

@@ -38,8 +38,8 @@ pub struct Hot {
     pub head: HeaderMap,
     /// The stored response has `Vary`.
     pub vary: bool,
-    /// Whether `compress` would gzip it (worked out at the first client that takes gzip).
-    pub compressible: OnceLock<bool>,
+    /// Whether `compress` would gzip it.
+    pub compressible: bool,
     /// The head of its gzipped copy (`Store::gzipped`), made at the first gzipped answer.
     pub gzip_head: OnceLock<HeaderMap>,
 }
@@ -80,11 +80,12 @@ impl Timing {
 
 impl Hot {
     fn of(meta: &Meta, now: SystemTime) -> Option<Hot> {
+        let (head, compressible) = whole_head(meta);
         Some(Hot {
             timing: Timing::of(meta, now)?,
-            head: whole_head(meta),
+            head,
             vary: meta.headers.contains_key(header::VARY),
-            compressible: OnceLock::new(),
+            compressible,
             gzip_head: OnceLock::new(),
         })
     }
@@ -116,15 +117,16 @@ impl Meta {
 
 /// The head of a whole answer from a stored response: its headers without
 /// `Surrogate-Control`, then `Age` (0, to be set), `Content-Length`, `X-Cache-Status: HIT`,
-/// and the `Vary: Accept-Encoding` that `compress` would add.
-pub fn whole_head(meta: &Meta) -> HeaderMap {
+/// and the `Vary: Accept-Encoding` that `compress` would add; with whether `compress` would
+/// gzip it.
+pub fn whole_head(meta: &Meta) -> (HeaderMap, bool) {
     let mut head = meta.headers.clone();
     head.remove(SURROGATE_CONTROL);
     head.insert(header::AGE, HeaderValue::from_static("0"));
     head.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len));
     head.insert(X_CACHE_STATUS, HeaderValue::from_static("HIT"));
-    crate::compress::vary(meta.status, &mut head);
-    head
+    let compressible = crate::compress::vary(meta.status, &mut head);
+    (head, compressible)
 }
 
 /// Ages below this are served from one table of static values (no allocation per hit).
