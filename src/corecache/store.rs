@@ -481,21 +481,27 @@ impl Store {
             return Err(io::Error::other("a stored body has the wrong length"));
         }
         let bytes = Bytes::from(bytes);
-        // Kept only while indexed; one purged meanwhile is served to this client only (its
-        // lookup came first), and never kept.
-        if self.index.lock().lru.peek(id).is_some() {
-            let mut memory = self.memory.lock();
-            if memory.lru.put(id.clone(), bytes.clone()).is_none() {
-                memory.bytes += len;
-            }
-            while memory.bytes > MEMORY_MAX {
-                match memory.lru.pop_lru() {
-                    Some((_, b)) => memory.bytes -= b.len() as u64,
-                    None => break,
-                }
+        self.keep_in_memory(id, id.clone(), &bytes);
+        Ok(StoredBody::Memory(bytes))
+    }
+
+    /// Keeps `bytes` in the memory tier under `key`, for the entry `id`, least recently used
+    /// out past [`MEMORY_MAX`]. Only while the entry is indexed: one purged meanwhile is
+    /// served to this client only (its lookup came first), and never kept.
+    fn keep_in_memory(&self, id: &Id, key: Id, bytes: &Bytes) {
+        if self.index.lock().lru.peek(id).is_none() {
+            return;
+        }
+        let mut memory = self.memory.lock();
+        if memory.lru.put(key, bytes.clone()).is_none() {
+            memory.bytes += bytes.len() as u64;
+        }
+        while memory.bytes > MEMORY_MAX {
+            match memory.lru.pop_lru() {
+                Some((_, b)) => memory.bytes -= b.len() as u64,
+                None => break,
             }
         }
-        Ok(StoredBody::Memory(bytes))
     }
 
     /// The gzipped copy of a body the memory tier holds (`identity`), made at the first ask
@@ -508,18 +514,7 @@ impl Store {
             return Some(b.clone());
         }
         let bytes = crate::compress::gzip_whole(identity)?;
-        if self.index.lock().lru.peek(id).is_some() {
-            let mut memory = self.memory.lock();
-            if memory.lru.put(gz, bytes.clone()).is_none() {
-                memory.bytes += bytes.len() as u64;
-            }
-            while memory.bytes > MEMORY_MAX {
-                match memory.lru.pop_lru() {
-                    Some((_, b)) => memory.bytes -= b.len() as u64,
-                    None => break,
-                }
-            }
-        }
+        self.keep_in_memory(id, gz, &bytes);
         Some(bytes)
     }
 
