@@ -189,6 +189,18 @@ impl Slots {
     }
 }
 
+/// `stream` holding a `max_flights` slot: given back when it ends or its reader leaves.
+pub fn holding(
+    stream: crate::store::ByteStream,
+    slot: OwnedSemaphorePermit,
+) -> crate::store::ByteStream {
+    use futures_util::StreamExt;
+    Box::pin(stream.map(move |chunk| {
+        let _held = &slot;
+        chunk
+    }))
+}
+
 /// `max_flight_memory`: the bytes of bodies held in memory while they are received, shared by
 /// media fetches whose disk failed and the core cache's fills, in whole KiB. Taken now or
 /// never: a body that does not fit is passed on without being held (streamed to each client

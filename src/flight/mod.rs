@@ -295,12 +295,7 @@ impl Flights {
         let store = self.chain[index].name().to_owned();
         let meta = object.meta.clone();
         let body = verified(object.body, &meta, store, key.to_string());
-        // The slot goes with the stream: given back when it ends or its reader leaves.
-        let body = Box::pin(body.map(move |chunk| {
-            let _held = &slot;
-            chunk
-        }));
-        Ok(Through::Found(meta, index > 0, body))
+        Ok(Through::Found(meta, index > 0, body::holding(body, slot)))
     }
 
     /// Logs a 503 past `max_flights`, seldom ([`Seldom`]).

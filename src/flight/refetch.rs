@@ -17,8 +17,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures_util::StreamExt;
-
 use super::body::Slots;
 use super::verified;
 use crate::key::Key;
@@ -98,11 +96,7 @@ impl Refetch {
         let mut check = object.meta;
         check.md5 = check.md5.or(meta.md5);
         let body = verified(object.body, &check, name.to_owned(), self.key.to_string());
-        // The slot goes with the stream: given back when it ends or its reader leaves.
-        Ok(Box::pin(body.map(move |chunk| {
-            let _held = &slot;
-            chunk
-        })))
+        Ok(super::body::holding(body, slot))
     }
 }
 
