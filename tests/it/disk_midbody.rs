@@ -101,6 +101,32 @@ async fn read_to_cut(r: &mut reqwest::Response, got: &mut Vec<u8>) -> bool {
     }
 }
 
+/// The end of a flight whose first client (`r1`, `got` so far) cannot be served whole after
+/// the disk failed: that client is cut, never ended as if whole; the request that joined
+/// after the failure (`joiner`) got `body` whole from the source on its own; the origin saw
+/// three GETs (the flight's, the joiner's, the first client's refetch) and two refetches
+/// were made.
+async fn cut_and_joined_alone(
+    r1: &mut reqwest::Response,
+    got: &mut Vec<u8>,
+    joiner: tokio::task::JoinHandle<(u16, String, Vec<u8>)>,
+    origin: &Origin,
+    edge: &TestEdge,
+    body: &[u8],
+) {
+    let cut = read_to_cut(r1, got).await;
+    assert!(cut, "a body ended as if whole ({} bytes)", got.len());
+    let (status, cache_status, whole) = joiner.await.unwrap();
+    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
+    assert!(whole == body, "the joiner's bytes differ from the source's");
+    assert_eq!(
+        origin.gets("m.png"),
+        3,
+        "the flight, the joiner, the first client's refetch"
+    );
+    assert_eq!(metric_count(edge, "fediedge_flight_refetches_total"), 2);
+}
+
 /// Sends a request for `url` after the disk failed and waits until it joined the flight
 /// (the `joined`th follower) and, unable to read the flight's file, made the origin's
 /// `gets`th fetch of `m.png` on its own; its answer comes from the returned task.
@@ -472,22 +498,8 @@ async fn bytes_a_flight_gave_before_its_disk_failed_are_still_verified_by_it() {
     // its first 100,000 bytes came from the flight: its last byte waits for the flight's
     // check, which fails. Its response is cut, never ended as if whole.
     open.send(true).unwrap();
-    let cut = read_to_cut(&mut r1, &mut got).await;
-    assert!(
-        cut,
-        "a damaged body ended as if whole ({} bytes)",
-        got.len()
-    );
+    cut_and_joined_alone(&mut r1, &mut got, joiner, &origin, &edge, &body).await;
     assert!(got.len() < body.len());
-    let (status, cache_status, whole) = joiner.await.unwrap();
-    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
-    assert!(whole == body, "the joiner's bytes differ from the source's");
-    assert_eq!(
-        origin.gets("m.png"),
-        3,
-        "the flight, the joiner, the first client"
-    );
-    assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 2);
     edge.running.shutdown().await;
 }
 
@@ -520,18 +532,8 @@ async fn a_response_under_way_is_cut_rather_than_spliced_with_a_body_nothing_ide
     // The flight keeps nothing more: the first client, 100,000 bytes in, would have to
     // splice the source's new answer onto them, and nothing shows it is the same body. Cut.
     open.send(true).unwrap();
-    let cut = read_to_cut(&mut r1, &mut got).await;
-    assert!(cut, "a spliced body ended as if whole");
+    cut_and_joined_alone(&mut r1, &mut got, joiner, &origin, &edge, &body).await;
     assert!(got.len() < body.len() && got == body[..got.len()]);
-    let (status, cache_status, whole) = joiner.await.unwrap();
-    assert_eq!((status, cache_status.as_str()), (200, "FALLBACK"));
-    assert!(whole == body, "the joiner's bytes differ from the source's");
-    assert_eq!(
-        origin.gets("m.png"),
-        3,
-        "the flight, the joiner, the first client's (refused)"
-    );
-    assert_eq!(metric_count(&edge, "fediedge_flight_refetches_total"), 2);
     edge.running.shutdown().await;
 }
 
