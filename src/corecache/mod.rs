@@ -170,20 +170,9 @@ impl CoreCache {
     pub async fn handle(
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         gzip: bool,
     ) -> Response<Body> {
-        if !req.headers().contains_key(header::HOST) {
-            // HTTP/2 (or an absolute-form request without `Host`): the name is the URI's
-            // authority, made the `Host` header here, so that the policy compares it and a
-            // revalidation (made from the stored request, whose URI is not the client's)
-            // sends it.
-            if let Some(host) = req.uri().authority().map(|a| a.as_str()) {
-                if let Ok(v) = HeaderValue::from_str(host) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
-            }
-        }
         let scheme = proxy.scheme_sent(&req).and_then(Scheme::parse);
         let url = Url::of(&req, scheme);
         if let Some(r) = self.fresh_without_vary(&req, &url, gzip).await {

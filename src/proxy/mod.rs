@@ -287,16 +287,6 @@ impl Proxy {
         let info = parts.extensions.get::<ConnInfo>().copied();
         let peer = peer(info);
         let trusted = live.trusted.iter().any(|n| n.contains(&peer));
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2: the name is in the URI.
-            if let Some(v) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
         headers::forward(
             &mut parts.headers,
             peer,

@@ -167,6 +167,16 @@ pub(super) fn front_door(
         if let Route::Core | Route::Streaming = route {
             // The proxy reads who sent the request (X-Forwarded-For, X-Forwarded-Proto) here.
             req.extensions_mut().insert(info);
+            if !req.headers().contains_key(http::header::HOST) {
+                // HTTP/2 (or an absolute-form request without `Host`): the name is the URI's
+                // authority. Made the `Host` header once, for all that reads it: core (which
+                // is sent it), the core cache's key and policy (and so its revalidations,
+                // made from the stored request), the idempotency fingerprint.
+                let host = req.uri().authority().map(|a| a.as_str());
+                if let Some(v) = host.and_then(|h| http::HeaderValue::from_str(h).ok()) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+            }
         }
         async move {
             use crate::proxy::Kind;
