@@ -194,8 +194,8 @@ async fn a_dead_primary_alerts_on_its_errors_and_the_waiting_copies() {
          [[fallback]]\nname = \"old-origin\"\ntype = \"http\"\nurl = \"{}\"\n{}",
         origin.url(),
         // A window long enough that the read error still counts whenever the copy's age
-        // passes its threshold: on a loaded machine that took over 30 s once (CI, 23:00 UTC
-        // 2026-11-24), and the two alerts never held at the same time.
+        // passes its threshold: on a loaded machine that once took over 30 s, and the two
+        // alerts never held at the same time.
         fast_alerts("10m", "min_store_reads = 1\nwriteback_oldest_age = \"1s\"\n")
     );
     let edge = start_edge(dir.path(), &extra).await;
