@@ -43,6 +43,29 @@ pub const MIN_LENGTH: u64 = 1024;
 /// Mastodon's nginx `gzip_comp_level`.
 const LEVEL: u32 = 6;
 
+/// What the front door does about gzip for one request to core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `[core] gzip` is off: answers go as core sent them, with no `Vary` of the edge's.
+    Off,
+    /// On, and the client does not take gzip: identity bodies, compressible ones marked
+    /// `Vary: Accept-Encoding`.
+    Identity,
+    /// On, and the client takes gzip.
+    Takes,
+}
+
+impl Mode {
+    /// For a request with these headers, `[core] gzip` being `on`.
+    pub fn of(on: bool, request: &HeaderMap) -> Mode {
+        match (on, on && accepts_gzip(request)) {
+            (false, _) => Mode::Off,
+            (true, false) => Mode::Identity,
+            (true, true) => Mode::Takes,
+        }
+    }
+}
+
 /// Whether a request's `Accept-Encoding` takes gzip (`gzip`, `x-gzip` or `*`, with a
 /// q-value above zero; an explicit `gzip;q=0` refuses it whatever `*` says).
 pub fn accepts_gzip(headers: &HeaderMap) -> bool {
@@ -154,8 +177,7 @@ pub fn gzip_head(identity: &HeaderMap, len: usize) -> HeaderMap {
 /// Adds `Vary: Accept-Encoding` to the head of a response [`response`] would compress,
 /// once, where the head is made to be cloned for many clients (the core cache's hits): the
 /// `Vary` is then found there, and appending it to each clone (a map cloned full grows)
-/// is spared. Whatever `[core] gzip` says: with gzip off, it only asks caches in front to
-/// keep variants apart that are the same.
+/// is spared. (With `[core] gzip` off the core cache answers from a head made without it.)
 /// Returns whether [`response`] would compress the answer (for a store that keeps
 /// compressed copies: the core cache's memory tier).
 pub fn vary(status: u16, headers: &mut HeaderMap) -> bool {

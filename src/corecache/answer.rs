@@ -16,6 +16,7 @@ use super::fill::Shared;
 use super::hit::{self, age_value, X_CACHE_STATUS};
 use super::store::{Entry, StoredBody};
 use super::{policy, status_only, CoreCache, Url};
+use crate::compress::Mode;
 use crate::listen::Body;
 use crate::metrics::CacheStatus;
 
@@ -24,8 +25,8 @@ use crate::metrics::CacheStatus;
 pub(super) struct Asked {
     /// A HEAD: the head only.
     pub head: bool,
-    /// It takes gzip, and `[core] gzip` is on.
-    pub gzip: bool,
+    /// What the front door does about gzip for this client.
+    pub gzip: Mode,
 }
 
 impl CoreCache {
@@ -84,7 +85,7 @@ impl CoreCache {
         &self,
         req: &Request<Incoming>,
         url: &Url,
-        gzip: bool,
+        gzip: Mode,
     ) -> Option<Response<Body>> {
         let head = match *req.method() {
             Method::GET => false,
@@ -136,14 +137,18 @@ impl CoreCache {
         now: SystemTime,
     ) -> Option<Response<Body>> {
         let head = asked.head;
+        let vary = asked.gzip != Mode::Off;
         let mut headers = match e.meta.hot(now) {
             Some(hot) => {
-                let mut h = hot.head.clone();
+                let mut h = hot.head(vary).clone();
                 h.insert(header::AGE, age_value(hot.age(now).as_secs()));
                 h
             }
             None => {
-                let (mut h, _) = hit::whole_head(&e.meta);
+                let mut h = hit::plain_head(&e.meta);
+                if vary {
+                    crate::compress::vary(e.meta.status, &mut h);
+                }
                 h.insert(header::AGE, age_value(e.meta.policy.age(now).as_secs()));
                 h
             }
@@ -175,7 +180,7 @@ impl CoreCache {
                 }
             }
         }
-        if asked.gzip && code == StatusCode::OK && (start, end) == (0, e.meta.len) {
+        if asked.gzip == Mode::Takes && code == StatusCode::OK && (start, end) == (0, e.meta.len) {
             if let Some((headers, gz)) = self.gzipped(e, &stored, now) {
                 let body = match head {
                     true => Empty::new().map_err(|e| match e {}).boxed_unsync(),
@@ -233,13 +238,13 @@ impl CoreCache {
         let gz = self.store.gzipped(&e.id, identity)?;
         let mut head = hot
             .gzip_head
-            .get_or_init(|| crate::compress::gzip_head(&hot.head, gz.len()))
+            .get_or_init(|| crate::compress::gzip_head(hot.head(true), gz.len()))
             .clone();
         head.insert(header::AGE, age_value(hot.age(now).as_secs()));
         Some((head, gz))
     }
 
-    /// [`Self::finish`] for a head made by [`hit::whole_head`] (no `Surrogate-Control`,
+    /// [`Self::finish`] for a head made by [`hit::plain_head`] (no `Surrogate-Control`,
     /// `X-Cache-Status: HIT`).
     pub(super) fn count(&self, mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
         self.metrics.core_cache(status);

@@ -34,8 +34,11 @@ impl Clone for HotCell {
 pub struct Hot {
     timing: Timing,
     /// The head of a whole answer: the stored headers (without `Surrogate-Control`), an
-    /// `Age` to overwrite, `Content-Length` and `X-Cache-Status: HIT`.
-    pub head: HeaderMap,
+    /// `Age` to overwrite, `Content-Length`, `X-Cache-Status: HIT`, and the `Vary` that
+    /// `compress` would add.
+    head: HeaderMap,
+    /// The same without that `Vary` (for `[core] gzip` off), if it was added.
+    plain_head: Option<HeaderMap>,
     /// The stored response has `Vary`.
     pub vary: bool,
     /// Whether `compress` would gzip it.
@@ -80,14 +83,29 @@ impl Timing {
 
 impl Hot {
     fn of(meta: &Meta, now: SystemTime) -> Option<Hot> {
-        let (head, compressible) = whole_head(meta);
+        let timing = Timing::of(meta, now)?;
+        let plain = plain_head(meta);
+        let mut head = plain.clone();
+        let compressible = crate::compress::vary(meta.status, &mut head);
+        // `HeaderMap::len` counts values: one more when the `Vary` was appended.
+        let plain_head = (head.len() != plain.len()).then_some(plain);
         Some(Hot {
-            timing: Timing::of(meta, now)?,
+            timing,
             head,
+            plain_head,
             vary: meta.headers.contains_key(header::VARY),
             compressible,
             gzip_head: OnceLock::new(),
         })
+    }
+
+    /// The head of a whole answer, with the `Vary: Accept-Encoding` `compress` would add
+    /// (`vary`: `[core] gzip` is on) or without.
+    pub fn head(&self, vary: bool) -> &HeaderMap {
+        match (vary, &self.plain_head) {
+            (false, Some(plain)) => plain,
+            _ => &self.head,
+        }
     }
 
     /// `!policy.is_stale(now)`.
@@ -116,17 +134,15 @@ impl Meta {
 }
 
 /// The head of a whole answer from a stored response: its headers without
-/// `Surrogate-Control`, then `Age` (0, to be set), `Content-Length`, `X-Cache-Status: HIT`,
-/// and the `Vary: Accept-Encoding` that `compress` would add; with whether `compress` would
-/// gzip it.
-pub fn whole_head(meta: &Meta) -> (HeaderMap, bool) {
+/// `Surrogate-Control`, then `Age` (0, to be set), `Content-Length` and
+/// `X-Cache-Status: HIT` (`compress::vary` adds the `Vary` gzip asks for).
+pub fn plain_head(meta: &Meta) -> HeaderMap {
     let mut head = meta.headers.clone();
     head.remove(SURROGATE_CONTROL);
     head.insert(header::AGE, HeaderValue::from_static("0"));
     head.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len));
     head.insert(X_CACHE_STATUS, HeaderValue::from_static("HIT"));
-    let compressible = crate::compress::vary(meta.status, &mut head);
-    (head, compressible)
+    head
 }
 
 /// Ages below this are served from one table of static values (no allocation per hit).
@@ -238,8 +254,8 @@ mod tests {
         assert!(meta.hot(t0).is_none());
         assert!(meta.hot(t0 - Duration::from_secs(5)).is_none());
         let hot = meta.hot(t0 + Duration::from_secs(1)).expect("read back");
-        assert_eq!(hot.head[header::CONTENT_LENGTH], "0");
-        assert_eq!(hot.head[X_CACHE_STATUS], "HIT");
+        assert_eq!(hot.head(true)[header::CONTENT_LENGTH], "0");
+        assert_eq!(hot.head(true)[X_CACHE_STATUS], "HIT");
         assert!(meta.clone().hot.0.get().is_none(), "a clone starts without");
     }
 

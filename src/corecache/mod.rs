@@ -50,6 +50,7 @@ use http_body_util::{BodyExt, Empty};
 use http_cache_semantics::BeforeRequest;
 use hyper::body::Incoming;
 
+use crate::compress::Mode;
 use crate::config::{normalize_host, CoreCacheConfig};
 use crate::flight::MemoryBudget;
 use crate::listen::{Body, ConnInfo};
@@ -171,7 +172,7 @@ impl CoreCache {
         self: &Arc<Self>,
         proxy: &Arc<Proxy>,
         req: Request<Incoming>,
-        gzip: bool,
+        gzip: Mode,
     ) -> Response<Body> {
         let scheme = proxy.scheme_sent(&req).and_then(Scheme::parse);
         let url = Url::of(&req, scheme);
@@ -188,7 +189,7 @@ impl CoreCache {
         proxy: &Arc<Proxy>,
         mut req: Request<Incoming>,
         url: Url,
-        gzip: bool,
+        gzip: Mode,
     ) -> Response<Body> {
         req.headers_mut().insert(
             SURROGATE_CAPABILITY,
@@ -249,7 +250,7 @@ impl CoreCache {
         req: Request<Incoming>,
         url: &Url,
         scheme: Scheme,
-        gzip: bool,
+        gzip: Mode,
     ) -> Response<Body> {
         let head = req.method() == Method::HEAD;
         let asked = Asked { head, gzip };
@@ -513,8 +514,8 @@ struct Ctx<'a> {
     private: Option<&'static str>,
     /// When its request went (or was about to go) to core.
     sent: Instant,
-    /// The client takes gzip (and `[core] gzip` is on).
-    gzip: bool,
+    /// What the front door does about gzip for the client.
+    gzip: Mode,
 }
 
 /// A bodiless request to core from the policy's parts (revalidation), telling core the

@@ -13,6 +13,7 @@ use super::answer::Asked;
 use super::fill::FlightGuard;
 use super::store::Entry;
 use super::{policy, status_only, upstream_request, CoreCache, Ctx};
+use crate::compress::Mode;
 use crate::listen::{Body, ConnInfo};
 use crate::metrics::CacheStatus;
 use crate::proxy::{Kind, Proxy};
@@ -118,7 +119,7 @@ impl CoreCache {
                     preq: &preq,
                     private: None,
                     sent,
-                    gzip: false,
+                    gzip: Mode::Off,
                 };
                 let resp = self.keep(ctx, resp, Some(guard), CacheStatus::Miss);
                 let _ = resp.into_body().collect().await;

@@ -192,19 +192,17 @@ pub(super) fn front_door(
                 (Route::MediaRoot, _) => edge_root.handle(req).await,
                 (Route::Core, Some(p)) => {
                     // Read before the request goes: compressed on the way back (`compress`).
-                    let gzip = p.gzip().then(|| {
-                        let head = req.method() == http::Method::HEAD;
-                        (crate::compress::accepts_gzip(req.headers()), head)
-                    });
-                    let takes = gzip.is_some_and(|(takes, _)| takes);
+                    use crate::compress::Mode;
+                    let gzip = Mode::of(p.gzip(), req.headers());
+                    let head = req.method() == http::Method::HEAD;
                     let resp = match core_cache {
                         // Its memory tier's answers come gzipped already where they may.
-                        Some(c) => c.handle(&p, req, takes).await,
+                        Some(c) => c.handle(&p, req, gzip).await,
                         None => Box::pin(p.handle(Kind::Web, req)).await,
                     };
                     match gzip {
-                        Some((gzip, head)) => crate::compress::response(resp, gzip, head),
-                        None => resp,
+                        Mode::Off => resp,
+                        _ => crate::compress::response(resp, gzip == Mode::Takes, head),
                     }
                 }
                 (Route::Streaming, Some(p)) => Box::pin(p.handle(Kind::Streaming, req)).await,

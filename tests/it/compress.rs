@@ -224,9 +224,19 @@ async fn core_answers_are_gzipped_for_clients_that_take_it_from_the_proxy_and_th
 async fn gzip_off_leaves_core_answers_as_they_are() {
     let core = core().await;
     let dir = tempfile::tempdir().unwrap();
-    let edge = edge_with_core(dir.path(), &[core.addr()], "gzip = false\n").await;
+    let conf = cache_conf(dir.path(), "16MiB", "gzip = false\n");
+    let edge = edge_with_core(dir.path(), &[core.addr()], &conf).await;
     let g = fetch(&edge, "/html", Some("gzip")).await;
     assert_eq!(g.encoding, "");
     assert!(g.vary.is_empty(), "{:?}", g.vary);
     assert_eq!(g.body, json().as_bytes());
+    // From the core cache too: core's own `Vary`, none of the edge's, on the miss and the
+    // hits (the stored head is made once for every client).
+    for (want, accept) in [("MISS", Some("gzip")), ("HIT", Some("gzip")), ("HIT", None)] {
+        let g = fetch(&edge, "/json", accept).await;
+        assert_eq!((g.cache.as_str(), g.encoding.as_str()), (want, ""));
+        assert_eq!(g.vary, ["accept"], "{want}");
+        assert_eq!(g.etag, "\"v1\"");
+        assert_eq!(g.body, json().as_bytes());
+    }
 }
