@@ -279,15 +279,24 @@ async fn read_slowly(s: &mut (impl AsyncReadExt + Unpin), total: usize, turn: us
     let mut got = 0usize;
     let mut buf = vec![0u8; 64 << 10];
     let started = tokio::time::Instant::now();
+    // Paused, the clock would jump from one read to the edge's next check at once, before
+    // a busy kernel has passed on what the read freed (the window update, its ACKs): the
+    // edge would see a client that took nothing. Small steps leave the kernel real time.
+    let _steps = small_steps();
     while got < total {
         tokio::time::sleep(Duration::from_secs(20)).await;
-        let mut this_turn = 0;
-        while this_turn < turn {
-            let want = buf.len().min(turn - this_turn);
-            let n = s.read(&mut buf[..want]).await.unwrap();
-            assert!(n > 0, "the slow reader was cut after {got} bytes");
-            this_turn += n;
-        }
+        // And the clock stands still while a turn's bytes come through loopback.
+        let this_turn = frozen(async {
+            let mut this_turn = 0;
+            while this_turn < turn {
+                let want = buf.len().min(turn - this_turn);
+                let n = s.read(&mut buf[..want]).await.unwrap();
+                assert!(n > 0, "the slow reader was cut after {got} bytes");
+                this_turn += n;
+            }
+            this_turn
+        })
+        .await;
         got += this_turn;
     }
     assert!(
