@@ -558,7 +558,7 @@ async fn misses_are_remembered_briefly() {
     let edge = start_edge(
         dir.path(),
         &format!(
-            "negative_ttl = \"3s\"\n{}{}",
+            "negative_ttl = \"10m\"\n{}{}",
             fs_primary_with_cache(dir.path()),
             http_fallback(&origin, "5s")
         ),

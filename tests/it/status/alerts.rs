@@ -174,7 +174,10 @@ async fn a_404_storm_alerts_on_its_share_and_clears_after_the_window() {
         code == 503 && body.contains("media_404_share")
     })
     .await;
-    assert!(body.contains("100% of 12 media responses"), "{body}");
+    // All 12 when the window holds them; under a loaded run the first may have left the
+    // 3 s window already, and the alert needs 10 (`min_requests`).
+    let counted = (10..=12).find(|n| body.contains(&format!("100% of {n} media responses")));
+    assert!(counted.is_some(), "{body}");
     wait_healthz(&edge.admin, "the storm out of the window", |code, _| {
         code == 200
     })
