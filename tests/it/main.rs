@@ -30,6 +30,7 @@ mod proxy_pool;
 mod proxy_prebuffer;
 mod proxy_streaming;
 mod proxy_tls;
+mod review_corecache;
 mod purge;
 mod reload;
 mod serve;

@@ -1,0 +1,57 @@
+//! Review (session 7): the core cache's answers on the wire, against a scripted core
+//! (`corecache::Core`) and real clients (reqwest over HTTP/1.1 and, through the `[tls]`
+//! listener, HTTP/2).
+
+use crate::corecache::{cache_conf, reply, Core};
+use crate::proxy::{edge_with_core, CORE};
+
+/// A HEAD for a stale stored entry is revalidated with a GET (the policy's stored
+/// method); when core answers that GET with a new 200, the GET's body must not go to the
+/// HEAD's client. hyper's HTTP/1.1 server drops a HEAD's body itself, its HTTP/2 server
+/// does not: the DATA frames reach the client, whose h2 resets the stream
+/// (PROTOCOL_ERROR, RFC 9113 §8.1.1).
+#[tokio::test]
+async fn review_head_of_a_stale_entry_answered_by_a_new_200_has_no_body_over_h2() {
+    let core = Core::start(|s, n| {
+        let body = format!("version {n} of the answer, as bytes: {}", "x".repeat(4000));
+        let _ = s;
+        reply(
+            200,
+            &[
+                ("cache-control", "max-age=0"),
+                ("content-type", "application/octet-stream"),
+                ("etag", &format!("\"v{n}\"")),
+            ],
+            &body,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE]);
+    let conf = cache_conf(dir.path(), "16MiB", &table);
+    let edge = edge_with_core(dir.path(), &[core.addr()], &conf).await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    let c = crate::proxy_tls::client(&root, addr, false);
+    let url = format!("https://{CORE}:{}/api/v1/instance", addr.port());
+
+    // Stored (stale at once: max-age=0).
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    crate::common::eventually(crate::proxy::WAIT, "the answer is stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+
+    // HEAD: revalidated with core's stored GET, which answers a new 200.
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(core.count("/api/v1/instance"), 2);
+    assert_eq!(core.last("/api/v1/instance").method, "GET");
+    let body = r.bytes().await;
+    assert!(
+        matches!(&body, Ok(b) if b.is_empty()),
+        "a HEAD's answer has no body: {body:?}"
+    );
+}
