@@ -31,6 +31,7 @@ mod proxy_prebuffer;
 mod proxy_streaming;
 mod proxy_tls;
 mod review_corecache;
+mod review_head;
 mod purge;
 mod reload;
 mod serve;
