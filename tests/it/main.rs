@@ -32,6 +32,7 @@ mod proxy_streaming;
 mod proxy_tls;
 mod review_corecache;
 mod review_head;
+mod review_proxy;
 mod purge;
 mod reload;
 mod serve;

@@ -1,0 +1,56 @@
+//! Review (session 7): the proxy to core against real upstreams (`proxy::Upstream`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::common::client;
+use crate::proxy::{edge_with_core, get, Mode, Upstream, CORE};
+
+/// A media upload (`POST /api/v2/media`, up to Mastodon's 99 MiB) from a client on a slow
+/// link streams its body to core for longer than `first_byte_timeout`, while never silent
+/// for `idle_timeout`. nginx in the edge's place buffers the upload, or (unbuffered) times
+/// only the silences (`proxy_send_timeout` between two writes); here the whole upload
+/// counts against `first_byte_timeout` ("request sent, body included → response head"):
+/// the upload is cut with 504, and the timeout is counted as core's failure, so that
+/// `breaker_failures` slow uploads open the breaker and every client gets 503.
+/// (The client's pause below is the slow link itself, not a wait for an event.)
+#[tokio::test]
+async fn review_a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() {
+    let up = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"30s\"\nbreaker_failures = 1\n";
+    let edge = edge_with_core(dir.path(), &[up.addr], extra).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|piece| (piece, rx))
+    }));
+    let piece = Bytes::from(vec![b'v'; 64 * 1024]);
+    let sender = tokio::spawn(async move {
+        // Past the 16 KiB the edge reads before choosing an upstream: the upload streams.
+        tx.send(Ok(piece.clone())).await.unwrap();
+        // The slow link: the next piece comes after the first-byte timeout, well inside
+        // idle_timeout.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let _ = tx.send(Ok(piece)).await;
+    });
+    let r = client()
+        .post(format!("http://{}/api/v2/media", edge.running.addr))
+        .header("host", CORE)
+        .header("content-length", (128 * 1024).to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let _ = sender.await;
+    // Another client, after the upload.
+    let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+    assert_eq!(
+        (status, other.status().as_u16()),
+        (200, 200),
+        "a slow upload's status, then another client's"
+    );
+    assert_eq!(up.last().3, 128 * 1024, "core got the whole upload");
+}
