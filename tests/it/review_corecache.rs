@@ -55,3 +55,43 @@ async fn review_head_of_a_stale_entry_answered_by_a_new_200_has_no_body_over_h2(
         "a HEAD's answer has no body: {body:?}"
     );
 }
+
+/// A stale entry revalidated for a client that sent its own, newer `If-Modified-Since`:
+/// core's 304 is about the client's copy (its `Last-Modified` is not the stored one), not
+/// about the stored body. RFC 9111 §4.3.4 selects a stored response to update only when the
+/// 304's validator corresponds to it; the edge compares `ETag`s only, so the old body is
+/// refreshed with the new `Last-Modified` and served as fresh to everyone after.
+#[tokio::test]
+async fn review_a_304_for_the_clients_newer_date_does_not_refresh_the_old_body() {
+    const T1: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
+    const T2: &str = "Tue, 02 Jan 2024 00:00:00 GMT";
+    let core = Core::start(|s, n| {
+        if n == 1 {
+            return reply(200, &[("cache-control", "max-age=0"), ("last-modified", T1)], "old");
+        }
+        let fresh = [("cache-control", "max-age=600"), ("last-modified", T2)];
+        match s.headers.get("if-modified-since").map(String::as_str) {
+            Some(T2) => reply(304, &fresh, ""),
+            _ => reply(200, &fresh, "new"),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = crate::corecache::edge(dir.path(), &core, "").await;
+    let p = "/@alice/1";
+    let (st, _, body) = crate::corecache::fetch(&edge, p, &[]).await;
+    assert_eq!((st, body.as_str()), (200, "old"));
+    crate::common::eventually(crate::proxy::WAIT, "the answer is stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    // A browser that has the newer copy (from before this edge, or another one) asks.
+    let (st, _, _) = crate::corecache::fetch(&edge, p, &[("if-modified-since", T2)]).await;
+    assert_eq!(st, 304);
+    let (st, cache, body) = crate::corecache::fetch(&edge, p, &[]).await;
+    assert_eq!(
+        (st, body.as_str()),
+        (200, "new"),
+        "an anonymous client after it (X-Cache-Status {cache})"
+    );
+}
