@@ -95,3 +95,56 @@ async fn review_a_304_for_the_clients_newer_date_does_not_refresh_the_old_body()
         "an anonymous client after it (X-Cache-Status {cache})"
     );
 }
+
+/// `stale-while-revalidate`: the background revalidation is made from the request of the
+/// client that found the entry stale, and `http-cache-semantics` merges that client's own
+/// `If-None-Match` with the stored `ETag`. A client holding the newer version (`"v2"`)
+/// makes core answer 304 for *its* tag; `revalidate_in_background` takes every 304 as
+/// "the stored entry is current" (its comment: "only this edge's validators were sent")
+/// and refreshes the old body, which is then served as a fresh HIT to everyone.
+#[tokio::test]
+async fn review_a_background_304_for_the_clients_own_etag_does_not_refresh_the_old_body() {
+    let core = Core::start(|s, n| {
+        let swr = "max-age=0, stale-while-revalidate=3600";
+        if n == 1 {
+            return reply(200, &[("cache-control", swr), ("etag", "\"v1\"")], "old");
+        }
+        let inm = s.headers.get("if-none-match").cloned().unwrap_or_default();
+        let head = [("cache-control", "max-age=600"), ("etag", "\"v2\"")];
+        match inm.contains("\"v2\"") {
+            true => reply(304, &head, ""),
+            false => reply(200, &head, "new"),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = crate::corecache::edge(dir.path(), &core, "").await;
+    let p = "/@alice/2";
+    let (st, _, body) = crate::corecache::fetch(&edge, p, &[]).await;
+    assert_eq!((st, body.as_str()), (200, "old"));
+    crate::common::eventually(crate::proxy::WAIT, "the answer is stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    // A client that has v2 already: served the stale v1 (its tag is not v1), and a
+    // background revalidation goes.
+    let (st, cache, _) = crate::corecache::fetch(&edge, p, &[("if-none-match", "\"v2\"")]).await;
+    assert_eq!((st, cache.as_str()), (200, "STALE"));
+    crate::common::eventually(crate::proxy::WAIT, "the background revalidation", || {
+        core.count(p) == 2
+    })
+    .await;
+    let deadline = std::time::Instant::now() + crate::proxy::WAIT;
+    loop {
+        let (_, cache, body) = crate::corecache::fetch(&edge, p, &[]).await;
+        assert!(
+            !(cache == "HIT" && body == "old"),
+            "the old body served as a fresh hit after core's 304 for the client's own v2"
+        );
+        if body == "new" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "v2 never came: {cache} {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
