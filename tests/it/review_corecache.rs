@@ -148,3 +148,38 @@ async fn review_a_background_304_for_the_clients_own_etag_does_not_refresh_the_o
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Mastodon's public pages say `Vary: Accept, Accept-Language` (and its API `Vary:
+/// Origin`): headers every browser or client sets as it likes. Each new value stores one
+/// more variant of the URL, without limit (only `max_size` bounds them, by bytes), and
+/// every request for the URL then walks the variants, most recent first, asking the policy
+/// of each (which copies headers per call) until one matches: a hot status page's hit costs
+/// grow with the number of distinct `Accept-Language` strings seen, and anyone can add
+/// thousands. Caches bound this (Fastly at 200 variants per object; nginx keeps one).
+#[tokio::test]
+async fn review_the_variants_of_one_url_are_bounded() {
+    let core = Core::start(|_, _| {
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("vary", "Accept, Accept-Language"),
+                ("content-type", "text/html"),
+            ],
+            "a status page",
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = crate::corecache::edge(dir.path(), &core, "").await;
+    let p = "/@alice/3";
+    for i in 0..300 {
+        let lang = format!("x-{i},en;q=0.5");
+        let (st, _, _) = crate::corecache::fetch(&edge, p, &[("accept-language", &lang)]).await;
+        assert_eq!(st, 200);
+    }
+    // A bound holds at every moment: read once, as the last answer came.
+    let cache = edge.running.core_cache.as_ref().unwrap();
+    let stored = cache.usage().1;
+    assert!(stored <= 200, "{stored} variants of {p} stored");
+}
