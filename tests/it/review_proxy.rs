@@ -54,3 +54,37 @@ async fn review_a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_bre
     );
     assert_eq!(up.last().3, 128 * 1024, "core got the whole upload");
 }
+
+/// Browsers split `Cookie` into one field per cookie over HTTP/2 (RFC 9113 §8.2.3, for
+/// HPACK). Before such a request goes to an HTTP/1.1 server the fields MUST be joined into
+/// one with `"; "` (nginx does it, `ngx_http_v2_construct_cookie_header`). The edge sends
+/// them to puma as separate `Cookie` lines; puma joins repeated fields with `", "`, and
+/// Rack 3 splits cookies on `;` only: `theme=dark, _mastodon_session=…` is one cookie named
+/// `theme`, and the signed-in user is signed out on every page over HTTP/2.
+#[tokio::test]
+async fn review_h2_cookie_crumbs_reach_core_as_one_field() {
+    let up = Upstream::start(Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE]);
+    let edge = edge_with_core(dir.path(), &[up.addr], &table).await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    let c = crate::proxy_tls::client(&root, addr, false);
+    let mut crumbs = http::HeaderMap::new();
+    crumbs.append("cookie", "theme=dark".parse().unwrap());
+    crumbs.append("cookie", "_mastodon_session=abc".parse().unwrap());
+    let r = c
+        .get(format!("https://{CORE}:{}/home", addr.port()))
+        .headers(crumbs)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let (_, _, headers, _) = up.last();
+    let sent: Vec<&str> = headers
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(sent, ["theme=dark; _mastodon_session=abc"], "Cookie as core got it");
+}
