@@ -183,3 +183,68 @@ async fn review_the_variants_of_one_url_are_bounded() {
     let stored = cache.usage().1;
     assert!(stored <= 200, "{stored} variants of {p} stored");
 }
+
+/// A client's `Connection` header names headers the proxy then removes before core sees
+/// the request (`proxy::headers::forward`, RFC 9110 §7.6.1). The core cache judges and
+/// keys the request on the client's headers, before that removal: `Accept:
+/// application/activity+json` with `Connection: accept` reaches core without `Accept`,
+/// core answers its HTML, and the HTML is stored as the `activity+json` variant. Every
+/// server fetching that status or actor for federation is then given HTML (cache
+/// poisoning with one request).
+#[tokio::test]
+async fn review_a_header_named_in_connection_cannot_poison_a_variant() {
+    let core = Core::start(|s, _| {
+        let json = s
+            .headers
+            .get("accept")
+            .is_some_and(|a| a.contains("activity+json"));
+        let (ct, body) = match json {
+            true => ("application/activity+json", "{\"type\":\"Note\"}"),
+            false => ("text/html", "<html>a status</html>"),
+        };
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=180"),
+                ("vary", "Accept"),
+                ("content-type", ct),
+            ],
+            body,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = crate::corecache::edge(dir.path(), &core, "").await;
+    let p = "/users/alice/statuses/1";
+
+    // The attacker's one request, on a raw connection.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(edge.running.addr)
+            .await
+            .unwrap();
+        let req = format!(
+            "GET {p} HTTP/1.1\r\nHost: {CORE}\r\nAccept: application/activity+json\r\nConnection: close, accept\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+    }
+    crate::common::eventually(crate::proxy::WAIT, "the attacker's answer is stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+
+    // A fediverse server fetches the status.
+    let (st, cache, body) = crate::corecache::fetch(
+        &edge,
+        p,
+        &[("accept", "application/activity+json")],
+    )
+    .await;
+    assert_eq!(
+        (st, body.as_str()),
+        (200, "{\"type\":\"Note\"}"),
+        "what a server asking for activity+json gets (X-Cache-Status {cache})"
+    );
+}
