@@ -50,3 +50,22 @@ async fn review_head_to_core_when_core_is_down_has_no_body_over_h2() {
         "a HEAD's answer has no body: {body:?}"
     );
 }
+
+/// The media handler's own 404 (a key found nowhere) to a HEAD: same body, same reset.
+#[tokio::test]
+async fn review_head_of_missing_media_has_no_body_over_h2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE, "files.test"]);
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let core = dead.local_addr().unwrap();
+    drop(dead);
+    let edge = edge_with_core(dir.path(), &[core], &table).await;
+    let addr = edge.running.https_addr.expect("a TLS listener");
+    let c = crate::proxy_tls::client(&root, addr, false);
+    let (status, body) = head_body(&c, &format!("https://files.test:{}/nothing.png", addr.port())).await;
+    assert_eq!(status, 404);
+    assert!(
+        matches!(&body, Ok(b) if b.is_empty()),
+        "a HEAD's answer has no body: {body:?}"
+    );
+}
