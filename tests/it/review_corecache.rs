@@ -67,7 +67,11 @@ async fn review_a_304_for_the_clients_newer_date_does_not_refresh_the_old_body()
     const T2: &str = "Tue, 02 Jan 2024 00:00:00 GMT";
     let core = Core::start(|s, n| {
         if n == 1 {
-            return reply(200, &[("cache-control", "max-age=0"), ("last-modified", T1)], "old");
+            return reply(
+                200,
+                &[("cache-control", "max-age=0"), ("last-modified", T1)],
+                "old",
+            );
         }
         let fresh = [("cache-control", "max-age=600"), ("last-modified", T2)];
         match s.headers.get("if-modified-since").map(String::as_str) {
@@ -144,7 +148,10 @@ async fn review_a_background_304_for_the_clients_own_etag_does_not_refresh_the_o
         if body == "new" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "v2 never came: {cache} {body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v2 never came: {cache} {body}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -230,18 +237,16 @@ async fn review_a_header_named_in_connection_cannot_poison_a_variant() {
         let mut answer = Vec::new();
         s.read_to_end(&mut answer).await.unwrap();
     }
-    crate::common::eventually(crate::proxy::WAIT, "the attacker's answer is stored", || {
-        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
-    })
+    crate::common::eventually(
+        crate::proxy::WAIT,
+        "the attacker's answer is stored",
+        || edge.running.core_cache.as_ref().unwrap().usage().1 == 1,
+    )
     .await;
 
     // A fediverse server fetches the status.
-    let (st, cache, body) = crate::corecache::fetch(
-        &edge,
-        p,
-        &[("accept", "application/activity+json")],
-    )
-    .await;
+    let (st, cache, body) =
+        crate::corecache::fetch(&edge, p, &[("accept", "application/activity+json")]).await;
     assert_eq!(
         (st, body.as_str()),
         (200, "{\"type\":\"Note\"}"),

@@ -42,8 +42,11 @@ async fn review_head_to_core_when_core_is_down_has_no_body_over_h2() {
     let edge = edge_with_core(dir.path(), &[core], &table).await;
     let addr = edge.running.https_addr.expect("a TLS listener");
     let c = crate::proxy_tls::client(&root, addr, false);
-    let (status, body) =
-        head_body(&c, &format!("https://{CORE}:{}/api/v1/instance", addr.port())).await;
+    let (status, body) = head_body(
+        &c,
+        &format!("https://{CORE}:{}/api/v1/instance", addr.port()),
+    )
+    .await;
     assert_eq!(status, 502);
     assert!(
         matches!(&body, Ok(b) if b.is_empty()),
@@ -62,7 +65,11 @@ async fn review_head_of_missing_media_has_no_body_over_h2() {
     let edge = edge_with_core(dir.path(), &[core], &table).await;
     let addr = edge.running.https_addr.expect("a TLS listener");
     let c = crate::proxy_tls::client(&root, addr, false);
-    let (status, body) = head_body(&c, &format!("https://files.test:{}/nothing.png", addr.port())).await;
+    let (status, body) = head_body(
+        &c,
+        &format!("https://files.test:{}/nothing.png", addr.port()),
+    )
+    .await;
     assert_eq!(status, 404);
     assert!(
         matches!(&body, Ok(b) if b.is_empty()),

@@ -86,5 +86,9 @@ async fn review_h2_cookie_crumbs_reach_core_as_one_field() {
         .iter()
         .map(|v| v.to_str().unwrap())
         .collect();
-    assert_eq!(sent, ["theme=dark; _mastodon_session=abc"], "Cookie as core got it");
+    assert_eq!(
+        sent,
+        ["theme=dark; _mastodon_session=abc"],
+        "Cookie as core got it"
+    );
 }
