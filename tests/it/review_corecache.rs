@@ -253,3 +253,48 @@ async fn review_a_header_named_in_connection_cannot_poison_a_variant() {
         "what a server asking for activity+json gets (X-Cache-Status {cache})"
     );
 }
+
+/// The same with `Connection: host`: the proxy removes `Host`, then gives core the
+/// upstream's address as `Host` (`proxy::forward`), so core builds its links and redirects
+/// for `127.0.0.1:<port>`; the answer is stored under the instance's name for everyone
+/// (behind Mastodon, unless Rails' host authorization refuses that name).
+#[tokio::test]
+async fn review_connection_host_cannot_poison_the_entry_with_core_own_address() {
+    let core = Core::start(|s, _| {
+        let host = s.headers.get("host").cloned().unwrap_or_default();
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=180"),
+                ("content-type", "text/html"),
+            ],
+            &format!("<a href=\"https://{host}/about\">about</a>"),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = crate::corecache::edge(dir.path(), &core, "").await;
+    let p = "/about";
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(edge.running.addr)
+            .await
+            .unwrap();
+        let req = format!("GET {p} HTTP/1.1\r\nHost: {CORE}\r\nConnection: close, host\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+    }
+    crate::common::eventually(
+        crate::proxy::WAIT,
+        "the attacker's answer is stored",
+        || edge.running.core_cache.as_ref().unwrap().usage().1 == 1,
+    )
+    .await;
+    let (_, cache, body) = crate::corecache::fetch(&edge, p, &[]).await;
+    assert_eq!(
+        body,
+        format!("<a href=\"https://{CORE}/about\">about</a>"),
+        "what the next visitor gets (X-Cache-Status {cache})"
+    );
+}
