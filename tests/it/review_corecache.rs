@@ -298,3 +298,47 @@ async fn review_connection_host_cannot_poison_the_entry_with_core_own_address() 
         "what the next visitor gets (X-Cache-Status {cache})"
     );
 }
+
+/// RFC 9110 §14.2: range handling is defined for GET only, and a server MUST ignore
+/// `Range` on other methods. A HEAD with `Range` for a stored answer gets 206 (with the
+/// range's `Content-Range` and `Content-Length`) where core and nginx answer 200: a HEAD
+/// that probes a length (link checkers, `curl -I -r`) reads the range's length.
+#[tokio::test]
+async fn review_head_with_range_is_answered_200_from_the_cache() {
+    let core = Core::start(|_, _| {
+        reply(
+            200,
+            &[
+                ("cache-control", "public, max-age=600"),
+                ("content-type", "application/octet-stream"),
+            ],
+            &"x".repeat(100),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = crate::corecache::edge(dir.path(), &core, "").await;
+    let p = "/api/v1/instance";
+    let (st, _, _) = crate::corecache::fetch(&edge, p, &[]).await;
+    assert_eq!(st, 200);
+    crate::common::eventually(crate::proxy::WAIT, "stored", || {
+        edge.running.core_cache.as_ref().unwrap().usage().1 == 1
+    })
+    .await;
+    let r = crate::common::client()
+        .head(format!("http://{}{p}", edge.running.addr))
+        .header("host", CORE)
+        .header("range", "bytes=0-9")
+        .send()
+        .await
+        .unwrap();
+    let length = r
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        (r.status().as_u16(), length.as_deref()),
+        (200, Some("100")),
+        "a HEAD with Range: status, Content-Length"
+    );
+}
