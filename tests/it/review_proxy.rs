@@ -92,3 +92,48 @@ async fn review_h2_cookie_crumbs_reach_core_as_one_field() {
         "Cookie as core got it"
     );
 }
+
+/// Mastodon's web UI keeps one streaming WebSocket open per signed-in tab, for as long as
+/// the tab is open; its streaming server holds thousands. `max_connections_per_upstream`
+/// (default 256, "requests in flight") counts each open tunnel for its whole life, and the
+/// same default serves the web pool (where 256 puma requests in flight is plenty) and the
+/// streaming pool: with the defaults, the 257th user online gets 503 on the streaming API
+/// (no live timeline, no notifications) while the streaming server idles. nginx, in the
+/// edge's place, has no such cap.
+#[tokio::test]
+async fn review_the_default_config_holds_more_than_256_streaming_websockets() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let streaming = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web_addr = web.local_addr().unwrap();
+    drop(web);
+    let edge = edge_with_core(
+        dir.path(),
+        &[web_addr],
+        &format!("streaming = [\"{streaming}\"]\n"),
+    )
+    .await;
+    let mut open = Vec::new();
+    for n in 1..=300 {
+        let url = format!("ws://{}/api/v1/streaming?stream=user", edge.running.addr);
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("host", CORE.parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => open.push(ws),
+            Err(e) => panic!("user {n}'s streaming connection refused: {e}"),
+        }
+    }
+    assert_eq!(open.len(), 300);
+}
