@@ -137,3 +137,67 @@ async fn review_the_default_config_holds_more_than_256_streaming_websockets() {
     }
     assert_eq!(open.len(), 300);
 }
+
+/// A client that reads its answer slowly (a phone on a bad link, or on purpose) holds one
+/// of `max_connections_per_upstream` for as long as it reads: the permit goes with the
+/// response body to its end, and the edge reads core's answer only as fast as the client
+/// takes it. For a usual answer (a timeline of some 100 KiB) puma wrote it all into the
+/// sockets' buffers long before; for a big one puma's thread waits too. nginx buffers
+/// core's answer (`proxy_buffering`, in memory then a temp file) and frees the upstream at
+/// once. Here `max_connections_per_upstream = 2` and two clients that stop reading a
+/// 16 MiB answer (bigger than the sockets' buffers, so that the test does not depend on
+/// their sizes) lock every other client of the web pool out with 503; with the default
+/// 256, as many slow readers do.
+#[tokio::test]
+async fn review_slow_readers_do_not_hold_the_upstreams_slots_after_core_answered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let served = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let core = listener.local_addr().unwrap();
+    let s = served.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let s = s.clone();
+                        async move {
+                            let big = req.uri().path() == "/big";
+                            let body = match big {
+                                true => Bytes::from(vec![b'j'; 16 << 20]),
+                                false => Bytes::from_static(b"small"),
+                            };
+                            s.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(body),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[core], "max_connections_per_upstream = 2\n").await;
+    // Two clients ask for the big answer and read only its head.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(edge.running.addr)
+            .await
+            .unwrap();
+        let req = format!("GET /big HTTP/1.1\r\nHost: {CORE}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        slow.push(s);
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 2, "core answered both");
+    let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+    assert_eq!(r.status(), 200, "another client, while two read slowly");
+}
