@@ -201,3 +201,40 @@ async fn review_slow_readers_do_not_hold_the_upstreams_slots_after_core_answered
     let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
     assert_eq!(r.status(), 200, "another client, while two read slowly");
 }
+
+/// Two web upstreams, one down (its port refuses). An upload past the 16 KiB read before
+/// an upstream is chosen (a media upload, an import) that is sent to the dead one gets 502,
+/// although the connect failed and not a byte of it was sent: only a body "at hand" is
+/// tried on the next upstream (the streamed rest cannot be sent again), where nginx,
+/// which buffers the request body, passes it to the next upstream. Until the breaker opens
+/// (`breaker_failures`, and again at each probe after `breaker_cooldown`) such uploads
+/// fail.
+#[tokio::test]
+async fn review_an_upload_whose_connect_failed_goes_to_the_next_upstream() {
+    let up = Upstream::start(Mode::Answer).await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[dead_addr, up.addr], "").await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|piece| (piece, rx))
+    }));
+    let piece = Bytes::from(vec![b'v'; 512 * 1024]);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(piece.clone())).await;
+        let _ = tx.send(Ok(piece)).await;
+    });
+    let r = client()
+        .post(format!("http://{}/api/v2/media", edge.running.addr))
+        .header("host", CORE)
+        .header("content-length", (1024 * 1024).to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the upload, the first upstream refusing");
+    assert_eq!(up.last().3, 1024 * 1024);
+}
