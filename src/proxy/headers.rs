@@ -92,8 +92,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, &found);
 }
 
+/// Removes the end-to-end headers a client named in `Connection` (they are for that hop
+/// only, RFC 9110 §7.6.1), at the front door, before anything reads the request: so that
+/// what core is sent is what the core cache keys, varies and judges, and what the
+/// idempotency fingerprint reads. (A client sending `Accept: application/activity+json` and
+/// `Connection: accept` would otherwise get core's HTML stored as the ActivityPub variant.)
+/// `Upgrade` stays for the WebSocket handshake (the proxy removes it, and asks again).
+/// One lookup when `Connection` is absent or only `keep-alive`/`close`.
+pub fn strip_connection_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| {
+            !["keep-alive", "close", "upgrade"]
+                .iter()
+                .any(|k| n.eq_ignore_ascii_case(k))
+        })
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .filter(|n| *n != header::HOST)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+}
+
 /// Removes what [`scan`] found: usually nothing, or a response's `Connection: keep-alive`;
-/// each removal is a hash lookup.
+/// each removal is a hash lookup. Never `Host`, whatever `Connection` names: the request
+/// was routed, and is keyed, by it.
 fn strip(headers: &mut HeaderMap, found: &Found) {
     if found.names & 0x1ff == 0 {
         return;
@@ -107,6 +135,7 @@ fn strip(headers: &mut HeaderMap, found: &Found) {
             .map(str::trim)
             .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .filter(|n| *n != header::HOST)
             .collect();
         for name in named {
             headers.remove(name);
@@ -295,6 +324,31 @@ mod tests {
         let mut h = map(&[("connection", "close"), ("close", "1"), ("accept", "*/*")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["accept"]);
+    }
+
+    /// At the front door: what `Connection` names goes, but not `Host` (the route and the
+    /// core cache's key) nor `Upgrade` (a WebSocket handshake); `Connection` itself stays
+    /// for the proxy.
+    #[test]
+    fn the_front_door_strips_what_connection_names_but_host_and_upgrade() {
+        let mut h = map(&[
+            ("connection", "Upgrade, accept, HOST"),
+            ("connection", "cookie"),
+            ("upgrade", "websocket"),
+            ("accept", "application/activity+json"),
+            ("cookie", "_session=1"),
+            ("host", "example.social"),
+            ("accept-language", "de"),
+        ]);
+        strip_connection_named(&mut h);
+        for gone in ["accept", "cookie"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        for kept in ["connection", "upgrade", "host", "accept-language"] {
+            assert!(h.contains_key(kept), "{kept}");
+        }
+        forward(&mut h, "192.0.2.7".parse().unwrap(), true, false);
+        assert_eq!(h["host"], "example.social");
     }
 
     #[test]
