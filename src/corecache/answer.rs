@@ -162,7 +162,8 @@ impl CoreCache {
         }
         let (mut start, mut end) = (0, e.meta.len);
         let mut code = code;
-        if code == StatusCode::OK {
+        // Range is defined for GET only (RFC 9110 §14.2): a HEAD gets the whole answer's head.
+        if code == StatusCode::OK && !head {
             match requested_range(req, &e.meta.headers, e.meta.len) {
                 Ok(None) => {}
                 Ok(Some((s, n))) => {

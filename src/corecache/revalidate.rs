@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
 use super::answer::Asked;
@@ -62,6 +62,13 @@ impl CoreCache {
             Ok(resp) if resp.status().is_server_error() && e.meta.stale_if_error(now) => {
                 drop(guard);
                 self.serve_stale_or(&e, &req, asked, resp).await
+            }
+            Ok(resp) if head => {
+                // Core answered the stored GET: its body is stored, the HEAD's client gets
+                // the head.
+                let (parts, body) = self.keep(ctx, resp, guard, CacheStatus::Miss).into_parts();
+                tokio::spawn(body.collect());
+                Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync())
             }
             Ok(resp) => self.keep(ctx, resp, guard, CacheStatus::Miss),
             Err(err) if e.meta.stale_if_error(now) => {

@@ -139,7 +139,9 @@ pub fn object(
             cache_status,
         };
     }
+    // Range is defined for GET only (RFC 9110 §14.2): a HEAD gets the whole object's head.
     let range = match requested_range(req, &meta) {
+        _ if head => None,
         Ok(r) => r,
         Err(()) => {
             let mut answer = status(StatusCode::RANGE_NOT_SATISFIABLE, cache_status, "no-store");

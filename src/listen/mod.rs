@@ -449,10 +449,22 @@ where
         let handler = handler.clone();
         let upgraded = upgraded_flag.clone();
         let active = requests.start();
+        let head = req.method() == http::Method::HEAD;
         async move {
-            let resp = handler(req, info).await;
+            let mut resp = handler(req, info).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 upgraded.store(true, std::sync::atomic::Ordering::Release);
+            }
+            if head {
+                // An answer to a HEAD has no body, whatever made it (an error page, a
+                // proxied one): hyper's HTTP/1.1 drops it, its HTTP/2 would send it as DATA,
+                // which the client takes for a protocol error (RFC 9113 §8.1.1).
+                resp = resp.map(|_| {
+                    use http_body_util::BodyExt;
+                    http_body_util::Empty::new()
+                        .map_err(|e| match e {})
+                        .boxed_unsync()
+                });
             }
             Ok::<_, Infallible>(resp.map(|body| idle::Held::new(body, active)))
         }

@@ -497,6 +497,16 @@ async fn ranges_and_conditionals_on_cold_and_warm_keys() {
         .unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */100000");
+    // Range is for GET only (RFC 9110 §14.2): a HEAD gets the whole object's head.
+    let r = client()
+        .head(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "100000");
+    assert!(!r.headers().contains_key("content-range"));
     // Conditionals.
     let r = client().get(&url).send().await.unwrap();
     let etag = r.headers()["etag"].clone();
