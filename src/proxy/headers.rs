@@ -119,6 +119,27 @@ pub fn strip_connection_named(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins several `Cookie` fields into one, with `; ` (RFC 9113 §8.2.3: HTTP/2 clients may
+/// send each cookie as a field of its own, and a proxy to HTTP/1.1 must join them). Left
+/// apart, puma joins them with `, ` as for any field, and Rack reads everything after the
+/// first cookie as part of its value: a signed-in user would look signed out. One lookup
+/// when there is one field or none.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    if fields.nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Removes what [`scan`] found: usually nothing, or a response's `Connection: keep-alive`;
 /// each removal is a hash lookup. Never `Host`, whatever `Connection` names: the request
 /// was routed, and is keyed, by it.
@@ -349,6 +370,20 @@ mod tests {
         }
         forward(&mut h, "192.0.2.7".parse().unwrap(), true, false);
         assert_eq!(h["host"], "example.social");
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = map(&[
+            ("cookie", "theme=dark"),
+            ("cookie", "_mastodon_session=abc"),
+        ]);
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(all, ["theme=dark; _mastodon_session=abc"]);
+        let mut h = map(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut h);
+        assert_eq!(h["cookie"], "a=1; b=2");
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod body;
 pub mod breaker;
 mod conns;
 mod headers;
-pub use headers::strip_connection_named;
+pub use headers::{join_cookies, strip_connection_named};
 mod health;
 pub mod idempotency;
 mod live;

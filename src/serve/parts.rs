@@ -168,6 +168,7 @@ pub(super) fn front_door(
             // The proxy reads who sent the request (X-Forwarded-For, X-Forwarded-Proto) here.
             req.extensions_mut().insert(info);
             crate::proxy::strip_connection_named(req.headers_mut());
+            crate::proxy::join_cookies(req.headers_mut());
             if !req.headers().contains_key(http::header::HOST) {
                 // HTTP/2 (or an absolute-form request without `Host`): the name is the URI's
                 // authority. Made the `Host` header once, for all that reads it: core (which
