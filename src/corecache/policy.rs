@@ -210,7 +210,13 @@ pub fn policy_request(scheme: Scheme, path: &str, headers: &HeaderMap) -> http::
         .path_and_query(path)
         .build()
         .unwrap_or_default();
-    request_for(uri, headers.clone())
+    let mut headers = headers.clone();
+    // The client's own validators are answered from the stored entry (`answer`), never sent
+    // with a revalidation: the crate would merge them with the stored ones, and core's 304
+    // could then be about the client's copy, not the stored one (which it would refresh).
+    headers.remove(header::IF_NONE_MATCH);
+    headers.remove(header::IF_MODIFIED_SINCE);
+    request_for(uri, headers)
 }
 
 /// A policy request for `uri` (made by [`policy_request`]) and `headers`.
