@@ -38,10 +38,14 @@ pub struct RawCore {
     /// closed. Default `5m`; `0s`: no limit.
     #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
-    /// Most requests in flight to one upstream; beyond it another upstream is tried, and 503
-    /// when all are full. Default 256.
+    /// Most requests in flight to one web upstream; beyond it another upstream is tried, and
+    /// 503 when all are full. Default 256.
     #[serde(default = "default_max_connections")]
     pub max_connections_per_upstream: usize,
+    /// Most connections open to one streaming upstream (each open WebSocket or event stream
+    /// holds one for its whole life: every signed-in user's live timeline). Default 16384.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_upstream: usize,
     /// Idle keep-alive connections kept per upstream. Default 256 (the connection cap's default).
     #[serde(default = "default_max_idle")]
     pub max_idle_per_upstream: usize,
@@ -116,6 +120,11 @@ fn default_stream_idle_timeout() -> Duration {
 fn default_max_connections() -> usize {
     256
 }
+/// Far above the web pool's: Mastodon's streaming server holds thousands of idle WebSockets
+/// per process; the listeners' `max_connections` (from the file limit) bounds them first.
+fn default_max_streams() -> usize {
+    16384
+}
 /// As many as the connection cap's default: a steady load under the cap keeps all its
 /// connections instead of closing and opening some on every burst (with 32, 64 clients made
 /// about 3 % of requests open a connection). An idle connection is cheap on both ends: a
@@ -152,8 +161,10 @@ pub struct CoreConfig {
     pub idle_timeout: Duration,
     /// Idle timeout of WebSocket tunnels and server-sent events (zero: none).
     pub stream_idle_timeout: Duration,
-    /// Most requests in flight per upstream.
+    /// Most requests in flight per web upstream.
     pub max_connections_per_upstream: usize,
+    /// Most connections per streaming upstream.
+    pub max_streams_per_upstream: usize,
     /// Idle keep-alive connections per upstream.
     pub max_idle_per_upstream: usize,
     /// Consecutive failures that open a breaker.
@@ -263,6 +274,12 @@ impl RawCore {
                 "must be at least 1".into(),
             ));
         }
+        if self.max_streams_per_upstream == 0 {
+            return Err(invalid(
+                "max_streams_per_upstream",
+                "must be at least 1".into(),
+            ));
+        }
         let cache = match self.cache {
             None => None,
             Some(c) => {
@@ -291,6 +308,7 @@ impl RawCore {
             idle_timeout: self.idle_timeout,
             stream_idle_timeout: self.stream_idle_timeout,
             max_connections_per_upstream: self.max_connections_per_upstream,
+            max_streams_per_upstream: self.max_streams_per_upstream,
             max_idle_per_upstream: self.max_idle_per_upstream,
             breaker_failures: self.breaker_failures,
             breaker_cooldown: self.breaker_cooldown,

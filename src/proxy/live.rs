@@ -38,7 +38,7 @@ pub struct Live {
     /// client is carried over).
     pub(super) connect_timeout: Duration,
     pub(super) max_idle: usize,
-    upstream_settings: (usize, u32, Duration),
+    upstream_settings: (usize, usize, u32, Duration),
 }
 
 impl Live {
@@ -46,6 +46,7 @@ impl Live {
     pub fn new(config: &CoreConfig, previous: Option<&Live>) -> Live {
         let upstream_settings = (
             config.max_connections_per_upstream,
+            config.max_streams_per_upstream,
             config.breaker_failures,
             config.breaker_cooldown,
         );
@@ -67,9 +68,13 @@ impl Live {
             }
         };
         let pool = |addrs: &[SocketAddr], kind: Kind| {
+            let cap = match kind {
+                Kind::Web => config.max_connections_per_upstream,
+                Kind::Streaming => config.max_streams_per_upstream,
+            };
             Pool::with_kept(
                 addrs,
-                config.max_connections_per_upstream,
+                cap,
                 config.breaker_failures,
                 config.breaker_cooldown,
                 &kept(kind),

@@ -2,7 +2,7 @@
 //! passed on (it is hop-by-hop, so header rewriting removed it), and when the upstream answers
 //! 101 both connections are taken over from hyper and joined byte for byte
 //! (`copy_bidirectional`) until either side closes. The tunnel holds the upstream's connection
-//! permit, so open WebSockets count against `max_connections_per_upstream`; it ends at
+//! permit, so open WebSockets count against `max_streams_per_upstream`; it ends at
 //! shutdown, and when no byte went either way for `stream_idle_timeout` (a hung streaming
 //! server must not hold sockets without bound; Mastodon pings every open WebSocket far more
 //! often).

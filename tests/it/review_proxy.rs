@@ -102,7 +102,64 @@ async fn review_h2_cookie_crumbs_reach_core_as_one_field() {
 /// edge's place, has no such cap.
 #[tokio::test]
 async fn review_the_default_config_holds_more_than_256_streaming_websockets() {
+    let (edge, _dir) = streaming_edge("").await;
+    let mut open = Vec::new();
+    for n in 1..=300 {
+        match websocket(&edge).await {
+            Ok(ws) => open.push(ws),
+            Err(e) => panic!("user {n}'s streaming connection refused: {e}"),
+        }
+    }
+    assert_eq!(open.len(), 300);
+}
+
+/// `max_streams_per_upstream` caps the streaming pool (and `max_connections_per_upstream`
+/// does not): past it, 503.
+#[tokio::test]
+async fn max_streams_per_upstream_caps_open_websockets() {
+    let (edge, _dir) = streaming_edge(
+        "max_connections_per_upstream = 1
+max_streams_per_upstream = 3
+",
+    )
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(websocket(&edge).await.expect("under the cap"));
+    }
+    let refused = websocket(&edge).await.expect_err("past the cap");
+    assert!(refused.to_string().contains("503"), "{refused}");
+    drop(open.pop());
+    // Freed when a tunnel ends (its permit goes with it).
+    let mut again = None;
+    for _ in 0..200 {
+        if let Ok(ws) = websocket(&edge).await {
+            again = Some(ws);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a closed tunnel frees its place");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn websocket(
+    edge: &crate::common::TestEdge,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{}/api/v1/streaming?stream=user", edge.running.addr);
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("host", CORE.parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// An edge whose streaming pool is a WebSocket echo server that holds every connection
+/// (`extra` goes into `[core]`); its web upstream is closed.
+async fn streaming_edge(extra: &str) -> (crate::common::TestEdge, tempfile::TempDir) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let streaming = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -122,20 +179,10 @@ async fn review_the_default_config_holds_more_than_256_streaming_websockets() {
     let edge = edge_with_core(
         dir.path(),
         &[web_addr],
-        &format!("streaming = [\"{streaming}\"]\n"),
+        &format!("streaming = [\"{streaming}\"]\n{extra}"),
     )
     .await;
-    let mut open = Vec::new();
-    for n in 1..=300 {
-        let url = format!("ws://{}/api/v1/streaming?stream=user", edge.running.addr);
-        let mut request = url.into_client_request().unwrap();
-        request.headers_mut().insert("host", CORE.parse().unwrap());
-        match tokio_tungstenite::connect_async(request).await {
-            Ok((ws, _)) => open.push(ws),
-            Err(e) => panic!("user {n}'s streaming connection refused: {e}"),
-        }
-    }
-    assert_eq!(open.len(), 300);
+    (edge, dir)
 }
 
 /// A client that reads its answer slowly (a phone on a bad link, or on purpose) holds one
