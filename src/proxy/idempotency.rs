@@ -11,8 +11,11 @@
 //!   headers and body; one arriving later within the window gets the kept response.
 //!   Both are marked `X-Cache-Status: REPLAY`.
 //! - A leader that failed (no 2xx: a 5xx, a 504 timeout, a 4xx such as 429, a body cut by
-//!   core, or its own client gone, which drops the request) leaves nothing: the next request
-//!   with that fingerprint goes to core (one at a time; the others keep waiting).
+//!   core or by its client) leaves nothing: the next request with that fingerprint goes to
+//!   core (one at a time; the others keep waiting).
+//! - A leader runs in a task of its own (`Proxy::handle`): a client that leaves once its
+//!   post is sent does not cancel it, as puma would make the post anyway; its answer is kept
+//!   for the retry.
 //! - A 2xx whose body is over [`MAX_BODY`] is passed on to the leader's client but not
 //!   kept: the requests waiting for it are let through to core one at a time (Mastodon's own
 //!   idempotency then answers them, as it would without the edge).

@@ -199,10 +199,19 @@ impl Proxy {
     }
 
     /// Answers one request from the upstreams of `kind`.
-    pub async fn handle(&self, kind: Kind, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: &Arc<Self>, kind: Kind, req: Request<Incoming>) -> Response<Body> {
         if kind == Kind::Web {
             if let Some(fp) = idempotency::fingerprint(&req) {
-                return self.handle_idempotent(fp, req).await;
+                // In a task of its own, which goes on when the client leaves: once sent,
+                // core makes the post whether or not its client stays (puma finishes a
+                // request whose client left), and its answer must be kept for the app's
+                // retry with the same key, or that retry posts it again.
+                let proxy = self.clone();
+                let task = tokio::spawn(async move { proxy.handle_idempotent(fp, req).await });
+                return task.await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "proxy: an idempotent request's task failed");
+                    text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n".into())
+                });
             }
         }
         self.reply(kind, req).await

@@ -353,32 +353,6 @@ async fn duplicates_waiting_on_a_failed_post_go_through_one_at_a_time() {
 }
 
 #[tokio::test]
-async fn a_client_that_leaves_does_not_leave_its_post_replayed() {
-    let up = Up::start(Mode::Answer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let edge = edge_with_core(dir.path(), &[up.addr], "").await;
-    up.hold();
-    let first = tokio::spawn(post(&edge, STATUSES, "k", Some("Bearer alice")).send());
-    eventually(WAIT, "the first post at core", || up.waiting() == 1).await;
-    first.abort();
-    // The edge notices the client left and cancels its request to core; the next one goes
-    // through (core is open again).
-    eventually(WAIT, "the edge's connection closed", || {
-        edge.running.open_connections() == 0
-    })
-    .await;
-    up.release();
-    let r = seen(
-        post(&edge, STATUSES, "k", Some("Bearer alice"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!((r.0, r.1.as_str(), r.2.as_str()), (201, "2", ""));
-}
-
-#[tokio::test]
 async fn a_big_answer_is_passed_on_whole_but_not_kept() {
     let up = Up::start(Mode::Big).await;
     let dir = tempfile::tempdir().unwrap();
@@ -476,4 +450,93 @@ async fn what_is_not_the_same_request_is_never_replayed() {
         assert_eq!((r.1.as_str(), r.2.as_str()), expect, "{session}");
     }
     assert_eq!(up.requests(), 11);
+}
+
+/// Puma's place, as puma behaves: a request that arrived is worked on to its end whether or
+/// not the connection it came on is still open (Rails does not abort a controller action
+/// when the client leaves). Posts are numbered as they arrive; each waits for the gate.
+async fn puma(
+    created: Arc<AtomicUsize>,
+    gate: tokio::sync::watch::Receiver<bool>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (created, gate) = (created.clone(), gate.clone());
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (created, mut gate) = (created.clone(), gate.clone());
+                        // The action runs on its own: the connection's end does not stop it.
+                        let work = tokio::spawn(async move {
+                            let _ = req.into_body().collect().await;
+                            let n = created.fetch_add(1, Ordering::SeqCst) + 1;
+                            let _ = gate.wait_for(|open| *open).await;
+                            n
+                        });
+                        async move {
+                            let n = work.await.unwrap();
+                            http::Response::builder()
+                                .status(201)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(format!("{{\"id\":\"{n}\"}}"))))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A phone posts a status with `Idempotency-Key`; its network drops while core works on it;
+/// the app sends the same post again with the same key (the case the header exists for).
+/// The first post reached core and core creates it whatever the edge does with its
+/// connection: the edge's request goes on without its client, and the retry waits for its
+/// answer and gets it. (Until the review of session 7 the edge dropped its claim when the
+/// client left, and the retry was posted again.)
+#[tokio::test]
+async fn a_retry_after_the_first_posts_client_left_is_answered_its_first_answer() {
+    let created = Arc::new(AtomicUsize::new(0));
+    let gate = tokio::sync::watch::channel(false);
+    let core = puma(created.clone(), gate.1.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[core], "").await;
+    let post = || {
+        client()
+            .post(format!("http://{}/api/v1/statuses", edge.running.addr))
+            .header("host", CORE)
+            .header("authorization", "Bearer alice")
+            .header("idempotency-key", "k1")
+            .header("content-type", "application/json")
+            .body("{\"status\":\"hello\"}")
+            .send()
+    };
+    let first = tokio::spawn(post());
+    eventually(WAIT, "the first post at core", || {
+        created.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    first.abort();
+    eventually(WAIT, "the edge saw its client leave", || {
+        edge.running.open_connections() == 0
+    })
+    .await;
+    let retry = tokio::spawn(post());
+    // Core finishes what it has (the first post, and the retry if it was sent).
+    gate.0.send_replace(true);
+    let r = retry.await.unwrap().unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert_eq!(
+        (status, body.as_str(), created.load(Ordering::SeqCst)),
+        (201, "{\"id\":\"1\"}", 1),
+        "the retry's answer, and the statuses core created"
+    );
 }

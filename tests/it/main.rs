@@ -34,7 +34,6 @@ mod purge;
 mod reload;
 mod review_corecache;
 mod review_head;
-mod review_idempotency;
 mod review_proxy;
 mod serve;
 mod serve_s3;
