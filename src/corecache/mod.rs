@@ -39,6 +39,7 @@ mod store;
 pub use policy::session_cookie;
 #[doc(hidden)]
 pub use seed::seed;
+pub use store::MAX_VARIANTS;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -146,6 +146,9 @@ struct Memory {
 /// Entries evicted per hold of the index's lock when the load ends.
 const EVICT_BATCH: usize = 10_000;
 
+/// Most variants (`Vary`) stored for one URL.
+pub const MAX_VARIANTS: usize = 32;
+
 struct Index {
     lru: LruCache<Id, Arc<Meta>>,
     /// By [`url_key`]; foldhash (seeded per process) rather than SipHash: a hit hashes its
@@ -673,7 +676,18 @@ impl Store {
         }
         index.bytes += meta.len;
         index.lru.put(id.clone(), meta);
-        index.by_url.entry(key).or_default().push(id);
+        let ids = index.by_url.entry(key).or_default();
+        ids.push(id);
+        // A URL's variants are bounded: every new `Accept-Language` or `Origin` a client
+        // makes up would otherwise store one more, and each request to the URL walks them.
+        // The oldest stored goes first (the list is oldest first).
+        let over = ids.len().saturating_sub(MAX_VARIANTS);
+        for old in ids.drain(..over).collect::<Vec<_>>() {
+            if let Some(m) = index.lru.pop(&old) {
+                index.bytes -= m.len;
+                gone.push(old);
+            }
+        }
         gone.extend(self.evict_locked(index, usize::MAX));
         gone
     }
