@@ -5,6 +5,9 @@
 //! - [`GuardedBody`]: the upstream's response body, holding the upstream's connection permit
 //!   until it ends, and cut when the upstream is silent longer than the idle timeout.
 //! - [`Silence`]: that idle timer, also the request body's (`prebuffer`).
+//! - [`Uploaded`]: a streamed request body that says when it has all been handed on, for
+//!   the first-byte timeout to start then (an upload on a slow link is paced by its
+//!   client, not by core).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -156,6 +159,79 @@ where
             .map(|frame| frame.map(|f| f.map_err(std::io::Error::other)));
         this.silence
             .watch(polled, cx, "upstream silent past the idle timeout")
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How far a streamed request body is: pieces handed on, and whether all were.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    pub pieces: u64,
+    pub done: bool,
+}
+
+/// A streamed request body that tells its [`Progress`] as it is handed on, and whether it
+/// waits on its client (polled, nothing yet) or on the upstream (not asked for more).
+pub struct Uploaded<B> {
+    inner: B,
+    progress: tokio::sync::watch::Sender<Progress>,
+    on_client: Arc<AtomicBool>,
+}
+
+impl<B> Uploaded<B> {
+    /// The body, its progress, and whether it waits on its client.
+    pub fn new(
+        inner: B,
+    ) -> (
+        Uploaded<B>,
+        tokio::sync::watch::Receiver<Progress>,
+        Arc<AtomicBool>,
+    ) {
+        let (progress, rx) = tokio::sync::watch::channel(Progress::default());
+        let on_client = Arc::new(AtomicBool::new(false));
+        let body = Uploaded {
+            inner,
+            progress,
+            on_client: on_client.clone(),
+        };
+        (body, rx, on_client)
+    }
+}
+
+impl<B> Body for Uploaded<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let Poll::Ready(polled) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            this.on_client.store(true, Ordering::Relaxed);
+            return Poll::Pending;
+        };
+        this.on_client.store(false, Ordering::Relaxed);
+        let end = match &polled {
+            None => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        this.progress.send_modify(|p| {
+            p.pieces += 1;
+            p.done |= end;
+        });
+        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {

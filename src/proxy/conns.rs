@@ -170,8 +170,9 @@ impl IdleConns {
 /// Why [`send`] got no response.
 #[derive(Debug)]
 pub enum SendError {
-    /// The connection could not be opened (nothing was sent).
-    Connect(std::io::Error),
+    /// The connection could not be opened (nothing was sent): the request is given back
+    /// (from [`send`]), its body unread, for another upstream.
+    Connect(std::io::Error, Option<Box<Request<UpBody>>>),
     /// The exchange failed (the request may have been sent).
     Http(hyper::Error),
     /// A kept connection ended after the request may have been written, before any byte of
@@ -256,15 +257,17 @@ async fn checkout(
     let addr: SocketAddr = upstream.addr;
     let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(SendError::Connect(e)),
+        Ok(Err(e)) => return Err(SendError::Connect(e, None)),
         Err(_) => {
-            return Err(SendError::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )))
+            return Err(SendError::Connect(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                None,
+            ))
         }
     };
-    stream.set_nodelay(true).map_err(SendError::Connect)?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| SendError::Connect(e, None))?;
     let heard = Arc::new(AtomicBool::new(false));
     let io = Heard {
         stream,
@@ -302,7 +305,13 @@ pub async fn send(
 ) -> Result<Response<PooledBody>, SendError> {
     loop {
         // `reused`: when a kept connection was taken (the request is written right after).
-        let (mut lease, reused) = checkout(upstream, connect_timeout, fresh).await?;
+        let (mut lease, reused) = match checkout(upstream, connect_timeout, fresh).await {
+            Ok(checked_out) => checked_out,
+            Err(SendError::Connect(e, _)) => {
+                return Err(SendError::Connect(e, Some(Box::new(req))))
+            }
+            Err(e) => return Err(e),
+        };
         lease.max_idle = max_idle;
         let mut answer = std::pin::pin!(lease.send.try_send_request(req));
         // The connection and the response are polled together in this task. When the

@@ -49,6 +49,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 
 use crate::config::CoreConfig;
 use crate::listen::{Body, ConnInfo};
@@ -321,6 +322,10 @@ impl Proxy {
         // The start of a body is read before an upstream is chosen (see `prebuffer`); one
         // read whole is kept and sent again as often as needed.
         let mut whole = None;
+        // A streamed body (past the start) tells how far it has been sent: the first-byte
+        // timeout starts once it all went, not before (an upload on a slow link goes at its
+        // client's pace); until then `idle_timeout` bounds a stall, on either side.
+        let mut uploaded: Option<(watch::Receiver<body::Progress>, Arc<AtomicBool>)> = None;
         let mut body = if bodiless && client_upgrade.is_none() {
             // Nothing to read or limit (`attempt` sends an empty body): no allocation for the
             // most common request.
@@ -337,7 +342,11 @@ impl Proxy {
                         whole = Some(bytes);
                         None
                     }
-                    Ok(prebuffer::Start::Partial(start)) => Some(start.boxed_unsync()),
+                    Ok(prebuffer::Start::Partial(start)) => {
+                        let (start, progress, on_client) = body::Uploaded::new(start);
+                        uploaded = Some((progress, on_client));
+                        Some(start.boxed_unsync())
+                    }
                     Err(_) if passed(exceeded.as_deref()) => {
                         return Err(ProxyError::TooLarge(live.max_body))
                     }
@@ -353,6 +362,8 @@ impl Proxy {
         // On another upstream when the connection could not be opened (nothing was sent):
         // any request whose body is at hand (none, or read whole).
         let replayable = bodiless || whole.is_some();
+        // A streamed body given back unread when a connection could not be opened.
+        let mut given_back = false;
         // On a new connection to the same upstream when a kept one ended before any byte of
         // an answer: that request may have reached core and been acted on before core died (a
         // worker killed mid-request), so only a safe one without a body, as Go's client does.
@@ -391,11 +402,25 @@ impl Proxy {
                             .insert(header::HOST, host.expect("an address is a value"));
                     }
                     let upstream = &admission.upstream;
-                    let sent = tokio::time::timeout_at(
-                        deadline,
-                        conns::send(upstream, up, live.connect_timeout, live.max_idle, fresh),
-                    )
-                    .await;
+                    let send =
+                        conns::send(upstream, up, live.connect_timeout, live.max_idle, fresh);
+                    let sent = match &uploaded {
+                        None => tokio::time::timeout_at(deadline, send)
+                            .await
+                            .map_err(|_| ()),
+                        Some((progress, on_client)) => {
+                            let timeouts = (live.idle_timeout, live.first_byte_timeout);
+                            match first_byte_after(progress.clone(), timeouts, send).await {
+                                Ok(sent) => Ok(sent),
+                                // The client stopped sending: its fault, not core's.
+                                Err(Stall::Upload) if on_client.load(Ordering::Relaxed) => {
+                                    admission.neutral();
+                                    return Err(ProxyError::ClientSilent(live.idle_timeout));
+                                }
+                                Err(_) => Err(()),
+                            }
+                        }
+                    };
                     break match sent {
                         Ok(Ok(resp)) => return Ok(self.answered(kind, &live, admission, resp)),
                         // The keep-alive race: sent once more, not counted as a failure.
@@ -405,8 +430,17 @@ impl Proxy {
                             fresh = true;
                             continue;
                         }
-                        Err(_) => Failed::Timeout,
-                        Ok(Err(conns::SendError::Connect(e))) => Failed::Connect(e.to_string()),
+                        Err(()) => Failed::Timeout,
+                        Ok(Err(conns::SendError::Connect(e, back))) => {
+                            if let (Some(back), true) = (back, whole.is_none()) {
+                                // Nothing was sent: the streamed body can go elsewhere.
+                                let (back, unread) = back.into_parts();
+                                parts.headers = back.headers;
+                                body = Some(unread);
+                                given_back = true;
+                            }
+                            Failed::Connect(e.to_string())
+                        }
                         Ok(Err(conns::SendError::Http(e) | conns::SendError::Stale(e))) => {
                             match e.is_user() {
                                 true => Failed::client(&e),
@@ -419,7 +453,7 @@ impl Proxy {
                     failed,
                     admission,
                     addr,
-                    replayable,
+                    replayable || given_back,
                     exceeded.as_deref(),
                     &live,
                 ) {
@@ -551,6 +585,46 @@ fn passed(exceeded: Option<&AtomicBool>) -> bool {
 /// One attempt's request: the body (a copy of `whole`, the body read whole, for every
 /// attempt; else the streamed one, none left after the first attempt), the method, and the
 /// headers, copied when another attempt may need them (`again`), else taken.
+/// How a streamed request's wait for its answer timed out.
+enum Stall {
+    /// No piece of the body went for `idle_timeout` (the client sent none, or the upstream
+    /// read none).
+    Upload,
+    /// The body all went, and no answer came within the first-byte timeout.
+    FirstByte,
+}
+
+/// `send` of a streamed request: while its body goes, no more than `idle` between two
+/// pieces; once it all went (or was dropped), the first-byte timeout.
+async fn first_byte_after<F: std::future::Future>(
+    mut progress: watch::Receiver<body::Progress>,
+    (idle, first_byte): (Duration, Duration),
+    send: F,
+) -> Result<F::Output, Stall> {
+    let mut send = std::pin::pin!(send);
+    while !progress.borrow_and_update().done {
+        let moved = async {
+            match idle.is_zero() {
+                true => Ok(progress.changed().await),
+                false => tokio::time::timeout(idle, progress.changed()).await,
+            }
+        };
+        tokio::select! {
+            biased;
+            answered = &mut send => return Ok(answered),
+            moved = moved => match moved {
+                Ok(Ok(())) => {}
+                // The body is gone (sent, or dropped by hyper): the answer is next.
+                Ok(Err(_)) => break,
+                Err(_) => return Err(Stall::Upload),
+            },
+        }
+    }
+    tokio::time::timeout(first_byte, send)
+        .await
+        .map_err(|_| Stall::FirstByte)
+}
+
 fn attempt(
     parts: &mut http::request::Parts,
     body: &mut Option<UpBody>,

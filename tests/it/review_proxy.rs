@@ -45,6 +45,7 @@ async fn review_a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_bre
         .unwrap();
     let status = r.status().as_u16();
     let _ = sender.await;
+    let uploaded = up.last().3;
     // Another client, after the upload.
     let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
     assert_eq!(
@@ -52,7 +53,7 @@ async fn review_a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_bre
         (200, 200),
         "a slow upload's status, then another client's"
     );
-    assert_eq!(up.last().3, 128 * 1024, "core got the whole upload");
+    assert_eq!(uploaded, 128 * 1024, "core got the whole upload");
 }
 
 /// Browsers split `Cookie` into one field per cookie over HTTP/2 (RFC 9113 §8.2.3, for
@@ -284,4 +285,34 @@ async fn review_an_upload_whose_connect_failed_goes_to_the_next_upstream() {
         .unwrap();
     assert_eq!(r.status(), 200, "the upload, the first upstream refusing");
     assert_eq!(up.last().3, 1024 * 1024);
+}
+
+/// The other side of timing only the silences of an upload: a core that takes the
+/// connection and reads none of the body. The upload stalls with the edge's piece unread
+/// for `idle_timeout`: 504, counted against that upstream (not the client's 408), and the
+/// edge holds nothing after.
+#[tokio::test]
+async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
+    let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deaf_addr = deaf.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((stream, _)) = deaf.accept().await {
+            conns.push(stream); // never read
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let extra =
+        "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\nhealth_check_interval = \"0s\"\n";
+    let edge = edge_with_core(dir.path(), &[deaf_addr], extra).await;
+    // More than the loopback sockets' buffers hold, so the edge's writes stop.
+    let r = client()
+        .post(format!("http://{}/api/v2/media", edge.running.addr))
+        .header("host", CORE)
+        .body(vec![b'u'; 64 << 20])
+        .send()
+        .await;
+    let status = r.map(|r| r.status().as_u16());
+    assert!(matches!(status, Ok(504)), "{status:?}");
+    held.abort();
 }
