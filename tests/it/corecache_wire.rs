@@ -1,6 +1,8 @@
-//! Review (session 7): the core cache's answers on the wire, against a scripted core
-//! (`corecache::Core`) and real clients (reqwest over HTTP/1.1 and, through the `[tls]`
-//! listener, HTTP/2).
+//! The core cache's answers on the wire, against a scripted core (`corecache::Core`) and
+//! real clients (reqwest over HTTP/1.1 and, through the `[tls]` listener, HTTP/2), where the
+//! review of session 7 found them wrong: a HEAD given a body, 304s refreshing an old body,
+//! variants without bound, headers named in `Connection`, Range on HEAD. Each doc says
+//! what was wrong.
 
 use crate::corecache::{cache_conf, reply, Core};
 use crate::proxy::{edge_with_core, CORE};
@@ -8,10 +10,10 @@ use crate::proxy::{edge_with_core, CORE};
 /// A HEAD for a stale stored entry is revalidated with a GET (the policy's stored
 /// method); when core answers that GET with a new 200, the GET's body must not go to the
 /// HEAD's client. hyper's HTTP/1.1 server drops a HEAD's body itself, its HTTP/2 server
-/// does not: the DATA frames reach the client, whose h2 resets the stream
+/// did not: the DATA frames reached the client, whose h2 reset the stream
 /// (PROTOCOL_ERROR, RFC 9113 §8.1.1).
 #[tokio::test]
-async fn review_head_of_a_stale_entry_answered_by_a_new_200_has_no_body_over_h2() {
+async fn head_of_a_stale_entry_answered_by_a_new_200_has_no_body_over_h2() {
     let core = Core::start(|s, n| {
         let body = format!("version {n} of the answer, as bytes: {}", "x".repeat(4000));
         let _ = s;
@@ -57,12 +59,11 @@ async fn review_head_of_a_stale_entry_answered_by_a_new_200_has_no_body_over_h2(
 }
 
 /// A stale entry revalidated for a client that sent its own, newer `If-Modified-Since`:
-/// core's 304 is about the client's copy (its `Last-Modified` is not the stored one), not
-/// about the stored body. RFC 9111 §4.3.4 selects a stored response to update only when the
-/// 304's validator corresponds to it; the edge compares `ETag`s only, so the old body is
-/// refreshed with the new `Last-Modified` and served as fresh to everyone after.
+/// the revalidation carried it (merged by the crate), core's 304 was about the client's
+/// copy, and the old body was refreshed and served as fresh to everyone after. Now only the
+/// stored validators are sent: core answers the new body, stored and served.
 #[tokio::test]
-async fn review_a_304_for_the_clients_newer_date_does_not_refresh_the_old_body() {
+async fn a_304_for_the_clients_newer_date_does_not_refresh_the_old_body() {
     const T1: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
     const T2: &str = "Tue, 02 Jan 2024 00:00:00 GMT";
     let core = Core::start(|s, n| {
@@ -105,11 +106,11 @@ async fn review_a_304_for_the_clients_newer_date_does_not_refresh_the_old_body()
 /// `stale-while-revalidate`: the background revalidation is made from the request of the
 /// client that found the entry stale, and `http-cache-semantics` merges that client's own
 /// `If-None-Match` with the stored `ETag`. A client holding the newer version (`"v2"`)
-/// makes core answer 304 for *its* tag; `revalidate_in_background` takes every 304 as
-/// "the stored entry is current" (its comment: "only this edge's validators were sent")
-/// and refreshes the old body, which is then served as a fresh HIT to everyone.
+/// made core answer 304 for *its* tag, taken as "the stored entry is current": the old
+/// body was refreshed and served as a fresh HIT to everyone. Now the client's validators
+/// are never sent with a revalidation.
 #[tokio::test]
-async fn review_a_background_304_for_the_clients_own_etag_does_not_refresh_the_old_body() {
+async fn a_background_304_for_the_clients_own_etag_does_not_refresh_the_old_body() {
     let core = Core::start(|s, n| {
         let swr = "max-age=0, stale-while-revalidate=3600";
         if n == 1 {
@@ -159,14 +160,12 @@ async fn review_a_background_304_for_the_clients_own_etag_does_not_refresh_the_o
 }
 
 /// Mastodon's public pages say `Vary: Accept, Accept-Language` (and its API `Vary:
-/// Origin`): headers every browser or client sets as it likes. Each new value stores one
-/// more variant of the URL, without limit (only `max_size` bounds them, by bytes), and
-/// every request for the URL then walks the variants, most recent first, asking the policy
-/// of each (which copies headers per call) until one matches: a hot status page's hit costs
-/// grow with the number of distinct `Accept-Language` strings seen, and anyone can add
-/// thousands. Caches bound this (Fastly at 200 variants per object; nginx keeps one).
+/// Origin`): headers every browser or client sets as it likes. Each new value stored one
+/// more variant of the URL, without limit, and every request for the URL walks the
+/// variants: anyone could make a hot page's hits cost thousands of policy checks. Now at
+/// most `MAX_VARIANTS` (Fastly bounds at 200 per object; nginx keeps one).
 #[tokio::test]
-async fn review_the_variants_of_one_url_are_bounded() {
+async fn the_variants_of_one_url_are_bounded() {
     let core = Core::start(|_, _| {
         reply(
             200,
@@ -212,14 +211,13 @@ async fn review_the_variants_of_one_url_are_bounded() {
 }
 
 /// A client's `Connection` header names headers the proxy then removes before core sees
-/// the request (`proxy::headers::forward`, RFC 9110 §7.6.1). The core cache judges and
-/// keys the request on the client's headers, before that removal: `Accept:
-/// application/activity+json` with `Connection: accept` reaches core without `Accept`,
-/// core answers its HTML, and the HTML is stored as the `activity+json` variant. Every
-/// server fetching that status or actor for federation is then given HTML (cache
-/// poisoning with one request).
+/// the request (RFC 9110 §7.6.1). The core cache judged and keyed the request on the
+/// client's headers, before that removal: `Accept: application/activity+json` with
+/// `Connection: accept` reached core without `Accept`, core answered its HTML, and the HTML
+/// was stored as the `activity+json` variant (cache poisoning with one request). Now the
+/// front door removes them before anything reads the request.
 #[tokio::test]
-async fn review_a_header_named_in_connection_cannot_poison_a_variant() {
+async fn a_header_named_in_connection_cannot_poison_a_variant() {
     let core = Core::start(|s, _| {
         let json = s
             .headers
@@ -274,12 +272,11 @@ async fn review_a_header_named_in_connection_cannot_poison_a_variant() {
     );
 }
 
-/// The same with `Connection: host`: the proxy removes `Host`, then gives core the
-/// upstream's address as `Host` (`proxy::forward`), so core builds its links and redirects
-/// for `127.0.0.1:<port>`; the answer is stored under the instance's name for everyone
-/// (behind Mastodon, unless Rails' host authorization refuses that name).
+/// The same with `Connection: host`: the proxy removed `Host`, then gave core the
+/// upstream's address as `Host`, so core built its links for `127.0.0.1:<port>`, stored
+/// under the instance's name for everyone. `Host` is never removed by a `Connection` now.
 #[tokio::test]
-async fn review_connection_host_cannot_poison_the_entry_with_core_own_address() {
+async fn connection_host_cannot_poison_the_entry_with_core_own_address() {
     let core = Core::start(|s, _| {
         let host = s.headers.get("host").cloned().unwrap_or_default();
         reply(
@@ -320,11 +317,11 @@ async fn review_connection_host_cannot_poison_the_entry_with_core_own_address() 
 }
 
 /// RFC 9110 §14.2: range handling is defined for GET only, and a server MUST ignore
-/// `Range` on other methods. A HEAD with `Range` for a stored answer gets 206 (with the
-/// range's `Content-Range` and `Content-Length`) where core and nginx answer 200: a HEAD
-/// that probes a length (link checkers, `curl -I -r`) reads the range's length.
+/// `Range` on other methods. A HEAD with `Range` for a stored answer got 206 (with the
+/// range's `Content-Range` and `Content-Length`): a HEAD that probes a length (link
+/// checkers, `curl -I -r`) read the range's length.
 #[tokio::test]
-async fn review_head_with_range_is_answered_200_from_the_cache() {
+async fn head_with_range_is_answered_200_from_the_cache() {
     let core = Core::start(|_, _| {
         reply(
             200,

@@ -1,8 +1,8 @@
-//! Review (session 7): answers to HEAD made by the edge itself (the router's 421, the
-//! proxy's 502/503/504) carry their text body. Over HTTP/1.1 hyper drops it; over HTTP/2
-//! (the `[tls]` listener) hyper sends it as DATA frames and the client's h2 resets the
-//! stream (PROTOCOL_ERROR, RFC 9113 §8.1.1): a HEAD-based health check or link checker
-//! sees a protocol error instead of the status.
+//! Answers to HEAD made by the edge itself (the router's 421, the proxy's 502/503/504, the
+//! media handler's 404) have no body over HTTP/2 either. hyper's HTTP/1.1 server drops a
+//! HEAD's body; its HTTP/2 server sent it as DATA frames and the client's h2 reset the
+//! stream (PROTOCOL_ERROR, RFC 9113 §8.1.1) until the listener answered every HEAD without
+//! one (found in the review of session 7).
 
 use crate::proxy::{edge_with_core, CORE};
 
@@ -14,7 +14,7 @@ async fn head_body(c: &reqwest::Client, url: &str) -> (u16, Result<bytes::Bytes,
 }
 
 #[tokio::test]
-async fn review_head_of_a_misdirected_name_has_no_body_over_h2() {
+async fn head_of_a_misdirected_name_has_no_body_over_h2() {
     let dir = tempfile::tempdir().unwrap();
     let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE, "other.test"]);
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -32,7 +32,7 @@ async fn review_head_of_a_misdirected_name_has_no_body_over_h2() {
 }
 
 #[tokio::test]
-async fn review_head_to_core_when_core_is_down_has_no_body_over_h2() {
+async fn head_to_core_when_core_is_down_has_no_body_over_h2() {
     let dir = tempfile::tempdir().unwrap();
     let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE]);
     // Nothing listens there: the connect is refused, the proxy answers 502 itself.
@@ -54,9 +54,9 @@ async fn review_head_to_core_when_core_is_down_has_no_body_over_h2() {
     );
 }
 
-/// The media handler's own 404 (a key found nowhere) to a HEAD: same body, same reset.
+/// The media handler's own 404 (a key found nowhere) to a HEAD: no body either.
 #[tokio::test]
-async fn review_head_of_missing_media_has_no_body_over_h2() {
+async fn head_of_missing_media_has_no_body_over_h2() {
     let dir = tempfile::tempdir().unwrap();
     let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE, "files.test"]);
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

