@@ -170,15 +170,46 @@ pub struct Store {
     counter: AtomicU64,
     metrics: Metrics,
     /// When each URL was last invalidated or purged: a response whose request was sent
-    /// before that is not stored (it may predate the change). Entries older than
-    /// [`INVALIDATION_MEMORY`] are dropped once there are many.
-    invalidated: Mutex<HashMap<String, Instant>>,
+    /// before that is not stored (it may predate the change). Those older than
+    /// [`INVALIDATION_MEMORY`] go as new ones come; at most [`INVALIDATIONS_KEPT`].
+    invalidated: Mutex<Invalidated>,
     /// True while the index loads.
     loading: watch::Sender<bool>,
 }
 
 /// How long an invalidation is remembered against responses still being received.
 const INVALIDATION_MEMORY: Duration = Duration::from_secs(15 * 60);
+
+/// Most invalidations remembered: past it the oldest are forgotten first (a response on
+/// its way for that long is rare; the memory stays bounded on a busy instance).
+const INVALIDATIONS_KEPT: usize = 100_000;
+
+/// When each URL was last invalidated, and the invalidations in the order they came, so
+/// that the ones past [`INVALIDATION_MEMORY`] go from the front (each at most once) rather
+/// than by a walk over all on every unsafe request.
+#[derive(Default)]
+struct Invalidated {
+    at: HashMap<String, Instant>,
+    order: std::collections::VecDeque<(Instant, String)>,
+}
+
+impl Invalidated {
+    fn insert(&mut self, key: String, now: Instant) {
+        while let Some((t, _)) = self.order.front() {
+            let old = now.saturating_duration_since(*t) >= INVALIDATION_MEMORY;
+            if !old && self.order.len() < INVALIDATIONS_KEPT {
+                break;
+            }
+            let (t, k) = self.order.pop_front().expect("looked at");
+            // Only if not invalidated again since (the later one is further back).
+            if self.at.get(&k) == Some(&t) {
+                self.at.remove(&k);
+            }
+        }
+        self.at.insert(key.clone(), now);
+        self.order.push_back((now, key));
+    }
+}
 
 /// The index key of a URL.
 pub fn url_key(host: &str, path: &str) -> String {
@@ -566,7 +597,11 @@ impl Store {
     }
 
     fn invalidated_since(&self, key: &str, sent: Instant) -> bool {
-        self.invalidated.lock().get(key).is_some_and(|t| *t >= sent)
+        self.invalidated
+            .lock()
+            .at
+            .get(key)
+            .is_some_and(|t| *t >= sent)
     }
 
     /// Replaces the meta of a stored entry (headers updated by a 304). Blocking.
@@ -611,11 +646,9 @@ impl Store {
     /// Keeps responses to a URL already on their way (their requests sent before now) from
     /// being stored.
     pub fn invalidate(&self, host: &str, path: &str) {
-        let mut inv = self.invalidated.lock();
-        if inv.len() > 10_000 {
-            inv.retain(|_, t| t.elapsed() < INVALIDATION_MEMORY);
-        }
-        inv.insert(url_key(host, path), Instant::now());
+        self.invalidated
+            .lock()
+            .insert(url_key(host, path), Instant::now());
     }
 
     /// Removes every variant of a URL, and keeps responses already on their way from
@@ -744,6 +777,28 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Invalidations past the memory go from the front as new ones come, a URL invalidated
+    /// again keeps its later time, and the count stays bounded.
+    #[test]
+    fn invalidations_expire_in_order_and_stay_bounded() {
+        let mut inv = Invalidated::default();
+        let t0 = Instant::now();
+        inv.insert("a".into(), t0);
+        inv.insert("b".into(), t0);
+        inv.insert("a".into(), t0 + Duration::from_secs(60));
+        let later = t0 + INVALIDATION_MEMORY + Duration::from_secs(1);
+        inv.insert("c".into(), later);
+        assert_eq!(inv.at.get("a"), Some(&(t0 + Duration::from_secs(60))));
+        assert!(!inv.at.contains_key("b"), "past the memory");
+        assert_eq!(inv.order.len(), 2, "{:?}", inv.order);
+        for n in 0..INVALIDATIONS_KEPT + 10 {
+            inv.insert(format!("u{n}"), later);
+        }
+        assert!(inv.order.len() <= INVALIDATIONS_KEPT);
+        assert!(inv.at.len() <= INVALIDATIONS_KEPT);
+        assert!(inv.at.contains_key(&format!("u{}", INVALIDATIONS_KEPT + 9)));
+    }
 
     /// A body's gzipped copy lives in the memory tier beside it, counted against its bound,
     /// and goes with the entry.
