@@ -100,17 +100,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `Upgrade` stays for the WebSocket handshake (the proxy removes it, and asks again).
 /// One lookup when `Connection` is absent or only `keep-alive`/`close`.
 pub fn strip_connection_named(headers: &mut HeaderMap) {
+    remove_named(headers, &["keep-alive", "close", "upgrade"]);
+}
+
+/// Removes the headers `Connection` names, but those in `kept` (options, not headers to
+/// remove) and `Host` (the request was routed, and is keyed, by it).
+fn remove_named(headers: &mut HeaderMap, kept: &[&str]) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|n| {
-            !["keep-alive", "close", "upgrade"]
-                .iter()
-                .any(|k| n.eq_ignore_ascii_case(k))
-        })
+        .filter(|n| !kept.iter().any(|k| n.eq_ignore_ascii_case(k)))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| *n != header::HOST)
         .collect();
@@ -141,26 +143,13 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Removes what [`scan`] found: usually nothing, or a response's `Connection: keep-alive`;
-/// each removal is a hash lookup. Never `Host`, whatever `Connection` names: the request
-/// was routed, and is keyed, by it.
+/// each removal is a hash lookup. Never `Host`, whatever `Connection` names.
 fn strip(headers: &mut HeaderMap, found: &Found) {
     if found.names & 0x1ff == 0 {
         return;
     }
     if found.names_others {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .filter(|n| *n != header::HOST)
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+        remove_named(headers, &["keep-alive"]);
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if found.names & (1 << i) != 0 {
