@@ -13,8 +13,9 @@
 //! - A leader that failed (no 2xx: a 5xx, a 504 timeout, a 4xx such as 429, a body cut by
 //!   core or by its client) leaves nothing: the next request with that fingerprint goes to
 //!   core (one at a time; the others keep waiting).
-//! - A leader runs in a task of its own (`Proxy::handle`): a client that leaves once its
-//!   post is sent does not cancel it, as puma would make the post anyway; its answer is kept
+//! - A leader runs in a task of its own (`Proxy::handle`) and waits for core up to
+//!   `LEADER_WAIT` (5 min): a client that leaves, or gets 504 at `first_byte_timeout`, once
+//!   its post is sent does not cancel it, as puma makes the post anyway; its answer is kept
 //!   for the retry.
 //! - A 2xx whose body is over [`MAX_BODY`] is passed on to the leader's client but not
 //!   kept: the requests waiting for it are let through to core one at a time (Mastodon's own

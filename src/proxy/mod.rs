@@ -140,6 +140,17 @@ pub enum Kind {
 #[derive(Clone, Copy, Debug)]
 pub struct KeyedScheme(pub &'static str);
 
+/// A first-byte timeout of its own for one request (in its extensions), in place of
+/// `[core] first_byte_timeout`: the leader of a `POST` with `Idempotency-Key` waits longer
+/// for core than its client does (see [`Proxy::handle`]).
+#[derive(Clone, Copy, Debug)]
+struct FirstByte(Duration);
+
+/// How long the leader of a `POST` with `Idempotency-Key` waits for core's answer, past its
+/// client's `first_byte_timeout`: a post core is slow to make is made all the same, and its
+/// answer is what the user's retry must get.
+const LEADER_WAIT: Duration = Duration::from_secs(300);
+
 /// The reverse proxy to core.
 pub struct Proxy {
     /// The pools, client and limits of the current `[core]` (swapped by a reload).
@@ -203,16 +214,29 @@ impl Proxy {
     pub async fn handle(self: &Arc<Self>, kind: Kind, req: Request<Incoming>) -> Response<Body> {
         if kind == Kind::Web {
             if let Some(fp) = idempotency::fingerprint(&req) {
-                // In a task of its own, which goes on when the client leaves: once sent,
-                // core makes the post whether or not its client stays (puma finishes a
-                // request whose client left), and its answer must be kept for the app's
-                // retry with the same key, or that retry posts it again.
+                // In a task of its own, which goes on when the client leaves or gives up
+                // at `first_byte_timeout` (504): once sent, core makes the post whether or
+                // not its client stays (puma finishes a request whose client left, and a
+                // slow one), and its answer must be kept for the app's retry with the same
+                // key, or that retry posts it again. The leader waits for core up to
+                // `LEADER_WAIT`.
+                let mut req = req;
+                req.extensions_mut()
+                    .insert(FirstByte(LEADER_WAIT.max(self.live().first_byte_timeout)));
                 let proxy = self.clone();
                 let task = tokio::spawn(async move { proxy.handle_idempotent(fp, req).await });
-                return task.await.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "proxy: an idempotent request's task failed");
-                    text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n".into())
-                });
+                let first_byte = self.live().first_byte_timeout;
+                return match tokio::time::timeout(first_byte, task).await {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "proxy: an idempotent request's task failed");
+                        text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n".into())
+                    }
+                    Err(_) => {
+                        let status = StatusCode::GATEWAY_TIMEOUT;
+                        text(status, format!("{status}\n"))
+                    }
+                };
             }
         }
         self.reply(kind, req).await
@@ -296,6 +320,10 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let info = parts.extensions.get::<ConnInfo>().copied();
+        let first_byte = parts
+            .extensions
+            .get::<FirstByte>()
+            .map_or(live.first_byte_timeout, |f| f.0);
         let peer = peer(info);
         let trusted = live.trusted.iter().any(|n| n.contains(&peer));
         headers::forward(
@@ -389,7 +417,7 @@ impl Proxy {
             if client_upgrade.is_none() {
                 // Our own connections (`conns`). The first-byte timeout covers both sends
                 // on one upstream (a kept connection, then a new one).
-                let deadline = tokio::time::Instant::now() + live.first_byte_timeout;
+                let deadline = tokio::time::Instant::now() + first_byte;
                 let mut fresh = false;
                 let failed = loop {
                     let again = other_upstream || (resendable && !fresh);
@@ -409,7 +437,7 @@ impl Proxy {
                             .await
                             .map_err(|_| ()),
                         Some((progress, on_client)) => {
-                            let timeouts = (live.idle_timeout, live.first_byte_timeout);
+                            let timeouts = (live.idle_timeout, first_byte);
                             match first_byte_after(progress.clone(), timeouts, send).await {
                                 Ok(sent) => Ok(sent),
                                 // The client stopped sending: its fault, not core's.
@@ -468,7 +496,7 @@ impl Proxy {
             uri.authority = Some(admission.upstream.authority.clone());
             uri.path_and_query = Some(path.clone());
             *up.uri_mut() = http::Uri::from_parts(uri).expect("scheme, authority and path");
-            let sent = tokio::time::timeout(live.first_byte_timeout, live.client.request(up)).await;
+            let sent = tokio::time::timeout(first_byte, live.client.request(up)).await;
             let failed = match sent {
                 Ok(Ok(resp)) => {
                     if let (StatusCode::SWITCHING_PROTOCOLS, Some(client)) =
