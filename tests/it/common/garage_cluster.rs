@@ -87,7 +87,22 @@ impl GarageCluster {
             c.spawn(i);
         }
         for i in 0..3 {
-            c.wait_rpc(i);
+            let mut tries = 1;
+            while let Err(why) = c.wait_rpc_or_exit(i) {
+                // Its ports may have been taken between `free_port` and Garage's bind (by
+                // another test's socket: a CI run once lost node 1 so): new ones, once more.
+                assert!(tries < 3, "garage node {i} did not start: {why}");
+                tries += 1;
+                let d = c.nodes[i].config.parent().unwrap().to_owned();
+                let NodeConfig {
+                    path: config,
+                    s3,
+                    admin,
+                } = write_node_config(&d, 3, &secret);
+                let node = &mut c.nodes[i];
+                (node.config, node.s3, node.admin) = (config, s3, admin);
+                c.spawn(i);
+            }
             let id = c.cli(i, &["node", "id", "-q"]).unwrap().trim().to_owned();
             c.nodes[i].id = id;
         }
@@ -157,6 +172,26 @@ impl GarageCluster {
                 self.wait_all_up(i);
             }
         }
+    }
+
+    /// Waits until node `i` answers on RPC; `Err` (with its log's end) if its process
+    /// exited first.
+    fn wait_rpc_or_exit(&mut self, i: usize) -> Result<(), String> {
+        let started = Instant::now();
+        while let Err(e) = self.cli(i, &["status"]) {
+            if let Some(Ok(Some(status))) = self.nodes[i].child.as_mut().map(|c| c.try_wait()) {
+                self.nodes[i].child = None;
+                let log = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(format!("exited ({status}): {}", tail.join(" / ")));
+            }
+            assert!(
+                started.elapsed() < SETTLE,
+                "garage node {i} did not start: {e}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     /// Waits until node `i` answers on RPC (`garage status` needs the server up).
