@@ -64,8 +64,9 @@ impl CoreCache {
             Ok(resp) if head => {
                 // Core answered the stored GET: its body is stored, the HEAD's client gets
                 // the head.
-                let (parts, body) = self.keep(ctx, resp, guard, CacheStatus::Miss).into_parts();
-                tokio::spawn(body.collect());
+                let (parts, mut body) = self.keep(ctx, resp, guard, CacheStatus::Miss).into_parts();
+                // Read to its end for the store, nothing of it kept here.
+                tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
                 Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync())
             }
             Ok(resp) => self.keep(ctx, resp, guard, CacheStatus::Miss),

@@ -194,20 +194,28 @@ struct Invalidated {
 }
 
 impl Invalidated {
+    /// One place in the queue per URL: a URL invalidated again (a hot inbox, on every
+    /// delivery) only has its time moved on, and goes back in the queue when its old place
+    /// comes up, so that the bound counts URLs.
     fn insert(&mut self, key: String, now: Instant) {
+        let old = |t: &Instant| now.saturating_duration_since(*t) >= INVALIDATION_MEMORY;
         while let Some((t, _)) = self.order.front() {
-            let old = now.saturating_duration_since(*t) >= INVALIDATION_MEMORY;
-            if !old && self.order.len() < INVALIDATIONS_KEPT {
+            let full = self.order.len() >= INVALIDATIONS_KEPT;
+            if !old(t) && !full {
                 break;
             }
             let (t, k) = self.order.pop_front().expect("looked at");
-            // Only if not invalidated again since (the later one is further back).
-            if self.at.get(&k) == Some(&t) {
-                self.at.remove(&k);
+            match self.at.get(&k) {
+                // Invalidated again since: back in the queue with its later time.
+                Some(&later) if later != t && !old(&later) && !full => {
+                    self.order.push_back((later, k))
+                }
+                _ => drop(self.at.remove(&k)),
             }
         }
-        self.at.insert(key.clone(), now);
-        self.order.push_back((now, key));
+        if self.at.insert(key.clone(), now).is_none() {
+            self.order.push_back((now, key));
+        }
     }
 }
 
@@ -787,11 +795,17 @@ mod tests {
         inv.insert("a".into(), t0);
         inv.insert("b".into(), t0);
         inv.insert("a".into(), t0 + Duration::from_secs(60));
+        assert_eq!(inv.order.len(), 2, "one place per URL");
         let later = t0 + INVALIDATION_MEMORY + Duration::from_secs(1);
         inv.insert("c".into(), later);
         assert_eq!(inv.at.get("a"), Some(&(t0 + Duration::from_secs(60))));
         assert!(!inv.at.contains_key("b"), "past the memory");
         assert_eq!(inv.order.len(), 2, "{:?}", inv.order);
+        // A hot URL invalidated over and over keeps one place.
+        for s in 0..1000 {
+            inv.insert("hot".into(), later + Duration::from_millis(s));
+        }
+        assert_eq!(inv.order.len(), 3);
         for n in 0..INVALIDATIONS_KEPT + 10 {
             inv.insert(format!("u{n}"), later);
         }

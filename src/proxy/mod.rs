@@ -146,6 +146,12 @@ pub struct KeyedScheme(pub &'static str);
 #[derive(Clone, Copy, Debug)]
 struct FirstByte(Duration);
 
+/// Told (in a request's extensions) once the request has all been sent to core, or once it
+/// waits for another's answer: its client's first-byte timeout starts then (see
+/// [`Proxy::handle`]).
+#[derive(Clone, Debug)]
+struct Sent(Arc<tokio::sync::Notify>);
+
 /// How long the leader of a `POST` with `Idempotency-Key` waits for core's answer, past its
 /// client's `first_byte_timeout`: a post core is slow to make is made all the same, and its
 /// answer is what the user's retry must get.
@@ -215,24 +221,32 @@ impl Proxy {
         if kind == Kind::Web {
             if let Some(fp) = idempotency::fingerprint(&req) {
                 // In a task of its own, which goes on when the client leaves or gives up
-                // at `first_byte_timeout` (504): once sent, core makes the post whether or
-                // not its client stays (puma finishes a request whose client left, and a
-                // slow one), and its answer must be kept for the app's retry with the same
-                // key, or that retry posts it again. The leader waits for core up to
-                // `LEADER_WAIT`.
+                // at `first_byte_timeout` (504) once its post was sent: core makes the post
+                // whether or not its client stays (puma finishes a request whose client
+                // left, and a slow one), and its answer must be kept for the app's retry
+                // with the same key, or that retry posts it again. The leader waits for
+                // core up to `LEADER_WAIT`. A task not sent yet (waiting for another's
+                // answer) stops with its client: it must never post for a client already
+                // answered, nor keep its unread body holding the client's connection.
                 let mut req = req;
-                req.extensions_mut()
-                    .insert(FirstByte(LEADER_WAIT.max(self.live().first_byte_timeout)));
+                let sent = Arc::new(tokio::sync::Notify::new());
+                req.extensions_mut().insert(Sent(sent.clone()));
+                let gone = tokio_util::sync::CancellationToken::new();
+                let _gone_with_this = gone.clone().drop_guard();
                 let proxy = self.clone();
-                let task = tokio::spawn(async move { proxy.handle_idempotent(fp, req).await });
+                let task =
+                    tokio::spawn(async move { proxy.handle_idempotent(fp, req, gone).await });
                 let first_byte = self.live().first_byte_timeout;
-                return match tokio::time::timeout(first_byte, task).await {
-                    Ok(Ok(resp)) => resp,
-                    Ok(Err(e)) => {
+                let timer = async {
+                    sent.notified().await;
+                    tokio::time::sleep(first_byte).await;
+                };
+                return tokio::select! {
+                    answered = task => answered.unwrap_or_else(|e| {
                         tracing::error!(error = %e, "proxy: an idempotent request's task failed");
                         text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n".into())
-                    }
-                    Err(_) => {
+                    }),
+                    () = timer => {
                         let status = StatusCode::GATEWAY_TIMEOUT;
                         text(status, format!("{status}\n"))
                     }
@@ -244,23 +258,39 @@ impl Proxy {
 
     /// A `POST` with `Idempotency-Key` and credentials: one at a time to core, the answer
     /// replayed to the others (see [`idempotency`]).
+    /// `gone`: its client was answered (504) or left; then it stops unless it leads.
     async fn handle_idempotent(
         &self,
         fp: idempotency::Fingerprint,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
+        gone: tokio_util::sync::CancellationToken,
     ) -> Response<Body> {
         use crate::metrics::CacheStatus;
         use idempotency::Claim;
+        // What a task whose client is gone returns (nobody reads it).
+        let unread = || text(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n".into());
         loop {
+            if gone.is_cancelled() {
+                return unread();
+            }
             match self.idempotency.claim(fp) {
                 Claim::Replay(stored) => return stored.response(Some(CacheStatus::Replay)),
                 Claim::Wait(rx) => {
-                    if let Some(stored) = idempotency::wait(rx).await {
-                        return stored.response(Some(CacheStatus::Replay));
+                    // Its client's first-byte timeout runs from here (nothing of it is sent).
+                    if let Some(Sent(sent)) = req.extensions().get::<Sent>() {
+                        sent.notify_one();
+                    }
+                    tokio::select! {
+                        outcome = idempotency::wait(rx) => if let Some(stored) = outcome {
+                            return stored.response(Some(CacheStatus::Replay));
+                        },
+                        () = gone.cancelled() => return unread(),
                     }
                     // The leader failed: claim again (one of the waiters leads next).
                 }
                 Claim::Lead(lead) => {
+                    let first_byte = LEADER_WAIT.max(self.live().first_byte_timeout);
+                    req.extensions_mut().insert(FirstByte(first_byte));
                     let resp = self.reply(Kind::Web, req).await;
                     return lead.finish(resp).await;
                 }
@@ -324,6 +354,7 @@ impl Proxy {
             .extensions
             .get::<FirstByte>()
             .map_or(live.first_byte_timeout, |f| f.0);
+        let sent = parts.extensions.get::<Sent>().map(|s| s.0.clone());
         let peer = peer(info);
         let trusted = live.trusted.iter().any(|n| n.contains(&peer));
         headers::forward(
@@ -370,11 +401,13 @@ impl Proxy {
                         whole = Some(bytes);
                         None
                     }
-                    Ok(prebuffer::Start::Partial(start)) => {
+                    // Timed by its silences only while they are bounded (`idle_timeout` not 0).
+                    Ok(prebuffer::Start::Partial(start)) if !live.idle_timeout.is_zero() => {
                         let (start, progress, on_client) = body::Uploaded::new(start);
                         uploaded = Some((progress, on_client));
                         Some(start.boxed_unsync())
                     }
+                    Ok(prebuffer::Start::Partial(start)) => Some(start.boxed_unsync()),
                     Err(_) if passed(exceeded.as_deref()) => {
                         return Err(ProxyError::TooLarge(live.max_body))
                     }
@@ -398,6 +431,12 @@ impl Proxy {
         // RFC 9110 §9.2.2 would allow PUT and DELETE too, but a DELETE that core did and then
         // could not answer, sent again, answers 404 to a client whose delete worked.
         let resendable = bodiless && parts.method.is_safe();
+        if uploaded.is_none() {
+            // All at hand: sent from now on (a streamed body tells when it has all gone).
+            if let Some(sent) = &sent {
+                sent.notify_one();
+            }
+        }
         let mut tried = Vec::new();
         loop {
             let admission = match pool.pick(&tried) {
@@ -438,7 +477,8 @@ impl Proxy {
                             .map_err(|_| ()),
                         Some((progress, on_client)) => {
                             let timeouts = (live.idle_timeout, first_byte);
-                            match first_byte_after(progress.clone(), timeouts, send).await {
+                            let told = sent.as_deref();
+                            match first_byte_after(progress.clone(), timeouts, told, send).await {
                                 Ok(sent) => Ok(sent),
                                 // The client stopped sending: its fault, not core's.
                                 Err(Stall::Upload) if on_client.load(Ordering::Relaxed) => {
@@ -624,19 +664,16 @@ enum Stall {
 
 /// `send` of a streamed request: while its body goes, no more than `idle` between two
 /// pieces; once it all went (or was dropped), the first-byte timeout.
+/// `sent` is told once the body has all gone.
 async fn first_byte_after<F: std::future::Future>(
     mut progress: watch::Receiver<body::Progress>,
     (idle, first_byte): (Duration, Duration),
+    sent: Option<&tokio::sync::Notify>,
     send: F,
 ) -> Result<F::Output, Stall> {
     let mut send = std::pin::pin!(send);
     while !progress.borrow_and_update().done {
-        let moved = async {
-            match idle.is_zero() {
-                true => Ok(progress.changed().await),
-                false => tokio::time::timeout(idle, progress.changed()).await,
-            }
-        };
+        let moved = tokio::time::timeout(idle, progress.changed());
         tokio::select! {
             biased;
             answered = &mut send => return Ok(answered),
@@ -647,6 +684,9 @@ async fn first_byte_after<F: std::future::Future>(
                 Err(_) => return Err(Stall::Upload),
             },
         }
+    }
+    if let Some(sent) = sent {
+        sent.notify_one();
     }
     tokio::time::timeout(first_byte, send)
         .await

@@ -584,3 +584,31 @@ async fn a_retry_after_a_504_gets_the_slow_first_post_not_a_second_one() {
     );
     assert_eq!(created.load(Ordering::SeqCst), 1, "one status, not two");
 }
+
+/// A duplicate that waits for the first post stops with its client: once its client has
+/// its 504, it never goes to core later (when the first one fails), where its client can no
+/// longer know of it.
+#[tokio::test]
+async fn a_waiting_duplicate_whose_client_got_504_never_posts_later() {
+    let up = Up::start(Mode::Fail).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "first_byte_timeout = \"1s\"\nbreaker_failures = 100\n";
+    let edge = edge_with_core(dir.path(), &[up.addr], extra).await;
+    let alice = Some("Bearer alice");
+    up.hold();
+    let first = post(&edge, STATUSES, "k", alice).send().await.unwrap();
+    assert_eq!(first.status(), 504, "core holds the first one");
+    let waiting = post(&edge, STATUSES, "k", alice).send().await.unwrap();
+    assert_eq!(
+        waiting.status(),
+        504,
+        "the duplicate waited for it, then its client gave up"
+    );
+    assert_eq!(up.requests(), 1);
+    // Core answers the first one: 500, a failure, nothing kept.
+    up.release();
+    let next = seen(post(&edge, STATUSES, "k", alice).send().await.unwrap()).await;
+    assert_eq!(next.0, 500);
+    // The first, and this one; not the duplicate whose client was answered.
+    assert_eq!(up.requests(), 2);
+}
