@@ -22,7 +22,24 @@ async fn a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() 
     let dir = tempfile::tempdir().unwrap();
     let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"30s\"\nbreaker_failures = 1\n";
     let edge = edge_with_core(dir.path(), &[up.addr], extra).await;
+    // Plain, then as a POST with `Idempotency-Key` (its leader runs in a task of its own,
+    // whose client is timed apart: from when the upload has all gone, too).
+    for idempotent in [false, true] {
+        let status = slow_upload(&edge, idempotent).await;
+        let uploaded = up.last().3;
+        // Another client, after the upload.
+        let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+        assert_eq!(
+            (status, other.status().as_u16()),
+            (200, 200),
+            "a slow upload's status, then another client's (idempotent: {idempotent})"
+        );
+        assert_eq!(uploaded, 128 * 1024, "core got the whole upload");
+    }
+}
 
+/// POSTs 128 KiB in two pieces 2.5 s apart (past a 1 s first-byte timeout); its status.
+async fn slow_upload(edge: &crate::common::TestEdge, idempotent: bool) -> u16 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
         rx.recv().await.map(|piece| (piece, rx))
@@ -36,25 +53,18 @@ async fn a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() 
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let _ = tx.send(Ok(piece)).await;
     });
-    let r = client()
+    let mut r = client()
         .post(format!("http://{}/api/v2/media", edge.running.addr))
         .header("host", CORE)
-        .header("content-length", (128 * 1024).to_string())
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
+        .header("content-length", (128 * 1024).to_string());
+    if idempotent {
+        r = r
+            .header("authorization", "Bearer alice")
+            .header("idempotency-key", "slow-1");
+    }
+    let status = r.body(body).send().await.unwrap().status().as_u16();
     let _ = sender.await;
-    let uploaded = up.last().3;
-    // Another client, after the upload.
-    let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
-    assert_eq!(
-        (status, other.status().as_u16()),
-        (200, 200),
-        "a slow upload's status, then another client's"
-    );
-    assert_eq!(uploaded, 128 * 1024, "core got the whole upload");
+    status
 }
 
 /// Browsers split `Cookie` into one field per cookie over HTTP/2 (RFC 9113 §8.2.3, for
@@ -225,6 +235,21 @@ async fn an_upload_whose_connect_failed_goes_to_the_next_upstream() {
 /// edge holds nothing after.
 #[tokio::test]
 async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
+    let extra = "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\n";
+    assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
+}
+
+/// With `idle_timeout = "0s"` (no limit on silences) an upload is under the first-byte
+/// deadline as a whole, as before: a core that reads none of it cannot hold it for ever.
+#[tokio::test]
+async fn with_no_idle_timeout_an_upload_core_does_not_read_is_cut_at_the_first_byte_timeout() {
+    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"0s\"\n";
+    assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
+}
+
+/// The status of a 64 MiB upload (more than the loopback sockets hold) to a core that
+/// takes the connection and reads nothing (`extra` goes into `[core]`).
+async fn upload_to_a_deaf_core(extra: &str) -> Result<u16, String> {
     let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let deaf_addr = deaf.local_addr().unwrap();
     let held = tokio::spawn(async move {
@@ -234,8 +259,6 @@ async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let extra =
-        "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\nhealth_check_interval = \"0s\"\n";
     let edge = edge_with_core(dir.path(), &[deaf_addr], extra).await;
     // More than the loopback sockets' buffers hold, so the edge's writes stop.
     let r = client()
@@ -244,7 +267,6 @@ async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
         .body(vec![b'u'; 64 << 20])
         .send()
         .await;
-    let status = r.map(|r| r.status().as_u16());
-    assert!(matches!(status, Ok(504)), "{status:?}");
     held.abort();
+    r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
 }
