@@ -167,16 +167,22 @@ pub struct Proxy {
     tunnels: tokio_util::sync::CancellationToken,
     /// `POST`s with `Idempotency-Key`, in flight and answered.
     pub idempotency: idempotency::Idempotency,
+    /// The tasks of `POST`s with `Idempotency-Key`, which outlive their clients (tracked so
+    /// that a shutdown waits for them).
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Proxy {
     /// Sets up the pools of `[core]`.
-    pub fn new(config: &CoreConfig) -> Proxy {
+    /// `tasks`: where the tasks of `POST`s with `Idempotency-Key` are tracked (`serve`'s
+    /// fetches, waited for at shutdown up to `drain_timeout`).
+    pub fn new(config: &CoreConfig, tasks: tokio_util::task::TaskTracker) -> Proxy {
         Proxy {
             live: parking_lot::RwLock::new(Arc::new(Live::new(config, None))),
             changed: tokio::sync::Notify::new(),
             tunnels: tokio_util::sync::CancellationToken::new(),
             idempotency: idempotency::Idempotency::default(),
+            tasks,
         }
     }
 
@@ -234,8 +240,9 @@ impl Proxy {
                 let gone = tokio_util::sync::CancellationToken::new();
                 let _gone_with_this = gone.clone().drop_guard();
                 let proxy = self.clone();
-                let task =
-                    tokio::spawn(async move { proxy.handle_idempotent(fp, req, gone).await });
+                let task = self
+                    .tasks
+                    .spawn(async move { proxy.handle_idempotent(fp, req, gone).await });
                 let first_byte = self.live().first_byte_timeout;
                 let timer = async {
                     sent.notified().await;

@@ -216,10 +216,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let sidekiq_collector = crate::sidekiq::metrics::SidekiqCollector::new();
     // `[core]`: the reverse proxy, its per-upstream series rendered at each scrape.
+    // Flights' fetches and the proxy's idempotent leaders: waited for at shutdown.
+    let fetches = TaskTracker::new();
     let proxy = config
         .core
         .as_ref()
-        .map(|c| Arc::new(crate::proxy::Proxy::new(c)));
+        .map(|c| Arc::new(crate::proxy::Proxy::new(c, fetches.clone())));
     // Alerts, the canary and the status page (`/healthz`, `/` on admin_listen).
     let status = crate::status::Status::new(&config.alerts, config.canary.as_ref());
     // `max_connections`: one cap over the public listeners (not the admin listener).
@@ -273,7 +275,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // Shared with the core cache's fills: one bound on the memory bodies take while received.
     let flight_memory = limits.memory_budget();
     let stop = CancellationToken::new();
-    let fetches = TaskTracker::new();
     let writeback = WriteBack::open(
         ledger.clone(),
         primary.clone(),

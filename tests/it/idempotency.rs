@@ -612,3 +612,43 @@ async fn a_waiting_duplicate_whose_client_got_504_never_posts_later() {
     // The first, and this one; not the duplicate whose client was answered.
     assert_eq!(up.requests(), 2);
 }
+
+/// A leader whose client left is one of the edge's fetches: a shutdown waits for it (up to
+/// `drain_timeout`) instead of cutting a post whose answer the retry needs.
+#[tokio::test]
+async fn a_leader_whose_client_left_is_waited_for_as_a_fetch() {
+    let created = Arc::new(AtomicUsize::new(0));
+    let gate = tokio::sync::watch::channel(false);
+    let core = puma(created.clone(), gate.1.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge_with_core(dir.path(), &[core], "").await;
+    let before = edge.running.fetches_under_way();
+    let first = tokio::spawn(
+        client()
+            .post(format!("http://{}/api/v1/statuses", edge.running.addr))
+            .header("host", CORE)
+            .header("authorization", "Bearer alice")
+            .header("idempotency-key", "kdrain")
+            .body("{\"status\":\"hello\"}")
+            .send(),
+    );
+    eventually(WAIT, "the post at core", || {
+        created.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    first.abort();
+    eventually(WAIT, "the client gone", || {
+        edge.running.open_connections() == 0
+    })
+    .await;
+    assert_eq!(
+        edge.running.fetches_under_way(),
+        before + 1,
+        "the leader, tracked"
+    );
+    gate.0.send_replace(true);
+    eventually(WAIT, "the leader done", || {
+        edge.running.fetches_under_way() == before
+    })
+    .await;
+}
