@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use http_cache_semantics::BeforeRequest;
 use hyper::body::Incoming;
 
@@ -17,7 +17,7 @@ use super::hit::{self, age_value, X_CACHE_STATUS};
 use super::store::{Entry, StoredBody};
 use super::{policy, status_only, CoreCache, Url};
 use crate::compress::Mode;
-use crate::listen::Body;
+use crate::listen::{empty, Body};
 use crate::metrics::CacheStatus;
 
 /// What a client asked of a stored answer besides its URL.
@@ -61,7 +61,7 @@ impl CoreCache {
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.len));
         let body = match head {
-            true => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+            true => empty(),
             false => shared.body(),
         };
         let mut resp = Response::new(body);
@@ -184,7 +184,7 @@ impl CoreCache {
         if asked.gzip == Mode::Takes && code == StatusCode::OK && (start, end) == (0, e.meta.len) {
             if let Some((headers, gz)) = self.gzipped(e, &stored, now) {
                 let body = match head {
-                    true => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+                    true => empty(),
                     false => Full::new(gz).map_err(|e| match e {}).boxed_unsync(),
                 };
                 let mut resp = Response::new(body);
@@ -193,7 +193,7 @@ impl CoreCache {
             }
         }
         let body = if head {
-            Empty::new().map_err(|e| match e {}).boxed_unsync()
+            empty()
         } else {
             match stored {
                 StoredBody::Memory(bytes) => Full::new(bytes.slice(start as usize..end as usize))

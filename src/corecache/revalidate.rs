@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::answer::Asked;
@@ -67,7 +67,7 @@ impl CoreCache {
                 let (parts, mut body) = self.keep(ctx, resp, guard, CacheStatus::Miss).into_parts();
                 // Read to its end for the store, nothing of it kept here.
                 tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
-                Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync())
+                Response::from_parts(parts, crate::listen::empty())
             }
             Ok(resp) => self.keep(ctx, resp, guard, CacheStatus::Miss),
             Err(err) if e.meta.stale_if_error(now) => {

@@ -47,6 +47,14 @@ use tokio_util::task::TaskTracker;
 /// The same type as [`crate::edge::Body`].
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
+/// An empty [`Body`].
+pub fn empty() -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// What a listener serves: a request and who sent it in, a response out.
 pub type Handler = Arc<
     dyn Fn(Request<Incoming>, ConnInfo) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
@@ -459,12 +467,7 @@ where
                 // An answer to a HEAD has no body, whatever made it (an error page, a
                 // proxied one): hyper's HTTP/1.1 drops it, its HTTP/2 would send it as DATA,
                 // which the client takes for a protocol error (RFC 9113 §8.1.1).
-                resp = resp.map(|_| {
-                    use http_body_util::BodyExt;
-                    http_body_util::Empty::new()
-                        .map_err(|e| match e {})
-                        .boxed_unsync()
-                });
+                resp = resp.map(|_| empty());
             }
             Ok::<_, Infallible>(resp.map(|body| idle::Held::new(body, active)))
         }

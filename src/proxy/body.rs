@@ -170,31 +170,26 @@ where
     }
 }
 
-/// How far a streamed request body is: pieces handed on, and whether all were.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Progress {
-    pub pieces: u64,
-    pub done: bool,
-}
-
-/// A streamed request body that tells its [`Progress`] as it is handed on, and whether it
-/// waits on its client (polled, nothing yet) or on the upstream (not asked for more).
+/// A streamed request body that tells each piece it hands on (a change of its `watch`,
+/// whose value says whether that was the last), and whether it waits on its client (polled,
+/// nothing yet) or on the upstream (not asked for more).
 pub struct Uploaded<B> {
     inner: B,
-    progress: tokio::sync::watch::Sender<Progress>,
+    progress: tokio::sync::watch::Sender<bool>,
     on_client: Arc<AtomicBool>,
 }
 
 impl<B> Uploaded<B> {
-    /// The body, its progress, and whether it waits on its client.
+    /// The body, its progress (true once it has all gone), and whether it waits on its
+    /// client.
     pub fn new(
         inner: B,
     ) -> (
         Uploaded<B>,
-        tokio::sync::watch::Receiver<Progress>,
+        tokio::sync::watch::Receiver<bool>,
         Arc<AtomicBool>,
     ) {
-        let (progress, rx) = tokio::sync::watch::channel(Progress::default());
+        let (progress, rx) = tokio::sync::watch::channel(false);
         let on_client = Arc::new(AtomicBool::new(false));
         let body = Uploaded {
             inner,
@@ -227,10 +222,8 @@ where
             Some(Ok(_)) => this.inner.is_end_stream(),
             Some(Err(_)) => false,
         };
-        this.progress.send_modify(|p| {
-            p.pieces += 1;
-            p.done |= end;
-        });
+        // Told even when nothing changes: each piece is progress.
+        this.progress.send_modify(|done| *done |= end);
         Poll::Ready(polled)
     }
 

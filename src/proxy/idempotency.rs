@@ -312,7 +312,7 @@ impl Lead<'_> {
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "idempotency: core's response was cut");
                     self.fail();
-                    return super::text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n".into());
+                    return super::status_text(StatusCode::BAD_GATEWAY);
                 }
             }
             if buf.len() > MAX_BODY {

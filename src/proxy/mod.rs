@@ -109,7 +109,7 @@ impl ProxyError {
     }
 
     fn response(&self) -> Response<Body> {
-        let mut resp = text(self.status(), format!("{}\n", self.status()));
+        let mut resp = status_text(self.status());
         let retry = match self {
             ProxyError::Open(d) => Some(d.as_secs_f64().ceil().max(1.0) as u64),
             ProxyError::Full => Some(1),
@@ -251,12 +251,9 @@ impl Proxy {
                 return tokio::select! {
                     answered = task => answered.unwrap_or_else(|e| {
                         tracing::error!(error = %e, "proxy: an idempotent request's task failed");
-                        text(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n".into())
+                        status_text(StatusCode::BAD_GATEWAY)
                     }),
-                    () = timer => {
-                        let status = StatusCode::GATEWAY_TIMEOUT;
-                        text(status, format!("{status}\n"))
-                    }
+                    () = timer => status_text(StatusCode::GATEWAY_TIMEOUT),
                 };
             }
         }
@@ -275,7 +272,7 @@ impl Proxy {
         use crate::metrics::CacheStatus;
         use idempotency::Claim;
         // What a task whose client is gone returns (nobody reads it).
-        let unread = || text(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n".into());
+        let unread = || status_text(StatusCode::GATEWAY_TIMEOUT);
         loop {
             if gone.is_cancelled() {
                 return unread();
@@ -391,7 +388,7 @@ impl Proxy {
         // A streamed body (past the start) tells how far it has been sent: the first-byte
         // timeout starts once it all went, not before (an upload on a slow link goes at its
         // client's pace); until then `idle_timeout` bounds a stall, on either side.
-        let mut uploaded: Option<(watch::Receiver<body::Progress>, Arc<AtomicBool>)> = None;
+        let mut uploaded: Option<(watch::Receiver<bool>, Arc<AtomicBool>)> = None;
         let mut body = if bodiless && client_upgrade.is_none() {
             // Nothing to read or limit (`attempt` sends an empty body): no allocation for the
             // most common request.
@@ -657,9 +654,6 @@ fn passed(exceeded: Option<&AtomicBool>) -> bool {
     exceeded.is_some_and(|e| e.load(Ordering::Acquire))
 }
 
-/// One attempt's request: the body (a copy of `whole`, the body read whole, for every
-/// attempt; else the streamed one, none left after the first attempt), the method, and the
-/// headers, copied when another attempt may need them (`again`), else taken.
 /// How a streamed request's wait for its answer timed out.
 enum Stall {
     /// No piece of the body went for `idle_timeout` (the client sent none, or the upstream
@@ -673,13 +667,13 @@ enum Stall {
 /// pieces; once it all went (or was dropped), the first-byte timeout.
 /// `sent` is told once the body has all gone.
 async fn first_byte_after<F: std::future::Future>(
-    mut progress: watch::Receiver<body::Progress>,
+    mut progress: watch::Receiver<bool>,
     (idle, first_byte): (Duration, Duration),
     sent: Option<&tokio::sync::Notify>,
     send: F,
 ) -> Result<F::Output, Stall> {
     let mut send = std::pin::pin!(send);
-    while !progress.borrow_and_update().done {
+    while !*progress.borrow_and_update() {
         let moved = tokio::time::timeout(idle, progress.changed());
         tokio::select! {
             biased;
@@ -700,6 +694,9 @@ async fn first_byte_after<F: std::future::Future>(
         .map_err(|_| Stall::FirstByte)
 }
 
+/// One attempt's request: the body (a copy of `whole`, the body read whole, for every
+/// attempt; else the streamed one, none left after the first attempt), the method, and the
+/// headers, copied when another attempt may need them (`again`), else taken.
 fn attempt(
     parts: &mut http::request::Parts,
     body: &mut Option<UpBody>,
@@ -784,6 +781,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+/// A status answered with its own line as the body (`504 Gateway Timeout`).
+fn status_text(status: StatusCode) -> Response<Body> {
+    text(status, format!("{status}\n"))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
