@@ -6,35 +6,12 @@
 
 use crate::proxy::{edge_with_core, CORE};
 
-/// A HEAD over h2; the result of reading its (empty) body.
-async fn head_body(c: &reqwest::Client, url: &str) -> (u16, Result<bytes::Bytes, reqwest::Error>) {
-    let r = c.head(url).send().await.unwrap();
-    assert_eq!(r.version(), http::Version::HTTP_2);
-    (r.status().as_u16(), r.bytes().await)
-}
-
-#[tokio::test]
-async fn head_of_a_misdirected_name_has_no_body_over_h2() {
+/// An edge whose TLS listener serves `names`, in front of a core that refuses every
+/// connection; a HEAD of `host` and `path` over h2: its status, after checking that its
+/// answer has no body.
+async fn head_over_h2(names: &[&str], host: &str, path: &str) -> u16 {
     let dir = tempfile::tempdir().unwrap();
-    let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE, "other.test"]);
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let core = dead.local_addr().unwrap();
-    drop(dead);
-    let edge = edge_with_core(dir.path(), &[core], &table).await;
-    let addr = edge.running.https_addr.expect("a TLS listener");
-    let c = crate::proxy_tls::client(&root, addr, false);
-    let (status, body) = head_body(&c, &format!("https://other.test:{}/", addr.port())).await;
-    assert_eq!(status, 421);
-    assert!(
-        matches!(&body, Ok(b) if b.is_empty()),
-        "a HEAD's answer has no body: {body:?}"
-    );
-}
-
-#[tokio::test]
-async fn head_to_core_when_core_is_down_has_no_body_over_h2() {
-    let dir = tempfile::tempdir().unwrap();
-    let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE]);
+    let (root, table) = crate::proxy_tls::tls(dir.path(), names);
     // Nothing listens there: the connect is refused, the proxy answers 502 itself.
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let core = dead.local_addr().unwrap();
@@ -42,37 +19,40 @@ async fn head_to_core_when_core_is_down_has_no_body_over_h2() {
     let edge = edge_with_core(dir.path(), &[core], &table).await;
     let addr = edge.running.https_addr.expect("a TLS listener");
     let c = crate::proxy_tls::client(&root, addr, false);
-    let (status, body) = head_body(
-        &c,
-        &format!("https://{CORE}:{}/api/v1/instance", addr.port()),
-    )
-    .await;
-    assert_eq!(status, 502);
+    let r = c
+        .head(format!("https://{host}:{}{path}", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    let status = r.status().as_u16();
+    let body = r.bytes().await;
     assert!(
         matches!(&body, Ok(b) if b.is_empty()),
         "a HEAD's answer has no body: {body:?}"
     );
+    status
+}
+
+#[tokio::test]
+async fn head_of_a_misdirected_name_has_no_body_over_h2() {
+    assert_eq!(
+        head_over_h2(&[CORE, "other.test"], "other.test", "/").await,
+        421
+    );
+}
+
+#[tokio::test]
+async fn head_to_core_when_core_is_down_has_no_body_over_h2() {
+    assert_eq!(head_over_h2(&[CORE], CORE, "/api/v1/instance").await, 502);
 }
 
 /// The media handler's own 404 (a key found nowhere) to a HEAD: no body either.
 #[tokio::test]
 async fn head_of_missing_media_has_no_body_over_h2() {
-    let dir = tempfile::tempdir().unwrap();
-    let (root, table) = crate::proxy_tls::tls(dir.path(), &[CORE, "files.test"]);
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let core = dead.local_addr().unwrap();
-    drop(dead);
-    let edge = edge_with_core(dir.path(), &[core], &table).await;
-    let addr = edge.running.https_addr.expect("a TLS listener");
-    let c = crate::proxy_tls::client(&root, addr, false);
-    let (status, body) = head_body(
-        &c,
-        &format!("https://files.test:{}/nothing.png", addr.port()),
-    )
-    .await;
-    assert_eq!(status, 404);
-    assert!(
-        matches!(&body, Ok(b) if b.is_empty()),
-        "a HEAD's answer has no body: {body:?}"
+    let names = [CORE, "files.test"];
+    assert_eq!(
+        head_over_h2(&names, "files.test", "/nothing.png").await,
+        404
     );
 }
