@@ -136,6 +136,8 @@ struct Inner {
     disk_state: Family<DirLabels, Gauge>,
     disk_state_changes: Family<DirLabels, Counter>,
     cache_verifications: Counter,
+    proxy_buffered: Counter,
+    proxy_spooled: Counter,
     cache_index_loading: Gauge,
     overloaded: Counter,
     flight_waits: Counter,
@@ -293,6 +295,18 @@ impl Metrics {
             "MD5 checks of cached bodies on their first use after a start",
             cache_verifications.clone(),
         );
+        let proxy_buffered = Counter::default();
+        registry.register(
+            "proxy_responses_buffered",
+            "Answers from core read ahead of their client (`[core] buffer_responses`)",
+            proxy_buffered.clone(),
+        );
+        let proxy_spooled = Counter::default();
+        registry.register(
+            "proxy_responses_spooled",
+            "Buffered answers from core that went on to a temp file in data_dir/tmp-proxy",
+            proxy_spooled.clone(),
+        );
         let cache_index_loading = gauge(
             &mut registry,
             "cache_index_loading",
@@ -387,6 +401,8 @@ impl Metrics {
             disk_state,
             disk_state_changes,
             cache_verifications,
+            proxy_buffered,
+            proxy_spooled,
             cache_index_loading,
             overloaded,
             flight_waits,
@@ -521,6 +537,16 @@ impl Metrics {
     /// Counts one MD5 check of a cached body.
     pub fn cache_verification(&self) {
         self.0.cache_verifications.inc();
+    }
+
+    /// Counts one answer from core read ahead of its client (`proxy::spool`).
+    pub fn proxy_buffered(&self) {
+        self.0.proxy_buffered.inc();
+    }
+
+    /// Counts one buffered answer from core that went on to a temp file.
+    pub fn proxy_spooled(&self) {
+        self.0.proxy_spooled.inc();
     }
 
     /// Sets whether the core cache's index is still loading.

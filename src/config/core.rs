@@ -68,9 +68,20 @@ pub struct RawCore {
     /// `/api/v1/streaming/health` on streaming). Default `5s`; `0s` turns them off.
     #[serde(default = "default_health_interval", with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// Read core's large answers (over 64 KiB, or of unknown length) ahead of the client,
+    /// into memory and then a temp file in `data_dir/tmp-proxy`, so that a slow client does
+    /// not hold puma's connection (nginx's `proxy_buffering`). Never for server-sent events
+    /// or an answer marked `X-Accel-Buffering: no`. Default `true`.
+    #[serde(default = "default_true")]
+    pub buffer_responses: bool,
+    /// Most bytes of one buffered answer written to its temp file (nginx's
+    /// `proxy_max_temp_file_size`); past it the rest goes at the client's pace. `"0"`: memory
+    /// only. Default `"1GiB"`.
+    #[serde(default = "default_max_response_temp_file")]
+    pub max_response_temp_file: bytesize::ByteSize,
     /// gzip core's JSON, HTML, CSS, JavaScript and XML responses for clients that take it,
     /// as Mastodon's nginx does (`gzip on`). Default `true`.
-    #[serde(default = "default_gzip")]
+    #[serde(default = "default_true")]
     pub gzip: bool,
     /// `[core.cache]`: the RFC 9111 shared cache of core's responses. Without it nothing
     /// from core is cached.
@@ -97,8 +108,11 @@ pub struct CoreCacheConfig {
     pub max_size: u64,
 }
 
-fn default_gzip() -> bool {
+fn default_true() -> bool {
     true
+}
+fn default_max_response_temp_file() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(1)
 }
 
 fn default_health_interval() -> Duration {
@@ -179,6 +193,10 @@ pub struct CoreConfig {
     pub health_check_interval: Duration,
     /// gzip for clients that take it.
     pub gzip: bool,
+    /// Large answers read ahead of the client (`proxy::spool`).
+    pub buffer_responses: bool,
+    /// Most bytes of one buffered answer in its temp file.
+    pub max_response_temp_file: u64,
     /// The shared cache of core's responses (None: nothing cached).
     pub cache: Option<CoreCacheConfig>,
 }
@@ -316,6 +334,8 @@ impl RawCore {
             trusted_proxies,
             health_check_interval: self.health_check_interval,
             gzip: self.gzip,
+            buffer_responses: self.buffer_responses,
+            max_response_temp_file: self.max_response_temp_file.as_u64(),
         })
     }
 }

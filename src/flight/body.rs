@@ -245,6 +245,14 @@ impl MemoryBudget {
         }
     }
 
+    /// Shrinks `held` (room for `from` bytes) to room for `to` bytes, giving the rest back.
+    pub fn shrink(held: &mut OwnedSemaphorePermit, from: u64, to: u64) {
+        let less = kib(from).saturating_sub(kib(to));
+        if less > 0 {
+            drop(held.split(less as usize));
+        }
+    }
+
     /// Bytes (whole KiB) free now (what tests check).
     #[cfg(test)]
     fn available(&self) -> u64 {

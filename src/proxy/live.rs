@@ -32,6 +32,9 @@ pub struct Live {
     pub(super) max_body: u64,
     pub(super) trusted: Vec<ipnet::IpNet>,
     pub(super) health_check_interval: Duration,
+    /// `buffer_responses` and `max_response_temp_file` (`spool`).
+    pub(super) buffer: bool,
+    pub(super) max_temp_file: u64,
     /// `gzip`: core's responses compressed for clients that take it (`crate::compress`).
     pub gzip: bool,
     /// Connect timeout and idle connections kept per upstream (also decide whether the
@@ -91,6 +94,8 @@ impl Live {
             trusted: config.trusted_proxies.clone(),
             health_check_interval: config.health_check_interval,
             gzip: config.gzip,
+            buffer: config.buffer_responses,
+            max_temp_file: config.max_response_temp_file,
             connect_timeout: config.connect_timeout,
             max_idle: config.max_idle_per_upstream,
             upstream_settings,

@@ -24,6 +24,7 @@
 //! - `health`: active health checks and the per-upstream series on `/metrics`.
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
 //! - `prebuffer`: the start of a request body, read before an upstream is chosen.
+//! - `spool`: large answers read ahead of a slow client (nginx's `proxy_buffering`).
 //! - `idempotency`: `POST`s with `Idempotency-Key`: one request to core, the others wait for
 //!   it or get its response replayed.
 //! - `live`: the pools, client and limits a reload swaps ([`Proxy::update`]).
@@ -37,6 +38,7 @@ mod health;
 pub mod idempotency;
 mod live;
 mod prebuffer;
+pub mod spool;
 mod upgrade;
 pub mod upstream;
 
@@ -170,6 +172,9 @@ pub struct Proxy {
     /// The tasks of `POST`s with `Idempotency-Key`, which outlive their clients (tracked so
     /// that a shutdown waits for them).
     tasks: tokio_util::task::TaskTracker,
+    /// Where large answers are buffered (set by `serve` once `data_dir` is its own; until
+    /// then, and in a proxy without it, every answer goes at its client's pace).
+    spooler: std::sync::OnceLock<spool::Spooler>,
 }
 
 impl Proxy {
@@ -183,7 +188,13 @@ impl Proxy {
             tunnels: tokio_util::sync::CancellationToken::new(),
             idempotency: idempotency::Idempotency::default(),
             tasks,
+            spooler: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Buffers large answers with `spooler` from now on (`[core] buffer_responses`).
+    pub fn buffer_with(&self, spooler: spool::Spooler) {
+        let _ = self.spooler.set(spooler);
     }
 
     /// Swaps in the pools and limits of a reloaded `[core]`: new requests use them; requests
@@ -577,7 +588,8 @@ impl Proxy {
     }
 
     /// The upstream's response on its way to the client: the breaker told, hop-by-hop
-    /// headers removed, the body under the idle timeout and holding the connection permit.
+    /// headers removed, the body under the idle timeout and holding the connection permit,
+    /// read ahead of the client when large (`spool`).
     fn answered<B>(
         &self,
         kind: Kind,
@@ -597,7 +609,12 @@ impl Proxy {
             Kind::Streaming => live.stream_idle_timeout,
         };
         let idle = (!idle.is_zero()).then_some(idle);
-        let body = body::GuardedBody::new(rbody, idle, permit).boxed_unsync();
+        let mut body = body::GuardedBody::new(rbody, idle, permit).boxed_unsync();
+        if let (Kind::Web, true, Some(spooler)) = (kind, live.buffer, self.spooler.get()) {
+            if spool::wanted(&rparts.headers, &body) {
+                body = spooler.spool(body, live.max_temp_file);
+            }
+        }
         Response::from_parts(rparts, body)
     }
 

@@ -274,6 +274,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     // Shared with the core cache's fills: one bound on the memory bodies take while received.
     let flight_memory = limits.memory_budget();
+    if let Some(proxy) = &proxy {
+        // Large answers from core, read ahead of slow clients (`[core] buffer_responses`).
+        let tmp = config.data_dir.join("tmp-proxy");
+        crate::cache::clear_dir(&tmp);
+        proxy.buffer_with(crate::proxy::spool::Spooler::new(
+            tmp,
+            flight_memory.clone(),
+            dirs.data_health.clone(),
+            metrics.clone(),
+            fetches.clone(),
+        ));
+    }
     let stop = CancellationToken::new();
     let writeback = WriteBack::open(
         ledger.clone(),

@@ -9,14 +9,14 @@ use crate::common::{bytes, client, eventually, start_edge, TestEdge};
 use crate::proxy::WAIT;
 
 /// A tmpfs mounted for one test, unmounted when dropped (a panic included).
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     dir: PathBuf,
 }
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. "2m") at `dir`. Fails the test, never skips it, when
     /// mounting is not possible.
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -35,7 +35,7 @@ impl Tmpfs {
     }
 
     /// Fills the filesystem until a write fails: no room left.
-    fn fill(&self) {
+    pub(crate) fn fill(&self) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -61,7 +61,7 @@ impl Tmpfs {
     }
 
     /// Frees what [`Tmpfs::fill`] took.
-    fn free(&self) {
+    pub(crate) fn free(&self) {
         std::fs::remove_file(self.dir.join("fill")).unwrap();
     }
 }

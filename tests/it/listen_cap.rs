@@ -52,7 +52,7 @@ pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
 }
 
 /// Polls `name` on `/metrics` until it equals `want` (WAIT at most).
-async fn metric_becomes(admin: SocketAddr, name: &str, want: f64) {
+pub(crate) async fn metric_becomes(admin: SocketAddr, name: &str, want: f64) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let got = metric(admin, name).await;

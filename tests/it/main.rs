@@ -26,6 +26,7 @@ mod listen_tls;
 mod migrate;
 mod package;
 mod proxy;
+mod proxy_buffer;
 mod proxy_connect;
 mod proxy_faults;
 mod proxy_health;

@@ -1,0 +1,409 @@
+//! Response buffering, as nginx's `proxy_buffering`: a large answer from puma is read as fast
+//! as core sends it, into memory and then into a temp file, and the client reads it from
+//! there at its own pace. Without it a client that reads slowly (a phone on a bad link, or
+//! one that stops reading on purpose) holds the upstream's connection, and its place under
+//! `max_connections_per_upstream`, for as long as it takes: a few hundred such clients and
+//! every other request gets 503. With it the connection goes back to its upstream as soon as
+//! core has answered.
+//!
+//! Which answers: those of the web pool whose body may not fit the client connection's own
+//! buffers: longer than [`DIRECT_UP_TO`], or of unknown length. Not server-sent events
+//! (`text/event-stream`: each event goes on as it comes, and the stream has no end), not an
+//! answer core marks `X-Accel-Buffering: no` (nginx's rule), not the streaming pool.
+//!
+//! Where: the first [`IN_MEMORY`] bytes of each answer in memory, taken from
+//! `max_flight_memory` (shared with media fetches and the core cache); the rest in an
+//! unnamed temp file (`O_TMPFILE`: nothing left behind by a crash) in `data_dir/tmp-proxy`,
+//! up to `[core] max_response_temp_file` per answer. When neither has room (the budget is
+//! spent, the file is at its cap, or the disk is full or failing: said once in the log and on
+//! `/metrics`, as for the media cache), the reading waits for the client, as without
+//! buffering: nothing is dropped, the client gets every byte, in order, and an upstream
+//! that fails mid-body fails the client's body at the same place.
+//!
+//! The temp file is written and read with `pwrite`/`pread` on blocking threads (one file,
+//! two offsets: tokio's `File` has one position). Its bytes are not reused as they are read,
+//! so the cap counts every byte written, as nginx's `proxy_max_temp_file_size` does.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::flight::{DiskHealth, MemoryBudget};
+use crate::listen::Body;
+use crate::metrics::Metrics;
+
+/// Answers up to this long (by their `Content-Length`) go straight to the client: they fit
+/// the buffers of its connection (hyper's, the socket's, HTTP/2's window), so even a client
+/// that stops reading does not hold the upstream for them.
+pub const DIRECT_UP_TO: u64 = 64 * 1024;
+
+/// The bytes of one answer held in memory before the rest goes to the temp file.
+pub const IN_MEMORY: u64 = 256 * 1024;
+
+/// The most read from the temp file at once (one frame to the client).
+const READ_PIECE: u64 = 64 * 1024;
+
+/// Where answers are buffered: `data_dir/tmp-proxy` and the memory budget.
+pub struct Spooler {
+    dir: PathBuf,
+    memory: MemoryBudget,
+    disk: Arc<DiskHealth>,
+    metrics: Metrics,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Spooler {
+    /// `dir` is created if missing (a failure is the disk's state, not an error here: answers
+    /// are then buffered in memory only). `tasks`: where the readers of upstream bodies are
+    /// tracked (a shutdown waits for them).
+    pub fn new(
+        dir: PathBuf,
+        memory: MemoryBudget,
+        disk: Arc<DiskHealth>,
+        metrics: Metrics,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Spooler {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            disk.failed(&e);
+        }
+        Spooler {
+            dir,
+            memory,
+            disk,
+            metrics,
+            tasks,
+        }
+    }
+
+    /// The client's body for `body`, read from upstream by a task of its own from now on.
+    /// `max_file`: bytes of this answer that may go to the temp file (0: memory only).
+    pub fn spool(&self, body: Body, max_file: u64) -> Body {
+        let shared = Arc::new(Shared::default());
+        let size = body.size_hint();
+        self.metrics.proxy_buffered();
+        let writer = Writer {
+            shared: shared.clone(),
+            dir: self.dir.clone(),
+            memory: self.memory.clone(),
+            disk: self.disk.clone(),
+            metrics: self.metrics.clone(),
+            max_file,
+            file: None,
+            written: 0,
+        };
+        self.tasks.spawn(writer.run(body));
+        Spooled {
+            shared,
+            reading: None,
+            size,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// Whether an answer of the web pool is buffered (see the module's doc).
+pub fn wanted(headers: &HeaderMap, body: &Body) -> bool {
+    if body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= DIRECT_UP_TO) {
+        return false;
+    }
+    let is = |name: http::header::HeaderName, value: &str| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .is_some_and(|v| {
+                let v = v.trim_start();
+                v.len() >= value.len() && v[..value.len()].eq_ignore_ascii_case(value)
+            })
+    };
+    !is(http::header::CONTENT_TYPE, "text/event-stream")
+        && !is(
+            http::header::HeaderName::from_static("x-accel-buffering"),
+            "no",
+        )
+}
+
+/// A piece of the answer not yet read by the client, in order.
+enum Piece {
+    /// Bytes in memory; `counted`: within `State::in_memory` and its budget (a piece that
+    /// came when nothing else was waiting is held whatever its size, as it would be without
+    /// buffering).
+    Memory { bytes: Bytes, counted: bool },
+    /// `len` bytes of the temp file from `at`.
+    File { at: u64, len: u64 },
+}
+
+/// How the upstream's body ended.
+enum End {
+    Done(Option<HeaderMap>),
+    /// Kept (not taken) so that every later poll fails too.
+    Failed(std::io::ErrorKind, String),
+}
+
+#[derive(Default)]
+struct Shared {
+    state: parking_lot::Mutex<State>,
+    /// Told when the client read something: room for the writer.
+    room: Notify,
+    /// Cancelled when the client's body is dropped: the writer stops.
+    left: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    pieces: VecDeque<Piece>,
+    /// Bytes of counted memory pieces, and the budget held for them.
+    in_memory: u64,
+    held: Option<OwnedSemaphorePermit>,
+    file: Option<Arc<std::fs::File>>,
+    end: Option<End>,
+    /// The client's body waiting for more.
+    reader: Option<Waker>,
+}
+
+impl State {
+    fn push(&mut self, piece: Piece) {
+        self.pieces.push_back(piece);
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Reads the upstream's body into the pieces.
+struct Writer {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    memory: MemoryBudget,
+    disk: Arc<DiskHealth>,
+    metrics: Metrics,
+    max_file: u64,
+    /// The temp file once made (None: not yet, or it could not be: then memory only).
+    file: Option<Arc<std::fs::File>>,
+    /// Bytes written to it.
+    written: u64,
+}
+
+impl Writer {
+    async fn run(mut self, mut body: Body) {
+        let left = self.shared.left.clone();
+        let end = loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                () = left.cancelled() => return,
+            };
+            let data = match frame {
+                None => break End::Done(None),
+                Some(Err(e)) => break End::Failed(e.kind(), e.to_string()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => break End::Done(frame.into_trailers().ok()),
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            while !self.place(&data).await {
+                // No room anywhere: wait for the client to read (as without buffering).
+                tokio::select! {
+                    () = self.shared.room.notified() => {}
+                    () = left.cancelled() => return,
+                }
+            }
+        };
+        // The upstream's connection is released here (the body and its permit dropped),
+        // before the client has read the rest.
+        drop(body);
+        let mut state = self.shared.state.lock();
+        state.end = Some(end);
+        if let Some(w) = state.reader.take() {
+            w.wake();
+        }
+    }
+
+    /// Puts `data` in memory or in the file; false when neither has room now.
+    async fn place(&mut self, data: &Bytes) -> bool {
+        let n = data.len() as u64;
+        {
+            let mut state = self.shared.state.lock();
+            let state = &mut *state;
+            let to = state.in_memory + n;
+            let room = to <= IN_MEMORY
+                && match &mut state.held {
+                    Some(held) => self.memory.grow(held, state.in_memory, to),
+                    None => self.memory.take(to).map(|p| state.held = Some(p)).is_some(),
+                };
+            if room || state.pieces.is_empty() {
+                if room {
+                    state.in_memory = to;
+                }
+                state.push(Piece::Memory {
+                    bytes: data.clone(),
+                    counted: room,
+                });
+                return true;
+            }
+        }
+        if self.written + n > self.max_file {
+            return false;
+        }
+        let Some(file) = self.file().await else {
+            return false;
+        };
+        let at = self.written;
+        let bytes = data.clone();
+        let wrote = tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at)).await;
+        match wrote {
+            Ok(Ok(())) => self.disk.ok(),
+            Ok(Err(e)) => {
+                // Full or failing: this answer goes on in memory and at the client's pace.
+                self.disk.failed(&e);
+                self.max_file = 0;
+                return false;
+            }
+            Err(_) => {
+                self.max_file = 0;
+                return false;
+            }
+        }
+        self.written += n;
+        let mut state = self.shared.state.lock();
+        match state.pieces.back_mut() {
+            Some(Piece::File { at: a, len }) if *a + *len == at => *len += n,
+            _ => state.push(Piece::File { at, len: n }),
+        }
+        if let Some(w) = state.reader.take() {
+            w.wake();
+        }
+        true
+    }
+
+    /// The temp file, made at its first use.
+    async fn file(&mut self) -> Option<Arc<std::fs::File>> {
+        if self.file.is_none() {
+            let dir = self.dir.clone();
+            let made = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await;
+            match made {
+                Ok(Ok(f)) => {
+                    self.metrics.proxy_spooled();
+                    let f = Arc::new(f);
+                    self.shared.state.lock().file = Some(f.clone());
+                    self.file = Some(f);
+                }
+                Ok(Err(e)) => {
+                    self.disk.failed(&e);
+                    self.max_file = 0;
+                }
+                Err(_) => self.max_file = 0,
+            }
+        }
+        self.file.clone()
+    }
+}
+
+/// The client's body: the pieces in order, then the upstream's end.
+struct Spooled {
+    shared: Arc<Shared>,
+    /// A read of the temp file under way, for the piece at the front.
+    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    size: SizeHint,
+}
+
+impl http_body::Body for Spooled {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(reading) = &mut this.reading {
+                let read = std::task::ready!(Pin::new(reading).poll(cx));
+                this.reading = None;
+                let bytes = read.map_err(std::io::Error::other).and_then(|r| r)?;
+                let mut state = this.shared.state.lock();
+                if let Some(Piece::File { at, len }) = state.pieces.front_mut() {
+                    let n = bytes.len() as u64;
+                    *at += n;
+                    *len -= n;
+                    if *len == 0 {
+                        state.pieces.pop_front();
+                    }
+                }
+                drop(state);
+                this.shared.room.notify_one();
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            let mut state = this.shared.state.lock();
+            match state.pieces.pop_front() {
+                Some(Piece::Memory { bytes, counted }) => {
+                    if counted {
+                        let was = state.in_memory;
+                        state.in_memory -= bytes.len() as u64;
+                        let now = state.in_memory;
+                        if let Some(held) = &mut state.held {
+                            MemoryBudget::shrink(held, was, now);
+                        }
+                    }
+                    drop(state);
+                    this.shared.room.notify_one();
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                Some(Piece::File { at, len }) => {
+                    // Stays at the front until read.
+                    state.pieces.push_front(Piece::File { at, len });
+                    let file = state.file.clone().expect("a piece in the file has a file");
+                    drop(state);
+                    let n = len.min(READ_PIECE) as usize;
+                    this.reading = Some(tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0; n];
+                        file.read_exact_at(&mut buf, at)?;
+                        Ok(Bytes::from(buf))
+                    }));
+                }
+                None => {
+                    return match &state.end {
+                        Some(End::Done(None)) => Poll::Ready(None),
+                        Some(End::Done(Some(_))) => {
+                            let Some(End::Done(trailers)) = state.end.replace(End::Done(None))
+                            else {
+                                unreachable!("trailers are there")
+                            };
+                            Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+                        }
+                        Some(End::Failed(kind, message)) => {
+                            Poll::Ready(Some(Err(std::io::Error::new(*kind, message.clone()))))
+                        }
+                        None => {
+                            state.reader = Some(cx.waker().clone());
+                            Poll::Pending
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size
+    }
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        self.shared.left.cancel();
+    }
+}
