@@ -138,6 +138,7 @@ struct Inner {
     cache_verifications: Counter,
     proxy_buffered: Counter,
     proxy_spooled: Counter,
+    proxy_requests_buffered: Counter,
     cache_index_loading: Gauge,
     overloaded: Counter,
     flight_waits: Counter,
@@ -307,6 +308,12 @@ impl Metrics {
             "Buffered answers from core that went on to a temp file in data_dir/tmp-proxy",
             proxy_spooled.clone(),
         );
+        let proxy_requests_buffered = Counter::default();
+        registry.register(
+            "proxy_requests_buffered",
+            "Request bodies past 16 KiB read whole before they went to core (`[core] buffer_requests`)",
+            proxy_requests_buffered.clone(),
+        );
         let cache_index_loading = gauge(
             &mut registry,
             "cache_index_loading",
@@ -403,6 +410,7 @@ impl Metrics {
             cache_verifications,
             proxy_buffered,
             proxy_spooled,
+            proxy_requests_buffered,
             cache_index_loading,
             overloaded,
             flight_waits,
@@ -542,6 +550,11 @@ impl Metrics {
     /// Counts one answer from core read ahead of its client (`proxy::spool`).
     pub fn proxy_buffered(&self) {
         self.0.proxy_buffered.inc();
+    }
+
+    /// Counts one request body read whole before it went to core (`proxy::stored`).
+    pub fn proxy_request_buffered(&self) {
+        self.0.proxy_requests_buffered.inc();
     }
 
     /// Counts one buffered answer from core that went on to a temp file.

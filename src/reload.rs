@@ -143,8 +143,8 @@ impl Reloader {
         if under("core.hosts") || under("media_hosts") {
             return self.routes_live(new);
         }
-        // The core cache (opened at start) stays as it is.
-        if under("core") && !under("core.cache") {
+        // The core cache (opened at start) and the temp files' budget stay as they are.
+        if under("core") && !under("core.cache") && !under("core.max_temp_bytes") {
             return self.proxy.is_some() && new.core.is_some();
         }
         false

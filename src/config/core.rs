@@ -74,11 +74,23 @@ pub struct RawCore {
     /// or an answer marked `X-Accel-Buffering: no`. Default `true`.
     #[serde(default = "default_true")]
     pub buffer_responses: bool,
+    /// Read a request body whole (past its first 16 KiB: into memory, then a temp file in
+    /// `data_dir/tmp-proxy`) before an upstream is chosen, so that a slow upload does not
+    /// hold an upstream connection while it comes (nginx's `proxy_request_buffering`).
+    /// `false`: bodies stream to core as they come. Default `true`.
+    #[serde(default = "default_true")]
+    pub buffer_requests: bool,
     /// Most bytes of one buffered answer written to its temp file (nginx's
     /// `proxy_max_temp_file_size`); past it the rest goes at the client's pace. `"0"`: memory
     /// only. Default `"1GiB"`.
     #[serde(default = "default_max_response_temp_file")]
     pub max_response_temp_file: bytesize::ByteSize,
+    /// Most bytes of all the temp files of buffered answers and request bodies together
+    /// (`data_dir` also holds the ledger and the write-back staging: a flood of uploads must
+    /// not fill it); past it answers go at their client's pace and bodies stream. Applies at
+    /// restart. Default `"2GiB"`.
+    #[serde(default = "default_max_temp_bytes")]
+    pub max_temp_bytes: bytesize::ByteSize,
     /// gzip core's JSON, HTML, CSS, JavaScript and XML responses for clients that take it,
     /// as Mastodon's nginx does (`gzip on`). Default `true`.
     #[serde(default = "default_true")]
@@ -113,6 +125,9 @@ fn default_true() -> bool {
 }
 fn default_max_response_temp_file() -> bytesize::ByteSize {
     bytesize::ByteSize::gib(1)
+}
+fn default_max_temp_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(2)
 }
 
 fn default_health_interval() -> Duration {
@@ -197,6 +212,10 @@ pub struct CoreConfig {
     pub buffer_responses: bool,
     /// Most bytes of one buffered answer in its temp file.
     pub max_response_temp_file: u64,
+    /// Request bodies read whole before they are sent (`proxy::stored`).
+    pub buffer_requests: bool,
+    /// Most bytes of the proxy's temp files together.
+    pub max_temp_bytes: u64,
     /// The shared cache of core's responses (None: nothing cached).
     pub cache: Option<CoreCacheConfig>,
 }
@@ -336,6 +355,8 @@ impl RawCore {
             gzip: self.gzip,
             buffer_responses: self.buffer_responses,
             max_response_temp_file: self.max_response_temp_file.as_u64(),
+            buffer_requests: self.buffer_requests,
+            max_temp_bytes: self.max_temp_bytes.as_u64(),
         })
     }
 }

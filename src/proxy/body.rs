@@ -94,6 +94,11 @@ impl Silence {
         Silence { limit, timer: None }
     }
 
+    /// The limit (None: none).
+    pub(super) fn limit(&self) -> Option<Duration> {
+        self.limit
+    }
+
     /// What a body's poll gave, with a `TimedOut` error saying `what` in place of a wait
     /// that has lasted `limit` since the last piece (the timer starts at the first wait,
     /// and `cx` is woken when it runs out).

@@ -35,6 +35,8 @@ pub struct Live {
     /// `buffer_responses` and `max_response_temp_file` (`spool`).
     pub(super) buffer: bool,
     pub(super) max_temp_file: u64,
+    /// `buffer_requests` (`stored`).
+    pub(super) buffer_requests: bool,
     /// `gzip`: core's responses compressed for clients that take it (`crate::compress`).
     pub gzip: bool,
     /// Connect timeout and idle connections kept per upstream (also decide whether the
@@ -96,6 +98,7 @@ impl Live {
             gzip: config.gzip,
             buffer: config.buffer_responses,
             max_temp_file: config.max_response_temp_file,
+            buffer_requests: config.buffer_requests,
             connect_timeout: config.connect_timeout,
             max_idle: config.max_idle_per_upstream,
             upstream_settings,

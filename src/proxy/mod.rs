@@ -25,6 +25,8 @@
 //! - `body`: request bodies under a limit, response bodies under an idle timeout.
 //! - `prebuffer`: the start of a request body, read before an upstream is chosen.
 //! - `spool`: large answers read ahead of a slow client (nginx's `proxy_buffering`).
+//! - `stored`: request bodies read whole before an upstream is chosen (nginx's
+//!   `proxy_request_buffering`).
 //! - `idempotency`: `POST`s with `Idempotency-Key`: one request to core, the others wait for
 //!   it or get its response replayed.
 //! - `live`: the pools, client and limits a reload swaps ([`Proxy::update`]).
@@ -39,6 +41,7 @@ pub mod idempotency;
 mod live;
 mod prebuffer;
 pub mod spool;
+mod stored;
 mod upgrade;
 pub mod upstream;
 
@@ -411,18 +414,19 @@ impl Proxy {
                 Some(limited.boxed_unsync())
             } else {
                 let silence = (!live.idle_timeout.is_zero()).then_some(live.idle_timeout);
-                match prebuffer::read(limited, prebuffer::PREBUFFER, silence).await {
-                    Ok(prebuffer::Start::Whole(bytes)) => {
-                        whole = Some(bytes);
+                let spooler = self.spooler.get().filter(|_| live.buffer_requests);
+                match read_body(limited, silence, spooler).await {
+                    Ok(Got::Whole(all)) => {
+                        whole = Some(all);
                         None
                     }
                     // Timed by its silences only while they are bounded (`idle_timeout` not 0).
-                    Ok(prebuffer::Start::Partial(start)) if !live.idle_timeout.is_zero() => {
+                    Ok(Got::Streams(start)) if !live.idle_timeout.is_zero() => {
                         let (start, progress, on_client) = body::Uploaded::new(start);
                         uploaded = Some((progress, on_client));
                         Some(start.boxed_unsync())
                     }
-                    Ok(prebuffer::Start::Partial(start)) => Some(start.boxed_unsync()),
+                    Ok(Got::Streams(start)) => Some(start),
                     Err(_) if passed(exceeded.as_deref()) => {
                         return Err(ProxyError::TooLarge(live.max_body))
                     }
@@ -711,19 +715,68 @@ async fn first_byte_after<F: std::future::Future>(
         .map_err(|_| Stall::FirstByte)
 }
 
+/// A request body read whole: sent as often as needed.
+enum Whole {
+    /// Up to `prebuffer::PREBUFFER` (and at most a piece more).
+    Start(Bytes),
+    /// Longer, read to its end before an upstream was chosen (`stored`).
+    Stored(Arc<stored::Stored>),
+}
+
+impl Whole {
+    /// A body of these bytes from the start.
+    fn body(&self) -> UpBody {
+        match self {
+            Whole::Start(bytes) => Full::new(bytes.clone())
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+            Whole::Stored(stored) => stored.body().boxed_unsync(),
+        }
+    }
+}
+
+/// What was read of a request body before an upstream is chosen.
+enum Got {
+    Whole(Whole),
+    /// The start; the rest streams as it comes.
+    Streams(UpBody),
+}
+
+/// Reads the start of a request body (`prebuffer`) and, with `spooler`
+/// (`buffer_requests`), the rest too (`stored`), each piece within `silence`.
+async fn read_body<B>(
+    limited: body::LimitedBody<B>,
+    silence: Option<Duration>,
+    spooler: Option<&spool::Spooler>,
+) -> Result<Got, prebuffer::StartError>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let start = match prebuffer::read(limited, prebuffer::PREBUFFER, silence).await? {
+        prebuffer::Start::Whole(bytes) => return Ok(Got::Whole(Whole::Start(bytes))),
+        prebuffer::Start::Partial(start) => start,
+    };
+    let Some(spooler) = spooler else {
+        return Ok(Got::Streams(start.boxed_unsync()));
+    };
+    Ok(match spooler.read_request(start).await? {
+        stored::Read::Whole(stored) => Got::Whole(Whole::Stored(stored)),
+        stored::Read::Partial(rest) => Got::Streams(rest.boxed_unsync()),
+    })
+}
+
 /// One attempt's request: the body (a copy of `whole`, the body read whole, for every
 /// attempt; else the streamed one, none left after the first attempt), the method, and the
 /// headers, copied when another attempt may need them (`again`), else taken.
 fn attempt(
     parts: &mut http::request::Parts,
     body: &mut Option<UpBody>,
-    whole: Option<&Bytes>,
+    whole: Option<&Whole>,
     again: bool,
 ) -> Request<UpBody> {
     let body = match whole {
-        Some(bytes) => Full::new(bytes.clone())
-            .map_err(|e| match e {})
-            .boxed_unsync(),
+        Some(all) => all.body(),
         None => body
             .take()
             .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),

@@ -1,8 +1,10 @@
 //! The start of a request body, read before an upstream is chosen.
 //!
 //! nginx reads a whole request body before it opens a connection to the upstream
-//! (`proxy_request_buffering on`, spooling to disk past 16 KiB). fediedge streams bodies, so a
-//! 99 MiB upload is never held whole; but it reads the first [`PREBUFFER`] bytes first:
+//! (`proxy_request_buffering on`, spooling to disk past 16 KiB). fediedge reads the first
+//! [`PREBUFFER`] bytes here, in memory; a longer body is then read to its end too (`stored`,
+//! into memory and a temp file, with `[core] buffer_requests`, the default) or streams to
+//! core as it comes (`buffer_requests = false`, or when the temp file cannot be written). So:
 //!
 //! - a client that trickles a small body (a status, a favourite, an ActivityPub delivery)
 //!   holds no upstream connection and none of the upstream's connection cap while it does:
@@ -135,6 +137,13 @@ impl<B> Prefixed<B> {
             held,
             silence: Silence::new(silence),
         }
+    }
+}
+
+impl<B> Prefixed<B> {
+    /// The longest silence allowed between two pieces (zero: none).
+    pub fn silence_limit(&self) -> Duration {
+        self.silence.limit().unwrap_or_default()
     }
 }
 

@@ -57,19 +57,23 @@ const READ_PIECE: u64 = 64 * 1024;
 
 /// Where answers are buffered: `data_dir/tmp-proxy` and the memory budget.
 pub struct Spooler {
-    dir: PathBuf,
-    memory: MemoryBudget,
-    disk: Arc<DiskHealth>,
-    metrics: Metrics,
+    pub(super) dir: PathBuf,
+    pub(super) memory: MemoryBudget,
+    /// `[core] max_temp_bytes`: the bytes of every temp file in `dir` together (a budget in
+    /// KiB, as the memory's; taken now or never).
+    pub(super) disk_room: MemoryBudget,
+    pub(super) disk: Arc<DiskHealth>,
+    pub(super) metrics: Metrics,
     tasks: tokio_util::task::TaskTracker,
 }
 
 impl Spooler {
     /// `dir` is created if missing (a failure is the disk's state, not an error here: answers
-    /// are then buffered in memory only). `tasks`: where the readers of upstream bodies are
-    /// tracked (a shutdown waits for them).
+    /// are then buffered in memory only), its files `max_temp` bytes in all. `tasks`: where
+    /// the readers of upstream bodies are tracked (a shutdown waits for them).
     pub fn new(
         dir: PathBuf,
+        max_temp: u64,
         memory: MemoryBudget,
         disk: Arc<DiskHealth>,
         metrics: Metrics,
@@ -80,6 +84,7 @@ impl Spooler {
         }
         Spooler {
             dir,
+            disk_room: MemoryBudget::new(max_temp),
             memory,
             disk,
             metrics,
@@ -97,6 +102,7 @@ impl Spooler {
             shared: shared.clone(),
             dir: self.dir.clone(),
             memory: self.memory.clone(),
+            disk_room: self.disk_room.clone(),
             disk: self.disk.clone(),
             metrics: self.metrics.clone(),
             max_file,
@@ -167,6 +173,8 @@ struct State {
     in_memory: u64,
     held: Option<OwnedSemaphorePermit>,
     file: Option<Arc<std::fs::File>>,
+    /// Room for the temp file's bytes under `max_temp_bytes`, held while the file is.
+    on_disk: Option<OwnedSemaphorePermit>,
     end: Option<End>,
     /// The client's body waiting for more.
     reader: Option<Waker>,
@@ -186,6 +194,7 @@ struct Writer {
     shared: Arc<Shared>,
     dir: PathBuf,
     memory: MemoryBudget,
+    disk_room: MemoryBudget,
     disk: Arc<DiskHealth>,
     metrics: Metrics,
     max_file: u64,
@@ -255,7 +264,7 @@ impl Writer {
                 return true;
             }
         }
-        if self.written + n > self.max_file {
+        if self.written + n > self.max_file || !self.room_on_disk(n) {
             return false;
         }
         let Some(file) = self.file().await else {
@@ -287,6 +296,20 @@ impl Writer {
             w.wake();
         }
         true
+    }
+
+    /// Room for `n` more bytes of the temp file under `max_temp_bytes`, now or never.
+    fn room_on_disk(&self, n: u64) -> bool {
+        let mut state = self.shared.state.lock();
+        let (from, to) = (self.written, self.written + n);
+        match &mut state.on_disk {
+            Some(held) => self.disk_room.grow(held, from, to),
+            None => self
+                .disk_room
+                .take(to)
+                .map(|p| state.on_disk = Some(p))
+                .is_some(),
+        }
     }
 
     /// The temp file, made at its first use.

@@ -274,12 +274,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     // Shared with the core cache's fills: one bound on the memory bodies take while received.
     let flight_memory = limits.memory_budget();
-    if let Some(proxy) = &proxy {
-        // Large answers from core, read ahead of slow clients (`[core] buffer_responses`).
+    if let (Some(proxy), Some(core)) = (&proxy, &config.core) {
+        // Large answers from core read ahead of slow clients, request bodies read whole
+        // (`[core] buffer_responses`, `buffer_requests`).
         let tmp = config.data_dir.join("tmp-proxy");
         crate::cache::clear_dir(&tmp);
         proxy.buffer_with(crate::proxy::spool::Spooler::new(
             tmp,
+            core.max_temp_bytes,
             flight_memory.clone(),
             dirs.data_health.clone(),
             metrics.clone(),

@@ -333,7 +333,13 @@ async fn a_request_is_retried_on_another_upstream_only_when_the_connect_failed_a
     drop(refused);
     let good = Upstream::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
-    let edge = edge_with_core(dir.path(), &[refused_addr, good.addr], "").await;
+    // Request bodies streamed, not read whole first (`tests/it/proxy_buffer.rs` has that).
+    let edge = edge_with_core(
+        dir.path(),
+        &[refused_addr, good.addr],
+        "buffer_requests = false\n",
+    )
+    .await;
     // Both idle: the first in order, which refuses, is picked first.
     let r = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
     assert_eq!(r.status(), 200, "retried on the second upstream");

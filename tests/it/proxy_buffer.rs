@@ -6,10 +6,12 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::Frame;
+use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 
 use crate::common::{bytes, TestEdge};
@@ -27,40 +29,35 @@ type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 /// Core's place: `/big` (BIG bytes with `Content-Length`), `/chunked` (the same without a
 /// length, in 64 KiB pieces), `/cut` (half of it, then the connection cut: no last chunk),
 /// `/live` (pieces of unknown length sent through the channel `lives` yields, one per
-/// request); anything else `ok`.
-async fn upstream(body: Bytes) -> (SocketAddr, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
+/// request), `/echo` (the request's body, read whole first); anything else `ok`.
+struct Core {
+    addr: SocketAddr,
+    lives: mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>,
+    /// Requests that reached it.
+    requests: Arc<AtomicUsize>,
+}
+
+async fn upstream(body: Bytes) -> Core {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (lives_tx, lives) = mpsc::unbounded_channel();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let body = body.clone();
-            let lives_tx = lives_tx.clone();
+            let (body, lives_tx, counted) = (body.clone(), lives_tx.clone(), counted.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                    let answer: Body = match req.uri().path() {
-                        "/big" => Full::new(body.clone())
-                            .map_err(|e| match e {})
-                            .boxed_unsync(),
-                        "/chunked" => pieces(body.clone(), body.len(), false),
-                        "/cut" => pieces(body.clone(), body.len() / 2, true),
-                        "/live" => {
-                            let (tx, rx) = mpsc::channel::<Bytes>(1);
-                            let _ = lives_tx.send(tx);
-                            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                                rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
-                            });
-                            StreamBody::new(stream).boxed_unsync()
-                        }
-                        _ => Full::new(Bytes::from_static(b"ok"))
-                            .map_err(|e| match e {})
-                            .boxed_unsync(),
-                    };
-                    let resp = http::Response::builder()
-                        .header("content-type", "application/json")
-                        .body(answer)
-                        .unwrap();
-                    async move { Ok::<_, Infallible>(resp) }
+                let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let (body, lives_tx) = (body.clone(), lives_tx.clone());
+                    async move {
+                        let answer = answer(req, body, lives_tx).await;
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(answer)
+                            .unwrap();
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -68,7 +65,37 @@ async fn upstream(body: Bytes) -> (SocketAddr, mpsc::UnboundedReceiver<mpsc::Sen
             });
         }
     });
-    (addr, lives)
+    Core {
+        addr,
+        lives,
+        requests,
+    }
+}
+
+async fn answer(
+    req: http::Request<Incoming>,
+    body: Bytes,
+    lives_tx: mpsc::UnboundedSender<mpsc::Sender<Bytes>>,
+) -> Body {
+    let full = |b: Bytes| Full::new(b).map_err(|e| match e {}).boxed_unsync();
+    match req.uri().path() {
+        "/big" => full(body),
+        "/chunked" => pieces(body.clone(), body.len(), false),
+        "/cut" => pieces(body.clone(), body.len() / 2, true),
+        "/live" => {
+            let (tx, rx) = mpsc::channel::<Bytes>(1);
+            let _ = lives_tx.send(tx);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+            });
+            StreamBody::new(stream).boxed_unsync()
+        }
+        "/echo" => match req.into_body().collect().await {
+            Ok(all) => full(all.to_bytes()),
+            Err(_) => full(Bytes::from_static(b"the body failed")),
+        },
+        _ => full(Bytes::from_static(b"ok")),
+    }
 }
 
 /// The first `len` bytes of `body` in 64 KiB pieces, without a length; then an error (the
@@ -100,7 +127,7 @@ fn in_flight(up: SocketAddr) -> String {
 #[tokio::test]
 async fn a_client_that_stops_reading_a_large_answer_does_not_hold_core() {
     let body = Bytes::from(bytes(BIG, 7));
-    let (up, _) = upstream(body.clone()).await;
+    let up = upstream(body.clone()).await.addr;
     let dir = tempfile::tempdir().unwrap();
     let edge = edge(dir.path(), up, "").await;
     for (n, path) in ["/big", "/chunked"].into_iter().enumerate() {
@@ -129,28 +156,35 @@ async fn a_client_that_stops_reading_a_large_answer_does_not_hold_core() {
     );
 }
 
-/// `max_response_temp_file = "0"`: memory only. Past its share the answer goes at its
-/// client's pace (the upstream stays held, as without buffering), and nothing is lost.
+/// `max_response_temp_file = "0"`: memory only; `max_temp_bytes` (all temp files
+/// together) spent: the file stops growing. Past that the answer goes at its client's pace
+/// (the upstream stays held, as without buffering), and nothing is lost.
 #[tokio::test]
-async fn memory_only_buffering_goes_at_the_clients_pace_and_loses_nothing() {
+async fn with_no_room_on_disk_buffering_goes_at_the_clients_pace_and_loses_nothing() {
     let body = Bytes::from(bytes(BIG, 8));
-    let (up, _) = upstream(body.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let edge = edge(dir.path(), up, "max_response_temp_file = \"0\"\n").await;
-    let slow = get(&edge, CORE, "/big").send().await.unwrap();
-    let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
-    assert_eq!(
-        other.status(),
-        503,
-        "the one connection is still the slow client's"
-    );
-    let got = slow.bytes().await.unwrap();
-    assert!(got == body, "every byte, in order");
-    metric_becomes(edge.running.admin_addr, &in_flight(up), 0.0).await;
-    assert_eq!(
-        crate::disk::metric_count(&edge, "fediedge_proxy_responses_spooled_total"),
-        0
-    );
+    for (extra, files) in [
+        ("max_response_temp_file = \"0\"\n", 0),
+        ("max_temp_bytes = \"1MiB\"\n", 1),
+    ] {
+        let up = upstream(body.clone()).await.addr;
+        let dir = tempfile::tempdir().unwrap();
+        let edge = edge(dir.path(), up, extra).await;
+        let slow = get(&edge, CORE, "/big").send().await.unwrap();
+        let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+        assert_eq!(
+            other.status(),
+            503,
+            "{extra}: the one connection is still the slow client's"
+        );
+        let got = slow.bytes().await.unwrap();
+        assert!(got == body, "{extra}: every byte, in order");
+        metric_becomes(edge.running.admin_addr, &in_flight(up), 0.0).await;
+        assert_eq!(
+            crate::disk::metric_count(&edge, "fediedge_proxy_responses_spooled_total"),
+            files,
+            "{extra}"
+        );
+    }
 }
 
 /// `data_dir/tmp-proxy` on a full filesystem (a real tmpfs, filled): the answer is buffered
@@ -159,7 +193,7 @@ async fn memory_only_buffering_goes_at_the_clients_pace_and_loses_nothing() {
 #[tokio::test]
 async fn a_full_temp_disk_falls_back_to_the_clients_pace_and_recovers() {
     let body = Bytes::from(bytes(BIG, 9));
-    let (up, _) = upstream(body.clone()).await;
+    let up = upstream(body.clone()).await.addr;
     let dir = tempfile::tempdir().unwrap();
     let tmp = Tmpfs::mount(&dir.path().join("var/tmp-proxy"), "40m");
     let edge = edge(dir.path(), up, "").await;
@@ -187,7 +221,7 @@ async fn a_full_temp_disk_falls_back_to_the_clients_pace_and_recovers() {
 #[tokio::test]
 async fn a_cut_upstream_cuts_the_clients_body_where_it_was_cut() {
     let body = Bytes::from(bytes(BIG, 10));
-    let (up, _) = upstream(body.clone()).await;
+    let up = upstream(body.clone()).await.addr;
     let dir = tempfile::tempdir().unwrap();
     let edge = edge(dir.path(), up, "").await;
     let mut slow = get(&edge, CORE, "/cut").send().await.unwrap();
@@ -211,11 +245,11 @@ async fn a_cut_upstream_cuts_the_clients_body_where_it_was_cut() {
 /// export) reaches the client piece by piece: buffering reads ahead, it never holds back.
 #[tokio::test]
 async fn buffering_holds_nothing_back() {
-    let (up, mut lives) = upstream(Bytes::new()).await;
+    let mut core = upstream(Bytes::new()).await;
     let dir = tempfile::tempdir().unwrap();
-    let edge = edge(dir.path(), up, "").await;
+    let edge = edge(dir.path(), core.addr, "").await;
     let mut resp = get(&edge, CORE, "/live").send().await.unwrap();
-    let pieces = lives.recv().await.expect("the request reached core");
+    let pieces = core.lives.recv().await.expect("the request reached core");
     for n in 0..3 {
         let piece = format!("piece {n}\n");
         pieces.send(Bytes::from(piece.clone())).await.unwrap();
@@ -237,5 +271,151 @@ async fn buffering_holds_nothing_back() {
         .await,
         1.0,
         "it was buffered"
+    );
+}
+
+// Request bodies read whole before an upstream is chosen (`[core] buffer_requests`).
+
+/// A raw client's POST of `len` bytes to `/echo`: its head and the first `first` bytes sent
+/// now, the rest by [`Upload::finish`].
+struct Upload {
+    stream: tokio::net::TcpStream,
+    body: Bytes,
+    sent: usize,
+}
+
+impl Upload {
+    async fn start(edge: &TestEdge, body: Bytes, first: usize) -> Upload {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(edge.running.addr)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nhost: {CORE}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body[..first]).await.unwrap();
+        Upload {
+            stream,
+            body,
+            sent: first,
+        }
+    }
+
+    /// Sends the rest and reads the answer to its end: its status line and body.
+    async fn finish(mut self) -> (String, Vec<u8>) {
+        use tokio::io::AsyncWriteExt;
+        self.stream
+            .write_all(&self.body[self.sent..])
+            .await
+            .unwrap();
+        self.answer().await
+    }
+
+    async fn answer(&mut self) -> (String, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        self.stream.read_to_end(&mut got).await.unwrap();
+        let split = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an answer");
+        let status = String::from_utf8_lossy(&got[..split])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        (status, got[split + 4..].to_vec())
+    }
+}
+
+/// An upload that comes slowly holds no upstream connection while it comes: another client
+/// is answered under a cap of one connection, and core hears of the upload only once it has
+/// all come (past the memory share, from the temp file), then gets every byte, once.
+#[tokio::test]
+async fn a_slow_upload_holds_no_upstream_connection_while_it_comes() {
+    let core = upstream(Bytes::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), core.addr, "").await;
+    let body = Bytes::from(bytes(1 << 20, 11));
+    // Past the 16 KiB read ahead and the 256 KiB kept in memory; the rest held back.
+    let upload = Upload::start(&edge, body.clone(), 512 << 10).await;
+    let buffered = "fediedge_proxy_requests_buffered_total";
+    metric_becomes(edge.running.admin_addr, buffered, 1.0).await;
+    let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
+    assert_eq!(
+        other.status(),
+        200,
+        "another client, while the upload comes"
+    );
+    assert_eq!(
+        core.requests.load(Ordering::SeqCst),
+        1,
+        "only the other one"
+    );
+    let (status, echoed) = upload.finish().await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(echoed == body, "core got the upload's bytes, in order");
+    assert_eq!(core.requests.load(Ordering::SeqCst), 2, "the upload, once");
+}
+
+/// A client that stops in the middle of its upload gets 408 after `idle_timeout`, and core
+/// never hears of it.
+#[tokio::test]
+async fn a_client_silent_mid_upload_gets_408_and_core_hears_nothing() {
+    let core = upstream(Bytes::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), core.addr, "idle_timeout = \"1s\"\n").await;
+    let mut upload = Upload::start(&edge, Bytes::from(bytes(1 << 20, 12)), 300 << 10).await;
+    let (status, _) = upload.answer().await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert_eq!(core.requests.load(Ordering::SeqCst), 0);
+}
+
+/// Past `max_request_body` while it is read (chunked: no length said first): 413, and core
+/// never hears of it.
+#[tokio::test]
+async fn an_upload_over_the_limit_gets_413_while_it_is_read() {
+    let core = upstream(Bytes::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = edge(dir.path(), core.addr, "max_request_body = \"1MiB\"\n").await;
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..32).map(|_| Ok(vec![b'u'; 64 << 10])).collect();
+    let r = crate::common::client()
+        .post(format!("http://{}/echo", edge.running.addr))
+        .header("host", CORE)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            pieces,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(core.requests.load(Ordering::SeqCst), 0);
+}
+
+/// `data_dir/tmp-proxy` full (a real tmpfs, filled): the upload streams to core from where
+/// the temp file failed (what was read first, then the rest as it comes), every byte exact,
+/// and `/metrics` says the disk is full.
+#[tokio::test]
+async fn with_the_temp_disk_full_an_upload_streams_and_loses_nothing() {
+    let core = upstream(Bytes::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = Tmpfs::mount(&dir.path().join("var/tmp-proxy"), "4m");
+    let edge = edge(dir.path(), core.addr, "").await;
+    tmp.fill();
+    let body = Bytes::from(bytes(2 << 20, 13));
+    let (status, echoed) = Upload::start(&edge, body.clone(), 0).await.finish().await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(echoed == body, "core got every byte, in order");
+    assert_eq!(
+        crate::disk::metric_count(&edge, "fediedge_proxy_requests_buffered_total"),
+        1,
+        "it was read ahead first"
+    );
+    assert_eq!(
+        metric(&edge, "fediedge_disk_state{dir=\"data_dir\"}").as_deref(),
+        Some("1")
     );
 }

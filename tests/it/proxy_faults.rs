@@ -18,10 +18,20 @@ use crate::proxy::{edge_with_core, get, Mode, Upstream, CORE};
 /// (The client's pause below is the slow link itself, not a wait for an event.)
 #[tokio::test]
 async fn a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() {
+    // Streamed to core as it comes, and read whole first (the default).
+    for streams in [true, false] {
+        slow_uploads(streams).await;
+    }
+}
+
+async fn slow_uploads(streams: bool) {
     let up = Upstream::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"30s\"\nbreaker_failures = 1\n";
-    let edge = edge_with_core(dir.path(), &[up.addr], extra).await;
+    let extra = format!(
+        "first_byte_timeout = \"1s\"\nidle_timeout = \"30s\"\nbreaker_failures = 1\nbuffer_requests = {}\n",
+        !streams
+    );
+    let edge = edge_with_core(dir.path(), &[up.addr], &extra).await;
     // Plain, then as a POST with `Idempotency-Key` (its leader runs in a task of its own,
     // whose client is timed apart: from when the upload has all gone, too).
     for idempotent in [false, true] {
@@ -32,7 +42,7 @@ async fn a_slow_upload_is_not_cut_by_first_byte_timeout_nor_opens_the_breaker() 
         assert_eq!(
             (status, other.status().as_u16()),
             (200, 200),
-            "a slow upload's status, then another client's (idempotent: {idempotent})"
+            "a slow upload's status, then another client's (idempotent: {idempotent}, streams: {streams})"
         );
         assert_eq!(uploaded, 128 * 1024, "core got the whole upload");
     }
@@ -201,12 +211,20 @@ async fn streaming_edge(extra: &str) -> (crate::common::TestEdge, tempfile::Temp
 /// goes to the other upstream, as nginx (which buffers request bodies) does.
 #[tokio::test]
 async fn an_upload_whose_connect_failed_goes_to_the_next_upstream() {
+    // Streamed (its unread body given back), and read whole first (sent again).
+    for streams in [true, false] {
+        upload_with_a_dead_upstream(streams).await;
+    }
+}
+
+async fn upload_with_a_dead_upstream(streams: bool) {
     let up = Upstream::start(Mode::Answer).await;
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     let dir = tempfile::tempdir().unwrap();
-    let edge = edge_with_core(dir.path(), &[dead_addr, up.addr], "").await;
+    let extra = format!("buffer_requests = {}\n", !streams);
+    let edge = edge_with_core(dir.path(), &[dead_addr, up.addr], &extra).await;
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
@@ -235,7 +253,16 @@ async fn an_upload_whose_connect_failed_goes_to_the_next_upstream() {
 /// edge holds nothing after.
 #[tokio::test]
 async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
-    let extra = "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\n";
+    let extra = "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\nbuffer_requests = false\n";
+    assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
+}
+
+/// Read whole first (`buffer_requests`, the default), an upload goes at core's pace from
+/// the edge's memory and temp file, under `first_byte_timeout` as a whole (the client is
+/// done: only core can stall it): a core that reads none of it gets 504 then.
+#[tokio::test]
+async fn a_buffered_upload_core_does_not_read_is_cut_at_the_first_byte_timeout() {
+    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"1h\"\n";
     assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
 }
 
@@ -243,7 +270,7 @@ async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
 /// deadline as a whole, as before: a core that reads none of it cannot hold it for ever.
 #[tokio::test]
 async fn with_no_idle_timeout_an_upload_core_does_not_read_is_cut_at_the_first_byte_timeout() {
-    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"0s\"\n";
+    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"0s\"\nbuffer_requests = false\n";
     assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
 }
 

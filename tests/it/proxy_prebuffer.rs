@@ -87,7 +87,8 @@ async fn a_post_read_whole_goes_to_another_upstream_when_the_first_refuses() {
     // unread, and it goes whole to the other upstream.
     let dir = tempfile::tempdir().unwrap();
     let other = Upstream::start(Mode::Answer).await;
-    let edge = edge_with_core(dir.path(), &[refused_addr, other.addr], "").await;
+    let streams = "buffer_requests = false\n";
+    let edge = edge_with_core(dir.path(), &[refused_addr, other.addr], streams).await;
     let r = post(&edge, vec![b'm'; 64 * 1024]).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(other.requests(), 1);
@@ -114,7 +115,8 @@ async fn a_client_silent_in_the_middle_of_its_body_gets_408_and_core_sees_nothin
 async fn a_client_silent_after_the_start_of_a_long_body_gets_408_and_frees_the_upstream_slot() {
     let up = Upstream::start(Mode::Answer).await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = "max_connections_per_upstream = 1\nidle_timeout = \"1s\"\n";
+    let extra =
+        "max_connections_per_upstream = 1\nidle_timeout = \"1s\"\nbuffer_requests = false\n";
     let edge = edge_with_core(dir.path(), &[up.addr], extra).await;
     let mut silent = TcpStream::connect(edge.running.addr).await.unwrap();
     let head = format!(

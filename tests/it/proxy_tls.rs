@@ -95,7 +95,8 @@ async fn the_tls_listener_routes_like_the_plain_one_over_h2_and_http1() {
 /// has arrived (over HTTP/2, from another task than the request's): it must still wake the
 /// upstream connection, driven by the request's task. A lost wake-up hangs here. The first
 /// piece is longer than what the proxy reads of a body before it picks an upstream (16 KiB):
-/// a shorter one would wait there for the rest, as behind nginx.
+/// a shorter one would wait there for the rest, as behind nginx. With `buffer_requests =
+/// false`: by default the whole body is read first.
 #[tokio::test]
 async fn a_request_body_still_coming_after_the_answer_reaches_core_over_h2_and_http1() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -117,7 +118,9 @@ async fn a_request_body_still_coming_after_the_answer_reaches_core_over_h2_and_h
     });
     let dir = tempfile::tempdir().unwrap();
     let (root, table) = tls(dir.path(), &[CORE]);
-    let edge = edge_with_core(dir.path(), &[up], &table).await;
+    // Streamed (read whole first, as by default, there is no full duplex: as behind nginx).
+    let extra = format!("buffer_requests = false\n{table}");
+    let edge = edge_with_core(dir.path(), &[up], &extra).await;
     let addr = edge.running.https_addr.expect("a TLS listener");
     for http1 in [false, true] {
         let c = client(&root, addr, http1);
