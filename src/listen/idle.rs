@@ -67,9 +67,11 @@ const PINGS_ACKED: u64 = 256;
 /// one frame handed, in [`Activity::bodies`].
 const STARTED: u64 = 1 << 32;
 
-/// Under HTTP/2, the most of a body handed to hyper at once (a file body's read size): a
-/// larger frame is cut (without copying), so that a stream taking data is seen taking it.
-const PIECE: usize = 64 * 1024;
+/// Under HTTP/2, the most of a body handed to hyper at once: a larger frame is cut (without
+/// copying), so that a stream taking data is seen taking it. One HTTP/2 DATA frame (16 KiB,
+/// the protocol's default largest, which h2 cuts to anyway): a stream must take this much per
+/// period (30 to 60 s) to keep going, about 0.5 KB/s, a phone on the worst link.
+const PIECE: usize = 16 * 1024;
 
 /// In [`StreamWatch::sent`]: the last data handed waits to be asked for more.
 const WAITING: u64 = 1;
