@@ -257,6 +257,39 @@ mod tests {
         store.insert(tmp.into_temp_path(), meta, &[], Instant::now())
     }
 
+    /// Past `MAX_VARIANTS` for one URL, the variant least recently used goes, not the oldest
+    /// stored: a flood of made-up `Accept-Language` values pushes out its own variants, while
+    /// the one clients keep asking for stays.
+    #[test]
+    fn past_max_variants_the_least_recently_used_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Metrics::new()).unwrap();
+        wait_loaded(&store);
+        for i in 0..crate::corecache::MAX_VARIANTS {
+            insert(&store, "/v", &format!("{i}")).unwrap();
+        }
+        // Most recently stored first: the last is the oldest, the one before it the next.
+        let ids: Vec<_> = store
+            .variants("a.test", "/v")
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let (oldest, second) = (ids[ids.len() - 1].clone(), ids[ids.len() - 2].clone());
+        store.touch(&oldest);
+        insert(&store, "/v", "new").unwrap();
+        let now: Vec<_> = store
+            .variants("a.test", "/v")
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(now.len(), crate::corecache::MAX_VARIANTS);
+        assert!(
+            now.contains(&oldest),
+            "the oldest stored, used since, stays"
+        );
+        assert!(!now.contains(&second), "the least recently used went");
+    }
+
     /// Nothing is evicted while the index loads, so a store that would take what is counted
     /// so far past `max_size` is not made (the disk stays bounded); once loaded, it is.
     #[test]

@@ -331,6 +331,7 @@ pub fn build(
         policy,
         len: 0,
         hot: Default::default(),
+        used: Default::default(),
     })
 }
 

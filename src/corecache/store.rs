@@ -108,6 +108,32 @@ pub struct Meta {
     /// What a hit needs of it, made at the first hit (see [`super::hit`]).
     #[serde(skip)]
     pub hot: HotCell,
+    /// When it was last used, on the index's clock ([`Index::clock`]): which of a URL's
+    /// variants goes when it has too many. Not kept on disk (0 after a restart: those go
+    /// first).
+    #[serde(skip)]
+    pub used: Used,
+}
+
+/// A use tick (relaxed: read and written under the index's lock; atomic only so that an
+/// `Arc<Meta>` can carry it).
+#[derive(Debug, Default)]
+pub struct Used(AtomicU64);
+
+impl Used {
+    fn set(&self, tick: u64) {
+        self.0.store(tick, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Clone for Used {
+    fn clone(&self) -> Self {
+        Used(AtomicU64::new(self.get()))
+    }
 }
 
 /// A stored response as the index holds it.
@@ -151,6 +177,8 @@ pub const MAX_VARIANTS: usize = 32;
 
 struct Index {
     lru: LruCache<Id, Arc<Meta>>,
+    /// Counts stores and uses: each sets its entry's `Meta::used`.
+    clock: u64,
     /// By [`url_key`]; foldhash (seeded per process) rather than SipHash: a hit hashes its
     /// key here once.
     by_url: HashMap<String, Vec<Id>, foldhash::fast::RandomState>,
@@ -273,6 +301,7 @@ impl Store {
             max_size,
             index: Mutex::new(Index {
                 lru: LruCache::unbounded(),
+                clock: 0,
                 by_url: HashMap::default(),
                 bytes: 0,
                 settled: Some(HashSet::new()),
@@ -456,7 +485,12 @@ impl Store {
 
     /// Marks a use (LRU order).
     pub fn touch(&self, id: &str) {
-        self.index.lock().lru.promote(id);
+        let mut index = self.index.lock();
+        index.clock += 1;
+        let tick = index.clock;
+        if let Some(m) = index.lru.get(id) {
+            m.used.set(tick);
+        }
     }
 
     /// The fast hit (see `CoreCache::fresh_without_vary`): under one lock, the first stored
@@ -499,6 +533,8 @@ impl Store {
                     id: id.clone(),
                     meta: meta.clone(),
                 };
+                index.clock += 1;
+                meta.used.set(index.clock);
                 index.lru.promote(id);
                 return Some(e);
             }
@@ -716,14 +752,25 @@ impl Store {
             ids.retain(|i| !replaces.contains(i));
         }
         index.bytes += meta.len;
+        index.clock += 1;
+        meta.used.set(index.clock);
         index.lru.put(id.clone(), meta);
         let ids = index.by_url.entry(key).or_default();
         ids.push(id);
         // A URL's variants are bounded: every new `Accept-Language` or `Origin` a client
         // makes up would otherwise store one more, and each request to the URL walks them.
-        // The oldest stored goes first (the list is oldest first).
-        let over = ids.len().saturating_sub(MAX_VARIANTS);
-        for old in ids.drain(..over).collect::<Vec<_>>() {
+        // The least recently used goes first (of equals, the oldest stored: the list is
+        // oldest first), never the one just stored: a flood of made-up values then pushes
+        // out its own variants, not the ones clients keep asking for.
+        while ids.len() > MAX_VARIANTS {
+            let lru = &index.lru;
+            let used = |id: &Id| lru.peek(id).map_or(0, |m| m.used.get());
+            let (at, _) = ids[..ids.len() - 1]
+                .iter()
+                .enumerate()
+                .min_by_key(|(i, id)| (used(id), *i))
+                .expect("more than one");
+            let old = ids.remove(at);
             if let Some(m) = index.lru.pop(&old) {
                 index.bytes -= m.len;
                 gone.push(old);
