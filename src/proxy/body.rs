@@ -1,4 +1,5 @@
-//! Bodies passed through the proxy, streamed piece by piece, never buffered whole.
+//! Bodies passed through the proxy piece by piece (what reads them ahead, into memory and a
+//! temp file, is `spool` and `stored`).
 //!
 //! - [`LimitedBody`]: the client's request body, cut with an error past the size limit
 //!   (the handler then answers 413).
