@@ -34,6 +34,7 @@ mod proxy_pool;
 mod proxy_prebuffer;
 mod proxy_streaming;
 mod proxy_tls;
+mod review_buffering;
 mod purge;
 mod reload;
 mod serve;
