@@ -133,7 +133,11 @@ async fn a_stored_upload_that_core_reads_slowly_is_not_cut_by_the_first_byte_tim
             .send()
             .await
             .unwrap();
-        assert_eq!(next.status(), 200, "buffer_requests = {buffer}: breaker closed");
+        assert_eq!(
+            next.status(),
+            200,
+            "buffer_requests = {buffer}: breaker closed"
+        );
     }
 }
 
@@ -156,9 +160,8 @@ async fn stalled_upload(edge: &TestEdge, len: usize, first: usize) -> tokio::net
     let mut stream = tokio::net::TcpStream::connect(edge.running.addr)
         .await
         .unwrap();
-    let head = format!(
-        "POST /api/v2/media HTTP/1.1\r\nhost: {CORE}\r\ncontent-length: {len}\r\n\r\n"
-    );
+    let head =
+        format!("POST /api/v2/media HTTP/1.1\r\nhost: {CORE}\r\ncontent-length: {len}\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
     // In small pieces, as a slow link brings them (so that the edge reads small pieces
     // and fills its memory share before the temp file, as it would in the field).
