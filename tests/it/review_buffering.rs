@@ -243,3 +243,86 @@ async fn stalled_uploads_do_not_starve_the_core_cache_of_memory() {
     );
     drop(uploads);
 }
+
+fn in_flight(up: SocketAddr) -> String {
+    format!("fediedge_upstream_in_flight{{pool=\"web\",upstream=\"{up}\"}}")
+}
+
+/// A raw client that asks for `path` and reads nothing (a small receive buffer: as a phone
+/// whose link stalls; the kernel buffers on loopback would otherwise take megabytes).
+async fn non_reader(edge: &TestEdge, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(edge.running.addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {CORE}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// The other side of the same fault, in `spool` (src/proxy/spool.rs, `Writer::place`): a
+/// large answer to a client that reads slowly (a phone on a bad link; here, eight that
+/// read nothing yet, well within the send timeout) keeps up to 256 KiB of
+/// `max_flight_memory` per answer for as long as that client takes to reach those bytes:
+/// once the client's socket is full the writer puts the next 256 KiB in memory, then the
+/// rest in the temp file, and that memory goes back only as the client reads its way to
+/// it. With the budget spent the core cache caches nothing. nginx's `proxy_buffers` are per
+/// request and not shared with its cache's fills. Here: `max_flight_memory = 1MiB`, eight
+/// clients of a private 8 MiB answer; the control (passes): the page is cached before.
+#[tokio::test]
+async fn slow_readers_of_large_answers_do_not_starve_the_core_cache_of_memory() {
+    let (up, requests) = upstream(move |req| {
+        Box::pin(async move {
+            let b = http::Response::builder();
+            match req.uri().path() {
+                // 8 MiB (past the edge socket's send buffer, up to 4 MiB) in 4 KiB pieces, as puma's writes reach the edge over a LAN
+                // (on loopback a body sent at once would come in pieces of hundreds of
+                // KiB: one such piece, read when nothing waits, is held outside the
+                // budget, which would hide the fault).
+                "/big" => {
+                    let pieces = futures_util::stream::unfold(0usize, |n| async move {
+                        if n == 2048 {
+                            return None;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        let piece = hyper::body::Frame::data(Bytes::from(vec![b'b'; 4096]));
+                        Some((Ok::<_, std::io::Error>(piece), n + 1))
+                    });
+                    b.header("cache-control", "private")
+                        .body(http_body_util::StreamBody::new(pieces).boxed_unsync())
+                }
+                _ => b
+                    .header("cache-control", "public, max-age=600")
+                    .header("content-type", "text/html")
+                    .body(full(vec![b'p'; 63 << 10])),
+            }
+            .unwrap()
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = crate::corecache::cache_conf(dir.path(), "16MiB", "");
+    let edge = edge_top(dir.path(), "max_flight_memory = \"1MiB\"\n", up, &conf).await;
+    // Control: the cache works.
+    assert_eq!(cache_status(&edge, "/page-before").await, "MISS");
+    assert_eq!(cache_status(&edge, "/page-before").await, "HIT");
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        slow.push(non_reader(&edge, "/big").await);
+    }
+    // Core has sent every answer: the edge holds them (memory, then temp files).
+    eventually(WAIT, "eight answers with temp files", || {
+        temp_files(dir.path()) >= 8
+    })
+    .await;
+    crate::listen_cap::metric_becomes(edge.running.admin_addr, &in_flight(up), 0.0).await;
+    let before = requests.load(Ordering::SeqCst);
+    assert_eq!(cache_status(&edge, "/page").await, "MISS");
+    let second = cache_status(&edge, "/page").await;
+    assert_eq!(
+        (second.as_str(), requests.load(Ordering::SeqCst) - before),
+        ("HIT", 1),
+        "the page is cached while slow clients read (core asked once)"
+    );
+    drop(slow);
+}
