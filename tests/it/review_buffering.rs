@@ -104,6 +104,8 @@ async fn slow_reader() -> (SocketAddr, Arc<AtomicUsize>) {
 /// same upload succeeds (the control below, which passes): turning buffering on (the
 /// default) makes large uploads fail, and count against core, on a link where they worked.
 /// nginx bounds each write to the upstream (`proxy_send_timeout`), not the whole send.
+/// (docs/config.md says "then it goes to core at LAN speed, under `first_byte_timeout` as a
+/// whole": the assumption of a LAN is what fails; an edge node is often not on core's LAN.)
 #[tokio::test]
 async fn a_stored_upload_that_core_reads_slowly_is_not_cut_by_the_first_byte_timeout() {
     let body = Bytes::from(bytes(24 << 20, 21));
