@@ -487,10 +487,20 @@ impl Proxy {
                         up.headers_mut()
                             .insert(header::HOST, host.expect("an address is a value"));
                     }
+                    // A body read whole (`stored`) goes at core's pace: timed as a streamed
+                    // one, by its silences while it goes (core's alone: the client is done),
+                    // then the first-byte timeout, not as a whole (nginx times each write).
+                    let mut timing = uploaded.clone();
+                    if let (Some(Whole::Stored(_)), false) = (&whole, live.idle_timeout.is_zero()) {
+                        let all = std::mem::replace(up.body_mut(), empty());
+                        let (all, progress, _) = body::Uploaded::new(all);
+                        *up.body_mut() = all.boxed_unsync();
+                        timing = Some((progress, Arc::new(AtomicBool::new(false))));
+                    }
                     let upstream = &admission.upstream;
                     let send =
                         conns::send(upstream, up, live.connect_timeout, live.max_idle, fresh);
-                    let sent = match &uploaded {
+                    let sent = match &timing {
                         None => tokio::time::timeout_at(deadline, send)
                             .await
                             .map_err(|_| ()),
@@ -777,9 +787,7 @@ fn attempt(
 ) -> Request<UpBody> {
     let body = match whole {
         Some(all) => all.body(),
-        None => body
-            .take()
-            .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed_unsync()),
+        None => body.take().unwrap_or_else(empty),
     };
     let mut up = Request::new(body);
     *up.method_mut() = parts.method.clone();
@@ -788,6 +796,11 @@ fn attempt(
         false => std::mem::take(&mut parts.headers),
     };
     up
+}
+
+/// An empty request body.
+fn empty() -> UpBody {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
 }
 
 /// How one attempt to send a request upstream failed.

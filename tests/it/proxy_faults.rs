@@ -253,25 +253,36 @@ async fn upload_with_a_dead_upstream(streams: bool) {
 /// edge holds nothing after.
 #[tokio::test]
 async fn an_upload_core_does_not_read_is_cut_after_idle_timeout() {
-    let extra = "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\nbuffer_requests = false\n";
-    assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
-}
-
-/// Read whole first (`buffer_requests`, the default), an upload goes at core's pace from
-/// the edge's memory and temp file, under `first_byte_timeout` as a whole (the client is
-/// done: only core can stall it): a core that reads none of it gets 504 then.
-#[tokio::test]
-async fn a_buffered_upload_core_does_not_read_is_cut_at_the_first_byte_timeout() {
-    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"1h\"\n";
-    assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
+    // Streamed as it comes, and read whole first (the default: then sent at core's pace,
+    // timed the same way).
+    for streams in [true, false] {
+        let extra = format!(
+            "first_byte_timeout = \"1h\"\nidle_timeout = \"1s\"\nbuffer_requests = {}\n",
+            !streams
+        );
+        assert_eq!(
+            upload_to_a_deaf_core(&extra).await,
+            Ok(504),
+            "streams: {streams}"
+        );
+    }
 }
 
 /// With `idle_timeout = "0s"` (no limit on silences) an upload is under the first-byte
 /// deadline as a whole, as before: a core that reads none of it cannot hold it for ever.
 #[tokio::test]
 async fn with_no_idle_timeout_an_upload_core_does_not_read_is_cut_at_the_first_byte_timeout() {
-    let extra = "first_byte_timeout = \"1s\"\nidle_timeout = \"0s\"\nbuffer_requests = false\n";
-    assert_eq!(upload_to_a_deaf_core(extra).await, Ok(504));
+    for streams in [true, false] {
+        let extra = format!(
+            "first_byte_timeout = \"1s\"\nidle_timeout = \"0s\"\nbuffer_requests = {}\n",
+            !streams
+        );
+        assert_eq!(
+            upload_to_a_deaf_core(&extra).await,
+            Ok(504),
+            "streams: {streams}"
+        );
+    }
 }
 
 /// The status of a 64 MiB upload (more than the loopback sockets hold) to a core that
