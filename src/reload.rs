@@ -143,8 +143,13 @@ impl Reloader {
         if under("core.hosts") || under("media_hosts") {
             return self.routes_live(new);
         }
-        // The core cache (opened at start) and the temp files' budget stay as they are.
-        if under("core") && !under("core.cache") && !under("core.max_temp_bytes") {
+        // The core cache (opened at start) and the buffers' budgets stay as they are.
+        let at_start = [
+            "core.cache",
+            "core.max_temp_bytes",
+            "core.max_buffer_memory",
+        ];
+        if under("core") && !at_start.iter().any(|k| under(k)) {
             return self.proxy.is_some() && new.core.is_some();
         }
         false

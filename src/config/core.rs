@@ -91,6 +91,12 @@ pub struct RawCore {
     /// restart. Default `"2GiB"`.
     #[serde(default = "default_max_temp_bytes")]
     pub max_temp_bytes: bytesize::ByteSize,
+    /// Most bytes of buffered answers and request bodies held in memory together (each
+    /// holds at most 64 KiB there, the rest in its temp file); the proxy's own, apart from
+    /// `max_flight_memory`, so that slow clients cannot starve the core cache and media
+    /// fetches. Applies at restart. Default `"64MiB"`.
+    #[serde(default = "default_max_buffer_memory")]
+    pub max_buffer_memory: bytesize::ByteSize,
     /// gzip core's JSON, HTML, CSS, JavaScript and XML responses for clients that take it,
     /// as Mastodon's nginx does (`gzip on`). Default `true`.
     #[serde(default = "default_true")]
@@ -128,6 +134,9 @@ fn default_max_response_temp_file() -> bytesize::ByteSize {
 }
 fn default_max_temp_bytes() -> bytesize::ByteSize {
     bytesize::ByteSize::gib(2)
+}
+fn default_max_buffer_memory() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(64)
 }
 
 fn default_health_interval() -> Duration {
@@ -216,6 +225,8 @@ pub struct CoreConfig {
     pub buffer_requests: bool,
     /// Most bytes of the proxy's temp files together.
     pub max_temp_bytes: u64,
+    /// Most bytes of buffered bodies in memory together.
+    pub max_buffer_memory: u64,
     /// The shared cache of core's responses (None: nothing cached).
     pub cache: Option<CoreCacheConfig>,
 }
@@ -357,6 +368,7 @@ impl RawCore {
             max_response_temp_file: self.max_response_temp_file.as_u64(),
             buffer_requests: self.buffer_requests,
             max_temp_bytes: self.max_temp_bytes.as_u64(),
+            max_buffer_memory: self.max_buffer_memory.as_u64(),
         })
     }
 }

@@ -253,10 +253,14 @@ impl MemoryBudget {
         }
     }
 
-    /// Bytes (whole KiB) free now (what tests check).
-    #[cfg(test)]
-    fn available(&self) -> u64 {
+    /// Bytes (whole KiB) free now.
+    pub fn available(&self) -> u64 {
         self.sem.available_permits() as u64 * 1024
+    }
+
+    /// Bytes (whole KiB) taken now.
+    pub fn in_use(&self) -> u64 {
+        (u64::from(self.total) * 1024).saturating_sub(self.available())
     }
 }
 

@@ -187,6 +187,23 @@ impl Collector for UpstreamCollector {
                 m.encode_family(l)?.encode_gauge(&f(u))?;
             }
         }
+        if let Some((memory, temp)) = self.0.buffered() {
+            for (name, help, value) in [
+                (
+                    "proxy_buffer_memory_bytes",
+                    "Bytes of buffered answers and request bodies in memory (of [core] max_buffer_memory)",
+                    memory,
+                ),
+                (
+                    "proxy_temp_bytes",
+                    "Bytes of buffered answers and request bodies in temp files (of [core] max_temp_bytes)",
+                    temp,
+                ),
+            ] {
+                enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_gauge(&(value as i64))?;
+            }
+        }
         Ok(())
     }
 }

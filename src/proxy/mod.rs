@@ -195,6 +195,12 @@ impl Proxy {
         }
     }
 
+    /// Bytes of buffered bodies in memory and in temp files now (whole KiB), with a spooler.
+    pub fn buffered(&self) -> Option<(u64, u64)> {
+        let s = self.spooler.get()?;
+        Some((s.memory.in_use(), s.disk_room.in_use()))
+    }
+
     /// Buffers large answers with `spooler` from now on (`[core] buffer_responses`).
     pub fn buffer_with(&self, spooler: spool::Spooler) {
         let _ = self.spooler.set(spooler);

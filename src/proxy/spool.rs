@@ -11,8 +11,9 @@
 //! (`text/event-stream`: each event goes on as it comes, and the stream has no end), not an
 //! answer core marks `X-Accel-Buffering: no` (nginx's rule), not the streaming pool.
 //!
-//! Where: the first [`IN_MEMORY`] bytes of each answer in memory, taken from
-//! `max_flight_memory` (shared with media fetches and the core cache); the rest in an
+//! Where: the first [`IN_MEMORY`] bytes of each answer in memory, taken from the proxy's
+//! own budget, `[core] max_buffer_memory` (apart from `max_flight_memory`: slow clients
+//! must not starve the core cache's fills and media fetches of theirs); the rest in an
 //! unnamed temp file (`O_TMPFILE`: nothing left behind by a crash) in `data_dir/tmp-proxy`,
 //! up to `[core] max_response_temp_file` per answer. When neither has room (the budget is
 //! spent, the file is at its cap, or the disk is full or failing: said once in the log and on
@@ -49,8 +50,9 @@ use crate::metrics::Metrics;
 /// that stops reading does not hold the upstream for them.
 pub const DIRECT_UP_TO: u64 = 64 * 1024;
 
-/// The bytes of one answer held in memory before the rest goes to the temp file.
-pub const IN_MEMORY: u64 = 256 * 1024;
+/// The bytes of one answer (or request body, past its first 16 KiB) held in memory before the
+/// rest goes to the temp file: nginx's `proxy_buffers` (8 × 8 KiB).
+pub const IN_MEMORY: u64 = 64 * 1024;
 
 /// The most read from the temp file at once (one frame to the client).
 const READ_PIECE: u64 = 64 * 1024;
@@ -69,12 +71,13 @@ pub struct Spooler {
 
 impl Spooler {
     /// `dir` is created if missing (a failure is the disk's state, not an error here: answers
-    /// are then buffered in memory only), its files `max_temp` bytes in all. `tasks`: where
+    /// are then buffered in memory only), its files `max_temp` bytes in all, `max_memory`
+    /// bytes in memory (the proxy's own budget: `[core] max_buffer_memory`). `tasks`: where
     /// the readers of upstream bodies are tracked (a shutdown waits for them).
     pub fn new(
         dir: PathBuf,
         max_temp: u64,
-        memory: MemoryBudget,
+        max_memory: u64,
         disk: Arc<DiskHealth>,
         metrics: Metrics,
         tasks: tokio_util::task::TaskTracker,
@@ -85,7 +88,7 @@ impl Spooler {
         Spooler {
             dir,
             disk_room: MemoryBudget::new(max_temp),
-            memory,
+            memory: MemoryBudget::new(max_memory),
             disk,
             metrics,
             tasks,
@@ -116,6 +119,18 @@ impl Spooler {
             size,
         }
         .boxed_unsync()
+    }
+}
+
+/// A new unnamed temp file in `dir`, which is made again if it went (an admin's clean-up of
+/// `data_dir` while the edge runs). Blocking.
+pub(super) fn temp_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    match tempfile::tempfile_in(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempfile_in(dir)
+        }
+        made => made,
     }
 }
 
@@ -243,27 +258,42 @@ impl Writer {
 
     /// Puts `data` in memory or in the file; false when neither has room now.
     async fn place(&mut self, data: &Bytes) -> bool {
-        let n = data.len() as u64;
-        {
-            let mut state = self.shared.state.lock();
-            let state = &mut *state;
-            let to = state.in_memory + n;
-            let room = to <= IN_MEMORY
-                && match &mut state.held {
-                    Some(held) => self.memory.grow(held, state.in_memory, to),
-                    None => self.memory.take(to).map(|p| state.held = Some(p)).is_some(),
-                };
-            if room || state.pieces.is_empty() {
-                if room {
-                    state.in_memory = to;
-                }
-                state.push(Piece::Memory {
-                    bytes: data.clone(),
-                    counted: room,
-                });
-                return true;
-            }
+        if self.in_memory(data, false) || self.in_file(data).await {
+            return true;
         }
+        // Neither has room: a piece that comes when the client has read all the others is
+        // held, outside the budget, as it would be without buffering (by hyper).
+        self.in_memory(data, true)
+    }
+
+    /// Puts `data` in memory if the answer's share (or, when the client has read everything
+    /// else, the piece whatever its size: a fast client's answer is not copied through the
+    /// file) fits the budget; `anyway`: held when nothing else is, whatever the budget.
+    fn in_memory(&self, data: &Bytes, anyway: bool) -> bool {
+        let mut state = self.shared.state.lock();
+        let state = &mut *state;
+        let to = state.in_memory + data.len() as u64;
+        let room = (to <= IN_MEMORY || state.pieces.is_empty())
+            && match &mut state.held {
+                Some(held) => self.memory.grow(held, state.in_memory, to),
+                None => self.memory.take(to).map(|p| state.held = Some(p)).is_some(),
+            };
+        if !(room || anyway && state.pieces.is_empty()) {
+            return false;
+        }
+        if room {
+            state.in_memory = to;
+        }
+        state.push(Piece::Memory {
+            bytes: data.clone(),
+            counted: room,
+        });
+        true
+    }
+
+    /// Puts `data` at the end of the temp file; false when it has no room or fails.
+    async fn in_file(&mut self, data: &Bytes) -> bool {
+        let n = data.len() as u64;
         if self.written + n > self.max_file || !self.room_on_disk(n) {
             return false;
         }
@@ -316,7 +346,7 @@ impl Writer {
     async fn file(&mut self) -> Option<Arc<std::fs::File>> {
         if self.file.is_none() {
             let dir = self.dir.clone();
-            let made = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await;
+            let made = tokio::task::spawn_blocking(move || temp_file(&dir)).await;
             match made {
                 Ok(Ok(f)) => {
                     self.metrics.proxy_spooled();

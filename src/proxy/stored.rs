@@ -1,8 +1,9 @@
 //! Request bodies read whole before an upstream is chosen, as nginx's
 //! `proxy_request_buffering on` (its default, which Mastodon's nginx keeps): past the
 //! 16 KiB `prebuffer` reads, the rest of an upload is read at its client's pace into memory
-//! (up to [`IN_MEMORY`], from `max_flightmemory`) and then an unnamed temp file in
-//! `data_dir/tmp-proxy`, and only then sent to core, in one go.
+//! (up to [`IN_MEMORY`], from the proxy's own `[core] max_buffer_memory`) and then an unnamed temp file in
+//! `data_dir/tmp-proxy`, and only then sent to core, at core's pace (timed as a streamed body:
+//! `idle_timeout` between pieces, then `first_byte_timeout`).
 //!
 //! Why: a media upload from a phone on a slow link (or a client that trickles a body on
 //! purpose, a byte a minute) otherwise holds an upstream connection and its place under
@@ -162,7 +163,7 @@ impl Spooler {
     ) -> Result<(), ()> {
         if file.is_none() {
             let dir = self.dir.clone();
-            match tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await {
+            match tokio::task::spawn_blocking(move || super::spool::temp_file(&dir)).await {
                 Ok(Ok(f)) => *file = Some(Arc::new(f)),
                 Ok(Err(e)) => {
                     self.disk.failed(&e);

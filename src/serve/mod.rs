@@ -77,8 +77,11 @@ pub struct Running {
 pub struct Stopped {
     /// Connections still open at the deadline: their responses were cut short.
     pub connections_cut: usize,
-    /// Fetches still running at the deadline. Nothing partial is kept: their temp files are
-    /// cleared at the next start, and nothing was staged or cached for them.
+    /// Fetches still running at the deadline: media fetches, and the proxy's tasks (the
+    /// leaders of `POST`s with `Idempotency-Key`, the readers of buffered answers, which end
+    /// with their clients' connections). Nothing partial is kept: their temp files are
+    /// cleared at the next start (the proxy's are unnamed), and nothing was staged or cached
+    /// for them.
     pub fetches_cut: usize,
     /// Workers still busy at the deadline (a copy to the primary, the backfill). A copy cut
     /// short stays queued and is redone after the restart.
@@ -216,7 +219,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let sidekiq_collector = crate::sidekiq::metrics::SidekiqCollector::new();
     // `[core]`: the reverse proxy, its per-upstream series rendered at each scrape.
-    // Flights' fetches and the proxy's idempotent leaders: waited for at shutdown.
+    // Flights' fetches, the proxy's idempotent leaders and readers of buffered answers:
+    // waited for at shutdown.
     let fetches = TaskTracker::new();
     let proxy = config
         .core
@@ -282,7 +286,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         proxy.buffer_with(crate::proxy::spool::Spooler::new(
             tmp,
             core.max_temp_bytes,
-            flight_memory.clone(),
+            core.max_buffer_memory,
             dirs.data_health.clone(),
             metrics.clone(),
             fetches.clone(),

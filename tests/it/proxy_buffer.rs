@@ -135,6 +135,11 @@ async fn a_client_that_stops_reading_a_large_answer_does_not_hold_core() {
         assert_eq!(slow.status(), 200);
         // Nothing of the body read: the edge reads core's answer to its end on its own.
         metric_becomes(edge.running.admin_addr, &in_flight(up), 0.0).await;
+        let on_disk = scrape(edge.running.admin_addr, "fediedge_proxy_temp_bytes").await;
+        assert!(
+            on_disk >= (BIG / 2) as f64,
+            "{path}: {on_disk} bytes in temp files"
+        );
         let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
         assert_eq!(
             other.status(),
@@ -154,6 +159,13 @@ async fn a_client_that_stops_reading_a_large_answer_does_not_hold_core() {
         crate::disk::metric_count(&edge, "fediedge_proxy_responses_buffered_total"),
         2
     );
+    // Once read, the buffers' memory and disk budgets are whole again.
+    for held in [
+        "fediedge_proxy_buffer_memory_bytes",
+        "fediedge_proxy_temp_bytes",
+    ] {
+        metric_becomes(edge.running.admin_addr, held, 0.0).await;
+    }
 }
 
 /// `max_response_temp_file = "0"`: memory only; `max_temp_bytes` (all temp files

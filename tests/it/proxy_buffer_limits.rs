@@ -1,6 +1,9 @@
-//! Review of request and response buffering (`[core] buffer_requests`, `buffer_responses`):
-//! each test here shows a fault of today's code (it fails until the fault is fixed; a
-//! control inside a test, which passes, is said to be one).
+//! Request and response buffering (`[core] buffer_requests`, `buffer_responses`) within its
+//! limits, where a review of the first version found it failing admins: a body read whole
+//! was timed as a whole (a large upload to a slow-reading core got 504), and both buffers
+//! took their memory from `max_flight_memory`, so slow clients starved the core cache (they
+//! have their own budget now, `max_buffer_memory`). Each test's doc says what was wrong; a
+//! control inside a test is said to be one.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -68,8 +71,11 @@ fn post(edge: &TestEdge, path: &str, body: Bytes) -> reqwest::RequestBuilder {
         .body(body)
 }
 
-/// A core that reads request bodies at a WAN link's pace (100 ms per MiB, so a 24 MiB upload
-/// takes core about 2.4 s to receive), then says how many bytes it got.
+/// A core that reads request bodies at a WAN link's pace (100 ms per MiB) for their first
+/// 16 MiB (so a 24 MiB upload takes core over 1.6 s to receive), then the rest at once, and
+/// says how many bytes it got. (The rest at once: the edge hands its last piece on while
+/// the sockets between still hold megabytes, and the first-byte timeout runs from then; a
+/// core reading those at a WAN's pace would need a first-byte timeout longer than that.)
 async fn slow_reader() -> (SocketAddr, Arc<AtomicUsize>) {
     upstream(|req| {
         Box::pin(async move {
@@ -83,7 +89,7 @@ async fn slow_reader() -> (SocketAddr, Arc<AtomicUsize>) {
                 if let Some(d) = frame.data_ref() {
                     got += d.len();
                 }
-                while got >> 20 > paused {
+                while got >> 20 > paused && paused < 16 {
                     paused += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
@@ -95,17 +101,13 @@ async fn slow_reader() -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 /// An upload that takes core longer than `first_byte_timeout` to receive (a 24 MiB video to
-/// a core behind a WAN link, or a busy puma reading slowly) gets 504 once it is buffered,
-/// and the upstream is charged with a failure (its breaker), although core answers it
-/// correctly: `forward` puts the whole send of a stored body under
-/// `timeout_at(deadline, send)` (the `uploaded.is_none()` branch in `src/proxy/mod.rs`),
-/// where a streamed body gets `first_byte_after` (idle_timeout between pieces, the
-/// first-byte timeout only once the body has all gone). With `buffer_requests = false` the
-/// same upload succeeds (the control below, which passes): turning buffering on (the
-/// default) makes large uploads fail, and count against core, on a link where they worked.
-/// nginx bounds each write to the upstream (`proxy_send_timeout`), not the whole send.
-/// (docs/config.md says "then it goes to core at LAN speed, under `first_byte_timeout` as a
-/// whole": the assumption of a LAN is what fails; an edge node is often not on core's LAN.)
+/// a core behind a WAN link, or a busy puma reading slowly) got 504 once it was buffered, and
+/// the upstream was charged with a failure (its breaker), although core answered it
+/// correctly: the whole send of a stored body was under the first-byte deadline, where a
+/// streamed body gets `first_byte_after` (idle_timeout between pieces, the first-byte
+/// timeout only once the body has all gone). A stored body is timed the same way now. The
+/// control (`buffer_requests = false`) passed before too. nginx bounds each write to the
+/// upstream (`proxy_send_timeout`), not the whole send.
 #[tokio::test]
 async fn a_stored_upload_that_core_reads_slowly_is_not_cut_by_the_first_byte_timeout() {
     let body = Bytes::from(bytes(24 << 20, 21));
@@ -207,16 +209,15 @@ async fn cache_status(edge: &TestEdge, path: &str) -> String {
 }
 
 /// A few uploads that stall after their first 300 KiB (a phone on a bad link, or a client
-/// doing it on purpose: a byte per `idle_timeout` keeps each one open for ever) hold
-/// 256 KiB each of `max_flight_memory` for as long as they last (`Stored::memory`, taken in
-/// `Spooler::read_request`, src/proxy/stored.rs). That budget is the one the core cache's
-/// fills and media fetches on a failing disk need: with it spent, the core cache caches
-/// nothing (every anonymous page goes to puma: the thundering herd the cache is there to
-/// stop) while the uploads sit there. Before request buffering an upload held 16 KiB of its
-/// own (the prebuffer), never the shared budget; nginx keeps `client_body_buffer_size`
-/// (16 KiB) per request in memory and the rest on disk. Here: `max_flight_memory = 1MiB`
-/// and eight stalled uploads. The control (passes): the same page path is cached before the
-/// uploads start.
+/// doing it on purpose: a byte per `idle_timeout` keeps each one open for ever) held
+/// 256 KiB each of `max_flight_memory` for as long as they lasted. That budget is the one
+/// the core cache's fills and media fetches on a failing disk need: with it spent, the core
+/// cache cached nothing (every anonymous page went to puma: the thundering herd the cache is
+/// there to stop) while the uploads sat there. A body now holds at most 64 KiB in memory
+/// past its first 16 KiB, from the proxy's own `max_buffer_memory`; nginx keeps
+/// `client_body_buffer_size` (16 KiB) per request in memory and the rest on disk. Here:
+/// `max_flight_memory = 1MiB` and eight stalled uploads. The control: the same page path
+/// is cached before the uploads start.
 #[tokio::test]
 async fn stalled_uploads_do_not_starve_the_core_cache_of_memory() {
     let (up, requests) = cacheable_core().await;
@@ -262,25 +263,23 @@ async fn non_reader(edge: &TestEdge, path: &str) -> tokio::net::TcpStream {
     stream
 }
 
-/// The other side of the same fault, in `spool` (src/proxy/spool.rs, `Writer::place`): a
-/// large answer to a client that reads slowly (a phone on a bad link; here, eight that
-/// read nothing yet, well within the send timeout) keeps up to 256 KiB of
-/// `max_flight_memory` per answer for as long as that client takes to reach those bytes:
-/// once the client's socket is full the writer puts the next 256 KiB in memory, then the
-/// rest in the temp file, and that memory goes back only as the client reads its way to
-/// it. With the budget spent the core cache caches nothing. nginx's `proxy_buffers` are per
-/// request and not shared with its cache's fills. Here: `max_flight_memory = 1MiB`, eight
-/// clients of a private 8 MiB answer; the control (passes): the page is cached before.
+/// The other side of the same fault, in `spool`: a large answer to a client that reads
+/// slowly (a phone on a bad link; here, eight that read nothing yet, well within the send
+/// timeout) kept up to 256 KiB of `max_flight_memory` per answer for as long as that client
+/// took to reach those bytes, and with the budget spent the core cache cached nothing.
+/// nginx's `proxy_buffers` are per request and not shared with its cache's fills; the
+/// proxy's buffers have their own budget now (`max_buffer_memory`), 64 KiB per answer.
+/// Here: `max_flight_memory = 1MiB`, eight clients of a private 8 MiB answer; the control:
+/// the page is cached before.
 #[tokio::test]
 async fn slow_readers_of_large_answers_do_not_starve_the_core_cache_of_memory() {
     let (up, requests) = upstream(move |req| {
         Box::pin(async move {
             let b = http::Response::builder();
             match req.uri().path() {
-                // 8 MiB (past the edge socket's send buffer, up to 4 MiB) in 4 KiB pieces, as puma's writes reach the edge over a LAN
-                // (on loopback a body sent at once would come in pieces of hundreds of
-                // KiB: one such piece, read when nothing waits, is held outside the
-                // budget, which would hide the fault).
+                // 8 MiB (past the edge socket's send buffer, up to 4 MiB) in 4 KiB
+                // pieces, as puma's writes reach the edge over a LAN (on loopback a body
+                // sent at once comes in pieces of hundreds of KiB).
                 "/big" => {
                     let pieces = futures_util::stream::unfold(0usize, |n| async move {
                         if n == 2048 {
