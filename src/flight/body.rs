@@ -245,6 +245,15 @@ impl MemoryBudget {
         }
     }
 
+    /// Makes `held` (room for `from` bytes, or none yet) room for `to` bytes; false when that
+    /// much is not free now (`held` is then unchanged).
+    pub fn hold(&self, held: &mut Option<OwnedSemaphorePermit>, from: u64, to: u64) -> bool {
+        match held {
+            Some(h) => self.grow(h, from, to),
+            None => self.take(to).map(|p| *held = Some(p)).is_some(),
+        }
+    }
+
     /// Shrinks `held` (room for `from` bytes) to room for `to` bytes, giving the rest back.
     pub fn shrink(held: &mut OwnedSemaphorePermit, from: u64, to: u64) {
         let less = kib(from).saturating_sub(kib(to));

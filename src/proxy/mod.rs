@@ -27,6 +27,7 @@
 //! - `spool`: large answers read ahead of a slow client (nginx's `proxy_buffering`).
 //! - `stored`: request bodies read whole before an upstream is chosen (nginx's
 //!   `proxy_request_buffering`).
+//! - `temp`: the temp file of one buffered body.
 //! - `idempotency`: `POST`s with `Idempotency-Key`: one request to core, the others wait for
 //!   it or get its response replayed.
 //! - `live`: the pools, client and limits a reload swaps ([`Proxy::update`]).
@@ -42,6 +43,7 @@ mod live;
 mod prebuffer;
 pub mod spool;
 mod stored;
+mod temp;
 mod upgrade;
 pub mod upstream;
 

@@ -21,13 +21,9 @@
 //! buffering: nothing is dropped, the client gets every byte, in order, and an upstream
 //! that fails mid-body fails the client's body at the same place.
 //!
-//! The temp file is written and read with `pwrite`/`pread` on blocking threads (one file,
-//! two offsets: tokio's `File` has one position). Its bytes are not reused as they are read,
-//! so the cap counts every byte written, as nginx's `proxy_max_temp_file_size` does.
+//! The temp file: `temp`.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,9 +34,9 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::temp::{Reading, TempFile};
 use crate::flight::{DiskHealth, MemoryBudget};
 use crate::listen::Body;
 use crate::metrics::Metrics;
@@ -103,34 +99,17 @@ impl Spooler {
         self.metrics.proxy_buffered();
         let writer = Writer {
             shared: shared.clone(),
-            dir: self.dir.clone(),
             memory: self.memory.clone(),
-            disk_room: self.disk_room.clone(),
-            disk: self.disk.clone(),
             metrics: self.metrics.clone(),
-            max_file,
-            file: None,
-            written: 0,
+            temp: TempFile::new(self, max_file),
         };
         self.tasks.spawn(writer.run(body));
         Spooled {
             shared,
-            reading: None,
+            reading: Reading::default(),
             size,
         }
         .boxed_unsync()
-    }
-}
-
-/// A new unnamed temp file in `dir`, which is made again if it went (an admin's clean-up of
-/// `data_dir` while the edge runs). Blocking.
-pub(super) fn temp_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
-    match tempfile::tempfile_in(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
-            tempfile::tempfile_in(dir)
-        }
-        made => made,
     }
 }
 
@@ -188,8 +167,9 @@ struct State {
     in_memory: u64,
     held: Option<OwnedSemaphorePermit>,
     file: Option<Arc<std::fs::File>>,
-    /// Room for the temp file's bytes under `max_temp_bytes`, held while the file is.
-    on_disk: Option<OwnedSemaphorePermit>,
+    /// The writer's temp file once it is done: its room under `max_temp_bytes` is held until
+    /// the client has read it (dropped with the state).
+    temp: Option<TempFile>,
     end: Option<End>,
     /// The client's body waiting for more.
     reader: Option<Waker>,
@@ -207,16 +187,10 @@ impl State {
 /// Reads the upstream's body into the pieces.
 struct Writer {
     shared: Arc<Shared>,
-    dir: PathBuf,
     memory: MemoryBudget,
-    disk_room: MemoryBudget,
-    disk: Arc<DiskHealth>,
     metrics: Metrics,
-    max_file: u64,
-    /// The temp file once made (None: not yet, or it could not be: then memory only).
-    file: Option<Arc<std::fs::File>>,
-    /// Bytes written to it.
-    written: u64,
+    /// Where pieces go past the memory share.
+    temp: TempFile,
 }
 
 impl Writer {
@@ -251,6 +225,7 @@ impl Writer {
         drop(body);
         let mut state = self.shared.state.lock();
         state.end = Some(end);
+        state.temp = Some(self.temp);
         if let Some(w) = state.reader.take() {
             w.wake();
         }
@@ -274,10 +249,7 @@ impl Writer {
         let state = &mut *state;
         let to = state.in_memory + data.len() as u64;
         let room = (to <= IN_MEMORY || state.pieces.is_empty())
-            && match &mut state.held {
-                Some(held) => self.memory.grow(held, state.in_memory, to),
-                None => self.memory.take(to).map(|p| state.held = Some(p)).is_some(),
-            };
+            && self.memory.hold(&mut state.held, state.in_memory, to);
         if !(room || anyway && state.pieces.is_empty()) {
             return false;
         }
@@ -293,31 +265,16 @@ impl Writer {
 
     /// Puts `data` at the end of the temp file; false when it has no room or fails.
     async fn in_file(&mut self, data: &Bytes) -> bool {
-        let n = data.len() as u64;
-        if self.written + n > self.max_file || !self.room_on_disk(n) {
-            return false;
-        }
-        let Some(file) = self.file().await else {
+        let made = self.temp.file().is_some();
+        let Some(at) = self.temp.append(data).await else {
             return false;
         };
-        let at = self.written;
-        let bytes = data.clone();
-        let wrote = tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at)).await;
-        match wrote {
-            Ok(Ok(())) => self.disk.ok(),
-            Ok(Err(e)) => {
-                // Full or failing: this answer goes on in memory and at the client's pace.
-                self.disk.failed(&e);
-                self.max_file = 0;
-                return false;
-            }
-            Err(_) => {
-                self.max_file = 0;
-                return false;
-            }
-        }
-        self.written += n;
+        let n = data.len() as u64;
         let mut state = self.shared.state.lock();
+        if !made {
+            self.metrics.proxy_spooled();
+            state.file = self.temp.file();
+        }
         match state.pieces.back_mut() {
             Some(Piece::File { at: a, len }) if *a + *len == at => *len += n,
             _ => state.push(Piece::File { at, len: n }),
@@ -327,49 +284,13 @@ impl Writer {
         }
         true
     }
-
-    /// Room for `n` more bytes of the temp file under `max_temp_bytes`, now or never.
-    fn room_on_disk(&self, n: u64) -> bool {
-        let mut state = self.shared.state.lock();
-        let (from, to) = (self.written, self.written + n);
-        match &mut state.on_disk {
-            Some(held) => self.disk_room.grow(held, from, to),
-            None => self
-                .disk_room
-                .take(to)
-                .map(|p| state.on_disk = Some(p))
-                .is_some(),
-        }
-    }
-
-    /// The temp file, made at its first use.
-    async fn file(&mut self) -> Option<Arc<std::fs::File>> {
-        if self.file.is_none() {
-            let dir = self.dir.clone();
-            let made = tokio::task::spawn_blocking(move || temp_file(&dir)).await;
-            match made {
-                Ok(Ok(f)) => {
-                    self.metrics.proxy_spooled();
-                    let f = Arc::new(f);
-                    self.shared.state.lock().file = Some(f.clone());
-                    self.file = Some(f);
-                }
-                Ok(Err(e)) => {
-                    self.disk.failed(&e);
-                    self.max_file = 0;
-                }
-                Err(_) => self.max_file = 0,
-            }
-        }
-        self.file.clone()
-    }
 }
 
 /// The client's body: the pieces in order, then the upstream's end.
 struct Spooled {
     shared: Arc<Shared>,
     /// A read of the temp file under way, for the piece at the front.
-    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    reading: Reading,
     size: SizeHint,
 }
 
@@ -383,10 +304,8 @@ impl http_body::Body for Spooled {
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         loop {
-            if let Some(reading) = &mut this.reading {
-                let read = std::task::ready!(Pin::new(reading).poll(cx));
-                this.reading = None;
-                let bytes = read.map_err(std::io::Error::other).and_then(|r| r)?;
+            if let Some(read) = std::task::ready!(this.reading.poll(cx)) {
+                let bytes = read?;
                 let mut state = this.shared.state.lock();
                 if let Some(Piece::File { at, len }) = state.pieces.front_mut() {
                     let n = bytes.len() as u64;
@@ -420,12 +339,7 @@ impl http_body::Body for Spooled {
                     state.pieces.push_front(Piece::File { at, len });
                     let file = state.file.clone().expect("a piece in the file has a file");
                     drop(state);
-                    let n = len.min(READ_PIECE) as usize;
-                    this.reading = Some(tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0; n];
-                        file.read_exact_at(&mut buf, at)?;
-                        Ok(Bytes::from(buf))
-                    }));
+                    this.reading.start(file, at, len.min(READ_PIECE));
                 }
                 None => {
                     return match &state.end {

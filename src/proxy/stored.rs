@@ -16,8 +16,6 @@
 //! failing: said once in the log and on `/metrics`), the body streams from there on, as with
 //! `buffer_requests = false`: what was read first, then the rest as it comes.
 
-use std::future::Future;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,10 +25,10 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::task::JoinHandle;
 
 use super::prebuffer::{Prefixed, StartError};
 use super::spool::{Spooler, IN_MEMORY};
+use super::temp::{Reading, TempFile};
 
 /// The most read from the temp file at once (one frame to core).
 const READ_PIECE: u64 = 64 * 1024;
@@ -40,12 +38,11 @@ const READ_PIECE: u64 = 64 * 1024;
 pub struct Stored {
     pieces: Vec<Piece>,
     trailers: Option<HeaderMap>,
-    file: Option<Arc<std::fs::File>>,
     len: u64,
-    /// The memory budget held for the pieces in memory, and the room under
-    /// `max_temp_bytes` for those in the file (given back with the last copy).
+    /// The memory budget held for the pieces in memory (given back with the last copy).
     memory: Option<OwnedSemaphorePermit>,
-    on_disk: Option<OwnedSemaphorePermit>,
+    /// The pieces past the memory share (its room under `max_temp_bytes` held as long).
+    temp: TempFile,
 }
 
 enum Piece {
@@ -75,13 +72,12 @@ impl Spooler {
         let mut stored = Stored {
             pieces: Vec::new(),
             trailers: None,
-            file: None,
             len: 0,
             memory: None,
-            on_disk: None,
+            // As large as the body may be (`max_request_body` bounds it before).
+            temp: TempFile::new(self, u64::MAX),
         };
-        let mut inmemory = 0;
-        let mut written = 0;
+        let mut in_memory = 0;
         loop {
             let data = match start.frame().await {
                 None => break,
@@ -102,45 +98,18 @@ impl Spooler {
                 continue;
             }
             stored.len += n;
-            let to = inmemory + n;
-            let room = to <= IN_MEMORY
-                && match &mut stored.memory {
-                    Some(held) => self.memory.grow(held, inmemory, to),
-                    None => self
-                        .memory
-                        .take(to)
-                        .map(|p| stored.memory = Some(p))
-                        .is_some(),
-                };
-            if room {
-                inmemory = to;
+            let to = in_memory + n;
+            if to <= IN_MEMORY && self.memory.hold(&mut stored.memory, in_memory, to) {
+                in_memory = to;
                 stored.pieces.push(Piece::Memory(data));
                 continue;
             }
-            let room = match &mut stored.on_disk {
-                Some(held) => self.disk_room.grow(held, written, written + n),
-                None => self
-                    .disk_room
-                    .take(written + n)
-                    .map(|p| stored.on_disk = Some(p))
-                    .is_some(),
-            };
-            let wrote = match room {
-                true => self.write(&mut stored.file, &data, written).await,
-                false => Err(()),
-            };
-            match wrote {
-                Ok(()) => {
-                    match stored.pieces.last_mut() {
-                        Some(Piece::File { at, len }) if *at + *len == written => *len += n,
-                        _ => stored.pieces.push(Piece::File {
-                            at: written,
-                            len: n,
-                        }),
-                    }
-                    written += n;
-                }
-                Err(()) => {
+            match stored.temp.append(&data).await {
+                Some(at) => match stored.pieces.last_mut() {
+                    Some(Piece::File { at: a, len }) if *a + *len == at => *len += n,
+                    _ => stored.pieces.push(Piece::File { at, len: n }),
+                },
+                None => {
                     // No room, or the disk failed: the rest streams, this piece held in
                     // memory, then what is still to come.
                     stored.pieces.push(Piece::Memory(data));
@@ -152,39 +121,6 @@ impl Spooler {
             }
         }
         Ok(Read::Whole(Arc::new(stored)))
-    }
-
-    /// Writes `data` at `at` of the temp file (made at its first use); the disk's state told.
-    async fn write(
-        &self,
-        file: &mut Option<Arc<std::fs::File>>,
-        data: &Bytes,
-        at: u64,
-    ) -> Result<(), ()> {
-        if file.is_none() {
-            let dir = self.dir.clone();
-            match tokio::task::spawn_blocking(move || super::spool::temp_file(&dir)).await {
-                Ok(Ok(f)) => *file = Some(Arc::new(f)),
-                Ok(Err(e)) => {
-                    self.disk.failed(&e);
-                    return Err(());
-                }
-                Err(_) => return Err(()),
-            }
-        }
-        let f = file.clone().expect("made above");
-        let bytes = data.clone();
-        match tokio::task::spawn_blocking(move || f.write_all_at(&bytes, at)).await {
-            Ok(Ok(())) => {
-                self.disk.ok();
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                self.disk.failed(&e);
-                Err(())
-            }
-            Err(_) => Err(()),
-        }
     }
 }
 
@@ -201,7 +137,7 @@ pub struct StoredBody<B> {
     /// The next piece, and how far into it (a piece in the file is read in parts).
     next: usize,
     offset: u64,
-    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    reading: Reading,
     trailers_sent: bool,
     rest: Option<Prefixed<B>>,
 }
@@ -212,7 +148,7 @@ impl<B> StoredBody<B> {
             stored,
             next: 0,
             offset: 0,
-            reading: None,
+            reading: Reading::default(),
             trailers_sent: false,
             rest,
         }
@@ -232,10 +168,8 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         loop {
-            if let Some(reading) = &mut this.reading {
-                let read = std::task::ready!(Pin::new(reading).poll(cx));
-                this.reading = None;
-                let bytes = read.map_err(std::io::Error::other).and_then(|r| r)?;
+            if let Some(read) = std::task::ready!(this.reading.poll(cx)) {
+                let bytes = read?;
                 this.offset += bytes.len() as u64;
                 if let Some(Piece::File { len, .. }) = this.stored.pieces.get(this.next) {
                     if this.offset >= *len {
@@ -251,13 +185,9 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(bytes.clone()))));
                 }
                 Some(&Piece::File { at, len }) => {
-                    let file = this.stored.file.clone().expect("a piece in the file");
+                    let file = this.stored.temp.file().expect("a piece in the file");
                     let (from, n) = (at + this.offset, (len - this.offset).min(READ_PIECE));
-                    this.reading = Some(tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0; n as usize];
-                        file.read_exact_at(&mut buf, from)?;
-                        Ok(Bytes::from(buf))
-                    }));
+                    this.reading.start(file, from, n);
                 }
                 None => {
                     if let Some(rest) = &mut this.rest {
@@ -277,7 +207,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.rest.is_none()
-            && self.reading.is_none()
+            && !self.reading.is_some()
             && self.next >= self.stored.pieces.len()
             && (self.trailers_sent || self.stored.trailers.is_none())
     }

@@ -232,19 +232,25 @@ async fn stalled_uploads_do_not_starve_the_core_cache_of_memory() {
         uploads.push(stalled_upload(&edge, 1 << 20, 300 << 10).await);
     }
     // Each upload is past its memory share once it has a temp file.
-    eventually(WAIT, "eight uploads with temp files", || {
-        temp_files(dir.path()) >= 8
-    })
-    .await;
+    eight_temp_files(dir.path()).await;
+    cached_once(&edge, &requests, "while uploads are read").await;
+    drop(uploads);
+}
+
+async fn eight_temp_files(dir: &std::path::Path) {
+    eventually(WAIT, "eight temp files", || temp_files(dir) >= 8).await;
+}
+
+/// `/page` is cached: a MISS, then a HIT, core asked once.
+async fn cached_once(edge: &TestEdge, requests: &AtomicUsize, when: &str) {
     let before = requests.load(Ordering::SeqCst);
-    assert_eq!(cache_status(&edge, "/page").await, "MISS");
-    let second = cache_status(&edge, "/page").await;
+    assert_eq!(cache_status(edge, "/page").await, "MISS");
+    let second = cache_status(edge, "/page").await;
     assert_eq!(
         (second.as_str(), requests.load(Ordering::SeqCst) - before),
         ("HIT", 1),
-        "the page is cached while uploads are read (core asked once)"
+        "the page is cached {when} (core asked once)"
     );
-    drop(uploads);
 }
 
 fn in_flight(up: SocketAddr) -> String {
@@ -312,18 +318,8 @@ async fn slow_readers_of_large_answers_do_not_starve_the_core_cache_of_memory() 
         slow.push(non_reader(&edge, "/big").await);
     }
     // Core has sent every answer: the edge holds them (memory, then temp files).
-    eventually(WAIT, "eight answers with temp files", || {
-        temp_files(dir.path()) >= 8
-    })
-    .await;
+    eight_temp_files(dir.path()).await;
     crate::listen_cap::metric_becomes(edge.running.admin_addr, &in_flight(up), 0.0).await;
-    let before = requests.load(Ordering::SeqCst);
-    assert_eq!(cache_status(&edge, "/page").await, "MISS");
-    let second = cache_status(&edge, "/page").await;
-    assert_eq!(
-        (second.as_str(), requests.load(Ordering::SeqCst) - before),
-        ("HIT", 1),
-        "the page is cached while slow clients read (core asked once)"
-    );
+    cached_once(&edge, &requests, "while slow clients read").await;
     drop(slow);
 }
