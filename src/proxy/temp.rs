@@ -59,24 +59,29 @@ impl TempFile {
                 let dir = self.dir.clone();
                 match tokio::task::spawn_blocking(move || make(&dir)).await {
                     Ok(Ok(f)) => self.file.insert(Arc::new(f)).clone(),
-                    Ok(Err(e)) => return self.failed(Some(&e)),
-                    Err(_) => return self.failed(None),
+                    Ok(Err(e)) => return self.failed(Some(&e), n),
+                    Err(_) => return self.failed(None, n),
                 }
             }
         };
         let bytes = data.clone();
         match tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at)).await {
             Ok(Ok(())) => self.disk.ok(),
-            Ok(Err(e)) => return self.failed(Some(&e)),
-            Err(_) => return self.failed(None),
+            Ok(Err(e)) => return self.failed(Some(&e), n),
+            Err(_) => return self.failed(None, n),
         }
         self.written += n;
         Some(at)
     }
 
-    fn failed(&mut self, e: Option<&std::io::Error>) -> Option<u64> {
+    /// A failed write of `n` bytes: the disk's health told, their room given back, no more
+    /// tries for this body.
+    fn failed(&mut self, e: Option<&std::io::Error>, n: u64) -> Option<u64> {
         if let Some(e) = e {
             self.disk.failed(e);
+        }
+        if let Some(held) = &mut self.held {
+            MemoryBudget::shrink(held, self.written + n, self.written);
         }
         self.max = 0;
         None

@@ -217,6 +217,11 @@ async fn a_full_temp_disk_falls_back_to_the_clients_pace_and_recovers() {
     metric_becomes(edge.running.admin_addr, state, 1.0).await;
     let other = get(&edge, CORE, "/api/v1/instance").send().await.unwrap();
     assert_eq!(other.status(), 503, "the slow client holds the connection");
+    let held = scrape(edge.running.admin_addr, "fediedge_proxy_temp_bytes").await;
+    assert_eq!(
+        held, 0.0,
+        "no room held under max_temp_bytes for writes that failed"
+    );
     let got = slow.bytes().await.unwrap();
     assert!(got == body, "every byte, in order, with the disk full");
     tmp.free();
