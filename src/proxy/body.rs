@@ -82,6 +82,17 @@ where
     }
 }
 
+/// `hint` grown by `n` bytes held ahead of the body it describes (what a body that gives
+/// those bytes first, then the rest, says of its size).
+pub(super) fn plus(hint: SizeHint, n: u64) -> SizeHint {
+    let mut out = SizeHint::new();
+    out.set_lower(hint.lower() + n);
+    if let Some(upper) = hint.upper() {
+        out.set_upper(upper + n);
+    }
+    out
+}
+
 /// The longest silence a body may keep between two pieces: a timer started when the body
 /// first waits, dropped by the next piece.
 pub(super) struct Silence {

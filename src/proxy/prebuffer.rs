@@ -181,13 +181,7 @@ where
     /// The pieces held and what the client's body says is left: exact when it knows its
     /// length, so the upstream gets the same `Content-Length`.
     fn size_hint(&self) -> SizeHint {
-        let rest = self.rest.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + self.held);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + self.held);
-        }
-        hint
+        super::body::plus(self.rest.size_hint(), self.held)
     }
 }
 

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -50,9 +50,6 @@ pub const DIRECT_UP_TO: u64 = 64 * 1024;
 /// rest goes to the temp file: nginx's `proxy_buffers` (8 × 8 KiB).
 pub const IN_MEMORY: u64 = 64 * 1024;
 
-/// The most read from the temp file at once (one frame to the client).
-const READ_PIECE: u64 = 64 * 1024;
-
 /// Where answers are buffered: `data_dir/tmp-proxy` and the memory budget.
 pub struct Spooler {
     pub(super) dir: PathBuf,
@@ -66,10 +63,9 @@ pub struct Spooler {
 }
 
 impl Spooler {
-    /// `dir` is created if missing (a failure is the disk's state, not an error here: answers
-    /// are then buffered in memory only), its files `max_temp` bytes in all, `max_memory`
-    /// bytes in memory (the proxy's own budget: `[core] max_buffer_memory`). `tasks`: where
-    /// the readers of upstream bodies are tracked (a shutdown waits for them).
+    /// Temp files in `dir` (made at the first one if missing: `temp`), `max_temp` bytes in all,
+    /// `max_memory` bytes in memory (the proxy's own budget: `[core] max_buffer_memory`).
+    /// `tasks`: where the readers of upstream bodies are tracked (a shutdown waits for them).
     pub fn new(
         dir: PathBuf,
         max_temp: u64,
@@ -78,9 +74,6 @@ impl Spooler {
         metrics: Metrics,
         tasks: tokio_util::task::TaskTracker,
     ) -> Spooler {
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            disk.failed(&e);
-        }
         Spooler {
             dir,
             disk_room: MemoryBudget::new(max_temp),
@@ -118,20 +111,15 @@ pub fn wanted(headers: &HeaderMap, body: &Body) -> bool {
     if body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= DIRECT_UP_TO) {
         return false;
     }
-    let is = |name: http::header::HeaderName, value: &str| {
+    // The value before any `;` parameter (a media type's essence), compared as a token.
+    let is = |name: &str, want: &str| {
         headers
             .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-            .is_some_and(|v| {
-                let v = v.trim_start();
-                v.len() >= value.len() && v[..value.len()].eq_ignore_ascii_case(value)
-            })
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
     };
-    !is(http::header::CONTENT_TYPE, "text/event-stream")
-        && !is(
-            http::header::HeaderName::from_static("x-accel-buffering"),
-            "no",
-        )
+    !is("content-type", "text/event-stream") && !is("x-accel-buffering", "no")
 }
 
 /// A piece of the answer not yet read by the client, in order.
@@ -178,6 +166,11 @@ struct State {
 impl State {
     fn push(&mut self, piece: Piece) {
         self.pieces.push_back(piece);
+        self.wake();
+    }
+
+    /// Wakes the client's body if it waits for more.
+    fn wake(&mut self) {
         if let Some(w) = self.reader.take() {
             w.wake();
         }
@@ -226,9 +219,7 @@ impl Writer {
         let mut state = self.shared.state.lock();
         state.end = Some(end);
         state.temp = Some(self.temp);
-        if let Some(w) = state.reader.take() {
-            w.wake();
-        }
+        state.wake();
     }
 
     /// Puts `data` in memory or in the file; false when neither has room now.
@@ -276,11 +267,11 @@ impl Writer {
             state.file = self.temp.file();
         }
         match state.pieces.back_mut() {
-            Some(Piece::File { at: a, len }) if *a + *len == at => *len += n,
+            Some(Piece::File { at: a, len }) if *a + *len == at => {
+                *len += n;
+                state.wake();
+            }
             _ => state.push(Piece::File { at, len: n }),
-        }
-        if let Some(w) = state.reader.take() {
-            w.wake();
         }
         true
     }
@@ -339,7 +330,7 @@ impl http_body::Body for Spooled {
                     state.pieces.push_front(Piece::File { at, len });
                     let file = state.file.clone().expect("a piece in the file has a file");
                     drop(state);
-                    this.reading.start(file, at, len.min(READ_PIECE));
+                    this.reading.start(file, at, len);
                 }
                 None => {
                     return match &state.end {

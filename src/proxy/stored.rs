@@ -30,9 +30,6 @@ use super::prebuffer::{Prefixed, StartError};
 use super::spool::{Spooler, IN_MEMORY};
 use super::temp::{Reading, TempFile};
 
-/// The most read from the temp file at once (one frame to core).
-const READ_PIECE: u64 = 64 * 1024;
-
 /// A request body read whole: its pieces in memory and in the temp file, sent as often as
 /// needed ([`Stored::body`]).
 pub struct Stored {
@@ -186,8 +183,8 @@ where
                 }
                 Some(&Piece::File { at, len }) => {
                     let file = this.stored.temp.file().expect("a piece in the file");
-                    let (from, n) = (at + this.offset, (len - this.offset).min(READ_PIECE));
-                    this.reading.start(file, from, n);
+                    this.reading
+                        .start(file, at + this.offset, len - this.offset);
                 }
                 None => {
                     if let Some(rest) = &mut this.rest {
@@ -226,15 +223,7 @@ where
         let kept = self.stored.len - read;
         match &self.rest {
             None => SizeHint::with_exact(kept),
-            Some(rest) => {
-                let hint = rest.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(hint.lower() + kept);
-                if let Some(upper) = hint.upper() {
-                    out.set_upper(upper + kept);
-                }
-                out
-            }
+            Some(rest) => super::body::plus(rest.size_hint(), kept),
         }
     }
 }

@@ -93,13 +93,18 @@ impl TempFile {
     }
 }
 
+/// The most read from a temp file at once (one frame of a body).
+const READ_PIECE: u64 = 64 * 1024;
+
 /// A read of a temp file under way (or none), for a body's `poll_frame`.
 #[derive(Default)]
 pub(super) struct Reading(Option<JoinHandle<std::io::Result<Bytes>>>);
 
 impl Reading {
-    /// Starts reading `n` bytes at `at` of `file` on a blocking thread.
-    pub(super) fn start(&mut self, file: Arc<File>, at: u64, n: u64) {
+    /// Starts reading the next piece of the `len` bytes at `at` of `file` (at most
+    /// [`READ_PIECE`]: one frame) on a blocking thread.
+    pub(super) fn start(&mut self, file: Arc<File>, at: u64, len: u64) {
+        let n = len.min(READ_PIECE);
         self.0 = Some(tokio::task::spawn_blocking(move || {
             let mut buf = vec![0; n as usize];
             file.read_exact_at(&mut buf, at)?;

@@ -177,6 +177,18 @@ async fn refused_port() -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
+/// [`edge_with_core`] whose streaming pool is `streaming` and whose web upstream refuses
+/// (a request that reached the web pool would fail); `extra` goes into `[core]`.
+pub async fn edge_with_streaming(
+    dir: &std::path::Path,
+    streaming: SocketAddr,
+    extra: &str,
+) -> TestEdge {
+    let web = refused_port().await.local_addr().unwrap();
+    let extra = format!("streaming = [\"{streaming}\"]\n{extra}");
+    edge_with_core(dir, &[web], &extra).await
+}
+
 fn addrs(list: &[SocketAddr]) -> String {
     let quoted: Vec<String> = list.iter().map(|a| format!("\"{a}\"")).collect();
     format!("[{}]", quoted.join(", "))

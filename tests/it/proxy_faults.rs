@@ -193,15 +193,7 @@ async fn streaming_edge(extra: &str) -> (crate::common::TestEdge, tempfile::Temp
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let web_addr = web.local_addr().unwrap();
-    drop(web);
-    let edge = edge_with_core(
-        dir.path(),
-        &[web_addr],
-        &format!("streaming = [\"{streaming}\"]\n{extra}"),
-    )
-    .await;
+    let edge = crate::proxy::edge_with_streaming(dir.path(), streaming, extra).await;
     (edge, dir)
 }
 

@@ -54,15 +54,7 @@ async fn a_websocket_client_and_server_talk_through_the_streaming_route() {
     let upstream = websocket_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     // The web pool refuses: a WebSocket that reached it would fail.
-    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let web_addr = web.local_addr().unwrap();
-    drop(web);
-    let edge = edge_with_core(
-        dir.path(),
-        &[web_addr],
-        &format!("streaming = [\"{upstream}\"]\n"),
-    )
-    .await;
+    let edge = crate::proxy::edge_with_streaming(dir.path(), upstream, "").await;
     let url = format!("ws://{}/api/v1/streaming?stream=public", edge.running.addr);
     let mut request = url.into_client_request().unwrap();
     request.headers_mut().insert("host", CORE.parse().unwrap());
